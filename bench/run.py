@@ -1,0 +1,181 @@
+"""Run a paper table as a sweep and render it beside the paper's numbers.
+
+    python -m bench.run table5                         # synthetic profile, 3 seeds, in-process
+    python -m bench.run table5 --profile smoke         # CI-sized, 1 seed
+    python -m bench.run table3 --executor local --jobs 2
+    python -m bench.run table5 --executor slurm --slurm-partition gpu --slurm-gpus 1 \\
+        --slurm-setup "module load cuda"
+    python -m bench.run all --profile smoke            # every table
+
+Every (row, seed) is one cell and one job. Finished cells are appended to RESULTS/store.jsonl; a
+rerun skips them, so an interrupted sweep resumes where it stopped and a finished one re-renders
+at once. Shared prerequisites (the generated dataset, the pretrained small CLIP) are built once
+here, before any job starts. Tables go to reports/<table>/ (synthetic profile) or
+reports/<profile>/<table>/ (other profiles).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from bench.executors import EXECUTORS, SlurmOptions, dispatch
+from bench.jobs import CellSpec
+from bench.store import ResultStore, cell_id
+
+DEFAULT_SEEDS = {"smoke": 1, "synthetic": 3, "paper": 1}
+
+
+def results_root(profile: str, results: str | None) -> Path:
+    return Path(results) if results else Path("results") / profile
+
+
+def reports_dir(table: str, profile: str, reports: str | Path = "reports") -> Path:
+    return Path(reports) / table if profile == "synthetic" else Path(reports) / profile / table
+
+
+def build_specs(sweep, profile: str, seeds: int, root: Path, rows: list[str] | None = None,
+                extra_overrides: dict | None = None) -> list[CellSpec]:
+    from ehin.config import config_hash
+
+    specs = []
+    for cell in sweep.cells(profile, list(range(seeds))):
+        if rows and cell.row not in rows:
+            continue
+        overrides = {**cell.overrides, **(extra_overrides or {})}
+        cfg = cell.config() if not extra_overrides else _config(profile, overrides)
+        h = config_hash(cfg)
+        cid = cell_id(sweep.name, cell.row, cell.seed, profile, h)
+        run_dir = root / "runs" / sweep.name / _safe(cell.row) / f"seed{cell.seed}-{h}"
+        specs.append(CellSpec(table=sweep.name, row=cell.row, seed=cell.seed, profile=profile,
+                              stage=str(getattr(cell, "stage", sweep.stage)), overrides=overrides,
+                              config_hash=h, run_dir=str(run_dir), store_root=str(root), cell_id=cid,
+                              extra=dict(getattr(cell, "extra", {}) or {})))
+    return specs
+
+
+def prepare_prerequisites(specs: list[CellSpec]) -> None:
+    """Generate datasets and pretrain the small CLIP once per distinct need, before any job starts."""
+    from ehin.train_stage1 import prepare
+
+    seen = set()
+    for spec in specs:
+        cfg = _config(spec.profile, spec.overrides)
+        key = repr((cfg["data"], cfg["synthetic"], cfg["backbone"], cfg["scorer"]))
+        if key in seen:
+            continue
+        seen.add(key)
+        prepare(cfg)
+
+
+def render(sweep, profile: str, root: Path, reports: str | Path = "reports") -> Path:
+    from bench.plots import write_plots
+    from bench.render import write_tables
+
+    records = ResultStore(root).select(table=sweep.name, profile=profile)
+    out = reports_dir(sweep.name, profile, reports)
+    write_tables(sweep, records, out)
+    write_plots(sweep, records, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.sweeps import list_sweeps, load_sweep
+
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", help=f"a sweep name ({', '.join(list_sweeps())}) or 'all'")
+    p.add_argument("--profile", default="synthetic", choices=sorted(DEFAULT_SEEDS),
+                   help="smoke (CI-sized), synthetic (default), paper (real data, GPU)")
+    p.add_argument("--executor", default="inline", choices=EXECUTORS,
+                   help="inline: this process; local: submitit local processes; slurm: SLURM job arrays")
+    p.add_argument("--seeds", type=int, help="seeds per row (default: 1 smoke, 3 synthetic, 1 paper)")
+    p.add_argument("--jobs", type=int, default=2, help="cells at once with --executor local / slurm array")
+    p.add_argument("--results", help="results folder holding store.jsonl (default results/<profile>)")
+    p.add_argument("--reports", default="reports", help="where rendered tables and plots go")
+    p.add_argument("--rows", help="comma-separated subset of rows")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every cell (changes the cells' config hash)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
+    p.add_argument("--no-render", action="store_true")
+    g = p.add_argument_group("slurm")
+    g.add_argument("--slurm-partition")
+    g.add_argument("--slurm-time", type=int, default=60, help="minutes per job")
+    g.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per job")
+    g.add_argument("--slurm-cpus", type=int, default=2, help="CPUs per job")
+    g.add_argument("--slurm-mem-gb", type=float)
+    g.add_argument("--slurm-setup", action="append", default=[], help="a shell line run before the job")
+    args = p.parse_args(argv)
+
+    names = list_sweeps() if args.table == "all" else [args.table]
+    unknown = [n for n in names if n not in list_sweeps()]
+    if unknown:
+        p.error(f"unknown table {unknown[0]!r}; choose from {', '.join(list_sweeps())} or 'all'")
+    seeds = args.seeds or DEFAULT_SEEDS[args.profile]
+    root = results_root(args.profile, args.results)
+    store = ResultStore(root)
+    extra = _flat_overrides(args.overrides)
+    if args.executor == "local":
+        # Share the cores between the cells running at once (thread count is not part of the hash).
+        extra.setdefault("train.threads", max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
+    failed = 0
+    for name in names:
+        sweep = load_sweep(name)
+        specs = build_specs(sweep, args.profile, seeds, root, args.rows.split(",") if args.rows else None, extra)
+        done = store.finished_ids()
+        todo = [s for s in specs if s.cell_id not in done]
+        print(f"{sweep.name}: {sweep.title}\n  {len(specs)} cells ({len(specs) - len(todo)} already in "
+              f"{store.path}, {len(todo)} to run), profile {args.profile}, executor {args.executor}")
+        if args.dry_run:
+            for s in specs:
+                print(f"  [{'done' if s.cell_id in done else 'todo'}] {s.cell_id}")
+            continue
+        if todo:
+            prepare_prerequisites(todo)
+            outcomes = dispatch(todo, args.executor, jobs=args.jobs, folder=root / "submitit",
+                                slurm=SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time,
+                                                   gpus_per_node=args.slurm_gpus, cpus_per_task=args.slurm_cpus,
+                                                   mem_gb=args.slurm_mem_gb, setup=args.slurm_setup,
+                                                   array_parallelism=args.jobs))
+            failed += sum(not o.ok for o in outcomes)
+        if not args.no_render:
+            out = render(sweep, args.profile, root, args.reports)
+            md = out / "table.md"
+            if md.exists():
+                print(md.read_text())
+            print(f"  rendered into {out}/")
+    if failed:
+        print(f"{failed} cell(s) failed; rerun the same command to retry only those.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _flat_overrides(items: list[str]) -> dict:
+    from ehin.config import parse_overrides
+
+    flat: dict = {}
+
+    def walk(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(parse_overrides(items))
+    return flat
+
+
+def _config(profile: str, flat: dict) -> dict:
+    from ehin.config import dotted_to_nested, load_config
+
+    return load_config(profile=profile, overrides=dotted_to_nested(flat))
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

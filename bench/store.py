@@ -1,0 +1,127 @@
+"""The results store: one JSON line per finished cell, appended atomically.
+
+Why JSON lines and not a database: a sweep on SLURM writes from many nodes onto a shared
+filesystem with no server. Each record is one `os.write` of one line on a file opened with
+O_APPEND under an exclusive `flock`, then fsync'd, so concurrent writers never interleave and a
+process killed at any moment leaves at most a partial *last* line, which `read` skips (and the
+next `append` repairs by starting on a fresh line). A rerun skips every cell already present.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+STORE_NAME = "store.jsonl"
+
+
+def code_version() -> str:
+    """git describe of the checkout the code runs from ('+dirty' when uncommitted changes exist)."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not sha:
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def host_info() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    info = {"host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def cell_id(table: str, row: str, seed: int, profile: str, config_hash: str) -> str:
+    return f"{profile}/{table}/{row}/seed{seed}/{config_hash}"
+
+
+class ResultStore:
+    """Append-only JSONL store of finished cells under `root/store.jsonl`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.path = self.root / STORE_NAME
+
+    def append(self, record: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        record = dict(record)
+        record.setdefault("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        line = json.dumps(record, sort_keys=True, default=_jsonable)
+        if "\n" in line:
+            raise ValueError("a record must serialise to one line")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # A writer killed mid-line left a partial last line: start ours on a fresh one.
+            size = os.fstat(fd).st_size
+            prefix = b""
+            if size:
+                with open(self.path, "rb") as f:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        prefix = b"\n"
+            os.write(fd, prefix + line.encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        records, bad = [], 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                raw = raw.strip()
+                if not raw:
+                    continue
+                try:
+                    records.append(json.loads(raw))
+                except json.JSONDecodeError:
+                    bad += 1  # a line cut by a kill; never a finished cell
+        if bad:
+            warnings.warn(f"{self.path}: skipped {bad} incomplete line(s) left by an interrupted write")
+        return records
+
+    def finished_ids(self) -> set[str]:
+        return {r["cell_id"] for r in self.read() if "cell_id" in r}
+
+    def select(self, *, table: str | None = None, profile: str | None = None,
+               latest_only: bool = True) -> list[dict]:
+        """Records of a table/profile; with latest_only, the newest record per (row, seed)."""
+        rows = [r for r in self.read()
+                if (table is None or r.get("table") == table) and (profile is None or r.get("profile") == profile)]
+        if not latest_only:
+            return rows
+        newest: dict[tuple, dict] = {}
+        for r in rows:  # file order is append order
+            newest[(r.get("table"), r.get("row"), r.get("seed"))] = r
+        return list(newest.values())
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+

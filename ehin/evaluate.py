@@ -1,0 +1,167 @@
+"""Evaluation of response maps over a REFER split, and the baselines every evaluation can print.
+
+`python -m ehin.evaluate --checkpoint RUN/checkpoints/last.pt [--split val] [--baselines]`
+`python -m ehin.evaluate --profile smoke --baselines-only`
+
+Baselines (METHOD §5): `untrained` (the model before training: pretrained backbone, fresh heads),
+`centre` (a Gaussian at the image centre) and `language_blind` (the argmax on a random annotated
+object of the image: how much PointM comes from finding objects at all).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ehin import metrics as M
+
+MapFn = Callable[[dict], list[np.ndarray]]   # a collated eval batch -> maps at original size
+
+
+def iter_batches(dataset, batch_size: int) -> Iterator[dict]:
+    from ehin.data.datasets import eval_collate
+
+    yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=eval_collate)
+
+
+def model_map_fn(model, device: torch.device | str, amp: bool = False) -> MapFn:
+    """Stage-1 maps: ReLU(R_ii) upsampled to each image's original size (METHOD §3.6, §5)."""
+
+    @torch.no_grad()
+    def fn(batch: dict) -> list[np.ndarray]:
+        model.eval()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and str(device).startswith("cuda")):
+            maps = model.predict(batch["image"].to(device), batch["tokens"].to(device)).float()
+        return [M.upsample_to(m.cpu(), size) for m, size in zip(maps, batch["orig_size"])]
+
+    return fn
+
+
+def centre_prior_fn(batch: dict) -> list[np.ndarray]:
+    out = []
+    for h, w in batch["orig_size"]:
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        sigma = 0.25 * min(h, w)
+        out.append(np.exp(-(((y - (h - 1) / 2) ** 2 + (x - (w - 1) / 2) ** 2) / (2 * sigma**2))))
+    return out
+
+
+def language_blind_fn(seed: int = 0) -> MapFn:
+    """The map is one annotated object of the image, picked at random (reproducibly per expression)."""
+
+    def fn(batch: dict) -> list[np.ndarray]:
+        out = []
+        for objs, ref_id, sent_id in zip(batch["object_masks"], batch["ref_id"], batch["sent_id"]):
+            objs = np.asarray(objs)
+            rng = np.random.default_rng([seed, int(ref_id), int(sent_id)])
+            out.append(objs[rng.integers(len(objs))].astype(np.float32))
+        return out
+
+    return fn
+
+
+def evaluate(map_fn: MapFn, dataset, *, batch_size: int = 32, stage: int = 1,
+             per_expression: str | Path | None = None, desc: str = "eval", progress: bool = True) -> dict:
+    """Score every (ref, sentence) of `dataset` and aggregate in percent (METHOD §5)."""
+    rows = []
+    for batch in tqdm(iter_batches(dataset, batch_size), desc=desc, leave=False, disable=not progress,
+                      total=(len(dataset) + batch_size - 1) // batch_size):
+        maps = map_fn(batch)
+        for i, pred in enumerate(maps):
+            r = M.score_expression(pred, np.asarray(batch["mask"][i]), np.asarray(batch["box"][i]),
+                                   np.asarray(batch["objects_mask"][i]), stage=stage)
+            r.update(ref_id=int(batch["ref_id"][i]), sent_id=int(batch["sent_id"][i]),
+                     sentence=batch["sentence"][i])
+            rows.append(r)
+    if per_expression:
+        _write_jsonl(per_expression, rows)
+    return M.aggregate(rows)
+
+
+def baselines(cfg: dict, dataset, untrained_model=None, device: str = "cpu") -> dict[str, dict]:
+    out = {
+        "centre": evaluate(centre_prior_fn, dataset, batch_size=cfg["eval"]["batch_size"], desc="centre prior"),
+        "language_blind": evaluate(language_blind_fn(cfg["train"]["seed"]), dataset,
+                                   batch_size=cfg["eval"]["batch_size"], desc="language-blind"),
+    }
+    if untrained_model is not None:
+        out["untrained"] = evaluate(model_map_fn(untrained_model, device), dataset,
+                                    batch_size=cfg["eval"]["batch_size"], desc="untrained")
+    return out
+
+
+def _write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, default=lambda x: x.item() if hasattr(x, "item") else str(x)) + "\n")
+
+
+def format_metrics(name: str, m: dict) -> str:
+    keys = ["iou", "overall_iou", "point_box", "point_mask", "box_acc", "point_any_object"]
+    return f"{name:<16}" + "  ".join(f"{k}={m[k]:6.2f}" for k in keys if k in m) + f"  (n={m.get('n', '?')})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ehin.config import load_config
+    from ehin.data import prepare_dataset
+    from ehin.data.datasets import EvalDataset
+
+    p = argparse.ArgumentParser(prog="python -m ehin.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a stage-1 checkpoint (RUN/checkpoints/last.pt)")
+    p.add_argument("--profile", help="profile for --baselines-only (smoke, synthetic, paper)")
+    p.add_argument("--config", help="config file for --baselines-only")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--split", help="REFER split to evaluate (default: the config's eval.split)")
+    p.add_argument("--baselines", action="store_true", help="also print centre, language-blind, untrained")
+    p.add_argument("--baselines-only", action="store_true", help="no checkpoint: baselines of a config")
+    p.add_argument("--per-expression", help="write per-expression results to this JSON-lines file")
+    p.add_argument("--max-items", type=int, help="evaluate at most this many expressions")
+    args = p.parse_args(argv)
+
+    from ehin.checkpoint import load_stage1
+
+    if args.checkpoint:
+        model, cfg = load_stage1(args.checkpoint)
+    elif args.baselines_only:
+        cfg = load_config(args.config, profile=args.profile, overrides=args.overrides)
+        model = None
+    else:
+        p.error("give --checkpoint, or --baselines-only with --profile/--config")
+    split = args.split or cfg["eval"]["split"]
+    refer = prepare_dataset(cfg)
+    tokenize = _tokenizer(cfg, model)
+    ds = EvalDataset(refer, split, tokenize, cfg["data"]["image_size"],
+                     max_items=args.max_items or cfg["eval"]["max_items"])
+    results = {}
+    if model is not None:
+        results["model"] = evaluate(model_map_fn(model, "cpu"), ds, batch_size=cfg["eval"]["batch_size"],
+                                    per_expression=args.per_expression)
+    if args.baselines or args.baselines_only:
+        from ehin.model import build_model
+
+        torch.manual_seed(cfg["train"]["seed"])
+        results.update(baselines(cfg, ds, untrained_model=build_model(cfg)))
+    print(f"{cfg['data']['dataset']} {split}: {len(ds)} expressions")
+    for name, m in results.items():
+        print(format_metrics(name, m))
+
+
+def _tokenizer(cfg: dict, model=None):
+    if model is not None:
+        return model.backbone.tokenize
+    from ehin.backbones import build_clip
+
+    return build_clip(cfg["backbone"]["arch"], None, cfg["data"]["image_size"]).tokenize
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Stage-1 training of EHIN (paper §3.1-3.4, METHOD §3-4).
+
+    python -m ehin.train_stage1 --profile smoke --out runs/smoke-ehin
+    python -m ehin.train_stage1 --config my.yaml --set model.n_layers=3 --set train.epochs=5 --out runs/x
+    python -m ehin.train_stage1 --out runs/x --resume        # continue from runs/x/checkpoints/last.pt
+
+Writes into --out: config.yaml (the resolved config), metrics.jsonl (one line per epoch: losses and
+val metrics), checkpoints/last.pt (every epoch, atomically), result.json (final metrics).
+AdamW with the backbone at lr x backbone_lr_mult, polynomial decay stepped every iteration (TRIS).
+A NaN or infinite loss stops the run naming the step and the term; the last good checkpoint stays.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ehin.checkpoint import load as load_checkpoint
+from ehin.checkpoint import save_atomic
+from ehin.config import config_hash, load_config, save_config
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+def resolve_device(cfg: dict) -> torch.device:
+    want = cfg["train"]["device"]
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    return torch.device(want)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare(cfg: dict):
+    """Build the shared prerequisites once (generated dataset, pretrained small CLIP); cached on disk."""
+    from ehin.data import prepare_dataset
+
+    refer = prepare_dataset(cfg)
+    for section in ("backbone", "scorer"):
+        source = cfg[section]["pretrained"] or cfg["backbone"]["pretrained"]
+        if source == "synthetic":
+            from ehin.pretrain_clip import ensure_pretrained
+
+            size = cfg[section]["image_size"] or cfg["data"]["image_size"]
+            ensure_pretrained(cfg[section]["arch"], size)
+    return refer
+
+
+def build_scorer(cfg: dict):
+    """The frozen CLIP of L_CL/L_BG (METHOD §2); None when neither term is on."""
+    if cfg["loss"]["cl"] == 0 and cfg["loss"]["bg"] == 0:
+        return None
+    from ehin.backbones import build_clip
+    from ehin.model.scorer import FrozenScorer
+
+    sc = cfg["scorer"]
+    clip = build_clip(sc["arch"], sc["pretrained"] or cfg["backbone"]["pretrained"], sc["image_size"])
+    return FrozenScorer(clip, sc["image_size"])
+
+
+def poly_lambda(total_iters: int, power: float):
+    return lambda it: max(0.0, 1.0 - it / max(1, total_iters)) ** power
+
+
+def build_optimizer(model, cfg: dict) -> torch.optim.Optimizer:
+    t = cfg["train"]
+    groups = [
+        {"params": [p for p in model.backbone_parameters() if p.requires_grad], "lr": t["lr"] * t["backbone_lr_mult"]},
+        {"params": [p for p in model.head_parameters() if p.requires_grad], "lr": t["lr"]},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t["lr"], weight_decay=t["weight_decay"])
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool = True) -> dict:
+    """Train stage 1 with `cfg` into `out_dir`; returns {metrics, history, timings, device}."""
+    from ehin.data.datasets import EvalDataset, TrainDataset, train_collate
+    from ehin.evaluate import evaluate, model_map_fn
+    from ehin.losses import Stage1Loss
+    from ehin.model import build_model
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    t, d = cfg["train"], cfg["data"]
+    if t["threads"]:
+        torch.set_num_threads(int(t["threads"]))
+    device = resolve_device(cfg)
+    t_start = time.time()
+
+    refer = prepare(cfg)
+    seed_everything(t["seed"])
+    model = build_model(cfg).to(device)
+    scorer = build_scorer(cfg)
+    if scorer is not None:
+        scorer = scorer.to(device)
+    loss_fn = Stage1Loss(cfg, scorer)
+    train_ds = TrainDataset(refer, d["train_split"], model.backbone.tokenize, d["image_size"], d["K"], t["seed"])
+    eval_ds = EvalDataset(refer, cfg["eval"]["split"], model.backbone.tokenize, d["image_size"],
+                          max_items=cfg["eval"]["max_items"])
+    select_ds = None
+    if cfg["eval"]["select_split"]:
+        select_ds = EvalDataset(refer, cfg["eval"]["select_split"], model.backbone.tokenize, d["image_size"],
+                                max_items=cfg["eval"]["max_items"])
+
+    steps_per_epoch = len(train_ds) // t["batch_size"]
+    if steps_per_epoch == 0:
+        raise ValueError(f"train split has {len(train_ds)} refs, fewer than one batch of {t['batch_size']}")
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(steps_per_epoch * t["epochs"], t["poly_power"]))
+
+    ckpt_path = out_dir / "checkpoints" / "last.pt"
+    history: list[dict] = []
+    start_epoch = 0
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("config_hash") != config_hash(cfg):
+            raise ValueError(f"{ckpt_path} was written by another config; use a new --out or delete it")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        history = ckpt["history"]
+        start_epoch = ckpt["epoch"] + 1
+        if progress:
+            print(f"resuming {out_dir} from epoch {start_epoch}")
+
+    amp = bool(t["amp"]) and device.type == "cuda"
+    train_s = sum(h.get("train_s", 0.0) for h in history)
+    for epoch in range(start_epoch, t["epochs"]):
+        model.train()
+        train_ds.set_epoch(epoch)
+        # Shuffle from (seed, epoch) alone so a resumed run sees exactly the batches it would have.
+        gen = torch.Generator().manual_seed(t["seed"] * 1_000_003 + epoch)
+        loader = DataLoader(train_ds, batch_size=t["batch_size"], shuffle=True, drop_last=True, generator=gen,
+                            collate_fn=train_collate, num_workers=d["num_workers"])
+        sums: dict[str, float] = {}
+        t0 = time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=not progress)
+        for step, batch in enumerate(bar):
+            batch = _to_device(batch, device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out = model(batch["image"], batch["tokens"])
+                total, terms = loss_fn(out, batch)
+            global_step = epoch * steps_per_epoch + step
+            _check_finite(total, terms, global_step, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            scheduler.step()
+            for k, v in {"loss": total, **terms}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if step % max(1, t["log_every"]) == 0:
+                bar.set_postfix({k: f"{float(v):.3f}" for k, v in {"loss": total, **terms}.items()})
+        epoch_train_s = time.time() - t0
+        train_s += epoch_train_s
+        n = max(1, steps_per_epoch)
+        entry = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "train_s": round(epoch_train_s, 2)}
+        t1 = time.time()
+        entry.update(evaluate(model_map_fn(model, device, amp), eval_ds, batch_size=cfg["eval"]["batch_size"],
+                              desc="val", progress=progress))
+        if select_ds is not None:
+            sel = evaluate(model_map_fn(model, device, amp), select_ds, batch_size=cfg["eval"]["batch_size"],
+                           progress=False)
+            entry.update({f"select_{k}": v for k, v in sel.items()})
+        entry["eval_s"] = round(time.time() - t1, 2)
+        history.append(entry)
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        save_atomic({"kind": "stage1", "config": cfg, "config_hash": config_hash(cfg), "epoch": epoch,
+                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "history": history}, ckpt_path)
+        if select_ds is not None and entry["select_point_mask"] >= max(h["select_point_mask"] for h in history):
+            save_atomic({"kind": "stage1", "config": cfg, "epoch": epoch, "model": model.state_dict()},
+                        out_dir / "checkpoints" / "best.pt")
+        if progress:
+            print(f"epoch {epoch + 1}: loss {entry['loss']:.4f}  PointM {entry['point_mask']:.2f}  "
+                  f"IoU {entry['iou']:.2f}  ({epoch_train_s:.1f}s train)")
+
+    final = history[-1] if history else {}
+    metric_keys = ("iou", "overall_iou", "point_mask", "point_box", "box_acc", "point_any_object", "n")
+    result = {
+        "metrics": {k: final[k] for k in metric_keys if k in final},
+        "history": history,
+        "timings": {"train_s": round(train_s, 2), "total_s": round(time.time() - t_start, 2),
+                    "s_per_epoch": round(train_s / max(1, len(history)), 2)},
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "config_hash": config_hash(cfg),
+    }
+    with open(out_dir / "result.json", "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def _check_finite(total: torch.Tensor, terms: dict, step: int, epoch: int) -> None:
+    if torch.isfinite(total).item():
+        return
+    bad = [k for k, v in terms.items() if not math.isfinite(float(v))] or ["total"]
+    raise NonFiniteLossError(
+        f"non-finite loss at step {step} (epoch {epoch + 1}): term(s) {', '.join(bad)} = "
+        f"{', '.join(str(float(terms.get(k, total))) for k in bad)}; the last good checkpoint is kept"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ehin.train_stage1", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config merged over the base (and profile)")
+    p.add_argument("--profile", help="smoke | synthetic | paper")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.alpha=0.2 (repeatable)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.resume and (out / "config.yaml").exists() and not (args.config or args.profile or args.overrides):
+        cfg = load_config(out / "config.yaml")
+    else:
+        cfg = load_config(args.config, profile=args.profile, overrides=args.overrides)
+        if not args.resume and (out / "checkpoints" / "last.pt").exists():
+            p.error(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    result = run(cfg, out, resume=args.resume)
+    print(json.dumps(result["metrics"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
