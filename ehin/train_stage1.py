@@ -17,6 +17,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -91,8 +92,13 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool = True) -> dict:
-    """Train stage 1 with `cfg` into `out_dir`; returns {metrics, history, timings, device}."""
+def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
+        on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train stage 1 with `cfg` into `out_dir`; returns {metrics, history, timings, device}.
+
+    `on_epoch(entry)` sees each epoch's losses and val metrics after its checkpoint is written;
+    Optuna's pruning raises from it (bench.search).
+    """
     from ehin.data.datasets import EvalDataset, TrainDataset, train_collate
     from ehin.evaluate import evaluate, model_map_fn
     from ehin.losses import Stage1Loss
@@ -196,6 +202,8 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
         if progress:
             print(f"epoch {epoch + 1}: loss {entry['loss']:.4f}  PointM {entry['point_mask']:.2f}  "
                   f"IoU {entry['iou']:.2f}  ({epoch_train_s:.1f}s train)")
+        if on_epoch is not None:
+            on_epoch(entry)
 
     final = history[-1] if history else {}
     metric_keys = ("iou", "overall_iou", "point_mask", "point_box", "box_acc", "point_any_object", "n")
