@@ -1,0 +1,315 @@
+"""Render a sweep's stored results beside the paper's numbers: one table, three formats.
+
+Input is the sweep and the store's records (docs/architecture.md: `{table, row, seed, profile,
+config_hash, code_version, metrics, history, timings, host, device, ...}`). Output is the reproduced
+mean ± std over seeds, the paper's number and the difference, in the paper's row and column order.
+Rows without records stay in the table as "pending". Nothing here invents a number: every value
+shown is either a record's or the paper CSV's.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from bench.sweeps import Sweep
+
+PENDING, PARTIAL, DONE = "pending", "partial", "done"
+CELL_FIELDS = ["n", "mean", "std", "paper", "diff"]
+
+_REAL_NAMES = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg", "referit": "ReferIt"}
+
+
+# ---------------------------------------------------------------------------- records -> numbers
+
+def select_records(sweep: Sweep, records: Iterable[dict], profile: str | None = None) -> tuple[str | None, list[dict]]:
+    """This table's records of one profile, the newest per (row, seed) (later in the list wins)."""
+    mine = [r for r in records if r.get("table") == sweep.name]
+    profiles = sorted({str(r.get("profile")) for r in mine})
+    if profile is None:
+        if len(profiles) > 1:
+            raise ValueError(f"{sweep.name}: records of several profiles {profiles}; pass profile=")
+        profile = profiles[0] if profiles else None
+    newest: dict[tuple[str, int], dict] = {}
+    for r in mine:
+        if str(r.get("profile")) == profile:
+            newest[(str(r.get("row")), int(r.get("seed", 0)))] = r
+    return profile, list(newest.values())
+
+
+def _metric_value(record: dict, metric: str) -> float | None:
+    # Table 10 reports time; a runner may keep it under timings rather than metrics.
+    for section in ("metrics", "timings"):
+        value = (record.get(section) or {}).get(metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def seed_values(sweep: Sweep, records: Iterable[dict], profile: str | None = None) -> pd.DataFrame:
+    """Long table of every stored number: columns row, seed, metric, value (rows of this sweep only)."""
+    _, recs = select_records(sweep, records, profile)
+    out = []
+    for r in recs:
+        if r.get("row") not in sweep.rows:
+            continue  # a row no longer declared: never shown under another row's name
+        for metric in sweep.metrics.values():
+            value = _metric_value(r, metric)
+            if value is not None:
+                out.append({"row": r["row"], "seed": int(r.get("seed", 0)), "metric": metric, "value": value})
+    return pd.DataFrame(out, columns=["row", "seed", "metric", "value"])
+
+
+def render_cells(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
+                 seeds: Iterable[int] | None = None) -> pd.DataFrame:
+    """One line per (row, metric) in the paper's order: n, mean, std (sample, ddof 1), paper, diff, status.
+
+    `seeds`: the seeds the sweep was meant to run; rows with fewer are "partial".
+    """
+    values = seed_values(sweep, records, profile)
+    expected = len(set(seeds)) if seeds is not None else None
+    lines = []
+    for row in sweep.rows:
+        for metric in sweep.metrics.values():
+            v = values.loc[(values.row == row) & (values.metric == metric), "value"]
+            n = int(len(v))
+            mean = float(v.mean()) if n else math.nan
+            std = float(v.std(ddof=1)) if n > 1 else math.nan
+            paper = float(sweep.paper.loc[row, metric]) if metric in sweep.paper.columns else math.nan
+            status = PENDING if n == 0 else PARTIAL if expected is not None and n < expected else DONE
+            lines.append({"row": row, "metric": metric, "n": n, "mean": mean, "std": std, "paper": paper,
+                          "diff": mean - paper, "status": status})
+    return pd.DataFrame(lines, columns=["row", "metric", *CELL_FIELDS, "status"])
+
+
+def render_table(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
+                 seeds: Iterable[int] | None = None) -> pd.DataFrame:
+    """Wide table: index = rows (paper order); columns (paper metric label, field) + ("status", "")."""
+    cells = render_cells(sweep, records, profile=profile, seeds=seeds)
+    label = {ours: col for col, ours in sweep.metrics.items()}
+    columns = pd.MultiIndex.from_tuples([(label[m], f) for m in sweep.metrics.values() for f in CELL_FIELDS]
+                                        + [("status", "")])
+    table = pd.DataFrame(index=pd.Index(list(sweep.rows), name="row"), columns=columns, dtype=object)
+    for line in cells.itertuples(index=False):
+        for f in CELL_FIELDS:
+            table.loc[line.row, (label[line.metric], f)] = getattr(line, f)
+    for row in sweep.rows:
+        states = set(cells.loc[cells.row == row, "status"])
+        # A row is pending only if no metric has a value; partial if any metric lacks seeds.
+        table.loc[row, ("status", "")] = (PENDING if states == {PENDING}
+                                          else PARTIAL if states & {PARTIAL, PENDING} else DONE)
+    return table
+
+
+# ---------------------------------------------------------------------------- header
+
+def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None) -> dict[str, Any]:
+    """What the numbers are: profile, seeds, datasets used vs the paper's, code versions, hardware."""
+    profile, recs = select_records(sweep, records, profile)
+    recs = [r for r in recs if r.get("row") in sweep.rows]
+    real = sweep.datasets_used(None)
+    used = sweep.datasets_used(profile) if profile else {}
+    pairs: list[str] = []
+    for row in sweep.rows:
+        paper_ds = _pretty_dataset(real[row])
+        text = f"{used[row]} (paper: {paper_ds})" if row in used else f"paper: {paper_ds}"
+        if text not in pairs:
+            pairs.append(text)
+    hardware = sorted({_hardware(r) for r in recs})
+    return {
+        "table": sweep.name,
+        "title": sweep.title,
+        "profile": profile or "none (no records)",
+        "seeds": sorted({int(r.get("seed", 0)) for r in recs}),
+        "records": len(recs),
+        "datasets": pairs,
+        "code_versions": sorted({str(r.get("code_version", "unknown")) for r in recs}),
+        "hardware": hardware,
+    }
+
+
+def _pretty_dataset(text: str) -> str:
+    name, _, rest = text.partition(" ")
+    return f"{_REAL_NAMES.get(name, name)} {rest}".strip()
+
+
+def _hardware(record: dict) -> str:
+    host = record.get("host")
+    if isinstance(host, dict):  # host_info() stored whole
+        record = {**host, **record}
+        host = host.get("host")
+    device = str(record.get("device") or "?")
+    gpu = record.get("gpu")
+    if gpu and str(gpu) not in device:
+        device = f"{device} ({gpu})"
+    return f"{device} on {host}" if host else device
+
+
+def header_lines(info: dict[str, Any]) -> list[str]:
+    seeds = ", ".join(map(str, info["seeds"])) or "none"
+    return [
+        f"profile: {info['profile']}; seeds: {seeds} ({info['records']} records)",
+        "dataset: " + "; ".join(info["datasets"]),
+        "code: " + (", ".join(info["code_versions"]) or "-"),
+        "hardware: " + (", ".join(info["hardware"]) or "-"),
+    ]
+
+
+# ---------------------------------------------------------------------------- display strings
+
+def _fmt(x: float, d: int, signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:+.{d}f}" if signed else f"{x:.{d}f}"
+
+
+def _ours(line: Any, d: int) -> str:
+    if line.n == 0:
+        return PENDING
+    text = _fmt(line.mean, d)
+    return text + (f" ± {_fmt(line.std, d)}" if line.n > 1 else "")
+
+
+def _paper(sweep: Sweep, row: str, metric: str, value: float, d: int) -> str:
+    text = _fmt(value, d)
+    return "≈" + text if (row, metric) in sweep.paper_approx else text
+
+
+def display(sweep: Sweep, cells: pd.DataFrame) -> tuple[list[str], list[list[str]], list[str]]:
+    """(column names, rows of strings, status per row) for every output format."""
+    d = sweep.decimals
+    label = {ours: col for col, ours in sweep.metrics.items()}
+    by = {(c.row, c.metric): c for c in cells.itertuples(index=False)}
+    has_paper = bool(sweep.paper_csv)
+    if sweep.layout == "grid":
+        # Table 2: rows (metric, method), one column per dataset split; "ours ± std (paper)".
+        methods = list(dict.fromkeys(m["method"] for m in sweep.row_meta.values()))
+        columns = list(dict.fromkeys(m["column"] for m in sweep.row_meta.values()))
+        names = {(m["method"], m["column"]): row for row, m in sweep.row_meta.items()}
+        out, states = [], []
+        for metric in sweep.metrics.values():
+            for method in methods:
+                line = [label[metric], method]
+                n_done = 0
+                for column in columns:
+                    row = names.get((method, column))
+                    if row is None:
+                        line.append("")
+                        continue
+                    c = by[(row, metric)]
+                    n_done += c.n > 0
+                    line.append(f"{_ours(c, d)} ({_paper(sweep, row, metric, c.paper, d)})")
+                out.append(line)
+                states.append(DONE if n_done else PENDING)
+        return ["Metric", "Method", *columns], out, states
+    columns = ["Row"]
+    for metric in sweep.metrics.values():
+        columns += [label[metric]] + ([f"{label[metric]} paper", f"{label[metric]} Δ"] if has_paper else [])
+    columns += ["seeds", "status"]
+    out, states = [], []
+    for row in sweep.rows:
+        line = [row]
+        ns, row_states = [], set()
+        for metric in sweep.metrics.values():
+            c = by[(row, metric)]
+            ns.append(c.n)
+            row_states.add(c.status)
+            line.append(_ours(c, d))
+            if has_paper:
+                line += [_paper(sweep, row, metric, c.paper, d), _fmt(c.diff, d, signed=True)]
+        status = PENDING if row_states == {PENDING} else PARTIAL if row_states & {PARTIAL, PENDING} else DONE
+        line += [str(max(ns)), status]
+        out.append(line)
+        states.append(status)
+    return columns, out, states
+
+
+# ---------------------------------------------------------------------------- formats
+
+def to_markdown(title: str, lines: list[str], columns: list[str], rows: list[list[str]]) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    out = [f"### {title}", ""] + [f"- {x}" for x in lines] + [""]
+    out.append("| " + " | ".join(esc(c) for c in columns) + " |")
+    n_names = 2 if columns[:2] == ["Metric", "Method"] else 1
+    out.append("|" + "|".join("---" if i < n_names else "---:" for i in range(len(columns))) + "|")
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+        "±": r"$\pm$", "≈": r"$\approx$", "Δ": r"$\Delta$", "–": "--", "α": r"$\alpha$", "β": r"$\beta$"}
+
+
+def tex_escape(s: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in s)
+
+
+def to_latex(title: str, lines: list[str], columns: list[str], rows: list[list[str]], label: str) -> str:
+    spec = "l" * (2 if columns[:2] == ["Metric", "Method"] else 1)
+    spec += "r" * (len(columns) - len(spec))
+    out = [
+        "% Generated by bench.render from the results store; needs \\usepackage{booktabs}.",
+        "\\begin{table}[t]", "\\centering", "\\scriptsize",
+        f"\\caption{{{tex_escape(title)}. {tex_escape('; '.join(lines))}}}",
+        f"\\label{{tab:{label}}}",
+        f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
+        " & ".join(tex_escape(c) for c in columns) + " \\\\", "\\midrule",
+    ]
+    out += [" & ".join(tex_escape(c) for c in r) + " \\\\" for r in rows]
+    out += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    return "\n".join(out) + "\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+h3{margin-bottom:.3em} ul{color:#555;font-size:.9em;margin-top:0}
+table{border-collapse:collapse;font-size:.85em}
+th,td{padding:.3em .6em;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}
+th{background:#f3f3f3;border-bottom:2px solid #999} td.name{text-align:left;font-weight:600}
+tr.pending td{color:#999;font-style:italic} tr.partial td{color:#8a6d00}"""
+
+
+def to_html(title: str, lines: list[str], columns: list[str], rows: list[list[str]], states: list[str]) -> str:
+    n_names = 2 if columns[:2] == ["Metric", "Method"] else 1
+    out = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
+           f"<style>{_CSS}</style></head><body>", f"<h3>{html.escape(title)}</h3>", "<ul>"]
+    out += [f"<li>{html.escape(x)}</li>" for x in lines]
+    out += ["</ul>", "<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"]
+    for r, state in zip(rows, states):
+        tds = "".join(f"<td class='name'>{html.escape(c)}</td>" if i < n_names else f"<td>{html.escape(c)}</td>"
+                      for i, c in enumerate(r))
+        out.append(f"<tr class='{state}'>{tds}</tr>")
+    out += ["</table>", "</body></html>"]
+    return "\n".join(out) + "\n"
+
+
+def _json_safe(x: Any) -> Any:
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def write_tables(sweep: Sweep, records: Iterable[dict], out_dir: str | Path, *, profile: str | None = None,
+                 seeds: Iterable[int] | None = None) -> dict[str, Path]:
+    """Write table.md, table.tex, table.html and cells.json into out_dir; return their paths."""
+    records = list(records)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    profile, _ = select_records(sweep, records, profile)
+    cells = render_cells(sweep, records, profile=profile, seeds=seeds)
+    info = header(sweep, records, profile=profile)
+    lines = header_lines(info)
+    columns, rows, states = display(sweep, cells)
+    paths = {"md": out / "table.md", "tex": out / "table.tex", "html": out / "table.html", "json": out / "cells.json"}
+    paths["md"].write_text(to_markdown(sweep.title, lines, columns, rows))
+    paths["tex"].write_text(to_latex(sweep.title, lines, columns, rows, sweep.name))
+    paths["html"].write_text(to_html(sweep.title, lines, columns, rows, states))
+    payload = {"header": info,
+               "metrics": sweep.metrics,
+               "cells": [{k: _json_safe(v) for k, v in rec.items()} for rec in cells.to_dict("records")]}
+    paths["json"].write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    return paths

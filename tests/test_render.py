@@ -1,0 +1,188 @@
+"""The renderer on hand-made records (NOT results: made-up values with known means and stds).
+
+Golden files under tests/golden/ were rendered from these records and checked by hand; the cells
+are compared with an absolute tolerance of 1e-6 (lm-evaluation-harness style), the markdown
+exactly. After an intended change of the format, regenerate them with
+`UPDATE_GOLDEN=1 pytest tests/test_render.py` and review the diff.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.render import render_cells, render_table, select_records, write_tables
+from bench.sweeps import PAPER_DIR, Sweep, load_sweep
+
+GOLDEN = Path(__file__).parent / "golden"
+TOL = 1e-6
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
+
+
+@lru_cache(maxsize=None)
+def sweep(name: str) -> Sweep:
+    return load_sweep(name, validate=False)  # test_sweeps validates; here only rendering matters
+
+
+def record(table: str, row: str, seed: int, metrics: dict, **extra) -> dict:
+    return {"table": table, "row": row, "seed": seed, "profile": "synthetic", "config_hash": "0123456789ab",
+            "code_version": "abc1234567", "metrics": metrics, "history": [], "timings": {},
+            "host": "testhost", "device": "cpu", **extra}
+
+
+def table5_records() -> list[dict]:
+    """Row i, metric j: seed 0 -> 10 i + j, seed 1 -> 10 i + j + 2 (mean 10 i + j + 1, std sqrt 2).
+
+    "fg" has seed 0 only (partial); "cl" has nothing (pending).
+    """
+    s = sweep("table5")
+    out = []
+    for i, row in enumerate(s.rows):
+        for seed in (0, 1):
+            if row == "cl" or (row == "fg" and seed == 1):
+                continue
+            out.append(record("table5", row, seed,
+                              {m: 10.0 * i + j + 2 * seed for j, m in enumerate(s.metrics.values())}))
+    return out
+
+
+def _golden_csv(name: str, frame: pd.DataFrame) -> pd.DataFrame:
+    path = GOLDEN / name
+    if UPDATE:
+        path.parent.mkdir(exist_ok=True)
+        frame.to_csv(path, index=False, float_format="%.10g")
+    return pd.read_csv(path, dtype={"row": str})
+
+
+def test_cells_match_golden_within_tolerance():
+    got = render_cells(sweep("table5"), table5_records(), seeds=[0, 1])
+    want = _golden_csv("table5_cells.csv", got)
+    assert list(got.columns) == list(want.columns)
+    assert len(got) == len(want)
+    for g, w in zip(got.to_dict("records"), want.to_dict("records")):
+        for key in ("row", "metric", "n", "status"):
+            assert g[key] == w[key], (g, w)
+        for key in ("mean", "std", "paper", "diff"):
+            if math.isnan(w[key]):
+                assert math.isnan(g[key]), (key, g, w)
+            else:
+                assert abs(g[key] - w[key]) <= TOL, (key, g, w)
+
+
+def test_mean_and_std_on_known_numbers():
+    cells = render_cells(sweep("table5"), table5_records(), seeds=[0, 1]).set_index(["row", "metric"])
+    c = cells.loc[("bg+cl", "point_box")]          # row 2, metric 2: seeds give 22 and 24
+    assert c["n"] == 2 and c["mean"] == pytest.approx(23.0) and c["std"] == pytest.approx(math.sqrt(2))
+    assert c["paper"] == pytest.approx(62.75) and c["diff"] == pytest.approx(23.0 - 62.75)
+    assert c["status"] == "done"
+    fg = cells.loc[("fg", "iou")]                   # one seed: a mean, no std, partial
+    assert fg["n"] == 1 and fg["mean"] == 50.0 and math.isnan(fg["std"]) and fg["status"] == "partial"
+    three = [record("table3", "2", s, {"iou": v}) for s, v in enumerate([1.0, 2.0, 6.0])]
+    c3 = render_cells(sweep("table3"), three).set_index(["row", "metric"]).loc[("2", "iou")]
+    assert c3["mean"] == pytest.approx(3.0) and c3["std"] == pytest.approx(math.sqrt(7.0))  # sample std
+
+
+def test_rows_in_papers_order_and_pending_rows_kept():
+    table = render_table(sweep("table5"), table5_records(), seeds=[0, 1])
+    paper_rows = list(pd.read_csv(PAPER_DIR / "table5_losses.csv", dtype=str)["losses"])
+    assert list(table.index) == paper_rows
+    assert list(dict.fromkeys(c[0] for c in table.columns)) == ["IoU", "mIoU", "PointIt", "PointM", "BoxAcc", "status"]
+    assert table.loc["cl", ("status", "")] == "pending"
+    assert table.loc["fg", ("status", "")] == "partial"
+    assert table.loc["bg+fg+cl", ("status", "")] == "done"
+    assert math.isnan(table.loc["cl", ("IoU", "mean")]) and table.loc["cl", ("mIoU", "paper")] == 1.0
+    empty = render_table(sweep("table5"), [])
+    assert list(empty.index) == paper_rows and set(empty[("status", "")]) == {"pending"}
+
+
+def test_write_tables_formats_and_golden_markdown(tmp_path):
+    paths = write_tables(sweep("table5"), table5_records(), tmp_path, seeds=[0, 1])
+    assert set(paths) == {"md", "tex", "html", "json"} and all(p.exists() for p in paths.values())
+    md = paths["md"].read_text()
+    if UPDATE:
+        (GOLDEN / "table5.md").write_text(md)
+    assert md == (GOLDEN / "table5.md").read_text()
+    assert "profile: synthetic; seeds: 0, 1" in md
+    assert "dataset: synth-refcoco+ val (paper: RefCOCO+ val)" in md
+    assert "code: abc1234567" in md and "hardware: cpu on testhost" in md
+    assert "| cl | pending | – | – | pending | ≈1.00 |" in md
+    tex = paths["tex"].read_text()
+    assert "\\begin{tabular}" in tex and "$\\pm$" in tex and "bg+fg+cl" in tex
+    html = paths["html"].read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<style>" in html and "<tr class='pending'>" in html
+    cells = json.loads(paths["json"].read_text())
+    assert cells["header"]["profile"] == "synthetic" and len(cells["cells"]) == 7 * 5
+    assert cells["cells"][-1]["mean"] is None  # cl / box_acc: pending, NaN written as null
+
+
+def test_tex_escapes_special_characters(tmp_path):
+    recs = [record("table6", "EHIN without HIPM & ECLM", 0, {"iou": 1.0})]
+    tex = write_tables(sweep("table6"), recs, tmp_path)["tex"].read_text()
+    assert "EHIN without HIPM \\& ECLM" in tex
+
+
+def test_newest_record_wins_and_foreign_records_are_ignored():
+    s = sweep("table4")
+    recs = [record("table4", "repeat_once", 0, {"iou": 1.0}),
+            record("table4", "repeat_once", 0, {"iou": 5.0}),        # a rerun of the same cell
+            record("table4", "renamed_row", 0, {"iou": 99.0}),      # a row no longer declared
+            record("table3", "repeat_once", 0, {"iou": 77.0})]      # another table
+    cells = render_cells(s, recs).set_index(["row", "metric"])
+    assert cells.loc[("repeat_once", "iou"), "mean"] == 5.0 and cells.loc[("repeat_once", "iou"), "n"] == 1
+    assert list(cells.index.get_level_values(0).unique()) == ["repeat_once", "repeat_twice"]
+
+
+def test_one_profile_at_a_time():
+    s = sweep("table4")
+    recs = [record("table4", "repeat_once", 0, {"iou": 1.0}),
+            {**record("table4", "repeat_once", 0, {"iou": 2.0}), "profile": "smoke"}]
+    with pytest.raises(ValueError, match="profiles"):
+        render_cells(s, recs)
+    assert render_cells(s, recs, profile="smoke").iloc[0]["mean"] == 2.0
+    assert select_records(s, recs, "synthetic")[0] == "synthetic"
+
+
+def test_table2_grid_layout(tmp_path):
+    recs = [record("table2", "EHIN (Stage-1) | referit_test", s, {"iou": 30.0 + s, "point_mask": 50.0})
+            for s in (0, 1)]
+    md = write_tables(sweep("table2"), recs, tmp_path)["md"].read_text()
+    lines = md.splitlines()
+    header = next(l for l in lines if l.startswith("| Metric"))
+    assert header.split(" | ")[2:4] == ["refcoco_val", "refcoco_testA"]
+    ehin_iou = next(l for l in lines if l.startswith("| IoU | EHIN (Stage-1) |"))
+    assert ehin_iou.endswith("| 30.50 ± 0.71 (36.14) |")
+    assert "| pending (25.10) |" in ehin_iou
+    assert "synth-referit test (paper: ReferIt test)" in md
+    assert "synth-refcocog (google) val (paper: RefCOCOg (google) val)" in md
+
+
+def test_timing_may_come_from_timings():
+    recs = [record("table10", "EHIN", 0, {}, timings={"seconds_per_sample": 0.5}),
+            record("table10", "TRIS", 0, {"seconds_per_sample": 0.75})]
+    cells = render_cells(sweep("table10"), recs).set_index("row")
+    assert cells.loc["EHIN", "mean"] == 0.5 and cells.loc["TRIS", "mean"] == 0.75
+    assert cells.loc["TRIS", "paper"] == 2.18
+
+
+def test_plots_are_written(tmp_path):
+    from bench.plots import write_plots
+
+    recs = table5_records()
+    s7 = sweep("table7")
+    recs += [record("table7", row, seed, {m: 20.0 + seed for m in s7.metrics.values()})
+             for row in list(s7.rows)[:4] for seed in (0, 1)]
+    recs += [record("fig7", "early", seed, {"iou": 1.0},
+                    history=[{"epoch": e, "iou": 10.0 * e + seed, "point_mask": 5.0 * e} for e in range(3)])
+             for seed in (0, 1)]
+    paths = []
+    for name in ("table3", "table5", "table7", "fig7"):  # one of each kind; table3 has no records
+        paths += write_plots(sweep(name), recs, tmp_path)
+    assert [p.name for p in paths] == ["table3_curve.png", "table5_bars.png", "table7_heatmap.png",
+                                       "fig7_history.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
