@@ -1,0 +1,160 @@
+"""Stage-1 losses (paper Eq. 14-19; METHOD §4, D7, D8).
+
+    L = lambda_1 L_FG + lambda_2 L_CL + lambda_3 L_BG                                    Eq. 17
+
+* Pooled image-level score (Eq. 14, TRIS's pooling) of the map R_ij of image i and text j:
+      y_ij = max_p R_ij[p] + mean_p R_ij[p] + psi_ij,   psi = (1 - m)^3 log(0.01 + m)
+  m_ij is the mean over pixels of a foreground probability. The softmax behind it runs, at each pixel
+  p of image i, over N + 1 logits: a constant background logit 1 and the maps of ALL N texts of the
+  batch scored against image i, [1, R_i1[p], ..., R_iN[p]]. So texts compete for the pixels of one
+  image (row i of the N x N maps), never across images; m_ij is text j's share of image i, and psi
+  (a focal penalty: ~log 0.01 for m -> 0, 0 for m = 1) pushes y_ij down when text j claims almost
+  nothing of image i. (This is TRIS's `TRIS_Loss`: softmax over dim 1 of cat([ones, score_t]).)
+* L_FG (Eq. 18, D7): multilabel soft-margin of y [N, N] against the identity; an off-diagonal pair
+  whose sentence is the same string as the image's own sentence is not a negative and is masked out.
+* L_BG (Eq. 19, D7): -(1/K) sum_k log(1 - S(I_i, R_ii, Q_ik)) with the frozen scorer, the fused map
+  R_ii and the K same-image negatives.
+* L_CL (Eq. 15-16, D8): -[log S(I, R_p, Q_p) + (1/K) sum_k log(1 - S(I, R_p, Q_k))], S clamped into
+  (1e-4, 1 - 1e-4); R_p = the raw (pre-HIPM) diagonal map ("early", EHIN) or the fused one ("late").
+Every term is averaged over the N images. lambda = 0 switches a term off and skips its computation.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+S_EPS = 1e-4  # METHOD §4: clamp S into (1e-4, 1 - 1e-4) before the logs
+FOCAL_POWER, FOCAL_OFFSET = 3, 0.01  # psi = (1 - m)^3 log(0.01 + m) (Eq. 14, TRIS's focal penalty)
+BACKGROUND_LOGIT = 1.0  # TRIS's constant background channel
+
+
+def focal_penalty(m: torch.Tensor) -> torch.Tensor:
+    """psi(m) = (1 - m)^3 log(0.01 + m)."""
+    return (1 - m) ** FOCAL_POWER * torch.log(FOCAL_OFFSET + m)
+
+
+def foreground_share(maps: torch.Tensor) -> torch.Tensor:
+    """m [Ni, Nt]: mean over pixels of softmax over [background 1, R_i1, ..., R_iNt] (per image i)."""
+    R = maps.flatten(2)  # [Ni, Nt, P]
+    bg = torch.full_like(R[:, :1], BACKGROUND_LOGIT)
+    prob = torch.softmax(torch.cat([bg, R], dim=1), dim=1)[:, 1:]  # softmax over the text axis + bg
+    return prob.mean(-1)
+
+
+def pooled_scores(maps: torch.Tensor) -> torch.Tensor:
+    """y [Ni, Nt] of Eq. 14 from response maps [Ni, Nt, h, w] (image i, text j)."""
+    R = maps.flatten(2)
+    return R.amax(-1) + R.mean(-1) + focal_penalty(foreground_share(maps))
+
+
+def fg_loss(y: torch.Tensor, sentences: Sequence[str] | None = None) -> torch.Tensor:
+    """Multilabel soft-margin of y [N, N] vs the identity (Eq. 18, D7), averaged over the unmasked
+    entries of each row, then over rows. Off-diagonal (i, j) with sentences[j] == sentences[i] is
+    masked out. Without a mask this equals F.multilabel_soft_margin_loss(y, eye(N))."""
+    N = y.shape[0]
+    eye = torch.eye(N, dtype=torch.bool, device=y.device)
+    valid = torch.ones_like(eye)
+    if sentences is not None:
+        same = torch.tensor([[a == b for b in sentences] for a in sentences], device=y.device)
+        valid = ~same | eye
+    per = -torch.where(eye, F.logsigmoid(y), F.logsigmoid(-y))
+    per = per * valid
+    return (per.sum(1) / valid.sum(1)).mean()
+
+
+def _clamp(s: torch.Tensor) -> torch.Tensor:
+    return s.clamp(S_EPS, 1 - S_EPS)
+
+
+def cl_loss(s: torch.Tensor) -> torch.Tensor:
+    """s [N, 1 + K]: column 0 = S with the positive sentence, columns 1.. = the K negatives (D8: mean)."""
+    s = _clamp(s)
+    loss = -torch.log(s[:, 0])
+    if s.shape[1] > 1:
+        loss = loss - torch.log(1 - s[:, 1:]).mean(1)
+    return loss.mean()
+
+
+def bg_loss(s_neg: torch.Tensor) -> torch.Tensor:
+    """s_neg [N, K]: S of the image masked by R_ii against its K same-image negatives (Eq. 19, D7)."""
+    if s_neg.shape[1] == 0:
+        return s_neg.new_zeros(())
+    return -torch.log(1 - _clamp(s_neg)).mean(1).mean()
+
+
+def diagonal(maps: torch.Tensor) -> torch.Tensor:
+    """[N, N, h, w] -> [N, h, w]: the matched pairs R_ii."""
+    return maps.diagonal(dim1=0, dim2=1).permute(2, 0, 1)
+
+
+class Stage1Loss(nn.Module):
+    """`Stage1Loss(cfg, scorer)(out, batch) -> (total, dict(fg=..., cl=..., bg=...))`.
+
+    out: EHIN.forward's dict. batch: image [N,3,S,S] in [0,1], sentence list[str] (N),
+    neg_sentences (N lists of K strings). Terms that are switched off are reported as 0.0.
+    """
+
+    def __init__(self, cfg: dict, scorer: nn.Module | None = None) -> None:
+        super().__init__()
+        l = cfg["loss"]
+        self.w_fg, self.w_cl, self.w_bg = float(l["fg"]), float(l["cl"]), float(l["bg"])
+        self.cl_variant = l["cl_variant"]
+        if self.cl_variant not in ("early", "late"):
+            raise ValueError(f"loss.cl_variant must be early or late, got {self.cl_variant!r}")
+        if (self.w_cl > 0 or self.w_bg > 0) and scorer is None:
+            raise ValueError("L_CL and L_BG need the frozen scorer (loss.cl > 0 or loss.bg > 0)")
+        self.scorer = scorer
+
+    def _texts(self, batch: dict, N: int) -> torch.Tensor:
+        """Scorer text features [N, 1 + K, E]: the positive sentence then the K negatives.
+        One batched encoder call for the sentences not cached yet (FrozenScorer caches by string)."""
+        pos = list(batch["sentence"])
+        negs = [list(n) for n in batch["neg_sentences"]]
+        if len(pos) != N or len(negs) != N:
+            raise ValueError(f"batch has {len(pos)} sentences and {len(negs)} negative lists for {N} images")
+        K = len(negs[0]) if negs else 0
+        if any(len(n) != K for n in negs):
+            raise ValueError("every image needs the same number K of negative sentences")
+        keys = pos + [s for n in negs for s in n]
+        feats = self.scorer.encode_texts(None, keys)  # the scorer tokenises with its own tokenizer
+        return torch.cat([feats[:N, None], feats[N:].reshape(N, K, feats.shape[-1])], dim=1)
+
+    def forward(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        maps = out["maps"].float()
+        N = maps.shape[0]
+        total = maps.new_zeros(())
+        terms: dict[str, torch.Tensor | float] = {"fg": 0.0, "cl": 0.0, "bg": 0.0}
+
+        if self.w_fg > 0:
+            fg = fg_loss(pooled_scores(maps), batch["sentence"])
+            total = total + self.w_fg * fg
+            terms["fg"] = fg.detach()
+
+        if self.w_cl > 0 or self.w_bg > 0:
+            texts = self._texts(batch, N)  # [N, 1 + K, E]
+            images = batch["image"]
+            fused = diagonal(maps)
+            # All masked images of the step go through the scorer in one call: the raw-map ones for
+            # early L_CL and the fused-map ones for L_BG (and late L_CL, which shares them).
+            masks, who = [], []
+            if self.w_cl > 0 and self.cl_variant == "early":
+                masks.append(diagonal(out["raw_maps"].float()))
+                who.append("cl")
+            if self.w_bg > 0 or self.cl_variant == "late":
+                masks.append(fused)
+                who.append("fused")
+            s = self.scorer.score_masked(images.repeat(len(masks), 1, 1, 1), torch.cat(masks),
+                                         texts.repeat(len(masks), 1, 1))
+            s = dict(zip(who, s.split(N)))
+            if self.w_cl > 0:
+                cl = cl_loss(s["cl"] if self.cl_variant == "early" else s["fused"])
+                total = total + self.w_cl * cl
+                terms["cl"] = cl.detach()
+            if self.w_bg > 0:
+                bg = bg_loss(s["fused"][:, 1:])
+                total = total + self.w_bg * bg
+                terms["bg"] = bg.detach()
+        return total, terms

@@ -1,0 +1,95 @@
+"""The stage-1 EHIN model (paper §3.1-3.2; METHOD §3).
+
+    V = Conv1x1(C_v -> C_d)(encode_dense(I)),  L = Linear(C_l -> C_d)(sentence(T))    §3.1
+    V, L L2-normalised per position                                                   §3.1
+    X_n = HIPM(V, L)                                                                  Eq. 8-13, D4
+    X_F = X + s X_n                                                                   D5
+    R_ij[p] = logit_scale * <V_F(i,j)[p], L_F(i,j)>                                   Eq. 3, D6
+
+`forward` fuses every (image i, text j) pair of the batch (D6) and returns the N x N response maps
+plus the "raw" maps logit_scale * <V_i[p], L_j> before HIPM (the early maps of L_CL, Fig. 7).
+`predict` fuses only the matched pairs (i, i): O(B), not O(B^2).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ehin.model.hipm import HIPM
+
+
+class EHIN(nn.Module):
+    def __init__(self, backbone: nn.Module, cfg: dict) -> None:
+        super().__init__()
+        m = cfg["model"]
+        self.backbone = backbone
+        dim = int(m["hidden_dim"])
+        self.vis_proj = nn.Conv2d(backbone.visual_channels, dim, 1)  # §3.1: C_v -> C_d
+        self.lan_proj = nn.Linear(backbone.text_dim, dim)  # §3.1: C_l -> C_d
+        self.hipm = HIPM(dim, int(m["n_layers"]), m["alpha"], m["beta"], m["residual"], m["bp_attention"])
+        self.fusion_scale = float(m["fusion_scale"])  # s of D5
+        # D6: learnable temperature, kept in log space as CLIP/TRIS do; exp(.) = 1/0.07 at init.
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(float(m["logit_scale_init"]))))
+
+    # ---- features ---------------------------------------------------------------------------------
+    def features(self, images01: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V [N, C_d, h, w], L [N, C_d]), both L2-normalised per position (§3.1)."""
+        vis = self.vis_proj(self.backbone.encode_dense(images01))
+        sentence = self.backbone.encode_text(tokens)[0]
+        lan = self.lan_proj(sentence.to(vis.dtype))
+        return F.normalize(vis, dim=1), F.normalize(lan, dim=-1)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_logit_scale.exp()
+
+    def _fuse(self, vis: torch.Tensor, lan: torch.Tensor, pairwise: bool) -> torch.Tensor:
+        """Response maps R (Eq. 3) after HIPM and D5 fusion: pairwise [Ni, Nj, h, w], else [M, h, w]."""
+        v_n, l_n = self.hipm(vis, lan, pairwise=pairwise)
+        v0, l0 = (vis[:, None], lan[None]) if pairwise else (vis, lan)
+        v_f = v0 + self.fusion_scale * v_n  # D5: X_F = X + s X_n
+        l_f = l0 + self.fusion_scale * l_n
+        # Eq. 3: <V_F[p], L_F> per pixel, no renormalisation after fusion (TRIS's fusion does not either).
+        return self.logit_scale * torch.einsum("...chw,...c->...hw", v_f, l_f)
+
+    # ---- public API -------------------------------------------------------------------------------
+    def forward(self, images01: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images01 [N,3,S,S] in [0,1], tokens [N,20] -> dict(maps [N,N,h,w] fused R_ij (image i, text j),
+        raw_maps [N,N,h,w] = logit_scale <V_i, L_j> before HIPM, logit_scale)."""
+        vis, lan = self.features(images01, tokens)
+        scale = self.logit_scale
+        raw = scale * torch.einsum("ichw,jc->ijhw", vis, lan)  # early maps for L_CL (Fig. 7, METHOD §4)
+        maps = self._fuse(vis, lan, pairwise=True)  # D6: every (image, text) pair
+        return {"maps": maps, "raw_maps": raw, "logit_scale": scale}
+
+    def diagonal_maps(self, images01: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Fused R_ii [B, h, w] (logits) for the matched pairs only: O(B), equal to forward's diagonal."""
+        vis, lan = self.features(images01, tokens)
+        return self._fuse(vis, lan, pairwise=False)
+
+    def predict(self, images01: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """ReLU(R_ii) [B, h, w] at feature resolution (METHOD §3.6; the caller upsamples)."""
+        return F.relu(self.diagonal_maps(images01, tokens))
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """The CLIP encoders' parameters (the trainer's low-LR group)."""
+        return self.backbone.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Everything trained from scratch: projections, HIPM, logit scale."""
+        own = {id(p) for p in self.backbone.parameters()}
+        return (p for p in self.parameters() if id(p) not in own)
+
+
+def build_model(cfg: dict, backbone: nn.Module | None = None) -> EHIN:
+    """EHIN on `backbone`, or on `build_clip(backbone.arch, backbone.pretrained, image size)`."""
+    if backbone is None:
+        from ehin.backbones import build_clip  # late import: open_clip is slow to import
+
+        b = cfg["backbone"]
+        backbone = build_clip(b["arch"], b["pretrained"], b["image_size"] or cfg["data"]["image_size"])
+    return EHIN(backbone, cfg)
