@@ -72,7 +72,7 @@ def build_scorer(cfg: dict):
 
     sc = cfg["scorer"]
     clip = build_clip(sc["arch"], sc["pretrained"] or cfg["backbone"]["pretrained"], sc["image_size"])
-    return FrozenScorer(clip, sc["image_size"])
+    return FrozenScorer(clip, sc["image_size"], copy_backbone=False)  # built for it alone: no copy
 
 
 def poly_lambda(total_iters: int, power: float):
@@ -174,9 +174,10 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
             optimizer.step()
             scheduler.step()
             for k, v in {"loss": total, **terms}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
             if step % max(1, t["log_every"]) == 0:
-                bar.set_postfix({k: f"{float(v):.3f}" for k, v in {"loss": total, **terms}.items()})
+                bar.set_postfix({k: f"{float(v.detach() if torch.is_tensor(v) else v):.3f}"
+                                 for k, v in {"loss": total, **terms}.items()})
         epoch_train_s = time.time() - t0
         train_s += epoch_train_s
         n = max(1, steps_per_epoch)
@@ -223,10 +224,11 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
 def _check_finite(total: torch.Tensor, terms: dict, step: int, epoch: int) -> None:
     if torch.isfinite(total).item():
         return
-    bad = [k for k, v in terms.items() if not math.isfinite(float(v))] or ["total"]
+    terms = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()}
+    bad = [k for k, v in terms.items() if not math.isfinite(v)] or ["total"]
     raise NonFiniteLossError(
         f"non-finite loss at step {step} (epoch {epoch + 1}): term(s) {', '.join(bad)} = "
-        f"{', '.join(str(float(terms.get(k, total))) for k in bad)}; the last good checkpoint is kept"
+        f"{', '.join(str(terms.get(k, float(total.detach()))) for k in bad)}; the last good checkpoint is kept"
     )
 
 
