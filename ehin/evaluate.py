@@ -158,9 +158,9 @@ def main(argv: list[str] | None = None) -> None:
 def _tokenizer(cfg: dict, model=None):
     if model is not None:
         return model.backbone.tokenize
-    from ehin.backbones import build_clip
+    from ehin.backbones import tokenize
 
-    return build_clip(cfg["backbone"]["arch"], None, cfg["data"]["image_size"]).tokenize
+    return tokenize  # the CLIP BPE tokenizer, context 20 (D1), the same for every arch
 
 
 if __name__ == "__main__":
