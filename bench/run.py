@@ -55,6 +55,21 @@ def build_specs(sweep, profile: str, seeds: int, root: Path, rows: list[str] | N
     return specs
 
 
+def reuse_identical_cells(todo: list[CellSpec], store: ResultStore) -> list[CellSpec]:
+    """A cell whose exact config and seed already ran for another table (Table 6's EHIN is Table 5's
+    full loss) gets a copy of that record instead of a second training run; returns the rest."""
+    ran = {(r["config_hash"], r["seed"], r.get("stage")): r for r in store.read() if "config_hash" in r}
+    rest = []
+    for spec in todo:
+        src = ran.get((spec.config_hash, spec.seed, spec.stage))
+        if src is None:
+            rest.append(spec)
+            continue
+        store.append({**src, "table": spec.table, "row": spec.row, "cell_id": spec.cell_id,
+                      "overrides": spec.overrides, "reused_from": src["cell_id"]})
+    return rest
+
+
 def prepare_prerequisites(specs: list[CellSpec]) -> None:
     """Generate datasets and pretrain the small CLIP once per distinct need, before any job starts."""
     from ehin.train_stage1 import prepare
@@ -69,14 +84,14 @@ def prepare_prerequisites(specs: list[CellSpec]) -> None:
         prepare(cfg)
 
 
-def render(sweep, profile: str, root: Path, reports: str | Path = "reports") -> Path:
+def render(sweep, profile: str, root: Path, reports: str | Path = "reports", seeds: int | None = None) -> Path:
     from bench.plots import write_plots
     from bench.render import write_tables
 
     records = ResultStore(root).select(table=sweep.name, profile=profile)
     out = reports_dir(sweep.name, profile, reports)
-    write_tables(sweep, records, out)
-    write_plots(sweep, records, out)
+    write_tables(sweep, records, out, profile=profile, seeds=list(range(seeds)) if seeds else None)
+    write_plots(sweep, records, out, profile=profile)
     return out
 
 
@@ -124,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep = load_sweep(name)
         specs = build_specs(sweep, args.profile, seeds, root, args.rows.split(",") if args.rows else None, extra)
         done = store.finished_ids()
-        todo = [s for s in specs if s.cell_id not in done]
+        todo = reuse_identical_cells([s for s in specs if s.cell_id not in done], store)
         print(f"{sweep.name}: {sweep.title}\n  {len(specs)} cells ({len(specs) - len(todo)} already in "
               f"{store.path}, {len(todo)} to run), profile {args.profile}, executor {args.executor}")
         if args.dry_run:
@@ -140,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    array_parallelism=args.jobs))
             failed += sum(not o.ok for o in outcomes)
         if not args.no_render:
-            out = render(sweep, args.profile, root, args.reports)
+            out = render(sweep, args.profile, root, args.reports, seeds)
             md = out / "table.md"
             if md.exists():
                 print(md.read_text())

@@ -145,6 +145,8 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["torch_rng"])
+        if scorer is not None and "scorer_cache" in ckpt:
+            scorer.load_cache_state(ckpt["scorer_cache"])
         history = ckpt["history"]
         start_epoch = ckpt["epoch"] + 1
         if progress:
@@ -196,6 +198,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
         save_atomic({"kind": "stage1", "config": cfg, "config_hash": config_hash(cfg), "epoch": epoch,
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "scorer_cache": scorer.cache_state() if scorer is not None else {},
                      "history": history}, ckpt_path)
         if select_ds is not None and entry["select_point_mask"] >= max(h["select_point_mask"] for h in history):
             save_atomic({"kind": "stage1", "config": cfg, "epoch": epoch, "model": model.state_dict()},

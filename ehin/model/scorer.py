@@ -84,6 +84,15 @@ class FrozenScorer(nn.Module):
     def clear_cache(self) -> None:
         self._cache.clear()
 
+    # The cache is training state: a sentence's features depend (in the last bits) on which batch
+    # first encoded it, so a resumed run must reuse the same ones to give the same weights.
+    def cache_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self._cache.items()}
+
+    def load_cache_state(self, state: dict[str, torch.Tensor]) -> None:
+        device = next(self.parameters()).device
+        self._cache = OrderedDict((k, v.to(device)) for k, v in state.items())
+
     # ---- masked images ----------------------------------------------------------------------------
     def score_masked(self, images01: torch.Tensor, maps: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
         """S(I, R, Q) of Eq. 16 for B masked images against M texts each.

@@ -1,0 +1,309 @@
+"""Two checks, kept apart.
+
+1. Drift of our own numbers (detectron2 EXPECTED_RESULTS style):
+
+    python -m bench.check --profile smoke                      # compare results/smoke with reports/baselines/smoke.json
+    python -m bench.check --profile smoke --update --spread results/smoke-seeds   # rewrite baselines, on purpose
+
+   Each baseline cell holds, per metric, the expected value, an absolute tolerance and the measured
+   spread it came from (seed-to-seed std over the spread store's seeds, and the run-to-run
+   difference of a repeated run). The check exits 1 with a diff table naming table, cell, metric,
+   expected, got and tolerance when a number leaves its band, when a cell is missing, or when a
+   cell's config hash changed (a default moved: rerun and `--update` deliberately).
+
+2. The paper's claims (declared in sweeps/*.yaml):
+
+    python -m bench.check --claims --profile synthetic
+
+   For each claim: does it hold on our results, by what margin, and does the margin exceed the seed
+   noise. A claim that does not hold is a finding, never a CI failure (exit 0).
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.store import ResultStore
+
+DEFAULT_TABLES = ("table3", "table5", "table6")
+METRICS = ("iou", "overall_iou", "point_box", "point_mask", "box_acc")
+# Tolerance = max(TOL_FLOOR, TOL_K x measured spread). 2 x seed std: a change of seed is our proxy for
+# an irrelevant perturbation (another BLAS, another CPU); the floor absorbs tiny spreads.
+TOL_K = 2.0
+TOL_FLOOR = 1.0
+
+
+def baseline_path(profile: str, reports: str | Path = "reports") -> Path:
+    return Path(reports) / "baselines" / f"{profile}.json"
+
+
+# ---------------------------------------------------------------------------------------------- drift
+
+def _cells(store: ResultStore, profile: str, tables) -> dict[tuple[str, str], list[dict]]:
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in store.select(profile=profile):
+        if r.get("table") in tables:
+            out.setdefault((r["table"], r["row"]), []).append(r)
+    return out
+
+
+def build_baselines(store: ResultStore, profile: str, tables, spread_store: ResultStore | None,
+                    rerun_store: ResultStore | None = None) -> dict:
+    """Expected = this store's value (the seeds CI runs); tolerance from the spread stores."""
+    cells = _cells(store, profile, tables)
+    spread_cells = _cells(spread_store, profile, tables) if spread_store else {}
+    rerun_cells = _cells(rerun_store, profile, tables) if rerun_store else {}
+    out: dict = {"profile": profile, "created": time.strftime("%Y-%m-%d %H:%M"),
+                 "rule": f"tolerance = max({TOL_FLOOR}, {TOL_K} x max(seed std, run-to-run |diff|))", "tables": {}}
+    for (table, row), recs in sorted(cells.items()):
+        entry: dict[str, Any] = {"config_hash": recs[0]["config_hash"], "seeds": sorted(r["seed"] for r in recs),
+                                 "metrics": {}}
+        for m in METRICS:
+            vals = [r["metrics"][m] for r in recs if m in r.get("metrics", {})]
+            if not vals:
+                continue
+            seeds = [r["metrics"][m] for r in spread_cells.get((table, row), []) if m in r.get("metrics", {})]
+            seed_std = float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None
+            rerun = [r["metrics"][m] for r in rerun_cells.get((table, row), [])
+                     if m in r.get("metrics", {}) and r["seed"] in entry["seeds"]]
+            rerun_diff = float(abs(np.mean(rerun) - np.mean(vals))) if rerun else None
+            spread = max(x for x in (seed_std or 0.0, rerun_diff or 0.0))
+            entry["metrics"][m] = {"expected": round(float(np.mean(vals)), 3),
+                                   "tol": round(max(TOL_FLOOR, TOL_K * spread), 3),
+                                   "seed_std": None if seed_std is None else round(seed_std, 3),
+                                   "n_seeds_spread": len(seeds),
+                                   "run_to_run": None if rerun_diff is None else round(rerun_diff, 4)}
+        out["tables"].setdefault(table, {})[row] = entry
+    return out
+
+
+def compare(store: ResultStore, baselines: dict, tables=None) -> list[dict]:
+    """One row per (table, cell, metric) checked; `ok` False for drift, missing cells or config changes."""
+    profile = baselines["profile"]
+    tables = tables or list(baselines["tables"])
+    cells = _cells(store, profile, tables)
+    rows = []
+    for table in tables:
+        for row, entry in baselines["tables"].get(table, {}).items():
+            recs = cells.get((table, row), [])
+            if not recs:
+                rows.append(dict(table=table, cell=row, metric="-", expected=None, got=None, tol=None, ok=False,
+                                 why="missing from the results store"))
+                continue
+            hashes = {r["config_hash"] for r in recs}
+            if hashes != {entry["config_hash"]}:
+                rows.append(dict(table=table, cell=row, metric="config", expected=entry["config_hash"],
+                                 got=",".join(sorted(hashes)), tol=None, ok=False,
+                                 why="config changed (a default or the sweep moved)"))
+            for m, b in entry["metrics"].items():
+                vals = [r["metrics"][m] for r in recs if m in r.get("metrics", {})]
+                got = float(np.mean(vals)) if vals else None
+                ok = got is not None and abs(got - b["expected"]) <= b["tol"]
+                rows.append(dict(table=table, cell=row, metric=m, expected=b["expected"], got=got, tol=b["tol"],
+                                 ok=ok, why="" if ok else "outside tolerance"))
+    return rows
+
+
+def diff_table(rows: list[dict], only_failures: bool = True) -> str:
+    shown = [r for r in rows if not (only_failures and r["ok"])]
+    head = f"{'table':<8} {'cell':<24} {'metric':<12} {'expected':>12} {'got':>12} {'delta':>8} {'tol':>6}  status"
+    lines = [head, "-" * len(head)]
+    for r in shown:
+        exp, got = r["expected"], r["got"]
+        num = isinstance(exp, (int, float)) and isinstance(got, (int, float))
+        delta = f"{got - exp:+8.2f}" if num else f"{'-':>8}"
+        fmt = lambda v: f"{v:12.2f}" if isinstance(v, (int, float)) else f"{str(v if v is not None else '-')[:12]:>12}"  # noqa: E731
+        tol = f"{r['tol']:6.2f}" if r["tol"] is not None else f"{'-':>6}"
+        lines.append(f"{r['table']:<8} {r['cell'][:24]:<24} {r['metric']:<12} {fmt(exp)} {fmt(got)} {delta} {tol}  "
+                     f"{'ok' if r['ok'] else 'FAIL: ' + r['why']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- claims
+
+def _row_stats(sweep, records: list[dict], row: str, metric: str) -> tuple[float, float, int]:
+    vals = [r["metrics"][metric] for r in records if r.get("row") == row and metric in r.get("metrics", {})]
+    if not vals:
+        return math.nan, math.nan, 0
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan, len(vals)
+
+
+def _noise(*stats) -> float:
+    """Standard error of a difference of means; NaN when a row has one seed."""
+    parts = [s ** 2 / n for _, s, n in stats if n]
+    return math.sqrt(sum(parts)) if parts and all(not math.isnan(p) for p in parts) else math.nan
+
+
+def evaluate_claim(sweep, claim: dict, records: list[dict]) -> list[dict]:
+    metrics = claim["metric"] if isinstance(claim["metric"], list) else [claim["metric"]]
+    out = []
+    for m in metrics:
+        kind = claim["kind"]
+        res: dict[str, Any] = {"table": sweep.name, "id": claim["id"], "text": claim["text"], "metric": m, "kind": kind}
+        if kind in ("best", "worst"):
+            row = str(claim["row"])
+            over = [str(x) for x in claim.get("over") or [r for r in sweep.rows if r != row]]
+            a = _row_stats(sweep, records, row, m)
+            others = {o: _row_stats(sweep, records, o, m) for o in over}
+            others = {o: s for o, s in others.items() if s[2]}
+            if not a[2] or not others:
+                out.append({**res, "status": "no results"})
+                continue
+            if kind == "best":
+                rival = max(others, key=lambda o: others[o][0])
+                margin = a[0] - others[rival][0]
+            else:
+                rival = min(others, key=lambda o: others[o][0])
+                margin = others[rival][0] - a[0]
+            noise = _noise(a, others[rival])
+            res.update(compared=f"{row} vs {rival}", value=a[0], rival=others[rival][0], margin=margin, noise=noise)
+        elif kind in ("greater", "less"):
+            aa = claim["a"] if isinstance(claim["a"], list) else [claim["a"]]
+            bb = claim["b"] if isinstance(claim["b"], list) else [claim["b"]]
+            margins, noises, pairs = [], [], []
+            for a_row, b_row in zip(aa, bb):
+                a, b = _row_stats(sweep, records, str(a_row), m), _row_stats(sweep, records, str(b_row), m)
+                if not (a[2] and b[2]):
+                    continue
+                margins.append((a[0] - b[0]) if kind == "greater" else (b[0] - a[0]))
+                noises.append(_noise(a, b))
+                pairs.append(f"{a_row} vs {b_row}")
+            if not margins:
+                out.append({**res, "status": "no results"})
+                continue
+            need = claim.get("margin", 0.0) or 0.0
+            held = [mg > need for mg in margins]
+            holds = (sum(held) > len(held) / 2) if claim.get("quantifier") == "most" else all(held)
+            i = int(np.argmin(margins))
+            res.update(compared="; ".join(pairs), margin=margins[i], noise=noises[i], required_margin=need)
+            res["status"] = "holds" if holds else "does not hold"
+            res["significant"] = bool(not math.isnan(noises[i]) and abs(margins[i]) > 2 * noises[i])
+            out.append(res)
+            continue
+        elif kind == "approx":
+            a = _row_stats(sweep, records, str(claim["row"]), m)
+            if not a[2]:
+                out.append({**res, "status": "no results"})
+                continue
+            tol = max(2.0, 2 * a[1]) if not math.isnan(a[1]) else 2.0
+            margin = tol - abs(a[0] - float(claim["value"]))
+            res.update(compared=f"{claim['row']} vs {claim['value']}", value=a[0], margin=margin, noise=a[1])
+        else:
+            out.append({**res, "status": f"unknown kind {kind}"})
+            continue
+        res["status"] = "holds" if res["margin"] > 0 else "does not hold"
+        noise = res.get("noise", math.nan)
+        res["significant"] = bool(not math.isnan(noise) and abs(res["margin"]) > 2 * noise)
+        out.append(res)
+    return out
+
+
+def claims_report(profile: str, store: ResultStore, reports: str | Path = "reports") -> tuple[list[dict], Path]:
+    from bench.sweeps import list_sweeps, load_sweep
+
+    rows = []
+    for name in list_sweeps():
+        sweep = load_sweep(name)
+        records = [r for r in store.select(table=name, profile=profile)]
+        for claim in sweep.claims:
+            rows.extend(evaluate_claim(sweep, claim, records))
+    out = Path(reports) / "claims"
+    out.mkdir(parents=True, exist_ok=True)
+    md = _claims_markdown(profile, rows)
+    (out / f"{profile}.md").write_text(md)
+    (out / f"{profile}.html").write_text(_claims_html(profile, rows))
+    return rows, out / f"{profile}.md"
+
+
+def _fmtn(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.2f}"
+
+
+def _claims_markdown(profile: str, rows: list[dict]) -> str:
+    lines = [f"# The paper's claims on the {profile} profile", "",
+             "margin > 0 means the claim holds; 'beyond noise' = |margin| > 2 x the standard error of the "
+             "difference over seeds ('-' with one seed).", "",
+             "| table | claim | metric | compared | margin | noise (SE) | status | beyond noise |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['table']} | {r['text']} | {r['metric']} | {r.get('compared', '-')} | "
+                     f"{_fmtn(r.get('margin'))} | {_fmtn(r.get('noise'))} | {r['status']} | "
+                     f"{'yes' if r.get('significant') else ('no' if 'significant' in r else '-')} |")
+    held = sum(r["status"] == "holds" for r in rows)
+    evaluated = sum(r["status"] in ("holds", "does not hold") for r in rows)
+    lines += ["", f"{held} of {evaluated} evaluated claim-metric pairs hold; "
+                  f"{sum(r.get('significant', False) and r['status'] == 'holds' for r in rows)} of them beyond noise."]
+    return "\n".join(lines) + "\n"
+
+
+def _claims_html(profile: str, rows: list[dict]) -> str:
+    body = "".join(
+        f"<tr class='{'ok' if r['status'] == 'holds' else ('bad' if r['status'] == 'does not hold' else '')}'>"
+        + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            r["table"], r["text"], r["metric"], r.get("compared", "-"), _fmtn(r.get("margin")),
+            _fmtn(r.get("noise")), r["status"],
+            "yes" if r.get("significant") else ("no" if "significant" in r else "-"))) + "</tr>"
+        for r in rows)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>claims: {profile}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em}}td,th{{border-bottom:1px solid #ddd;padding:3px 8px;
+font-size:0.9em}}tr.ok td{{background:#eefbea}}tr.bad td{{background:#fdecea}}</style></head><body>
+<h1>The paper's claims on the {profile} profile</h1><p>margin &gt; 0: the claim holds. Beyond noise: |margin| &gt; 2 x
+the standard error of the difference over seeds.</p><table><tr><th>table</th><th>claim</th><th>metric</th>
+<th>compared</th><th>margin</th><th>noise (SE)</th><th>status</th><th>beyond noise</th></tr>{body}</table></body></html>
+"""
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="smoke")
+    p.add_argument("--results", help="results folder (default results/<profile>)")
+    p.add_argument("--reports", default="reports")
+    p.add_argument("--baselines", help="baseline JSON (default reports/baselines/<profile>.json)")
+    p.add_argument("--tables", default=",".join(DEFAULT_TABLES), help="tables to check or update")
+    p.add_argument("--update", action="store_true", help="rewrite the baselines from the store (on purpose only)")
+    p.add_argument("--spread", help="with --update: a results folder holding several seeds of the same cells")
+    p.add_argument("--rerun", help="with --update: a results folder holding a repeated run (run-to-run spread)")
+    p.add_argument("--claims", action="store_true", help="report the paper's claims instead of drift")
+    p.add_argument("--all", action="store_true", help="print every checked metric, not only failures")
+    args = p.parse_args(argv)
+
+    store = ResultStore(args.results or Path("results") / args.profile)
+    if args.claims:
+        rows, path = claims_report(args.profile, store, args.reports)
+        print(path.read_text())
+        return 0
+    tables = [t for t in args.tables.split(",") if t]
+    path = Path(args.baselines) if args.baselines else baseline_path(args.profile, args.reports)
+    if args.update:
+        spread = ResultStore(args.spread) if args.spread else None
+        rerun = ResultStore(args.rerun) if args.rerun else None
+        data = build_baselines(store, args.profile, tables, spread, rerun)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        n = sum(len(v) for v in data["tables"].values())
+        print(f"wrote {path}: {n} cells of {', '.join(data['tables'])}")
+        return 0
+    if not path.exists():
+        print(f"no baselines at {path}; create them with --update", file=sys.stderr)
+        return 2
+    baselines = json.loads(path.read_text())
+    rows = compare(store, baselines, tables)
+    failures = [r for r in rows if not r["ok"]]
+    print(diff_table(rows, only_failures=not args.all))
+    print(f"\n{len(rows) - len(failures)} of {len(rows)} checks within tolerance ({path}, store {store.path})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

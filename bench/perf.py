@@ -1,0 +1,256 @@
+"""Speed of EHIN and the TRIS-like config: training throughput, inference latency, peak memory.
+
+    python -m bench.perf --device cuda --size paper --out reports/perf/h100.json
+    python -m bench.perf --device cpu --size small             # CI's smoke check of this script
+
+`paper` size: RN50 architecture (random weights: timing does not need trained ones), 320 px,
+N 24, K 6, frozen ViT-B-32 scorer at 224. `small`: the synthetic profile's models at 64 px.
+Every figure is a median over repeated runs after warm-up, CUDA synchronised; the JSON names the
+device and library versions. Levers are flags so each can be measured on its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+CONFIGS = {
+    "ehin": {},
+    # METHOD §8: the TRIS-like baseline.
+    "tris": {"model.n_layers": 1, "model.bp_attention": "tokens", "loss.cl_variant": "late", "loss.bg": 0,
+             "data.K": 3},
+}
+SIZES = {
+    "paper": {"profile": "paper", "overrides": {"backbone.pretrained": None, "scorer.pretrained": None,
+                                                 "data.dataset": "refcoco+"}},
+    "small": {"profile": "synthetic", "overrides": {"backbone.pretrained": None, "scorer.pretrained": None}},
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _cfg(size: str, name: str, extra: dict) -> dict:
+    from ehin.config import dotted_to_nested, load_config
+
+    spec = SIZES[size]
+    return load_config(profile=spec["profile"], overrides=dotted_to_nested({**spec["overrides"], **CONFIGS[name], **extra}))
+
+
+def _fake_batch(cfg: dict, device: torch.device, tokenize) -> dict:
+    n, k, s = cfg["train"]["batch_size"], cfg["data"]["K"], cfg["data"]["image_size"]
+    g = torch.Generator().manual_seed(0)
+    words = ["red", "blue", "green", "circle", "square", "left", "big", "small", "man", "dog", "the", "on"]
+    sent = [" ".join(words[j] for j in torch.randint(len(words), (4,), generator=g).tolist()) + f" {i}" for i in range(n)]
+    negs = [[f"{s_} other {j}" for j in range(k)] for s_ in sent]
+    return {
+        "image": torch.rand(n, 3, s, s, generator=g).to(device),
+        "tokens": tokenize(sent).to(device),
+        "neg_tokens": tokenize([x for row in negs for x in row]).view(n, k, -1).to(device),
+        "sentence": sent, "neg_sentences": negs,
+    }
+
+
+def stage1_training(cfg: dict, device: torch.device, *, amp: bool, channels_last: bool, fused: bool,
+                    warmup: int, repeats: int) -> dict:
+    from ehin.losses import Stage1Loss
+    from ehin.model import build_model
+    from ehin.train_stage1 import build_scorer
+
+    model = build_model(cfg).to(device)
+    scorer = build_scorer(cfg)
+    scorer = scorer.to(device) if scorer is not None else None
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = Stage1Loss(cfg, scorer)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused and device.type == "cuda")
+    batch = _fake_batch(cfg, device, model.backbone.tokenize)
+    if channels_last:
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(batch["image"], batch["tokens"])
+            total, _ = loss_fn(out, batch)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_fn(step, device, warmup=warmup, repeats=repeats)
+    n = cfg["train"]["batch_size"]
+    res = {"step_s": statistics.median(times), "images_per_s": n / statistics.median(times)}
+    if device.type == "cuda":
+        res["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return res
+
+
+def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_last: bool, compile_: bool,
+                     warmup: int, repeats: int, throughput_batch: int) -> dict:
+    from ehin import metrics as M
+    from ehin.model import build_model
+    from ehin.predict import read_image
+
+    model = build_model(cfg).to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    predict = torch.compile(model.predict, mode="max-autotune") if compile_ else model.predict
+    s = cfg["data"]["image_size"]
+    tokens1 = model.backbone.tokenize(["the red circle on the left"]).to(device)
+    x1 = torch.rand(1, 3, s, s, device=device)
+
+    @torch.no_grad()
+    def fwd(x, t):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            return predict(x, t)
+
+    lat = time_fn(lambda: fwd(x1, tokens1), device, warmup=warmup, repeats=repeats)
+    xb = torch.rand(throughput_batch, 3, s, s, device=device)
+    tb = tokens1.expand(throughput_batch, -1).contiguous()
+    thr = time_fn(lambda: fwd(xb, tb), device, warmup=max(2, warmup // 4), repeats=max(3, repeats // 4))
+
+    # End to end: image file -> resized tensor -> map -> mask at the original size.
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "img.jpg"
+        Image.fromarray((np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)).save(path)
+
+        @torch.no_grad()
+        def e2e():
+            img = read_image(path)
+            x = torch.from_numpy(np.asarray(Image.fromarray(img).resize((s, s), Image.BILINEAR)))
+            x = x.permute(2, 0, 1).float().div(255).unsqueeze(0).to(device)
+            t = model.backbone.tokenize(["the red circle on the left"]).to(device)
+            m = fwd(x, t)[0].float().cpu()
+            return M.upsample_to(m, img.shape[:2]) > 0
+
+        e2e_t = time_fn(e2e, device, warmup=warmup, repeats=repeats)
+    return {"forward_ms_bs1": 1000 * statistics.median(lat), "end_to_end_ms_bs1": 1000 * statistics.median(e2e_t),
+            f"images_per_s_bs{throughput_batch}": throughput_batch / statistics.median(thr)}
+
+
+def stage2_speed(cfg: dict, device: torch.device, *, amp: bool, warmup: int, repeats: int) -> dict:
+    from ehin.stage2.losses import stage2_loss
+    from ehin.stage2.model import build_stage2
+
+    model = build_stage2(cfg).to(device)
+    n, s = cfg["stage2"]["batch_size"], cfg["data"]["image_size"]
+    x = torch.rand(n, 3, s, s, device=device)
+    tokens = model.backbone.tokenize([f"object number {i}" for i in range(n)]).to(device)
+    target = (torch.rand(n, s, s, device=device) > 0.5).float()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = stage2_loss(model(x, tokens), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    tr = time_fn(step, device, warmup=warmup, repeats=repeats)
+    model.eval()
+
+    @torch.no_grad()
+    def fwd():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            return model.predict(x[:1], tokens[:1])
+
+    lat = time_fn(fwd, device, warmup=warmup, repeats=repeats)
+    return {"train_images_per_s": n / statistics.median(tr), "forward_ms_bs1": 1000 * statistics.median(lat)}
+
+
+def environment(device: torch.device) -> dict:
+    import open_clip
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
+           "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version())
+    return env
+
+
+def inference_time_cell(cfg: dict, run_dir: Path, **_: object) -> dict:
+    """Table 10's cell: seconds per sample at batch 1 (forward and end to end), on this machine."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    r = stage1_inference(cfg, device, amp=False, channels_last=False, compile_=False, warmup=5, repeats=30,
+                         throughput_batch=8)
+    return {"metrics": {"seconds_per_sample": r["end_to_end_ms_bs1"] / 1000,
+                        "forward_seconds_per_sample": r["forward_ms_bs1"] / 1000},
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--size", default="paper", choices=sorted(SIZES))
+    p.add_argument("--configs", default="ehin,tris", help="comma-separated: ehin, tris")
+    p.add_argument("--out", help="write the JSON here")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the inference forward")
+    p.add_argument("--fused-adamw", action="store_true")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="override N (train.batch_size)")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: train, infer, stage2")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    small = args.size == "small"
+    warmup = args.warmup if args.warmup is not None else (2 if small else 5)
+    repeats = args.repeats if args.repeats is not None else (5 if small else 20)
+    skip = set(filter(None, args.skip.split(",")))
+    extra = {"train.batch_size": args.batch} if args.batch else {}
+    report = {"size": args.size, "device": str(device), "levers": {"amp": args.amp, "channels_last": args.channels_last,
+              "compile": args.compile, "fused_adamw": args.fused_adamw}, "environment": environment(device),
+              "results": {}}
+    for name in args.configs.split(","):
+        cfg = _cfg(args.size, name, extra)
+        torch.manual_seed(0)
+        r: dict = {}
+        if "train" not in skip:
+            r["stage1_train"] = stage1_training(cfg, device, amp=args.amp, channels_last=args.channels_last,
+                                                fused=args.fused_adamw, warmup=warmup, repeats=repeats)
+        if "infer" not in skip:
+            r["stage1_infer"] = stage1_inference(cfg, device, amp=args.amp, channels_last=args.channels_last,
+                                                 compile_=args.compile, warmup=warmup, repeats=repeats,
+                                                 throughput_batch=8 if small else 64)
+        if "stage2" not in skip and name == "ehin":
+            r["stage2"] = stage2_speed(cfg, device, amp=args.amp, warmup=warmup, repeats=repeats)
+        report["results"][name] = r
+        print(name, json.dumps(r, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
