@@ -44,8 +44,8 @@ class Outcome:
 class LiveView:
     """One status line, rewritten in place on a terminal and printed on change otherwise."""
 
-    def __init__(self, total: int, parallel: int, stream=sys.stderr):
-        self.total, self.parallel, self.stream = total, max(1, parallel), stream
+    def __init__(self, total: int, parallel: int, stream=None):
+        self.total, self.parallel, self.stream = total, max(1, parallel), stream or sys.stderr
         self.start = time.time()
         self.durations: list[float] = []
         self._last = ""

@@ -1,0 +1,122 @@
+"""bench.run end to end on tiny cells: store resume, executor independence, kills, failures, SLURM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.run import main as run_main
+from bench.store import ResultStore
+
+# Seconds per cell: random-weight tiny CLIP, 60 scenes, 1 epoch, 1 thread (numerics independent of cores).
+TINY = ["backbone.pretrained=null", "synthetic.images=60", "train.epochs=1", "eval.max_items=40",
+        "train.threads=1", "model.hidden_dim=32"]
+
+
+def args(*extra, results, reports, rows="bg+fg,fg+cl"):
+    a = ["table5", "--profile", "smoke", "--rows", rows, "--results", str(results), "--reports", str(reports)]
+    for s in TINY:
+        a += ["--set", s]
+    return a + list(extra)
+
+
+def metrics_by_row(results: Path) -> dict:
+    return {r["row"]: r["metrics"] for r in ResultStore(results).read()}
+
+
+def test_inline_run_renders_and_second_run_is_instant(tmp_path, capsys):
+    assert run_main(args(results=tmp_path / "res", reports=tmp_path / "rep")) == 0
+    out = tmp_path / "rep" / "smoke" / "table5"
+    for f in ("table.md", "table.tex", "table.html", "cells.json"):
+        assert (out / f).exists(), f
+    assert len(ResultStore(tmp_path / "res").read()) == 2
+    capsys.readouterr()
+    t0 = time.time()
+    assert run_main(args(results=tmp_path / "res", reports=tmp_path / "rep")) == 0
+    assert "0 to run" in capsys.readouterr().out
+    assert len(ResultStore(tmp_path / "res").read()) == 2
+    assert time.time() - t0 < 60  # no training happened (generous: rendering imports seaborn)
+
+
+def test_inline_and_local_executors_agree(tmp_path):
+    assert run_main(args(results=tmp_path / "inline", reports=tmp_path / "r1", rows="bg+fg")) == 0
+    assert run_main(args("--executor", "local", "--jobs", "1", results=tmp_path / "local", reports=tmp_path / "r2",
+                         rows="bg+fg")) == 0
+    a, b = metrics_by_row(tmp_path / "inline"), metrics_by_row(tmp_path / "local")
+    assert a == b
+
+
+def test_failed_cell_is_reported_and_sweep_goes_on(tmp_path, capsys):
+    # No CUDA here: every cell fails at start, and the sweep reports each with its log, exit code 1.
+    rc = run_main(args("--set", "train.device=cuda", results=tmp_path / "res", reports=tmp_path / "rep"))
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.count("FAILED") == 2 and "no CUDA device" in err and "error.txt" in err
+    assert ResultStore(tmp_path / "res").read() == []
+
+
+def test_kill_midway_then_resume(tmp_path):
+    """SIGKILL the sweep while cells run: the store stays readable and a rerun runs only what is missing."""
+    res = tmp_path / "res"
+    cmd = [sys.executable, "-m", "bench.run"] + args(results=res, reports=tmp_path / "rep",
+                                                     rows="bg+fg+cl,bg+fg,bg+cl,fg+cl")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    store = ResultStore(res)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(store.read()) < 1:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = store.read()
+    assert 1 <= len(before) < 4
+    assert run_main(args(results=res, reports=tmp_path / "rep", rows="bg+fg+cl,bg+fg,bg+cl,fg+cl")) == 0
+    after = store.read()
+    assert sorted(r["row"] for r in after) == sorted(["bg+fg+cl", "bg+fg", "bg+cl", "fg+cl"])
+    assert after[: len(before)] == before  # finished cells were kept, not rerun
+
+
+@pytest.mark.slurm
+def test_slurm_executor_runs_cells_and_surfaces_failures(tmp_path, slurm_cluster):
+    rc = run_main(args("--executor", "slurm", "--slurm-cpus", "1", "--slurm-time", "10",
+                       "--slurm-partition", slurm_cluster.partition,
+                       results=tmp_path / "res", reports=tmp_path / "rep", rows="bg+fg"))
+    assert rc == 0
+    recs = ResultStore(tmp_path / "res").read()
+    assert len(recs) == 1 and recs[0]["row"] == "bg+fg"
+    assert run_main(args("--executor", "inline", results=tmp_path / "inline", reports=tmp_path / "rep2",
+                         rows="bg+fg")) == 0
+    assert recs[0]["metrics"] == metrics_by_row(tmp_path / "inline")["bg+fg"]
+    # A job that fails on the cluster is a failed cell, not a hang.
+    rc = run_main(args("--executor", "slurm", "--slurm-cpus", "1", "--slurm-partition", slurm_cluster.partition,
+                       "--set", "train.device=cuda", results=tmp_path / "bad", reports=tmp_path / "rep3",
+                       rows="bg+fg"))
+    assert rc == 1
+
+
+def test_dry_run_lists_cells(tmp_path, capsys):
+    assert run_main(args("--dry-run", results=tmp_path / "res", reports=tmp_path / "rep")) == 0
+    out = capsys.readouterr().out
+    assert out.count("[todo]") == 2
+
+
+def test_unknown_table_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        run_main(["table99"])
+    assert "unknown table 'table99'" in capsys.readouterr().err
+
+
+def test_store_records_are_complete(tmp_path):
+    assert run_main(args(results=tmp_path / "res", reports=tmp_path / "rep", rows="bg+fg")) == 0
+    (rec,) = ResultStore(tmp_path / "res").read()
+    for key in ("table", "row", "seed", "profile", "config_hash", "code_version", "metrics", "history", "timings",
+                "host", "device", "finished_at", "run_dir", "cell_id"):
+        assert key in rec, key
+    cfg = (Path(rec["run_dir"]) / "config.yaml").read_text()
+    assert "hidden_dim: 32" in cfg
+    json.dumps(rec)
