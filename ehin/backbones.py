@@ -1,0 +1,481 @@
+"""CLIP encoders for EHIN, built with open_clip (METHOD §2).
+
+`build_clip(arch, pretrained, image_size)` returns a `ClipBackbone` that exposes what the model, the
+frozen scorer and stage 2 need from CLIP:
+
+- `encode_dense(img01)`: the visual feature map. RN50: the ModifiedResNet trunk up to layer4, before
+  attention pooling (C_v = 2048, stride 32). ViT: the patch tokens of the last block after `ln_post`,
+  reshaped to the patch grid (C_v = width, stride = patch size). `ln_post` is applied because it is
+  the normalisation CLIP itself puts between the residual stream and the projection: in pretrained
+  CLIP ViTs the raw stream carries a few very large channels that would dominate a 1x1 projection, while after `ln_post` every
+  token lives on the scale the class token is projected from (MaskCLIP-style dense features do
+  the same). The projection `proj` is not applied, so C_v is the ViT width, as RN50's is its trunk
+  width.
+- `encode_text(tokens)`: the sentence embedding (open_clip's `encode_text`: the EOT token after
+  `ln_final`, projected; C_l = embed_dim, 1024 for RN50), the per-token features after `ln_final`
+  ([B, T, width]) and the pad mask (True = a real token, SOT..EOT).
+- `encode_image(img01)`: the pooled, projected image embedding (not normalised).
+- `tokenize(texts)`: open_clip's BPE tokenizer at context length 20 (METHOD D1).
+
+Images come in as float [B, 3, S, S] in [0, 1]; normalisation with CLIP's statistics happens inside.
+
+`arch` is an open_clip model name (RN50, ViT-B-16, ...; any input size via `force_image_size`) or one
+of the project's small profiles `clip-tiny` / `clip-small` (open_clip's own `CLIP` class with small
+widths, for the synthetic datasets). `pretrained` is None (random weights), an open_clip tag (only
+from a local cache: nothing is downloaded), a local checkpoint path, or "synthetic" (the project's
+own contrastively pretrained small CLIP, `ehin.pretrain_clip.ensure_pretrained`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pickle
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ehin  # noqa: F401  (torchvision shim + HF offline before open_clip is imported)
+import open_clip
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.convert import convert_state_dict
+from open_clip.model import CLIP, resize_pos_embed
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import VisionTransformer, text_global_pool
+
+__all__ = [
+    "CONTEXT_LENGTH",
+    "CUSTOM_ARCHS",
+    "ClipBackbone",
+    "ClipWeightsError",
+    "build_clip",
+    "tokenize",
+]
+
+CONTEXT_LENGTH = 20  # METHOD D1 (TRIS's context length)
+
+# The project's small CLIPs for the synthetic profiles. Both are open_clip `CLIP`s with a ViT image
+# tower: at 64 px an RN-style /32 trunk gives a 2x2 map, too coarse to localise anything, so the
+# image is cut into 8x8-px patches (an 8x8 grid at 64 px). Patch 4 (16x16 grid) was measured on 2
+# cores: 4x slower (fwd+bwd of 24 images 90 vs 21 ms) and worse held-out retrieval after the same
+# pretraining time (33 vs 41 %), so patch 8. Narrow and shallow beat wide and deep at a fixed CPU
+# budget too (retrieval rises with steps, not width). The text tower is CLIP's causal transformer on
+# CLIP's BPE vocabulary, so tokenisation is the same for every arch. `image_size` is set by build_clip.
+CUSTOM_ARCHS: dict[str, dict[str, Any]] = {
+    # smoke profile
+    "clip-tiny": dict(
+        embed_dim=64,
+        vision_cfg=dict(patch_size=8, width=64, layers=2, head_width=32, mlp_ratio=2.0),
+        text_cfg=dict(context_length=CONTEXT_LENGTH, vocab_size=49408, width=64, heads=2, layers=2,
+                      mlp_ratio=2.0),
+    ),
+    # synthetic profile: a wider image tower (C_v = 96), same text tower
+    "clip-small": dict(
+        embed_dim=96,
+        vision_cfg=dict(patch_size=8, width=96, layers=2, head_width=32, mlp_ratio=2.0),
+        text_cfg=dict(context_length=CONTEXT_LENGTH, vocab_size=49408, width=64, heads=2, layers=2,
+                      mlp_ratio=2.0),
+    ),
+}
+
+
+class ClipWeightsError(RuntimeError):
+    """CLIP weights that cannot be found, read or loaded; the message says what to do."""
+
+
+@lru_cache(maxsize=1)
+def _tokenizer() -> open_clip.tokenizer.SimpleTokenizer:
+    return open_clip.tokenizer.SimpleTokenizer(context_length=CONTEXT_LENGTH)
+
+
+def tokenize(texts: list[str] | str, context_length: int = CONTEXT_LENGTH) -> torch.Tensor:
+    """CLIP BPE tokens, int64 [B, context_length], zero-padded.
+
+    METHOD D1: a sentence longer than the context is truncated with its last slot replaced by the
+    end-of-text token, so the EOT-pooled sentence embedding always exists (open_clip's
+    SimpleTokenizer does this; tests/test_backbones.py checks it).
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    return _tokenizer()(list(texts), context_length=context_length)
+
+
+class ClipBackbone(nn.Module):
+    """An open_clip CLIP with dense visual features, per-token text features and CLIP normalisation."""
+
+    def __init__(self, model: CLIP, arch: str, image_size: int, quick_gelu: bool = False):
+        super().__init__()
+        if not isinstance(model, CLIP):
+            raise TypeError(f"{arch}: only open_clip CLIP models are supported, got {type(model).__name__}")
+        self.clip = model
+        self.arch = arch
+        self.image_size = int(image_size)
+        self.quick_gelu = quick_gelu
+        self.mean: tuple[float, float, float] = tuple(OPENAI_DATASET_MEAN)
+        self.std: tuple[float, float, float] = tuple(OPENAI_DATASET_STD)
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
+        visual = model.visual
+        if isinstance(visual, ModifiedResNet):
+            self.is_vit = False
+            self.visual_channels = visual.layer4[-1].conv3.out_channels  # 2048 for RN50
+            self.stride = 32
+        elif isinstance(visual, VisionTransformer):
+            self.is_vit = True
+            self.visual_channels = visual.conv1.out_channels
+            self.stride = visual.patch_size[0]
+        else:
+            raise TypeError(f"{arch}: unsupported image tower {type(visual).__name__} (RN or ViT only)")
+        self.embed_dim: int = visual.output_dim if self.is_vit else visual.attnpool.c_proj.out_features
+        proj = model.text_projection
+        self.text_dim: int = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]  # C_l
+        self.token_dim: int = model.token_embedding.embedding_dim
+        self.context_length: int = model.context_length
+        self._frozen = False
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(h, w) of `encode_dense` at `image_size`."""
+        n = self.image_size // self.stride
+        return (n, n)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    def tokenize(self, texts: list[str] | str) -> torch.Tensor:
+        return tokenize(texts, CONTEXT_LENGTH)
+
+    # ---- images -------------------------------------------------------------------------------
+    def normalize(self, img01: torch.Tensor) -> torch.Tensor:
+        return (img01 - self._mean.to(img01.dtype)) / self._std.to(img01.dtype)
+
+    def _check_size(self, img01: torch.Tensor) -> None:
+        if img01.ndim != 4 or img01.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, S, S], got {tuple(img01.shape)}")
+        if tuple(img01.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"{self.arch} was built for {self.image_size}x{self.image_size} inputs, got "
+                f"{tuple(img01.shape[-2:])}; pass image_size to build_clip"
+            )
+
+    def _rn_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.clip.visual
+        x = v.stem(x)
+        x = v.layer1(x)
+        x = v.layer2(x)
+        x = v.layer3(x)
+        return v.layer4(x)
+
+    def _vit_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled before proj [B, width], patch tokens after ln_post [B, L, width])."""
+        v = self.clip.visual
+        x = v._embeds(x)
+        x = v.transformer(x)
+        pooled, tokens = v._pool(x)
+        if v.final_ln_after_pool:  # only the pooled token went through ln_post; treat tokens alike
+            tokens = v.ln_post(tokens)
+        return pooled, tokens
+
+    def encode(self, img01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both outputs from one trunk pass: (dense [B, C_v, h, w], pooled [B, embed_dim])."""
+        self._check_size(img01)
+        x = self.normalize(img01)
+        if self.is_vit:
+            pooled, tokens = self._vit_tokens(x)
+            h, w = self.clip.visual.grid_size
+            dense = tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+            proj = self.clip.visual.proj
+            return dense, (pooled @ proj if proj is not None else pooled)
+        dense = self._rn_trunk(x)
+        return dense, self.clip.visual.attnpool(dense)
+
+    def encode_dense(self, img01: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] in [0, 1] -> [B, C_v, S/stride, S/stride]."""
+        self._check_size(img01)
+        x = self.normalize(img01)
+        if self.is_vit:
+            _, tokens = self._vit_tokens(x)
+            h, w = self.clip.visual.grid_size
+            return tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        return self._rn_trunk(x)  # METHOD §2: layer4, before attnpool
+
+    def encode_image(self, img01: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] in [0, 1] -> [B, embed_dim], pooled and projected as CLIP does (not normalised)."""
+        return self.encode(img01)[1]
+
+    def encode_pyramid(self, img01: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-level features for stage 2 (METHOD §7): RN -> layer2, layer3, layer4 (strides 8, 16,
+        32); ViT -> the patch tokens after three evenly spaced blocks, through ln_post (all at the
+        patch stride)."""
+        self._check_size(img01)
+        x = self.normalize(img01)
+        v = self.clip.visual
+        if not self.is_vit:
+            x = v.layer1(v.stem(x))
+            c3 = v.layer2(x)
+            c4 = v.layer3(c3)
+            return [c3, c4, v.layer4(c4)]
+        n = len(v.transformer.resblocks)
+        take = [max(0, round(k * n / 3) - 1) for k in (1, 2, 3)]  # e.g. 12 blocks -> 3, 7, 11
+        unique = sorted(set(take))  # a ViT of < 3 blocks repeats a level: always three levels
+        out = v.forward_intermediates(x, indices=unique, intermediates_only=True, normalize_intermediates=True)
+        feats = dict(zip(unique, out["image_intermediates"]))
+        return [feats[i] for i in take]
+
+    # ---- text ---------------------------------------------------------------------------------
+    def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens int64 [B, T] -> (sentence [B, C_l], token features [B, T, token_dim], pad_mask [B, T]).
+
+        Same computation as open_clip's `CLIP.encode_text`, but for any T <= context_length: the text
+        transformer is causal, so the first T positions of a 77-token pass do not depend on the rest
+        and slicing the positional embedding and mask to T gives identical features (tested).
+        """
+        m = self.clip
+        T = tokens.shape[1]
+        if T > m.context_length:
+            raise ValueError(f"{self.arch}: {T} tokens exceed the context length {m.context_length}")
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:T].to(cast)
+        mask = m.attn_mask[:T, :T] if m.attn_mask is not None else None
+        x = m.transformer(x, attn_mask=mask)
+        x = m.ln_final(x)
+        pooled = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        proj = m.text_projection
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        return pooled, x, tokens != 0
+
+    # ---- training helpers ---------------------------------------------------------------------
+    def freeze(self) -> "ClipBackbone":
+        """No gradients and eval mode (BatchNorm statistics of RN included), kept through `.train()`."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self._frozen = True
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> "ClipBackbone":
+        return super().train(mode and not self._frozen)
+
+    def extra_repr(self) -> str:
+        return (f"arch={self.arch}, image_size={self.image_size}, visual_channels={self.visual_channels}, "
+                f"text_dim={self.text_dim}, token_dim={self.token_dim}, grid={self.grid_size}")
+
+
+# ---- construction ---------------------------------------------------------------------------------
+
+def _model_config(arch: str, image_size: int) -> dict[str, Any]:
+    if arch in CUSTOM_ARCHS:
+        cfg = copy.deepcopy(CUSTOM_ARCHS[arch])
+    else:
+        cfg = open_clip.get_model_config(arch)
+        if cfg is None:
+            raise ValueError(
+                f"unknown CLIP arch '{arch}': use one of {sorted(CUSTOM_ARCHS)} or an open_clip model name "
+                f"(e.g. RN50, ViT-B-16; see open_clip.list_models())"
+            )
+        cfg = copy.deepcopy(cfg)
+    vision = cfg["vision_cfg"]
+    if vision.get("timm_model_name") or cfg["text_cfg"].get("hf_model_name") or cfg.get("custom_text"):
+        raise ValueError(f"{arch}: timm/HF towers are not supported; use an RN or ViT CLIP")
+    patch = vision.get("patch_size") or 32  # RN: overall stride 32
+    if image_size % patch:
+        raise ValueError(f"{arch}: image_size {image_size} must be a multiple of {patch}")
+    vision["image_size"] = image_size  # open_clip's force_image_size
+    return cfg
+
+
+def _new_model(arch: str, image_size: int, quick_gelu: bool) -> CLIP:
+    if arch in CUSTOM_ARCHS:
+        return CLIP(**_model_config(arch, image_size), quick_gelu=quick_gelu)
+    _model_config(arch, image_size)  # validates with a clear message
+    # open_clip's own factory, random weights, input size forced (checked: open_clip 3.3.0 signature)
+    return open_clip.create_model(arch, pretrained=None, force_image_size=image_size,
+                                  force_quick_gelu=quick_gelu)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _tag_checkpoint(arch: str, tag: str) -> tuple[str, bool]:
+    """Local file for an open_clip pretrained tag, and whether the tag wants QuickGELU.
+
+    Offline (the default: `import ehin` sets HF_HUB_OFFLINE=1) only local caches are looked at, so a
+    missing checkpoint fails at once instead of waiting on a network that is not there.
+    """
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    quick_gelu = bool(cfg.get("quick_gelu", False))
+    if "file" in cfg:
+        return cfg["file"], quick_gelu
+    if not _offline():  # the user turned downloads on (HF_HUB_OFFLINE=0): let open_clip fetch it
+        return open_clip.download_pretrained(cfg), quick_gelu
+    tried = []
+    hf = cfg.get("hf_hub", "")
+    if hf:
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:  # pragma: no cover - open_clip depends on it
+            hf_hub_download = None
+        model_id, filename = os.path.split(hf)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for name in names:
+            tried.append(f"HF cache {model_id}/{name}")
+            if hf_hub_download is None:
+                continue
+            try:
+                return hf_hub_download(model_id, name, local_files_only=True), quick_gelu
+            except Exception:  # not cached (LocalEntryNotFoundError and friends)
+                pass
+    url = cfg.get("url", "")
+    if url:
+        local = Path("~/.cache/clip").expanduser() / os.path.basename(url)
+        tried.append(str(local))
+        if local.is_file():
+            return str(local), quick_gelu
+    source = url or f"https://huggingface.co/{hf}"
+    raise ClipWeightsError(
+        f"open_clip weights {arch}/{tag} are not in any local cache (looked at: {'; '.join(tried)}) and "
+        f"nothing is downloaded here (HF_HUB_OFFLINE=1). Supply a local checkpoint: download {source} on "
+        f"a machine with internet and set backbone.pretrained=/path/to/checkpoint (open_clip or OpenAI "
+        f"format; a 'state_dict' key and 'module.' prefixes are fine), or fill the Hugging Face cache "
+        f"(HF_HOME), or set HF_HUB_OFFLINE=0 to let open_clip download it."
+    )
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("/constants.pkl") for name in z.namelist())
+
+
+def _read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict in open_clip CLIP naming, metadata) from an open_clip, OpenAI-JIT or ehin file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClipWeightsError(f"CLIP checkpoint not found: {path}")
+    meta: dict[str, Any] = {}
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            obj: Any = load_file(str(path), device="cpu")
+        elif _is_torchscript(path):
+            # OpenAI's released .pt files are TorchScript archives; their GELUs are QuickGELU.
+            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+            obj = {k: v for k, v in obj.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+            meta["quick_gelu"] = True
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise ClipWeightsError(f"cannot read CLIP checkpoint {path} (corrupt or not a torch file?): {e}") from e
+    if isinstance(obj, dict) and "state_dict" in obj:
+        meta.update({k: v for k, v in obj.items() if k != "state_dict"})
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ClipWeightsError(f"CLIP checkpoint {path} does not hold a state dict of tensors")
+    state = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "clip."):  # DDP wrappers; ClipBackbone.state_dict()
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        state[k] = v
+    return state, meta
+
+
+def _resize_grid(pe: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[1 + g*g, C] class + grid positional embedding -> [1 + h*w, C] (bicubic, like open_clip)."""
+    cls, img = pe[:1], pe[1:]
+    g = int(math.isqrt(img.shape[0]))
+    img = img.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+    img = F.interpolate(img, size=grid, mode="bicubic", antialias=True, align_corners=False)
+    img = img.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pe.dtype)
+    return torch.cat([cls, img], dim=0)
+
+
+def _adapt_state_dict(state: dict[str, torch.Tensor], model: CLIP) -> dict[str, torch.Tensor]:
+    """Fit a checkpoint trained at another input size / context length to `model`."""
+    state = convert_state_dict(model, dict(state))
+    # Non-persistent buffers (the text attn_mask) can appear in TorchScript exports: not weights.
+    transient = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    state = {k: v for k, v in state.items() if k not in transient}
+    if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    resize_pos_embed(state, model)  # ViT patch grid (open_clip's)
+    key = "visual.attnpool.positional_embedding"  # RN attention pool: open_clip does not resize it
+    if key in state and state[key].shape != model.visual.attnpool.positional_embedding.shape:
+        n = int(math.isqrt(model.visual.attnpool.positional_embedding.shape[0] - 1))
+        state[key] = _resize_grid(state[key], (n, n))
+    pe = state.get("positional_embedding")
+    if pe is not None and pe.shape[0] > model.context_length:
+        # Causal text transformer: the first positions mean the same with a shorter context (D1).
+        state["positional_embedding"] = pe[: model.context_length]
+    return state
+
+
+def _load_into(model: CLIP, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    state = _adapt_state_dict(state, model)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        parts = [f"missing keys: {few(missing)}" if missing else "",
+                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
+                 f"shape mismatch: {few([f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in wrong])}"
+                 if wrong else ""]
+        raise ClipWeightsError(
+            f"checkpoint {source} does not fit arch '{arch}' ({'; '.join(p for p in parts if p)}); "
+            f"is backbone.arch the arch it was trained with?"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def build_clip(arch: str, pretrained: str | os.PathLike | None, image_size: int) -> ClipBackbone:
+    """A CLIP backbone at `image_size` px.
+
+    pretrained: None (random init), an open_clip tag such as "openai" (from a local cache only),
+    a local checkpoint path, or "synthetic" (the project's small CLIP, pretrained and cached on first
+    use by `ehin.pretrain_clip.ensure_pretrained`).
+    """
+    image_size = int(image_size)
+    _model_config(arch, image_size)  # fail on a bad arch/size before touching any file
+    state: dict[str, torch.Tensor] | None = None
+    meta: dict[str, Any] = {}
+    quick_gelu = False
+    source = ""
+    if pretrained is None:
+        pass
+    elif str(pretrained) == "synthetic":
+        from ehin.pretrain_clip import ensure_pretrained  # late: pretrain_clip imports this module
+
+        source = str(ensure_pretrained(arch, image_size))
+        state, meta = _read_checkpoint(source)
+    elif arch not in CUSTOM_ARCHS and open_clip.get_pretrained_cfg(arch, str(pretrained)):
+        source, quick_gelu = _tag_checkpoint(arch, str(pretrained))
+        state, meta = _read_checkpoint(source)
+    elif Path(pretrained).expanduser().is_file():
+        source = str(Path(pretrained).expanduser())
+        state, meta = _read_checkpoint(source)
+    else:
+        p = str(pretrained)
+        tags = [] if arch in CUSTOM_ARCHS else open_clip.list_pretrained_tags_by_model(arch)
+        looks_like_path = os.sep in p or Path(p).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+        what = "no CLIP checkpoint file at" if looks_like_path else "neither a local file nor an open_clip tag:"
+        raise ClipWeightsError(
+            f"backbone.pretrained for '{arch}': {what} '{p}'. Use a checkpoint path, "
+            + (f"an open_clip tag ({', '.join(tags)}), " if tags else "")
+            + "'synthetic' (the project's pretrained small CLIP) or null (random weights)."
+        )
+    quick_gelu = quick_gelu or bool(meta.get("quick_gelu", False))
+    model = _new_model(arch, image_size, quick_gelu)
+    if state is not None:
+        _load_into(model, state, source, arch)
+    return ClipBackbone(model, arch, image_size, quick_gelu=quick_gelu)

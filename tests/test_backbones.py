@@ -1,0 +1,218 @@
+"""ehin.backbones: shapes of the CLIP encoders, tokenizer (METHOD D1), weight loading and its errors."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import ehin.backbones as bb
+from ehin.backbones import ClipWeightsError, build_clip
+
+torch.set_num_threads(1)
+
+SOT, EOT = 49406, 49407
+SENTENCES = ["red circle", "the big blue square left of the small green triangle"]
+
+# arch -> (visual_channels C_v, grid h = w at 64 px, text_dim C_l, token_dim, embed_dim)
+EXPECTED = {
+    "RN50": (2048, 2, 1024, 512, 1024),      # layer4 before attnpool, stride 32 -> 2x2
+    "ViT-B-16": (768, 4, 512, 512, 512),     # patch 16 -> 4x4 grid
+    "clip-tiny": (64, 8, 64, 64, 64),        # patch 8 -> 8x8 grid
+    "clip-small": (96, 8, 96, 64, 96),
+}
+_MODELS: dict[str, bb.ClipBackbone] = {}
+
+
+def model(arch: str) -> bb.ClipBackbone:
+    if arch not in _MODELS:  # RN50 / ViT-B-16 take seconds to initialise: build once per session
+        torch.manual_seed(0)
+        _MODELS[arch] = build_clip(arch, None, 64).eval()
+    return _MODELS[arch]
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_shapes(arch: str) -> None:
+    m = model(arch)
+    c_v, g, c_l, c_t, c_e = EXPECTED[arch]
+    assert (m.visual_channels, m.text_dim, m.token_dim, m.embed_dim) == (c_v, c_l, c_t, c_e)
+    assert m.image_size == 64 and m.grid_size == (g, g)
+    assert m.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    assert m.std == pytest.approx((0.26862954, 0.26130258, 0.27577711))
+    img = torch.rand(2, 3, 64, 64)
+    tokens = m.tokenize(SENTENCES)
+    with torch.no_grad():
+        dense = m.encode_dense(img)
+        pooled = m.encode_image(img)
+        both = m.encode(img)
+        sent, tok_feats, pad = m.encode_text(tokens)
+    assert dense.shape == (2, c_v, g, g)
+    assert pooled.shape == (2, c_e)
+    assert torch.allclose(both[0], dense) and torch.allclose(both[1], pooled)
+    assert sent.shape == (2, c_l) and tok_feats.shape == (2, 20, c_t)
+    assert pad.dtype == torch.bool and pad.shape == (2, 20)
+    assert pad.sum(1).tolist() == [(tokens[i] != 0).sum().item() for i in range(2)]
+    assert torch.isfinite(dense).all() and torch.isfinite(sent).all()
+
+
+@pytest.mark.parametrize("arch", ["RN50", "clip-tiny"])
+def test_matches_open_clip(arch: str) -> None:
+    """encode_text on 20 tokens = open_clip's encode_text on the full context (causal transformer);
+    encode_image = open_clip's encode_image on CLIP-normalised pixels."""
+    import open_clip
+
+    m = model(arch)
+    full = open_clip.tokenize(SENTENCES, context_length=m.context_length)
+    img = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref_text = m.clip.encode_text(full)
+        ref_img = m.clip.encode_image((img - torch.tensor(m.mean).view(1, 3, 1, 1)) / torch.tensor(m.std).view(1, 3, 1, 1))
+        ours_text = m.encode_text(m.tokenize(SENTENCES))[0]
+        ours_img = m.encode_image(img)
+    assert torch.allclose(ours_text, ref_text, atol=1e-5)
+    assert torch.allclose(ours_img, ref_img, atol=1e-5)
+
+
+def test_pyramid_shapes() -> None:
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        rn = model("RN50").encode_pyramid(x)
+        vit = model("clip-tiny").encode_pyramid(x)
+        vit_b = model("ViT-B-16").encode_pyramid(x)
+        # the last level is the dense map
+        assert torch.allclose(rn[-1], model("RN50").encode_dense(x), atol=1e-5)
+        assert torch.allclose(vit[-1], model("clip-tiny").encode_dense(x), atol=1e-5)
+    assert [tuple(f.shape[1:]) for f in rn] == [(512, 8, 8), (1024, 4, 4), (2048, 2, 2)]  # strides 8/16/32
+    assert [tuple(f.shape[1:]) for f in vit] == [(64, 8, 8)] * 3  # 2 blocks: a level repeats
+    assert [tuple(f.shape[1:]) for f in vit_b] == [(768, 4, 4)] * 3
+
+
+def test_wrong_input_size_is_an_error() -> None:
+    with pytest.raises(ValueError, match="64x64"):
+        model("clip-tiny").encode_dense(torch.rand(1, 3, 32, 32))
+
+
+def test_tokenizer_keeps_eot_when_truncating() -> None:
+    long = " ".join(["red"] * 40)  # 40 word tokens, far beyond the 20-token context
+    tok = bb.tokenize([long, "red circle"])
+    assert tok.shape == (2, 20) and tok.dtype == torch.int64
+    assert tok[0, 0] == SOT and tok[0, -1] == EOT  # METHOD D1: truncated, EOT kept in the last slot
+    assert (tok[0] != 0).all()
+    assert tok[1, 0] == SOT and tok[1, 3] == EOT and (tok[1, 4:] == 0).all()  # SOT red circle EOT pad
+    # The sentence embedding is read at the EOT position, which exists for the truncated one too.
+    assert tok.argmax(1).tolist() == [19, 3]
+    assert torch.equal(model("clip-tiny").tokenize([long]), tok[:1])
+
+
+def test_freeze_sticks_through_train() -> None:
+    m = build_clip("clip-tiny", None, 64).freeze()
+    assert not any(p.requires_grad for p in m.parameters())
+    m.train()
+    assert not m.training and not m.clip.visual.training
+
+
+def test_unknown_arch_and_bad_size() -> None:
+    with pytest.raises(ValueError, match="unknown CLIP arch"):
+        build_clip("clip-huge", None, 64)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        build_clip("clip-tiny", None, 60)
+
+
+# ---- weights ------------------------------------------------------------------------------------
+
+def _outputs(m: bb.ClipBackbone) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, m.image_size, m.image_size, generator=g)
+    with torch.no_grad():
+        return (m.encode_dense(img), m.encode_image(img), *m.encode_text(m.tokenize(SENTENCES))[:2])
+
+
+def test_local_checkpoint_round_trip(tmp_path) -> None:
+    torch.manual_seed(1)
+    src = build_clip("clip-tiny", None, 64).eval()
+    # open_clip training checkpoints: {'state_dict': {'module.<key>': ...}, 'epoch': ...}
+    path = tmp_path / "epoch_3.pt"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in src.clip.state_dict().items()}}, path)
+    loaded = build_clip("clip-tiny", str(path), 64).eval()
+    for a, b in zip(_outputs(src), _outputs(loaded)):
+        assert torch.equal(a, b)
+    # a ClipBackbone's own state dict ('clip.' prefix) loads too
+    path2 = tmp_path / "backbone.pt"
+    torch.save(src.state_dict(), path2)
+    for a, b in zip(_outputs(src), _outputs(build_clip("clip-tiny", path2, 64).eval())):
+        assert torch.equal(a, b)
+    # and at another input size: the ViT position grid is resized (8x8 -> 12x12)
+    big = build_clip("clip-tiny", path, 96)
+    assert big.encode_dense(torch.rand(1, 3, 96, 96)).shape == (1, 64, 12, 12)
+    assert torch.equal(big.clip.visual.conv1.weight, src.clip.visual.conv1.weight)
+
+
+def test_rn_attnpool_position_grid_is_resized() -> None:
+    """A 224-px RN checkpoint at 320 px needs attnpool's position grid resized (open_clip only
+    resizes the ViT one). Checked on a tiny RN CLIP: 64 px (2x2) -> 96 px (3x3)."""
+    cfg = dict(embed_dim=32, vision_cfg=dict(layers=[1, 1, 1, 1], width=8, head_width=8),
+               text_cfg=dict(context_length=77, width=32, heads=2, layers=1))
+    small = bb.CLIP(**cfg | {"vision_cfg": cfg["vision_cfg"] | {"image_size": 64}})
+    large = bb.CLIP(**cfg | {"vision_cfg": cfg["vision_cfg"] | {"image_size": 96}})
+    bb._load_into(large, small.state_dict(), "test", "tiny-RN")
+    pe = large.visual.attnpool.positional_embedding
+    assert pe.shape == (10, 256)
+    assert torch.equal(pe[0], small.visual.attnpool.positional_embedding[0])  # the pooled token's
+    # the 77-token text context is cut to a shorter one (causal: first positions are unchanged)
+    short = bb.CLIP(**cfg | {"vision_cfg": cfg["vision_cfg"] | {"image_size": 64},
+                             "text_cfg": cfg["text_cfg"] | {"context_length": 20}})
+    bb._load_into(short, small.state_dict(), "test", "tiny-RN")
+    assert torch.equal(short.positional_embedding, small.positional_embedding[:20])
+
+
+def test_missing_tag_fails_fast_with_help(tmp_path, monkeypatch) -> None:
+    import huggingface_hub.constants as hf_constants
+
+    # An empty HF cache and home: the weights cannot be anywhere, and nothing may be downloaded.
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(ClipWeightsError) as err:
+        build_clip("RN50", "openai", 64)
+    assert time.perf_counter() - t0 < 5.0  # at once, not after a network timeout
+    msg = str(err.value)
+    assert "RN50/openai" in msg and "backbone.pretrained=/path/to/checkpoint" in msg
+    assert "HF_HUB_OFFLINE" in msg
+
+
+def test_unknown_tag_lists_the_known_ones() -> None:
+    with pytest.raises(ClipWeightsError, match="openai"):
+        build_clip("RN50", "no-such-tag", 64)
+
+
+def test_missing_and_corrupt_checkpoint_files(tmp_path) -> None:
+    with pytest.raises(ClipWeightsError, match="no CLIP checkpoint file at"):
+        build_clip("clip-tiny", str(tmp_path / "missing.pt"), 64)
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"\x00not a torch file" * 10)
+    with pytest.raises(ClipWeightsError, match="cannot read CLIP checkpoint"):
+        build_clip("clip-tiny", str(bad), 64)
+    # truncated zip archive (an interrupted copy)
+    good = tmp_path / "good.pt"
+    torch.save(build_clip("clip-tiny", None, 64).clip.state_dict(), good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ClipWeightsError, match="cannot read CLIP checkpoint"):
+        build_clip("clip-tiny", str(cut), 64)
+    # a readable checkpoint of another arch
+    with pytest.raises(ClipWeightsError, match="does not fit arch 'clip-small'"):
+        build_clip("clip-small", str(good), 64)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated, OpenAI files are TorchScript
+def test_openai_style_torchscript_archive(tmp_path) -> None:
+    """OpenAI's released .pt files are TorchScript archives: read with torch.jit.load (never
+    torch.load with weights_only=False), non-weight buffers dropped, QuickGELU switched on."""
+    src = build_clip("clip-tiny", None, 64)
+    path = tmp_path / "openai-style.pt"
+    torch.jit.save(torch.jit.script(src.clip), str(path))
+    loaded = build_clip("clip-tiny", str(path), 64)
+    assert loaded.quick_gelu and not src.quick_gelu
+    for k, v in src.clip.state_dict().items():
+        assert torch.equal(loaded.clip.state_dict()[k], v), k
