@@ -1,0 +1,130 @@
+"""bench.check: drift against baselines (with a real code change on a copy) and the claims report."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.check import build_baselines, compare, diff_table, evaluate_claim
+from bench.check import main as check_main
+from bench.store import ResultStore
+from bench.sweeps import load_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["backbone.pretrained=null", "synthetic.images=60", "train.epochs=1", "eval.max_items=40",
+        "train.threads=1", "model.hidden_dim=32"]
+
+
+def rec(table, row, seed, metrics, h="h1", profile="smoke"):
+    return {"table": table, "row": row, "seed": seed, "profile": profile, "config_hash": h,
+            "cell_id": f"{profile}/{table}/{row}/seed{seed}/{h}", "metrics": metrics}
+
+
+def test_baselines_tolerance_comes_from_seed_spread(tmp_path):
+    ci, spread = ResultStore(tmp_path / "ci"), ResultStore(tmp_path / "spread")
+    ci.append(rec("table3", "2", 0, {"iou": 20.0, "point_mask": 50.0}))
+    for seed, v in enumerate([48.0, 50.0, 52.0]):
+        spread.append(rec("table3", "2", seed, {"iou": 20.0 + seed * 0.1, "point_mask": v}))
+    b = build_baselines(ci, "smoke", ["table3"], spread)
+    pm = b["tables"]["table3"]["2"]["metrics"]["point_mask"]
+    assert pm["expected"] == 50.0
+    assert pm["seed_std"] == pytest.approx(2.0)
+    assert pm["tol"] == pytest.approx(4.0)          # 2 x seed std
+    assert b["tables"]["table3"]["2"]["metrics"]["iou"]["tol"] == 1.0  # the floor
+    assert all(r["ok"] for r in compare(ci, b))
+
+
+def test_drift_is_reported_cell_by_cell(tmp_path):
+    base, now = ResultStore(tmp_path / "base"), ResultStore(tmp_path / "now")
+    base.append(rec("table5", "bg+fg", 0, {"iou": 20.0, "point_mask": 50.0}))
+    now.append(rec("table5", "bg+fg", 0, {"iou": 20.5, "point_mask": 43.0}))
+    b = build_baselines(base, "smoke", ["table5"], None)
+    rows = compare(now, b)
+    bad = [r for r in rows if not r["ok"]]
+    assert [(r["table"], r["cell"], r["metric"]) for r in bad] == [("table5", "bg+fg", "point_mask")]
+    text = diff_table(rows)
+    assert "table5" in text and "bg+fg" in text and "point_mask" in text and "50.00" in text and "43.00" in text
+    assert "outside tolerance" in text
+
+
+def test_missing_cell_and_changed_config_fail(tmp_path):
+    base = ResultStore(tmp_path / "base")
+    base.append(rec("table5", "bg+fg", 0, {"iou": 20.0}))
+    base.append(rec("table5", "fg+cl", 0, {"iou": 21.0}))
+    b = build_baselines(base, "smoke", ["table5"], None)
+    now = ResultStore(tmp_path / "now")
+    now.append(rec("table5", "bg+fg", 0, {"iou": 20.0}, h="other"))
+    why = {(r["cell"], r["metric"]): r["why"] for r in compare(now, b) if not r["ok"]}
+    assert "config changed" in why[("bg+fg", "config")]
+    assert "missing" in why[("fg+cl", "-")]
+
+
+@pytest.mark.slow
+def test_changing_alpha_on_a_copy_fails_the_check(tmp_path, capsys):
+    """Run a cell with the code as it is, make baselines, then the same sweep on a copy of the code
+    whose default alpha moved: the check fails and names table, cell, metric, expected, got, tol."""
+    copy = tmp_path / "copy"
+    for part in ("ehin", "bench", "sweeps", "reports/paper"):
+        shutil.copytree(REPO / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    base_yaml = copy / "ehin/configs/base.yaml"
+    text = base_yaml.read_text()
+    assert "  alpha: 0.1 " in text
+    base_yaml.write_text(text.replace("  alpha: 0.1 ", "  alpha: 0.9 "))
+
+    def sweep(code_root: Path, results: Path) -> None:
+        cmd = [sys.executable, "-m", "bench.run", "table3", "--profile", "smoke", "--rows", "2",
+               "--results", str(results), "--reports", str(tmp_path / "rep"), "--no-render"]
+        for s in TINY:
+            cmd += ["--set", s]
+        subprocess.run(cmd, cwd=code_root, check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(code_root)})
+
+    sweep(REPO, tmp_path / "orig")
+    assert check_main(["--profile", "smoke", "--results", str(tmp_path / "orig"), "--tables", "table3",
+                       "--update", "--baselines", str(tmp_path / "baselines.json")]) == 0
+    assert check_main(["--profile", "smoke", "--results", str(tmp_path / "orig"), "--tables", "table3",
+                       "--baselines", str(tmp_path / "baselines.json")]) == 0
+    sweep(copy, tmp_path / "changed")
+    capsys.readouterr()
+    rc = check_main(["--profile", "smoke", "--results", str(tmp_path / "changed"), "--tables", "table3",
+                     "--baselines", str(tmp_path / "baselines.json")])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "table3" in out and "config changed" in out
+    for word in ("table", "cell", "metric", "expected", "got", "tol"):
+        assert word in out.splitlines()[0]
+
+
+def test_claims_on_hand_made_results():
+    sweep = load_sweep("table3")
+    records = []
+    for seed in range(3):
+        for row, iou in (("1", 20.0), ("2", 25.0), ("3", 22.0), ("4", 21.0)):
+            records.append(rec("table3", row, seed, {m: iou + seed * 0.5 for m in
+                                                     ("iou", "overall_iou", "point_box", "point_mask", "box_acc")}))
+    claim = next(c for c in sweep.claims if c["id"] == "two_layers_best")
+    (res,) = evaluate_claim(sweep, claim, records)
+    assert res["status"] == "holds"
+    assert res["margin"] == pytest.approx(3.0)          # 2 layers vs the best rival (3 layers)
+    assert res["significant"]                           # SE of the diff: sqrt(2 * 0.25 / 3) ~ 0.41
+    records = [r for r in records if not (r["row"] == "3")] + [
+        rec("table3", "3", s, {m: 30.0 for m in ("iou", "overall_iou", "point_box", "point_mask", "box_acc")})
+        for s in range(3)]
+    (res,) = evaluate_claim(sweep, claim, records)
+    assert res["status"] == "does not hold" and res["margin"] < 0
+
+
+def test_claims_report_is_written(tmp_path):
+    store = ResultStore(tmp_path / "res")
+    for seed in range(2):
+        for row in ("1", "2", "3", "4"):
+            store.append(rec("table3", row, seed, {m: 10.0 + int(row) for m in
+                                                   ("iou", "overall_iou", "point_box", "point_mask", "box_acc")},
+                             profile="synthetic"))
+    assert check_main(["--claims", "--profile", "synthetic", "--results", str(tmp_path / "res"),
+                       "--reports", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "claims" / "synthetic.md").read_text()
+    assert "two BP layers beat 1, 3 and 4 on IoU" in md and "does not hold" in md
+    assert (tmp_path / "rep" / "claims" / "synthetic.html").exists()
