@@ -22,6 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+import ehin  # noqa: F401  (the torchvision shim must run before open_clip is imported)
+
 CONFIGS = {
     "ehin": {},
     # METHOD §8: the TRIS-like baseline.
@@ -143,7 +145,7 @@ def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_las
         @torch.no_grad()
         def e2e():
             img = read_image(path)
-            x = torch.from_numpy(np.asarray(Image.fromarray(img).resize((s, s), Image.BILINEAR)))
+            x = torch.from_numpy(np.array(Image.fromarray(img).resize((s, s), Image.BILINEAR)))
             x = x.permute(2, 0, 1).float().div(255).unsqueeze(0).to(device)
             t = model.backbone.tokenize(["the red circle on the left"]).to(device)
             m = fwd(x, t)[0].float().cpu()
@@ -155,7 +157,7 @@ def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_las
 
 
 def stage2_speed(cfg: dict, device: torch.device, *, amp: bool, warmup: int, repeats: int) -> dict:
-    from ehin.stage2.losses import stage2_loss
+    from ehin.stage2.losses import Stage2Loss
     from ehin.stage2.model import build_stage2
 
     model = build_stage2(cfg).to(device)
@@ -164,10 +166,11 @@ def stage2_speed(cfg: dict, device: torch.device, *, amp: bool, warmup: int, rep
     tokens = model.backbone.tokenize([f"object number {i}" for i in range(n)]).to(device)
     target = (torch.rand(n, s, s, device=device) > 0.5).float()
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    loss_fn = Stage2Loss(cfg["stage2"]["dice_weight"])
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = stage2_loss(model(x, tokens), target)
+            loss, _ = loss_fn(model(x, tokens), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

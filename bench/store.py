@@ -22,7 +22,11 @@ STORE_NAME = "store.jsonl"
 
 
 def code_version() -> str:
-    """git describe of the checkout the code runs from ('+dirty' when uncommitted changes exist)."""
+    """git describe of the checkout the code runs from ('+dirty' when uncommitted changes exist).
+
+    EHIN_CODE_VERSION overrides it, for copies of the tree that travel without .git (remote runs)."""
+    if os.environ.get("EHIN_CODE_VERSION"):
+        return os.environ["EHIN_CODE_VERSION"]
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=here, capture_output=True,

@@ -75,9 +75,15 @@ def parse_overrides(items: Iterable[str]) -> dict:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
         try:
-            flat[key.strip()] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override '{item}': cannot parse value: {e}") from None
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        flat[key.strip()] = value
     return dotted_to_nested(flat)
 
 

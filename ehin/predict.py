@@ -49,7 +49,7 @@ class Predictor:
     @torch.no_grad()
     def __call__(self, image: np.ndarray, text: str) -> tuple[np.ndarray, np.ndarray]:
         h, w = image.shape[:2]
-        x = torch.from_numpy(np.asarray(Image.fromarray(image).resize((self.size, self.size), Image.BILINEAR)))
+        x = torch.from_numpy(np.array(Image.fromarray(image).resize((self.size, self.size), Image.BILINEAR)))
         x = x.permute(2, 0, 1).float().div(255).unsqueeze(0).to(self.device)
         tokens = self.tokenize([text]).to(self.device)
         out = self.model.predict(x, tokens)[0].float().cpu()
