@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", help=f"a sweep name ({', '.join(list_sweeps())}) or 'all'")
+    p.add_argument("table", help=f"a sweep name ({', '.join(list_sweeps())}), several joined by commas, or 'all'")
     p.add_argument("--profile", default="synthetic", choices=sorted(DEFAULT_SEEDS),
                    help="smoke (CI-sized), synthetic (default), paper (real data, GPU)")
     p.add_argument("--executor", default="inline", choices=EXECUTORS,
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--slurm-setup", action="append", default=[], help="a shell line run before the job")
     args = p.parse_args(argv)
 
-    names = list_sweeps() if args.table == "all" else [args.table]
+    names = list_sweeps() if args.table == "all" else [t for t in args.table.split(",") if t]
     unknown = [n for n in names if n not in list_sweeps()]
     if unknown:
         p.error(f"unknown table {unknown[0]!r}; choose from {', '.join(list_sweeps())} or 'all'")
