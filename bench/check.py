@@ -62,7 +62,16 @@ def build_baselines(store: ResultStore, profile: str, tables, spread_store: Resu
     spread_cells = _cells(spread_store, profile, tables) if spread_store else {}
     rerun_cells = _cells(rerun_store, profile, tables) if rerun_store else {}
     out: dict = {"profile": profile, "created": time.strftime("%Y-%m-%d %H:%M"),
-                 "rule": f"tolerance = max({TOL_FLOOR}, {TOL_K} x max(seed std, run-to-run |diff|))", "tables": {}}
+                 "rule": f"tolerance = max({TOL_FLOOR}, {TOL_K} x max(seed std, run-to-run |diff|)); a cell "
+                         "without seed runs of its own takes the largest seed std measured on any cell",
+                 "tables": {}}
+    # The largest measured seed std per metric stands in for cells whose seeds were not run.
+    fallback: dict[str, float] = {}
+    for recs in spread_cells.values():
+        for m in METRICS:
+            vals = [r["metrics"][m] for r in recs if m in r.get("metrics", {})]
+            if len(vals) > 1:
+                fallback[m] = max(fallback.get(m, 0.0), float(np.std(vals, ddof=1)))
     for (table, row), recs in sorted(cells.items()):
         entry: dict[str, Any] = {"config_hash": recs[0]["config_hash"], "seeds": sorted(r["seed"] for r in recs),
                                  "metrics": {}}
@@ -75,10 +84,13 @@ def build_baselines(store: ResultStore, profile: str, tables, spread_store: Resu
             rerun = [r["metrics"][m] for r in rerun_cells.get((table, row), [])
                      if m in r.get("metrics", {}) and r["seed"] in entry["seeds"]]
             rerun_diff = float(abs(np.mean(rerun) - np.mean(vals))) if rerun else None
-            spread = max(x for x in (seed_std or 0.0, rerun_diff or 0.0))
+            borrowed = seed_std is None and m in fallback
+            spread = max(seed_std if seed_std is not None else fallback.get(m, 0.0), rerun_diff or 0.0)
             entry["metrics"][m] = {"expected": round(float(np.mean(vals)), 3),
                                    "tol": round(max(TOL_FLOOR, TOL_K * spread), 3),
-                                   "seed_std": None if seed_std is None else round(seed_std, 3),
+                                   "seed_std": round(fallback[m], 3) if borrowed else
+                                   (None if seed_std is None else round(seed_std, 3)),
+                                   "seed_std_from": "largest measured on any cell" if borrowed else "this cell",
                                    "n_seeds_spread": len(seeds),
                                    "run_to_run": None if rerun_diff is None else round(rerun_diff, 4)}
         out["tables"].setdefault(table, {})[row] = entry
