@@ -130,11 +130,13 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path, space, backend):
                 raise KeyError("no journal yet")
             return journal(tmp_path)
     cmd = [sys.executable, "-m", "bench.search", *args(space, tmp_path, *extra, trials=1, sets=sets)]
+    log = open(tmp_path / "worker.log", "w")
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
     while time.time() < deadline and not _reported_epochs(load):
-        assert proc.poll() is None, "the search ended before it could be killed"
+        assert proc.poll() is None, ("the search ended before it could be killed:\n"
+                                     + (tmp_path / "worker.log").read_text()[-2000:])
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # mid-trial: 1 of 3 epochs done
     proc.wait()

@@ -1,0 +1,56 @@
+"""The whole chain (Table 2's stage-2 cells): stage 1 -> pseudo-labels -> stage 2, on synth-refcoco+
+at smoke size, in one call of `run_two_stage`; then a second call resumes without redoing work."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ehin.config import load_config
+
+OVERRIDES = [
+    "train.epochs=2", "stage2.epochs=2", "stage2.lr=1.0e-3", "stage2.backbone_lr_mult=0.1", "stage2.hidden_dim=64",
+    "pseudo.irnet_epochs=1", "pseudo.chunk_size=128", "eval.max_items=120",
+    "synthetic.images=60", "model.hidden_dim=32",  # a test-sized chain; the profile sizes are for results
+    "train.threads=1",  # 2 OpenMP threads on 2 shared cores was measured ~30x slower per step
+]
+
+
+@pytest.mark.slow
+def test_two_stage_chain_on_smoke(tmp_path):
+    from ehin.pipeline import run_two_stage
+    from ehin.pseudo_labels.pipeline import load_pseudo_labels
+
+    cfg = load_config(profile="smoke", overrides=OVERRIDES)
+    res = run_two_stage(cfg, tmp_path / "run", progress=False)
+
+    keys = {"iou", "overall_iou", "point_mask", "point_box", "box_acc"}
+    assert keys <= set(res["metrics"]) and keys <= set(res["stage1_metrics"])
+    assert res["metrics"]["n"] == 120 and len(res["history"]) == 2
+    q = res["pseudo_quality"]
+    assert {"maps", "crf", "rw"} <= set(q) and q["final"] == "rw"
+    for step in ("maps", "crf", "rw"):
+        assert 0 <= q[step]["iou"] <= 100 and q[step]["n"] > 100
+    assert {"stage1_s", "pseudo_s", "stage2_s", "total_s"} <= set(res["timings"])
+    assert res["device"]
+
+    run = tmp_path / "run"
+    labels = load_pseudo_labels(run / "pseudo" / "train.npz")
+    assert labels.image_size == cfg["data"]["image_size"] and len(labels) == q["maps"]["n"]
+    assert json.loads((run / "two_stage.json").read_text())["metrics"] == res["metrics"]
+
+    # the stage-2 checkpoint serves ehin.predict
+    import numpy as np
+
+    from ehin.predict import Predictor
+
+    pred = Predictor(run / "stage2" / "checkpoints" / "last.pt")
+    heat, mask = pred(np.zeros((50, 70, 3), np.uint8), "red circle")
+    assert pred.stage == 2 and heat.shape == (50, 70) and mask.dtype == bool
+
+    # everything resumes: nothing is retrained or regenerated, same metrics
+    mtime = (run / "pseudo" / "train.npz").stat().st_mtime_ns
+    again = run_two_stage(cfg, run, progress=False)
+    assert again["metrics"] == res["metrics"] and again["pseudo_quality"] == q
+    assert (run / "pseudo" / "train.npz").stat().st_mtime_ns == mtime
+    assert again["timings"]["total_s"] < res["timings"]["total_s"]
