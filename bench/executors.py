@@ -135,19 +135,7 @@ def _run_local(specs, jobs, folder, poll_s, on_outcome) -> list[Outcome]:
         while queue and len(running) < max(1, jobs):
             spec = queue.pop(0)
             running.append((ex.submit(CellRunner(), spec), spec, time.time()))
-        still = []
-        for job, spec, t0 in running:
-            if job.done():
-                outcome = _collect(job, spec, t0)
-                outcomes.append(outcome)
-                view.durations.append(outcome.seconds)
-                if not outcome.ok:
-                    view.note(f"[sweep] FAILED {spec.cell_id}: {outcome.error}\n         log: {outcome.log}")
-                if on_outcome:
-                    on_outcome(outcome)
-            else:
-                still.append((job, spec, t0))
-        running = still
+        running = _harvest(running, outcomes, view, on_outcome)
         view.update(sum(o.ok for o in outcomes), len(running), sum(not o.ok for o in outcomes))
         if running:
             time.sleep(poll_s)
@@ -168,29 +156,34 @@ def _run_slurm(specs, opts: SlurmOptions, folder, poll_s, on_outcome) -> list[Ou
     ex.update_parameters(**params)
     t0 = time.time()
     submitted = ex.map_array(CellRunner(), list(specs))  # one job array for the whole sweep
-    pending = list(zip(submitted, specs))
+    pending = [(job, spec, t0) for job, spec in zip(submitted, specs)]
     outcomes: list[Outcome] = []
     view = LiveView(len(specs), opts.array_parallelism)
     while pending:
-        still = []
-        for job, spec in pending:
-            if job.done():
-                outcome = _collect(job, spec, t0)
-                outcomes.append(outcome)
-                view.durations.append(outcome.seconds)
-                if not outcome.ok:
-                    view.note(f"[sweep] FAILED {spec.cell_id}: {outcome.error}\n         log: {outcome.log}")
-                if on_outcome:
-                    on_outcome(outcome)
-            else:
-                still.append((job, spec))
-        pending = still
-        running = sum(1 for job, _ in pending if job.state in ("RUNNING", "COMPLETING"))
+        pending = _harvest(pending, outcomes, view, on_outcome)
+        running = sum(1 for job, _, _ in pending if job.state in ("RUNNING", "COMPLETING"))
         view.update(sum(o.ok for o in outcomes), running, sum(not o.ok for o in outcomes))
         if pending:
             time.sleep(poll_s)
     view.note("")
     return outcomes
+
+
+def _harvest(in_flight: list, outcomes: list[Outcome], view: LiveView, on_outcome) -> list:
+    """Collect the finished (job, spec, t0) of `in_flight` into `outcomes`; return those still running."""
+    still = []
+    for job, spec, t0 in in_flight:
+        if not job.done():
+            still.append((job, spec, t0))
+            continue
+        outcome = _collect(job, spec, t0)
+        outcomes.append(outcome)
+        view.durations.append(outcome.seconds)
+        if not outcome.ok:
+            view.note(f"[sweep] FAILED {spec.cell_id}: {outcome.error}\n         log: {outcome.log}")
+        if on_outcome:
+            on_outcome(outcome)
+    return still
 
 
 def _collect(job: submitit.Job, spec: CellSpec, t0: float) -> Outcome:
