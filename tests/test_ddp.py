@@ -57,7 +57,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     loss.backward()
     if rank == 0:
         torch.save({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}, out)
-    dist.destroy_process_group()
+    dist.barrier()
+    # Leave without tearing down: freeing the DDP reducer can destroy the gloo process group while
+    # holding the GIL that its run-loop thread waits for (a deadlock seen in torch 2.13 under load).
+    os._exit(0)
 
 
 def _free_port() -> int:
