@@ -170,3 +170,24 @@ def get(cfg: Mapping, dotted: str) -> Any:
     for part in dotted.split("."):
         node = node[part]
     return node
+
+
+def add_run_args(p, example: str = "model.alpha=0.2") -> None:
+    """The config and run-folder options every training command shares."""
+    p.add_argument("--config", help="YAML config merged over the base (and profile)")
+    p.add_argument("--profile", help="smoke | synthetic | paper")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config key, e.g. --set {example} (repeatable)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+
+
+def config_for_run(p, args) -> dict:
+    """--resume alone reuses OUT/config.yaml; otherwise build the config and refuse to overwrite a run."""
+    out = Path(args.out)
+    if args.resume and (out / "config.yaml").exists() and not (args.config or args.profile or args.overrides):
+        return load_config(out / "config.yaml")
+    cfg = load_config(args.config, profile=args.profile, overrides=args.overrides)
+    if not args.resume and (out / "checkpoints" / "last.pt").exists():
+        p.error(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    return cfg

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
-from ehin.config import config_hash, load_config, save_config
+from ehin.config import add_run_args, config_for_run, config_hash, save_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -238,20 +238,10 @@ def _check_finite(total: torch.Tensor, terms: dict, step: int, epoch: int) -> No
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ehin.train_stage1", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config merged over the base (and profile)")
-    p.add_argument("--profile", help="smoke | synthetic | paper")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set model.alpha=0.2 (repeatable)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    add_run_args(p, "model.alpha=0.2")
     args = p.parse_args(argv)
     out = Path(args.out)
-    if args.resume and (out / "config.yaml").exists() and not (args.config or args.profile or args.overrides):
-        cfg = load_config(out / "config.yaml")
-    else:
-        cfg = load_config(args.config, profile=args.profile, overrides=args.overrides)
-        if not args.resume and (out / "checkpoints" / "last.pt").exists():
-            p.error(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    cfg = config_for_run(p, args)
     result = run(cfg, out, resume=args.resume)
     print(json.dumps(result["metrics"], indent=1))
 

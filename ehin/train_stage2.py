@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
-from ehin.config import config_hash, load_config, save_config
+from ehin.config import add_run_args, config_for_run, config_hash, save_config
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -329,20 +329,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ehin.train_stage2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pseudo", required=True, help="pseudo-label file from python -m ehin.pseudo_labels")
-    p.add_argument("--config", help="YAML config merged over the base (and profile)")
-    p.add_argument("--profile", help="smoke | synthetic | paper")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set stage2.epochs=5 (repeatable)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    add_run_args(p, "stage2.epochs=5")
     args = p.parse_args(argv)
     out = Path(args.out)
-    if args.resume and (out / "config.yaml").exists() and not (args.config or args.profile or args.overrides):
-        cfg = load_config(out / "config.yaml")
-    else:
-        cfg = load_config(args.config, profile=args.profile, overrides=args.overrides)
-        if not args.resume and (out / "checkpoints" / "last.pt").exists():
-            p.error(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    cfg = config_for_run(p, args)
     try:
         result = run(cfg, out, args.pseudo, resume=args.resume)
     finally:
