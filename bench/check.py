@@ -11,6 +11,11 @@
    expected, got and tolerance when a number leaves its band, when a cell is missing, or when a
    cell's config hash changed (a default moved: rerun and `--update` deliberately).
 
+   Training is chaotic, so the same code gives other numbers on another CPU unless both runs use
+   portable numerics (EHIN_PORTABLE_NUMERICS=1, ehin/numerics.py). The baseline file records the
+   environment it was made in; the check says when this run's differs, and how many values match
+   exactly (all of them, where code, numerics and thread count are the same).
+
 2. The paper's claims (declared in sweeps/*.yaml):
 
     python -m bench.check --claims --profile synthetic
@@ -62,6 +67,7 @@ def build_baselines(store: ResultStore, profile: str, tables, spread_store: Resu
     spread_cells = _cells(spread_store, profile, tables) if spread_store else {}
     rerun_cells = _cells(rerun_store, profile, tables) if rerun_store else {}
     out: dict = {"profile": profile, "created": time.strftime("%Y-%m-%d %H:%M"),
+                 "environment": environment([r for recs in cells.values() for r in recs]),
                  "rule": f"tolerance = max({TOL_FLOOR}, {TOL_K} x max(seed std, run-to-run |diff|)); a cell "
                          "without seed runs of its own takes the largest seed std measured on any cell",
                  "tables": {}}
@@ -95,6 +101,31 @@ def build_baselines(store: ResultStore, profile: str, tables, spread_store: Resu
                                    "run_to_run": None if rerun_diff is None else round(rerun_diff, 4)}
         out["tables"].setdefault(table, {})[row] = entry
     return out
+
+
+ENV_KEYS = ("numerics", "torch", "threads", "cpu_capability", "cpu_model")
+
+
+def environment(records: list[dict]) -> dict[str, list]:
+    """The values of what decides a CPU run's floats, over these records (ehin/numerics.py)."""
+    return {k: sorted({str(r.get(k, "?")) for r in records}) for k in ENV_KEYS}
+
+
+def environment_notes(store: ResultStore, baselines: dict) -> list[str]:
+    """Where this store's runs were made differently from the baseline's (not a failure in itself)."""
+    base = baselines.get("environment")
+    if not base:
+        return ["the baseline file records no environment (made before portable numerics existed)"]
+    recs = [r for r in store.select(profile=baselines["profile"]) if r.get("table") in baselines["tables"]]
+    here = environment(recs)
+    notes = [f"{k}: baseline {', '.join(base.get(k, ['?']))}; this run {', '.join(here[k])}"
+             for k in ("numerics", "torch", "threads") if here[k] != base.get(k)]
+    if base.get("numerics") == ["portable"] and here["numerics"] == ["portable"] and not notes:
+        return []
+    if not notes and here.get("cpu_model") != base.get("cpu_model"):
+        notes.append(f"native numerics on another CPU (baseline {', '.join(base.get('cpu_model', ['?']))}; "
+                     f"this run {', '.join(here['cpu_model'])}): values may differ by seed-level noise")
+    return notes
 
 
 def compare(store: ResultStore, baselines: dict, tables=None) -> list[dict]:
@@ -313,7 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare(store, baselines, tables)
     failures = [r for r in rows if not r["ok"]]
     print(diff_table(rows, only_failures=not args.all))
-    print(f"\n{len(rows) - len(failures)} of {len(rows)} checks within tolerance ({path}, store {store.path})")
+    exact = sum(r["ok"] and isinstance(r["got"], float) and round(r["got"], 3) == r["expected"] for r in rows)
+    print(f"\n{len(rows) - len(failures)} of {len(rows)} checks within tolerance, {exact} exact "
+          f"({path}, store {store.path})")
+    for note in environment_notes(store, baselines):
+        print(f"note: run environment differs from the baseline's: {note}")
     return 1 if failures else 0
 
 

@@ -55,6 +55,57 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
     return out
 
 
+def cuda_graphed(fn: Callable[..., torch.Tensor], *example: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """`fn` captured once as a CUDA graph on static copies of `example`; a call copies its inputs in and
+    replays. Batch-1 inference is bound by launching a few hundred small kernels, which a replay skips."""
+    static = [a.clone() for a in example]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs requires
+        for _ in range(3):
+            fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*static)
+
+    def replay(*args: torch.Tensor) -> torch.Tensor:
+        for dst, src in zip(static, args):
+            dst.copy_(src)
+        graph.replay()
+        return out
+
+    return replay
+
+
+def profile_step(fn: Callable[[], object], device: torch.device, out: Path, name: str, *, steps: int = 3,
+                 rows: int = 30) -> str:
+    """torch.profiler over `steps` calls of `fn`: the top kernels by device time as text (and a Chrome
+    trace beside it, gzipped), so a slow step can be read without rerunning it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    _sync(device)
+    with profile(activities=acts, record_shapes=False) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.txt").write_text(f"# {name}: {steps} steps, sorted by {key}\n{table}\n")
+    trace = out / f"{name}.trace.json"
+    prof.export_chrome_trace(str(trace))
+    import gzip
+    import shutil
+
+    with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
+    return table
+
+
 def _cfg(size: str, name: str, extra: dict) -> dict:
     from ehin.config import dotted_to_nested, load_config
 
@@ -77,7 +128,7 @@ def _fake_batch(cfg: dict, device: torch.device, tokenize) -> dict:
 
 
 def stage1_training(cfg: dict, device: torch.device, *, amp: bool, channels_last: bool, fused: bool,
-                    warmup: int, repeats: int) -> dict:
+                    warmup: int, repeats: int, trace: Path | None = None, trace_name: str = "train") -> dict:
     from ehin.losses import Stage1Loss
     from ehin.model import build_model
     from ehin.train_stage1 import build_scorer
@@ -108,11 +159,14 @@ def stage1_training(cfg: dict, device: torch.device, *, amp: bool, channels_last
     res = {"step_s": statistics.median(times), "images_per_s": n / statistics.median(times)}
     if device.type == "cuda":
         res["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if trace is not None:
+        profile_step(step, device, trace, trace_name)
     return res
 
 
 def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_last: bool, compile_: bool,
-                     warmup: int, repeats: int, throughput_batch: int) -> dict:
+                     warmup: int, repeats: int, throughput_batch: int, cuda_graph: bool = False,
+                     trace: Path | None = None, trace_name: str = "infer") -> dict:
     from ehin import metrics as M
     from ehin.model import build_model
     from ehin.predict import read_image
@@ -130,10 +184,15 @@ def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_las
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             return predict(x, t)
 
-    lat = time_fn(lambda: fwd(x1, tokens1), device, warmup=warmup, repeats=repeats)
     xb = torch.rand(throughput_batch, 3, s, s, device=device)
     tb = tokens1.expand(throughput_batch, -1).contiguous()
-    thr = time_fn(lambda: fwd(xb, tb), device, warmup=max(2, warmup // 4), repeats=max(3, repeats // 4))
+    fwd1 = fwdb = fwd
+    if cuda_graph and device.type == "cuda":
+        fwd1, fwdb = cuda_graphed(fwd, x1, tokens1), cuda_graphed(fwd, xb, tb)
+    lat = time_fn(lambda: fwd1(x1, tokens1), device, warmup=warmup, repeats=repeats)
+    thr = time_fn(lambda: fwdb(xb, tb), device, warmup=max(2, warmup // 4), repeats=max(3, repeats // 4))
+    if trace is not None:
+        profile_step(lambda: fwd1(x1, tokens1), device, trace, trace_name + "_bs1", steps=10)
 
     # End to end: image file -> resized tensor -> map -> mask at the original size.
     from PIL import Image
@@ -148,7 +207,7 @@ def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_las
             x = torch.from_numpy(np.array(Image.fromarray(img).resize((s, s), Image.BILINEAR)))
             x = x.permute(2, 0, 1).float().div(255).unsqueeze(0).to(device)
             t = model.backbone.tokenize(["the red circle on the left"]).to(device)
-            m = fwd(x, t)[0].float().cpu()
+            m = fwd1(x, t)[0].float().cpu()
             return M.upsample_to(m, img.shape[:2]) > 0
 
         e2e_t = time_fn(e2e, device, warmup=warmup, repeats=repeats)
@@ -219,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the inference forward")
     p.add_argument("--fused-adamw", action="store_true")
+    p.add_argument("--cuda-graph", action="store_true", help="replay the inference forward as a CUDA graph")
+    p.add_argument("--trace", help="folder for torch.profiler tables and Chrome traces of a step")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="override N (train.batch_size)")
@@ -231,8 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats if args.repeats is not None else (5 if small else 20)
     skip = set(filter(None, args.skip.split(",")))
     extra = {"train.batch_size": args.batch} if args.batch else {}
+    trace = Path(args.trace) if args.trace else None
     report = {"size": args.size, "device": str(device), "levers": {"amp": args.amp, "channels_last": args.channels_last,
-              "compile": args.compile, "fused_adamw": args.fused_adamw}, "environment": environment(device),
+              "compile": args.compile, "fused_adamw": args.fused_adamw,
+              "cuda_graph": args.cuda_graph}, "environment": environment(device),
               "results": {}}
     for name in args.configs.split(","):
         cfg = _cfg(args.size, name, extra)
@@ -240,11 +303,13 @@ def main(argv: list[str] | None = None) -> None:
         r: dict = {}
         if "train" not in skip:
             r["stage1_train"] = stage1_training(cfg, device, amp=args.amp, channels_last=args.channels_last,
-                                                fused=args.fused_adamw, warmup=warmup, repeats=repeats)
+                                                fused=args.fused_adamw, warmup=warmup, repeats=repeats,
+                                                trace=trace, trace_name=f"{name}_train")
         if "infer" not in skip:
             r["stage1_infer"] = stage1_inference(cfg, device, amp=args.amp, channels_last=args.channels_last,
                                                  compile_=args.compile, warmup=warmup, repeats=repeats,
-                                                 throughput_batch=8 if small else 64)
+                                                 throughput_batch=8 if small else 64, cuda_graph=args.cuda_graph,
+                                                 trace=trace, trace_name=f"{name}_infer")
         if "stage2" not in skip and name == "ehin":
             r["stage2"] = stage2_speed(cfg, device, amp=args.amp, warmup=warmup, repeats=repeats)
         report["results"][name] = r

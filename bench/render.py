@@ -146,6 +146,9 @@ def _hardware(record: dict) -> str:
     gpu = record.get("gpu")
     if gpu and str(gpu) not in device:
         device = f"{device} ({gpu})"
+    cpu = record.get("cpu_model")
+    if cpu and device == "cpu":
+        device = f"cpu ({cpu}, {record.get('threads', '?')} threads, {record.get('numerics', 'native')} numerics)"
     return f"{device} on {host}" if host else device
 
 

@@ -45,8 +45,10 @@ def host_info() -> dict[str, Any]:
 
     import torch
 
+    from ehin import numerics
+
     info = {"host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, **numerics.describe()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -45,6 +45,7 @@ from filelock import FileLock
 from tqdm import tqdm
 
 import ehin  # noqa: F401
+from ehin import numerics
 from ehin.backbones import CUSTOM_ARCHS, ClipBackbone, build_clip
 from ehin.config import cache_dir, load_config
 
@@ -114,7 +115,9 @@ def _recipe_hash(recipe: PretrainRecipe) -> str:
 
 
 def checkpoint_path(recipe: PretrainRecipe) -> Path:
-    return cache_dir() / "clip" / f"{recipe.arch}-{_recipe_hash(recipe)}.pt"
+    # Portable numerics give other floats than native ones: their checkpoints never mix (ehin/numerics.py).
+    suffix = "-portable" if numerics.mode() == "portable" else ""
+    return cache_dir() / "clip" / f"{recipe.arch}-{_recipe_hash(recipe)}{suffix}.pt"
 
 
 # ---- captions -------------------------------------------------------------------------------------

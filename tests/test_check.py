@@ -128,3 +128,18 @@ def test_claims_report_is_written(tmp_path):
     md = (tmp_path / "rep" / "claims" / "synthetic.md").read_text()
     assert "two BP layers beat 1, 3 and 4 on IoU" in md and "does not hold" in md
     assert (tmp_path / "rep" / "claims" / "synthetic.html").exists()
+
+
+def test_environment_is_recorded_and_differences_are_named(tmp_path):
+    from bench.check import environment_notes
+
+    env = {"numerics": "portable", "torch": "2.13.0+cpu", "threads": 2, "cpu_model": "A"}
+    base, same, other = (ResultStore(tmp_path / n) for n in ("base", "same", "other"))
+    base.append({**rec("table5", "fg", 0, {"iou": 20.0}), **env})
+    same.append({**rec("table5", "fg", 0, {"iou": 20.0}), **env, "cpu_model": "B"})  # another CPU, portable
+    other.append({**rec("table5", "fg", 0, {"iou": 20.0}), **env, "numerics": "native"})
+    b = build_baselines(base, "smoke", ["table5"], None)
+    assert b["environment"]["numerics"] == ["portable"]
+    assert environment_notes(same, b) == []
+    notes = environment_notes(other, b)
+    assert len(notes) == 1 and "numerics: baseline portable; this run native" in notes[0]

@@ -1,0 +1,75 @@
+"""Portable CPU numerics: the same floats on any x86-64 CPU, switched on with EHIN_PORTABLE_NUMERICS=1.
+
+Why: training is chaotic. A last-bit difference in one kernel grows into several points of PointM over
+a few epochs, and the native CPU kernels differ between CPUs: ATen picks AVX-512 or AVX2 loops at run
+time, MKL takes per-CPU code paths, oneDNN JIT-compiles convolutions for the CPU it finds. The smoke
+baselines made on one machine were missed by 5-10 points on another (CI, 2026-11-24) with the same
+code, data and seed. In portable mode:
+
+- ATEN_CPU_CAPABILITY=default: ATen's plain loops instead of the vectorised ones chosen per CPU;
+- MKL_CBWR=COMPATIBLE: MKL's conditional numerical reproducibility, one code path on every x86 CPU;
+- torch.backends.mkldnn off: convolutions go through im2col + MKL GEMM, not oneDNN's JIT kernels.
+
+Thread counts must match too (the profiles fix train.threads). Measured on a 2-core AMD EPYC: a smoke
+cell runs about 40 % slower. Synthetic data needs nothing: it is byte-identical with numpy's SIMD
+dispatch limited to its baseline (checked with NPY_DISABLE_CPU_FEATURES).
+
+The environment variables must be set before torch runs its first kernel, so `apply_env()` runs from
+`ehin/__init__.py`, before torch is imported.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+ENV = "EHIN_PORTABLE_NUMERICS"
+_PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+
+
+def requested() -> bool:
+    return os.environ.get(ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def apply_env() -> None:
+    """Set the kernel-selection variables (before torch is imported) when portable mode is asked for."""
+    if requested():
+        for k, v in _PORTABLE_ENV.items():
+            os.environ[k] = v
+
+
+def apply_torch() -> None:
+    """The part that needs torch: oneDNN off, so convolutions take the portable GEMM path."""
+    if requested():
+        import torch
+
+        torch.backends.mkldnn.enabled = False
+
+
+def mode() -> str:
+    """'portable' when every switch took effect, else 'native'."""
+    import torch
+
+    ok = (requested() and torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+          and not torch.backends.mkldnn.enabled and os.environ.get("MKL_CBWR") == "COMPATIBLE")
+    return "portable" if ok else "native"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def describe() -> dict[str, Any]:
+    """What decides the floats of a CPU run; stored with every result."""
+    import torch
+
+    return {"numerics": mode(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_model": cpu_model(), "threads": torch.get_num_threads()}
