@@ -443,7 +443,7 @@ def build_clip(arch: str, pretrained: str | os.PathLike | None, image_size: int)
 
     pretrained: None (random init), an open_clip tag such as "openai" (from a local cache only),
     a local checkpoint path, or "synthetic" (the project's small CLIP, pretrained and cached on first
-    use by `ehin.pretrain_clip.ensure_pretrained`).
+    use by `ehin.pretrain_clip.ensure_pretrained`; "synthetic:steps=3000" changes its recipe).
     """
     image_size = int(image_size)
     _model_config(arch, image_size)  # fail on a bad arch/size before touching any file
@@ -453,10 +453,13 @@ def build_clip(arch: str, pretrained: str | os.PathLike | None, image_size: int)
     source = ""
     if pretrained is None:
         pass
-    elif str(pretrained) == "synthetic":
-        from ehin.pretrain_clip import ensure_pretrained  # late: pretrain_clip imports this module
+    elif str(pretrained).startswith("synthetic"):
+        from ehin.pretrain_clip import ensure_pretrained, synthetic_overrides  # late: it imports this module
 
-        source = str(ensure_pretrained(arch, image_size))
+        overrides = synthetic_overrides(pretrained)
+        if overrides is None:
+            raise ClipWeightsError(f"backbone.pretrained '{pretrained}': write 'synthetic' or 'synthetic:steps=N'")
+        source = str(ensure_pretrained(arch, image_size, **overrides))
         state, meta = _read_checkpoint(source)
     elif arch not in CUSTOM_ARCHS and open_clip.get_pretrained_cfg(arch, str(pretrained)):
         source, quick_gelu = _tag_checkpoint(arch, str(pretrained))

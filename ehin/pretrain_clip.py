@@ -87,6 +87,26 @@ RECIPES: dict[str, PretrainRecipe] = {
 }
 
 
+def synthetic_overrides(pretrained: Any) -> dict[str, Any] | None:
+    """Recipe overrides named by a `pretrained` value: "synthetic" -> {}, "synthetic:steps=3000" ->
+    {"steps": 3000}; None when the value names no synthetic CLIP. Lets a profile ask for a longer
+    pretraining than the CI-sized default without a new architecture name."""
+    text = str(pretrained) if pretrained is not None else ""
+    if text != "synthetic" and not text.startswith("synthetic:"):
+        return None
+    out: dict[str, Any] = {}
+    fields = {f.name: f.type for f in PretrainRecipe.__dataclass_fields__.values()}
+    for item in filter(None, text.partition(":")[2].split(",")):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in fields or key in ("arch", "image_size", "version"):
+            raise ValueError(f"bad synthetic CLIP spec {text!r}: expected synthetic:key=value,... with keys "
+                             f"from {', '.join(k for k in fields if k not in ('arch', 'image_size', 'version'))}")
+        kind = {"int": int, "float": float, "bool": lambda v: v.strip().lower() in ("1", "true", "yes")}
+        out[key] = kind.get(str(fields[key]), str)(value.strip())
+    return out
+
+
 def recipe_for(arch: str, image_size: int, **overrides: Any) -> PretrainRecipe:
     if arch not in RECIPES:
         raise ValueError(
@@ -414,7 +434,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     threads = args.threads or cfg["train"]["threads"]
     if threads:
         torch.set_num_threads(threads)
-    overrides = {} if args.steps is None else dict(steps=args.steps)
+    overrides = synthetic_overrides(cfg["backbone"]["pretrained"]) or {}  # the profile's recipe changes
+    if args.steps is not None:
+        overrides["steps"] = args.steps
     t0 = time.perf_counter()
     path = ensure_pretrained(arch, size, force=args.force, **overrides)
     report = read_report(path)
@@ -425,7 +447,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"held-out image->text retrieval: exact {m['exact']:.1f}% among {m['n_captions']} captions "
           f"(chance {m['exact_chance']:.1f}%), consistent {m['consistent']:.1f}% (chance {m['consistent_chance']:.1f}%), "
           f"full descriptions {m.get('full', float('nan')):.1f}% among {m.get('n_full_captions', 0)} "
-          f"(chance {m.get('full_chance', float('nan')):.1f}%)")
+          f"(chance {m.get('full_chance', float('nan')):.1f}%); of those, colour {m.get('full_colour', float('nan')):.0f}%, "
+          f"size {m.get('full_size', float('nan')):.0f}%, shape {m.get('full_shape', float('nan')):.0f}% right")
 
 
 if __name__ == "__main__":

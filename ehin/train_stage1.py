@@ -55,11 +55,12 @@ def prepare(cfg: dict):
     refer = prepare_dataset(cfg)
     for section in ("backbone", "scorer"):
         source = cfg[section]["pretrained"] or cfg["backbone"]["pretrained"]
-        if source == "synthetic":
-            from ehin.pretrain_clip import ensure_pretrained
+        from ehin.pretrain_clip import ensure_pretrained, synthetic_overrides
 
+        overrides = synthetic_overrides(source)
+        if overrides is not None:
             size = cfg[section]["image_size"] or cfg["data"]["image_size"]
-            ensure_pretrained(cfg[section]["arch"], size)
+            ensure_pretrained(cfg[section]["arch"], size, **overrides)
     return refer
 
 

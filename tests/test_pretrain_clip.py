@@ -60,6 +60,13 @@ def test_build_clip_synthetic_loads_the_cached_checkpoint(short_run, monkeypatch
     assert saved["arch"] == "clip-tiny" and saved["recipe"]["steps"] == SHORT["steps"]
     for k, v in saved["state_dict"].items():
         assert torch.equal(model.clip.state_dict()[k], v), k
+    # the same checkpoint named by its recipe fields instead of a patched default recipe
+    monkeypatch.setitem(pc.RECIPES, "clip-tiny", pc.RECIPES["clip-tiny"].__class__(**{
+        **{f: getattr(pc.RECIPES["clip-tiny"], f) for f in pc.PretrainRecipe.__dataclass_fields__}, "steps": 1}))
+    spec = "synthetic:" + ",".join(f"{k}={v}" for k, v in SHORT.items())
+    named = build_clip("clip-tiny", spec, 64)
+    assert pc.TRAIN_CALLS == calls
+    assert all(torch.equal(named.clip.state_dict()[k], v) for k, v in saved["state_dict"].items())
 
 
 def test_short_run_retrieves_far_above_chance(short_run) -> None:
@@ -178,3 +185,16 @@ def test_loss_handles_repeated_and_compatible_captions() -> None:
     loss_b = pc.contrastive_loss(img[:1].detach(), t2, scale, pos2[:1], neg2[:1])
     assert torch.isfinite(img.grad).all() and torch.isfinite(t.grad).all()
     assert loss_a.item() == pytest.approx(loss_b.item(), abs=1e-6)
+
+
+def test_synthetic_spec_names_recipe_overrides():
+    from ehin.pretrain_clip import synthetic_overrides
+
+    assert synthetic_overrides("synthetic") == {}
+    assert synthetic_overrides("synthetic:steps=3000") == {"steps": 3000}
+    assert synthetic_overrides("synthetic:steps=10,lr=0.01") == {"steps": 10, "lr": 0.01}
+    assert synthetic_overrides("openai") is None and synthetic_overrides(None) is None
+    with pytest.raises(ValueError, match="bad synthetic CLIP spec"):
+        synthetic_overrides("synthetic:arch=RN50")
+    with pytest.raises(ValueError, match="bad synthetic CLIP spec"):
+        synthetic_overrides("synthetic:stepz=3")
