@@ -6,12 +6,16 @@ time, MKL takes per-CPU code paths, oneDNN JIT-compiles convolutions for the CPU
 baselines made on one machine were missed by 5-10 points on another (CI, 2026-11-24) with the same
 code, data and seed. In portable mode:
 
-- ATEN_CPU_CAPABILITY=default: ATen's plain loops instead of the vectorised ones chosen per CPU;
-- MKL_CBWR=COMPATIBLE: MKL's conditional numerical reproducibility, one code path on every x86 CPU;
+- ATEN_CPU_CAPABILITY=avx2: ATen's AVX2 loops on every CPU that has AVX2 (an AVX-512 CPU would pick
+  others). They use exact IEEE operations (division and sqrt, not the rcp/rsqrt approximations that
+  differ between vendors), so they give the same floats on Intel and AMD. The plain loops
+  (`default`) would too, but softmax and exp run 8-10x slower in them;
+- MKL_CBWR=COMPATIBLE: MKL's conditional numerical reproducibility, one code path on every x86 CPU
+  (about 2x slower GEMMs; MKL's AVX2 branch is only promised on Intel CPUs);
 - torch.backends.mkldnn off: convolutions go through im2col + MKL GEMM, not oneDNN's JIT kernels.
 
-Thread counts must match too (the profiles fix train.threads). Measured on a 2-core AMD EPYC: a smoke
-cell runs about 40 % slower. Synthetic data needs nothing: it is byte-identical with numpy's SIMD
+Thread counts must match too (the profiles fix train.threads). A CPU without AVX2 cannot run this
+mode; `mode()` then says "native" and bench.check names the difference. Synthetic data needs nothing: it is byte-identical with numpy's SIMD
 dispatch limited to its baseline (checked with NPY_DISABLE_CPU_FEATURES).
 
 The environment variables must be set before torch runs its first kernel, so `apply_env()` runs from
@@ -23,7 +27,7 @@ import os
 from typing import Any
 
 ENV = "EHIN_PORTABLE_NUMERICS"
-_PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+_PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 
 
 def requested() -> bool:
@@ -49,7 +53,7 @@ def mode() -> str:
     """'portable' when every switch took effect, else 'native'."""
     import torch
 
-    ok = (requested() and torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+    ok = (requested() and torch.backends.cpu.get_cpu_capability() == "AVX2"
           and not torch.backends.mkldnn.enabled and os.environ.get("MKL_CBWR") == "COMPATIBLE")
     return "portable" if ok else "native"
 
