@@ -11,8 +11,10 @@ device and library versions. Levers are flags so each can be measured on its own
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -97,9 +99,6 @@ def profile_step(fn: Callable[[], object], device: torch.device, out: Path, name
     (out / f"{name}.txt").write_text(f"# {name}: {steps} steps, sorted by {key}\n{table}\n")
     trace = out / f"{name}.trace.json"
     prof.export_chrome_trace(str(trace))
-    import gzip
-    import shutil
-
     with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     trace.unlink()

@@ -453,13 +453,10 @@ def build_clip(arch: str, pretrained: str | os.PathLike | None, image_size: int)
     source = ""
     if pretrained is None:
         pass
-    elif str(pretrained).startswith("synthetic"):
+    elif str(pretrained) == "synthetic" or str(pretrained).startswith("synthetic:"):
         from ehin.pretrain_clip import ensure_pretrained, synthetic_overrides  # late: it imports this module
 
-        overrides = synthetic_overrides(pretrained)
-        if overrides is None:
-            raise ClipWeightsError(f"backbone.pretrained '{pretrained}': write 'synthetic' or 'synthetic:steps=N'")
-        source = str(ensure_pretrained(arch, image_size, **overrides))
+        source = str(ensure_pretrained(arch, image_size, **synthetic_overrides(pretrained)))
         state, meta = _read_checkpoint(source)
     elif arch not in CUSTOM_ARCHS and open_clip.get_pretrained_cfg(arch, str(pretrained)):
         source, quick_gelu = _tag_checkpoint(arch, str(pretrained))

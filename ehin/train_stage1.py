@@ -52,11 +52,11 @@ def prepare(cfg: dict):
     """Build the shared prerequisites once (generated dataset, pretrained small CLIP); cached on disk."""
     from ehin.data import prepare_dataset
 
+    from ehin.pretrain_clip import ensure_pretrained, synthetic_overrides
+
     refer = prepare_dataset(cfg)
     for section in ("backbone", "scorer"):
         source = cfg[section]["pretrained"] or cfg["backbone"]["pretrained"]
-        from ehin.pretrain_clip import ensure_pretrained, synthetic_overrides
-
         overrides = synthetic_overrides(source)
         if overrides is not None:
             size = cfg[section]["image_size"] or cfg["data"]["image_size"]
