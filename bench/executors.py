@@ -123,9 +123,25 @@ def _run_inline(specs, on_outcome) -> list[Outcome]:
     return outcomes
 
 
+def _local_gpus() -> int:
+    """GPUs this host shows (0 without CUDA). submitit's LocalExecutor hides every GPU from a job
+    (CUDA_VISIBLE_DEVICES="") unless it is given some, so cells would silently train on the CPU."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_slot(index: int, n_gpus: int) -> dict:
+    """LocalExecutor parameters for the `index`-th cell: one GPU each, round-robin (small cells
+    share a GPU well); none without GPUs."""
+    return dict(gpus_per_node=1, visible_gpus=(index % n_gpus,)) if n_gpus else {}
+
+
 def _run_local(specs, jobs, folder, poll_s, on_outcome) -> list[Outcome]:
     ex = submitit.LocalExecutor(folder=str(folder / "%j"))
     ex.update_parameters(timeout_min=24 * 60)
+    n_gpus = _local_gpus()
+    submitted = 0
     queue = list(specs)
     running: list[tuple[submitit.Job, CellSpec, float]] = []
     outcomes: list[Outcome] = []
@@ -134,7 +150,10 @@ def _run_local(specs, jobs, folder, poll_s, on_outcome) -> list[Outcome]:
     while queue or running:
         while queue and len(running) < max(1, jobs):
             spec = queue.pop(0)
+            if n_gpus:
+                ex.update_parameters(**gpu_slot(submitted, n_gpus))
             running.append((ex.submit(CellRunner(), spec), spec, time.time()))
+            submitted += 1
         running = _harvest(running, outcomes, view, on_outcome)
         view.update(sum(o.ok for o in outcomes), len(running), sum(not o.ok for o in outcomes))
         if running:

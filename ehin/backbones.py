@@ -74,6 +74,16 @@ CUSTOM_ARCHS: dict[str, dict[str, Any]] = {
         text_cfg=dict(context_length=CONTEXT_LENGTH, vocab_size=49408, width=64, heads=2, layers=2,
                       mlp_ratio=2.0),
     ),
+    # A convolutional image tower, as the paper's RN50: open_clip's ModifiedResNet with its last two
+    # downsamplings removed (overall stride 8, an 8x8 map at 64 px; C_v = 32 x width = 512) and its
+    # attention pooling over that map. Conv features are local by construction; the ViT's patch
+    # tokens mix the whole image in every block (see docs/method.md §10).
+    "clip-tiny-rn": dict(
+        embed_dim=64,
+        vision_cfg=dict(layers=(1, 1, 1, 1), width=16, head_width=32, stride=8),
+        text_cfg=dict(context_length=CONTEXT_LENGTH, vocab_size=49408, width=64, heads=2, layers=2,
+                      mlp_ratio=2.0),
+    ),
     # synthetic profile: a wider image tower (C_v = 96), same text tower
     "clip-small": dict(
         embed_dim=96,
@@ -124,7 +134,8 @@ class ClipBackbone(nn.Module):
         if isinstance(visual, ModifiedResNet):
             self.is_vit = False
             self.visual_channels = visual.layer4[-1].conv3.out_channels  # 2048 for RN50
-            self.stride = 32
+            grid = math.isqrt(visual.attnpool.positional_embedding.shape[0] - 1)
+            self.stride = self.image_size // grid  # 32; 8 for a re-strided tower (clip-tiny-rn)
         elif isinstance(visual, VisionTransformer):
             self.is_vit = True
             self.visual_channels = visual.conv1.out_channels
@@ -137,6 +148,7 @@ class ClipBackbone(nn.Module):
         self.token_dim: int = model.token_embedding.embedding_dim
         self.context_length: int = model.context_length
         self._frozen = False
+        self.dense = "tokens"  # ViT dense features: "tokens" | "values" (see `_vit_tokens`)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -172,11 +184,30 @@ class ClipBackbone(nn.Module):
         x = v.layer3(x)
         return v.layer4(x)
 
-    def _vit_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pooled before proj [B, width], patch tokens after ln_post [B, L, width])."""
+    def _vit_tokens(self, x: torch.Tensor, dense: str = "tokens") -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled before proj [B, width], patch tokens after ln_post [B, L, width]).
+
+        `dense == "values"` (MaskCLIP's readout) runs the last block with each token attending
+        only to itself, so its patch outputs are out_proj(value) of their own position instead of a
+        softmax mix of the whole image; the earlier blocks are unchanged. The pooled token is then
+        not CLIP's own, so callers take it from a "tokens" pass.
+        """
         v = self.clip.visual
         x = v._embeds(x)
-        x = v.transformer(x)
+        if dense == "values":
+            blocks = v.transformer.resblocks
+            L = x.shape[1]
+            self_only = torch.full((L, L), float("-inf"), device=x.device, dtype=x.dtype)
+            self_only.fill_diagonal_(0.0)
+            if not v.transformer.batch_first:
+                x = x.transpose(0, 1)
+            for blk in blocks[:-1]:
+                x = blk(x)
+            x = blocks[-1](x, attn_mask=self_only)
+            if not v.transformer.batch_first:
+                x = x.transpose(0, 1)
+        else:
+            x = v.transformer(x)
         pooled, tokens = v._pool(x)
         if v.final_ln_after_pool:  # only the pooled token went through ln_post; treat tokens alike
             tokens = v.ln_post(tokens)
@@ -188,6 +219,8 @@ class ClipBackbone(nn.Module):
         x = self.normalize(img01)
         if self.is_vit:
             pooled, tokens = self._vit_tokens(x)
+            if self.dense != "tokens":
+                tokens = self._vit_tokens(x, self.dense)[1]
             h, w = self.clip.visual.grid_size
             dense = tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
             proj = self.clip.visual.proj
@@ -200,7 +233,7 @@ class ClipBackbone(nn.Module):
         self._check_size(img01)
         x = self.normalize(img01)
         if self.is_vit:
-            _, tokens = self._vit_tokens(x)
+            _, tokens = self._vit_tokens(x, self.dense)
             h, w = self.clip.visual.grid_size
             return tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
         return self._rn_trunk(x)  # METHOD §2: layer4, before attnpool
@@ -283,16 +316,37 @@ def _model_config(arch: str, image_size: int) -> dict[str, Any]:
     vision = cfg["vision_cfg"]
     if vision.get("timm_model_name") or cfg["text_cfg"].get("hf_model_name") or cfg.get("custom_text"):
         raise ValueError(f"{arch}: timm/HF towers are not supported; use an RN or ViT CLIP")
-    patch = vision.get("patch_size") or 32  # RN: overall stride 32
+    patch = vision.get("patch_size") or vision.get("stride") or 32  # RN: overall stride 32
     if image_size % patch:
         raise ValueError(f"{arch}: image_size {image_size} must be a multiple of {patch}")
     vision["image_size"] = image_size  # open_clip's force_image_size
     return cfg
 
 
+def _restride(visual: ModifiedResNet, stride: int) -> None:
+    """Drop ModifiedResNet's last downsamplings (stem /4, layer2-4 /2 each) so its trunk has `stride`.
+    A Bottleneck downsamples only through its avgpools (convs have stride 1), so removing them keeps
+    every weight's shape."""
+    drop = {32: (), 16: ("layer4",), 8: ("layer3", "layer4")}[stride]
+    for name in drop:
+        block = getattr(visual, name)[0]
+        block.avgpool = nn.Identity()
+        block.stride = 1
+        block.downsample._modules["-1"] = nn.Identity()
+
+
 def _new_model(arch: str, image_size: int, quick_gelu: bool) -> CLIP:
     if arch in CUSTOM_ARCHS:
-        return CLIP(**_model_config(arch, image_size), quick_gelu=quick_gelu)
+        cfg = _model_config(arch, image_size)
+        stride = cfg["vision_cfg"].pop("stride", None)
+        if stride is None:
+            return CLIP(**cfg, quick_gelu=quick_gelu)
+        # attention pooling is sized for a /32 tower: build for the input that gives our grid at /32
+        cfg["vision_cfg"]["image_size"] = image_size * 32 // stride
+        model = CLIP(**cfg, quick_gelu=quick_gelu)
+        _restride(model.visual, stride)
+        model.visual.image_size = image_size
+        return model
     _model_config(arch, image_size)  # validates with a clear message
     # open_clip's own factory, random weights, input size forced (checked: open_clip 3.3.0 signature)
     return open_clip.create_model(arch, pretrained=None, force_image_size=image_size,

@@ -84,6 +84,7 @@ class PretrainRecipe:
 RECIPES: dict[str, PretrainRecipe] = {
     "clip-tiny": PretrainRecipe("clip-tiny", 64, steps=600, batch_size=128, lr=2e-3, n_train=8000),
     "clip-small": PretrainRecipe("clip-small", 64, steps=1400, batch_size=128, lr=2e-3, n_train=16000),
+    "clip-tiny-rn": PretrainRecipe("clip-tiny-rn", 64, steps=600, batch_size=128, lr=2e-3, n_train=8000),
 }
 
 

@@ -20,6 +20,7 @@ EXPECTED = {
     "ViT-B-16": (768, 4, 512, 512, 512),     # patch 16 -> 4x4 grid
     "clip-tiny": (64, 8, 64, 64, 64),        # patch 8 -> 8x8 grid
     "clip-small": (96, 8, 96, 64, 96),
+    "clip-tiny-rn": (512, 8, 64, 64, 64),    # ModifiedResNet re-strided to 8 -> 8x8 grid
 }
 _MODELS: dict[str, bb.ClipBackbone] = {}
 
@@ -55,7 +56,7 @@ def test_shapes(arch: str) -> None:
     assert torch.isfinite(dense).all() and torch.isfinite(sent).all()
 
 
-@pytest.mark.parametrize("arch", ["RN50", "clip-tiny"])
+@pytest.mark.parametrize("arch", ["RN50", "clip-tiny", "clip-tiny-rn"])
 def test_matches_open_clip(arch: str) -> None:
     """encode_text on 20 tokens = open_clip's encode_text on the full context (causal transformer);
     encode_image = open_clip's encode_image on CLIP-normalised pixels."""
@@ -85,6 +86,56 @@ def test_pyramid_shapes() -> None:
     assert [tuple(f.shape[1:]) for f in rn] == [(512, 8, 8), (1024, 4, 4), (2048, 2, 2)]  # strides 8/16/32
     assert [tuple(f.shape[1:]) for f in vit] == [(64, 8, 8)] * 3  # 2 blocks: a level repeats
     assert [tuple(f.shape[1:]) for f in vit_b] == [(768, 4, 4)] * 3
+
+
+def test_restrided_rn_is_local_and_vit_tokens_are_not() -> None:
+    """Why the synthetic profile uses clip-tiny-rn (docs/method.md §10): changing one 8x8 patch moves
+    the conv tower's dense features only near it, but every patch token of the ViT."""
+    img = torch.rand(2, 3, 64, 64)
+    changed = img.clone()
+    changed[:, :, :8, :8] = 0.0
+    moved = {}
+    for arch in ("clip-tiny-rn", "clip-tiny"):
+        with torch.no_grad():
+            d = (model(arch).encode_dense(changed) - model(arch).encode_dense(img)).abs().amax(1)
+        moved[arch] = (d > 1e-5)
+    rn, vit = moved["clip-tiny-rn"], moved["clip-tiny"]
+    assert vit.all()  # 2 blocks of global attention: all 64 cells move
+    assert rn[:, :3, :3].any() and not rn[:, 3:, :].any() and not rn[:, :, 3:].any()
+    assert model("clip-tiny-rn").stride == 8
+
+
+def test_rn_pyramid_of_restrided_tower_stays_at_stride_8() -> None:
+    with torch.no_grad():
+        levels = model("clip-tiny-rn").encode_pyramid(torch.rand(1, 3, 64, 64))
+    assert [tuple(f.shape[1:]) for f in levels] == [(128, 8, 8), (256, 8, 8), (512, 8, 8)]
+
+
+def test_dense_values_is_the_self_only_last_block() -> None:
+    """dense='values' (MaskCLIP readout): the last block's attention is out_proj(W_v ln_1(x)) of each
+    token itself; the blocks before it, the residuals, the MLP and ln_post are CLIP's own."""
+    torch.manual_seed(0)
+    m = build_clip("clip-tiny", None, 64).eval()
+    img = torch.rand(2, 3, 64, 64)
+    v = m.clip.visual
+    with torch.no_grad():
+        x = v._embeds(m.normalize(img))
+        for blk in v.transformer.resblocks[:-1]:
+            x = blk(x)
+        last = v.transformer.resblocks[-1]
+        C = x.shape[-1]
+        w_v, b_v = last.attn.in_proj_weight[2 * C:], last.attn.in_proj_bias[2 * C:]
+        x = x + last.ls_1(last.attn.out_proj(last.ln_1(x) @ w_v.T + b_v))
+        x = x + last.ls_2(last.mlp(last.ln_2(x)))
+        want = v.ln_post(x)[:, 1:].transpose(1, 2).reshape(2, C, 8, 8)
+        tokens = m.encode_dense(img)
+        m.dense = "values"
+        got = m.encode_dense(img)
+        pooled = m.encode_image(img)
+        m.dense = "tokens"
+        assert torch.allclose(pooled, m.encode_image(img))  # the pooled embedding stays CLIP's
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, tokens, atol=1e-3)
 
 
 def test_wrong_input_size_is_an_error() -> None:

@@ -120,3 +120,13 @@ def test_store_records_are_complete(tmp_path):
     cfg = (Path(rec["run_dir"]) / "config.yaml").read_text()
     assert "hidden_dim: 32" in cfg
     json.dumps(rec)
+
+
+def test_local_cells_get_a_gpu_each_round_robin():
+    """submitit's LocalExecutor hides every GPU unless given some (CUDA_VISIBLE_DEVICES=""): on a GPU
+    host the local executor gives each cell one, round-robin; on a CPU host it asks for none."""
+    from bench.executors import gpu_slot
+
+    assert gpu_slot(0, 0) == {} and gpu_slot(5, 0) == {}
+    assert [gpu_slot(k, 2)["visible_gpus"] for k in range(4)] == [(0,), (1,), (0,), (1,)]
+    assert all(gpu_slot(k, 3)["gpus_per_node"] == 1 for k in range(3))

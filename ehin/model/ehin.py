@@ -92,4 +92,8 @@ def build_model(cfg: dict, backbone: nn.Module | None = None) -> EHIN:
 
         b = cfg["backbone"]
         backbone = build_clip(b["arch"], b["pretrained"], b["image_size"] or cfg["data"]["image_size"])
+    dense = cfg["backbone"].get("dense", "tokens")
+    if dense not in ("tokens", "values"):
+        raise ValueError(f"backbone.dense must be tokens or values, got {dense!r}")
+    backbone.dense = dense
     return EHIN(backbone, cfg)
