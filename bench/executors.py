@@ -123,7 +123,7 @@ def _run_inline(specs, on_outcome) -> list[Outcome]:
     return outcomes
 
 
-def _local_gpus() -> int:
+def local_gpus() -> int:
     """GPUs this host shows (0 without CUDA). submitit's LocalExecutor hides every GPU from a job
     (CUDA_VISIBLE_DEVICES="") unless it is given some, so cells would silently train on the CPU."""
     import torch
@@ -140,7 +140,7 @@ def gpu_slot(index: int, n_gpus: int) -> dict:
 def _run_local(specs, jobs, folder, poll_s, on_outcome) -> list[Outcome]:
     ex = submitit.LocalExecutor(folder=str(folder / "%j"))
     ex.update_parameters(timeout_min=24 * 60)
-    n_gpus = _local_gpus()
+    n_gpus = local_gpus()
     submitted = 0
     queue = list(specs)
     running: list[tuple[submitit.Job, CellSpec, float]] = []

@@ -79,6 +79,13 @@ def write_index(reports: str | Path = "reports") -> Path:
         sections.insert(0, "<section><h2>The paper's claims</h2><ul>" + "".join(
             f'<li><a href="{html.escape(str(p.relative_to(reports)))}">{html.escape(p.stem)}</a></li>' for p in claims)
             + "</ul></section>")
+    searches = sorted(reports.glob("search/*/summary.md"))
+    if searches:
+        sections.append("<section><h2>Hyper-parameter searches (bench.search)</h2><ul>" + "".join(
+            f'<li><a href="{html.escape(str(p.relative_to(reports)))}">{html.escape(p.parent.name)}</a> · '
+            f'<a href="{html.escape(str((p.parent / "history.png").relative_to(reports)))}">history</a> · '
+            f'<a href="{html.escape(str((p.parent / "importances.png").relative_to(reports)))}">importances</a></li>'
+            for p in searches) + "</ul></section>")
     perf = _perf_section(reports)
     if perf:
         sections.append(perf)

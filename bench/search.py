@@ -597,9 +597,16 @@ def launch_workers(specs: list[WorkerSpec], executor: str, *, folder: Path, slur
         return errors
     folder.mkdir(parents=True, exist_ok=True)
     if executor == "local":
+        from bench.executors import gpu_slot, local_gpus
+
         ex = submitit.LocalExecutor(folder=str(folder / "%j"))
         ex.update_parameters(timeout_min=7 * 24 * 60)
-        jobs = [ex.submit(SearchWorker(), spec) for spec in specs]
+        n_gpus = local_gpus()
+        jobs = []
+        for k, spec in enumerate(specs):
+            if n_gpus:
+                ex.update_parameters(**gpu_slot(k, n_gpus))
+            jobs.append(ex.submit(SearchWorker(), spec))
     elif executor == "slurm":
         ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")
         params: dict[str, Any] = dict(timeout_min=slurm.time_min, cpus_per_task=slurm.cpus_per_task,

@@ -186,3 +186,20 @@ def test_plots_are_written(tmp_path):
                                        "fig7_history.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+def test_index_links_claims_searches_and_perf(tmp_path):
+    from bench.report import write_index
+
+    reports = tmp_path / "reports"
+    (reports / "claims").mkdir(parents=True)
+    (reports / "claims" / "synthetic.html").write_text("<p>claims</p>")
+    (reports / "search" / "default-synthetic").mkdir(parents=True)
+    (reports / "search" / "default-synthetic" / "summary.md").write_text("# Search\n")
+    (reports / "perf").mkdir()
+    (reports / "perf" / "h100.json").write_text(json.dumps(
+        {"size": "paper", "environment": {"gpu": "NVIDIA H100", "torch": "2.11"}}))
+    page = write_index(reports).read_text()
+    assert 'href="claims/synthetic.html"' in page
+    assert 'href="search/default-synthetic/summary.md"' in page and "importances.png" in page
+    assert 'href="perf/h100.json"' in page and "NVIDIA H100" in page
