@@ -37,7 +37,7 @@ def reports_dir(table: str, profile: str, reports: str | Path = "reports") -> Pa
 
 def build_specs(sweep, profile: str, seeds: int, root: Path, rows: list[str] | None = None,
                 extra_overrides: dict | None = None) -> list[CellSpec]:
-    from ehin.config import config_hash
+    from ehin.config import HASH_IGNORE, STAGE2_KEYS, config_hash
 
     specs = []
     for cell in sweep.cells(profile, list(range(seeds))):
@@ -45,11 +45,14 @@ def build_specs(sweep, profile: str, seeds: int, root: Path, rows: list[str] | N
             continue
         overrides = {**cell.overrides, **(extra_overrides or {})}
         cfg = cell.config() if not extra_overrides else _config(profile, overrides)
-        h = config_hash(cfg)
+        stage = str(getattr(cell, "stage", sweep.stage))
+        # A stage-1 cell's identity leaves out what only stage 2 reads (ehin.config.STAGE2_KEYS), so
+        # changing a profile's stage-2 or pseudo-label settings does not invalidate stage-1 results.
+        h = config_hash(cfg, ignore=HASH_IGNORE + (STAGE2_KEYS if stage == "1" else ()))
         cid = cell_id(sweep.name, cell.row, cell.seed, profile, h)
         run_dir = root / "runs" / sweep.name / _safe(cell.row) / f"seed{cell.seed}-{h}"
         specs.append(CellSpec(table=sweep.name, row=cell.row, seed=cell.seed, profile=profile,
-                              stage=str(getattr(cell, "stage", sweep.stage)), overrides=overrides,
+                              stage=stage, overrides=overrides,
                               config_hash=h, run_dir=str(run_dir), store_root=str(root), cell_id=cid,
                               extra=dict(getattr(cell, "extra", {}) or {})))
     return specs

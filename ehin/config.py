@@ -145,7 +145,11 @@ def validate(cfg: dict) -> None:
         )
 
 
-def config_hash(cfg: Mapping, *, ignore: Iterable[str] = ("train.device", "train.threads", "data.num_workers")) -> str:
+HASH_IGNORE = ("train.device", "train.threads", "data.num_workers")  # change speed, not results
+STAGE2_KEYS = ("stage2", "pseudo")  # sections only pseudo-labels and stage 2 read
+
+
+def config_hash(cfg: Mapping, *, ignore: Iterable[str] = HASH_IGNORE) -> str:
     """A short stable hash of everything that changes results (devices and thread counts excluded)."""
     c = copy.deepcopy(dict(cfg))
     for dotted in ignore:

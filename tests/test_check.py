@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import json
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,27 @@ def test_environment_is_recorded_and_differences_are_named(tmp_path):
     assert environment_notes(same, b) == []
     notes = environment_notes(other, b)
     assert len(notes) == 1 and "numerics: baseline portable; this run native" in notes[0]
+
+
+def test_committed_smoke_baselines_match_the_current_smoke_cells(tmp_path):
+    """CI compares a fresh smoke run with reports/baselines/smoke.json; a config change that moves a
+    cell's hash (a new config key, say) must re-key or regenerate the baselines in the same commit."""
+    from bench.run import build_specs
+    from bench.sweeps import load_sweep
+
+    baselines = json.loads((Path(__file__).parent.parent / "reports" / "baselines" / "smoke.json").read_text())
+    for table, rows in baselines["tables"].items():
+        specs = {s.row: s.config_hash for s in build_specs(load_sweep(table), "smoke", 1, tmp_path)}
+        assert {row: entry["config_hash"] for row, entry in rows.items()} == {row: specs[row] for row in rows}
+
+
+def test_stage1_cells_ignore_stage2_settings(tmp_path):
+    from bench.run import build_specs
+    from bench.sweeps import load_sweep
+
+    sweep = load_sweep("table5")
+    plain = build_specs(sweep, "smoke", 1, tmp_path, rows=["bg+fg+cl"])[0]
+    moved = build_specs(sweep, "smoke", 1, tmp_path, rows=["bg+fg+cl"],
+                        extra_overrides={"stage2.lr": 0.5, "pseudo.random_walk": False})[0]
+    other = build_specs(sweep, "smoke", 1, tmp_path, rows=["bg+fg+cl"], extra_overrides={"model.alpha": 0.2})[0]
+    assert plain.config_hash == moved.config_hash != other.config_hash

@@ -364,3 +364,14 @@ def test_refer_source_pipeline_and_stage2_dataset(tmp_path):
         check_pseudo_labels(labels, refer, {"data": {**cfg["data"], "image_size": 64}})
     with pytest.raises(ValueError, match="trains on"):
         check_pseudo_labels(labels, refer, {"data": {**cfg["data"], "dataset": "refcoco+"}})
+
+
+def test_boundary_head_probes_the_trunk_on_its_own_device():
+    """The head sizes its branches with a probe through the trunk; the probe must live where the trunk
+    does (a CPU probe broke CUDA runs). The meta device stands in for CUDA here: no data, same checks."""
+    from ehin.backbones import build_clip
+    from ehin.pseudo_labels.irnet import BoundaryHead
+
+    trunk = build_clip("clip-tiny-rn", None, 64).to("meta")
+    head = BoundaryHead(trunk, 64)
+    assert len(head.branches) == 4  # stem..layer4 taps of the ModifiedResNet

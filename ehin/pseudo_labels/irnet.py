@@ -67,8 +67,9 @@ class BoundaryHead(nn.Module):
             p.requires_grad_(False)
         self.backbone.eval()
         self.image_size = image_size
+        device = next(backbone.parameters()).device  # a probe on the trunk's device (CUDA runs)
         with torch.no_grad():
-            taps = trunk_taps(backbone, torch.zeros(1, 3, image_size, image_size))
+            taps = trunk_taps(backbone, torch.zeros(1, 3, image_size, image_size, device=device))
         self.branches = nn.ModuleList(
             nn.Sequential(nn.Conv2d(t.shape[1], width, 1, bias=False), nn.GroupNorm(4, width), nn.ReLU(inplace=True))
             for t in taps
