@@ -307,11 +307,22 @@ def is_rdb_url(storage: str) -> bool:
 def open_storage(storage: str, *, heartbeat_s: int, grace_s: int, max_retry: int | None) -> optuna.storages.BaseStorage:
     """An RDB URL gets Optuna's own heartbeat; anything else is a JournalStorage file path."""
     if is_rdb_url(storage):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                storage, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+        import sqlalchemy.exc
+
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        storage, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                            max_retry=max_retry))
+            except sqlalchemy.exc.IntegrityError:
+                # Two processes opening a new database at once both create Optuna's schema; the
+                # loser's insert of the schema version fails. The schema exists now: open it again.
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     Path(storage).parent.mkdir(parents=True, exist_ok=True)

@@ -102,9 +102,11 @@ def test_two_local_workers_prune_and_report(tmp_path):
 
 
 def _reported_epochs(load) -> int:
+    import sqlalchemy.exc
+
     try:
         trials = load().get_trials(deepcopy=False)
-    except KeyError:  # the study is not created yet
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # the study (or the database's schema) is not there yet
         return 0
     return len(trials[0].intermediate_values) if trials else 0
 
@@ -292,3 +294,24 @@ def test_failing_trials_use_the_budget_and_are_reported(tmp_path, space, capsys)
     assert all("no CUDA device" in t.user_attrs["error"] for t in trials)
     assert (tmp_path / "res" / "s" / "trial-0" / "error.txt").exists()
     assert "no trial completed" in capsys.readouterr().err
+
+
+def test_rdb_storage_opened_while_another_process_creates_its_schema(tmp_path, monkeypatch):
+    """Two processes opening a new database at once both create Optuna's schema and the loser's insert
+    of the schema version raises IntegrityError (seen in CI: the kill test's poller against a starting
+    worker). open_storage opens it again instead of failing the worker."""
+    import sqlalchemy.exc
+
+    from bench import search
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    storage = search.open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_s=5, grace_s=20, max_retry=1)
+    assert len(calls) == 2 and isinstance(storage, real)
