@@ -150,8 +150,7 @@ def _run_local(specs, jobs, folder, poll_s, on_outcome) -> list[Outcome]:
     while queue or running:
         while queue and len(running) < max(1, jobs):
             spec = queue.pop(0)
-            if n_gpus:
-                ex.update_parameters(**gpu_slot(submitted, n_gpus))
+            ex.update_parameters(**gpu_slot(submitted, n_gpus))
             running.append((ex.submit(CellRunner(), spec), spec, time.time()))
             submitted += 1
         running = _harvest(running, outcomes, view, on_outcome)

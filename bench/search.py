@@ -615,8 +615,7 @@ def launch_workers(specs: list[WorkerSpec], executor: str, *, folder: Path, slur
         n_gpus = local_gpus()
         jobs = []
         for k, spec in enumerate(specs):
-            if n_gpus:
-                ex.update_parameters(**gpu_slot(k, n_gpus))
+            ex.update_parameters(**gpu_slot(k, n_gpus))
             jobs.append(ex.submit(SearchWorker(), spec))
     elif executor == "slurm":
         ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")

@@ -57,6 +57,7 @@ __all__ = [
     "tokenize",
 ]
 
+DENSE_MODES = ("tokens", "values")  # ViT dense readouts (`ClipBackbone._vit_tokens`)
 CONTEXT_LENGTH = 20  # METHOD D1 (TRIS's context length)
 
 # The project's small CLIPs for the synthetic profiles. Both are open_clip `CLIP`s with a ViT image

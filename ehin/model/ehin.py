@@ -92,8 +92,10 @@ def build_model(cfg: dict, backbone: nn.Module | None = None) -> EHIN:
 
         b = cfg["backbone"]
         backbone = build_clip(b["arch"], b["pretrained"], b["image_size"] or cfg["data"]["image_size"])
+    from ehin.backbones import DENSE_MODES
+
     dense = cfg["backbone"].get("dense", "tokens")
-    if dense not in ("tokens", "values"):
-        raise ValueError(f"backbone.dense must be tokens or values, got {dense!r}")
+    if dense not in DENSE_MODES:
+        raise ValueError(f"backbone.dense must be one of {DENSE_MODES}, got {dense!r}")
     backbone.dense = dense
     return EHIN(backbone, cfg)
