@@ -1,8 +1,9 @@
 """Run a paper table as a sweep and render it beside the paper's numbers.
 
-    python -m bench.run table5                         # synthetic profile, 3 seeds, in-process
+    python -m bench.run table5                         # synthetic profile, 3 seeds, 2 local processes
     python -m bench.run table5 --profile smoke         # CI-sized, 1 seed
-    python -m bench.run table3 --executor local --jobs 2
+    python -m bench.run table3 --executor inline       # in this process, one cell after another
+    python -m bench.run table5 --jobs 21               # a GPU machine: each cell on a GPU, round-robin
     python -m bench.run table5 --executor slurm --slurm-partition gpu --slurm-gpus 1 \\
         --slurm-setup "module load cuda"
     python -m bench.run all --profile smoke            # every table
@@ -106,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("table", help=f"a sweep name ({', '.join(list_sweeps())}), several joined by commas, or 'all'")
     p.add_argument("--profile", default="synthetic", choices=sorted(DEFAULT_SEEDS),
                    help="smoke (CI-sized), synthetic (default), paper (real data, GPU)")
-    p.add_argument("--executor", default="inline", choices=EXECUTORS,
-                   help="inline: this process; local: submitit local processes; slurm: SLURM job arrays")
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local (default): submitit local processes, --jobs at once, the cores shared "
+                        "between them; inline: this process, one cell after another; slurm: SLURM job arrays")
     p.add_argument("--seeds", type=int, help="seeds per row (default: 1 smoke, 3 synthetic, 1 paper)")
     p.add_argument("--jobs", type=int, default=2, help="cells at once with --executor local / slurm array")
     p.add_argument("--results", help="results folder holding store.jsonl (default results/<profile>)")

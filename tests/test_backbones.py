@@ -74,6 +74,25 @@ def test_matches_open_clip(arch: str) -> None:
     assert torch.allclose(ours_img, ref_img, atol=1e-5)
 
 
+@pytest.mark.parametrize("grid,width,heads,out", [(8, 512, 16, 64), (2, 64, 4, 32), (7, 256, 8, 128)])
+def test_factorised_attention_pool_equals_open_clips(grid: int, width: int, heads: int, out: int) -> None:
+    """bb.attention_pool (one query, nothing projected per token) = open_clip's AttentionPool2d, in
+    value and in the gradient w.r.t. its input, in float64 where rounding cannot hide a wrong term."""
+    from open_clip.modified_resnet import AttentionPool2d
+
+    torch.manual_seed(0)
+    pool = AttentionPool2d(grid, width, heads, out).double()
+    for lin in (pool.q_proj, pool.k_proj, pool.v_proj):  # non-zero biases: the k bias must cancel
+        torch.nn.init.normal_(lin.bias)
+    x = torch.randn(3, width, grid, grid, dtype=torch.double, requires_grad=True)
+    ref = pool(x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    ours = bb.attention_pool(pool, x)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), x)
+    assert ours.shape == (3, out)
+    assert torch.allclose(ours, ref, atol=1e-12) and torch.allclose(g_ours, g_ref, atol=1e-12)
+
+
 def test_pyramid_shapes() -> None:
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():

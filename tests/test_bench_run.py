@@ -18,7 +18,8 @@ TINY = ["backbone.pretrained=null", "synthetic.images=60", "train.epochs=1", "ev
 
 
 def args(*extra, results, reports, rows="bg+fg,fg+cl"):
-    a = ["table5", "--profile", "smoke", "--rows", rows, "--results", str(results), "--reports", str(reports)]
+    a = ["table5", "--profile", "smoke", "--rows", rows, "--results", str(results), "--reports", str(reports),
+         "--executor", "inline"]  # a later --executor in `extra` wins
     for s in TINY:
         a += ["--set", s]
     return a + list(extra)
