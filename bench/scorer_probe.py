@@ -25,7 +25,6 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 VARIANTS = ("full", "ref_only", "ref+bg", "bg_only", "hide_ref", "objects")
 
@@ -46,10 +45,11 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True) -> dict[str, d
     from ehin.backbones import tokenize
     from ehin.data.datasets import EvalDataset, resize_mask
     from ehin.losses import cl_loss
-    from ehin.train_stage1 import build_scorer, prepare
+    from ehin.model.scorer import build_frozen_scorer
+    from ehin.train_stage1 import prepare
 
     refer = prepare(cfg)
-    scorer = build_scorer({**cfg, "loss": {**cfg["loss"], "cl": 1.0}})
+    scorer = build_frozen_scorer(cfg)
     size = cfg["data"]["image_size"]
     ds = EvalDataset(refer, cfg["eval"]["split"], tokenize, size, max_items=max_items)
     sentences = defaultdict(set)  # image -> the sentences referring to something in it
@@ -64,10 +64,7 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True) -> dict[str, d
         texts = scorer.encode_texts(None, [item["sentence"]] + negs)
         masks = variant_masks(torch.from_numpy(resize_mask(item["mask"].numpy(), size)),
                               torch.from_numpy(resize_mask(item["objects_mask"].numpy(), size)))
-        images = torch.stack([item["image"] * m for m in masks.values()])
-        if scorer.image_size != size:
-            images = F.interpolate(images, size=(scorer.image_size,) * 2, mode="bilinear", antialias=True)
-        emb = F.normalize(scorer.clip.encode_image(images).float(), dim=-1)
+        emb = scorer.embed_images(torch.stack([item["image"] * m for m in masks.values()]))
         s = emb @ texts.T  # [variants, 1 + negatives]
         for name, row in zip(masks, s):
             rows[name].append((row[0].item(), row[1:].mean().item(), cl_loss(row[None]).item(),

@@ -68,12 +68,9 @@ def build_scorer(cfg: dict):
     """The frozen CLIP of L_CL/L_BG (METHOD §2); None when neither term is on."""
     if cfg["loss"]["cl"] == 0 and cfg["loss"]["bg"] == 0:
         return None
-    from ehin.backbones import build_clip
-    from ehin.model.scorer import FrozenScorer
+    from ehin.model.scorer import build_frozen_scorer
 
-    sc = cfg["scorer"]
-    clip = build_clip(sc["arch"], sc["pretrained"] or cfg["backbone"]["pretrained"], sc["image_size"])
-    return FrozenScorer(clip, sc["image_size"], copy_backbone=False)  # built for it alone: no copy
+    return build_frozen_scorer(cfg)
 
 
 def poly_lambda(total_iters: int, power: float):

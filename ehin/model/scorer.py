@@ -93,7 +93,16 @@ class FrozenScorer(nn.Module):
         device = next(self.parameters()).device
         self._cache = OrderedDict((k, v.to(device)) for k, v in state.items())
 
-    # ---- masked images ----------------------------------------------------------------------------
+    # ---- images -----------------------------------------------------------------------------------
+    def embed_images(self, images01: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings [B, E] of [B,3,S,S] images in [0,1], resized to the scorer's size."""
+        size = (self.image_size, self.image_size)
+        img = images01.float()
+        if tuple(img.shape[-2:]) != size:
+            # No gradient needs to reach the pixels, so antialias freely when shrinking.
+            img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return F.normalize(self.clip.encode_image(img).float(), dim=-1)  # CLIP normalises inside (METHOD §4)
+
     def score_masked(self, images01: torch.Tensor, maps: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
         """S(I, R, Q) of Eq. 16 for B masked images against M texts each.
 
@@ -106,6 +115,14 @@ class FrozenScorer(nn.Module):
             # No gradient needs to reach the pixels, so antialias freely when shrinking.
             img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
         mask = F.interpolate(torch.sigmoid(maps.float())[:, None], size=size, mode="bilinear", align_corners=False)
-        emb = self.clip.encode_image(img * mask)  # [0,1]-space masking; CLIP normalises inside (METHOD §4)
-        emb = F.normalize(emb.float(), dim=-1)
+        emb = self.embed_images(img * mask)  # [0,1]-space masking (METHOD §4); already at the scorer's size
         return torch.einsum("be,bme->bm", emb, text_feats.to(emb.dtype))
+
+
+def build_frozen_scorer(cfg: dict) -> FrozenScorer:
+    """The frozen CLIP of a config's `scorer` section (METHOD §2); its weights default to the backbone's."""
+    from ehin.backbones import build_clip
+
+    sc = cfg["scorer"]
+    clip = build_clip(sc["arch"], sc["pretrained"] or cfg["backbone"]["pretrained"], sc["image_size"])
+    return FrozenScorer(clip, sc["image_size"], copy_backbone=False)  # built for it alone: no copy

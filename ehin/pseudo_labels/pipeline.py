@@ -605,6 +605,7 @@ def generate(checkpoint: str | Path, out: str | Path, *, split: str | None = Non
     """Pseudo-labels for one split (default: data.train_split) from a stage-1 checkpoint."""
     from ehin.checkpoint import load_stage1
     from ehin.config import config_hash, merge
+    from ehin.model.scorer import build_frozen_scorer
     from ehin.train_stage1 import prepare, resolve_device
 
     model, cfg = load_stage1(checkpoint)
@@ -618,7 +619,8 @@ def generate(checkpoint: str | Path, out: str | Path, *, split: str | None = Non
     refer = prepare(cfg)
     source = ReferSource(refer, split, cfg["data"]["image_size"])
     model = model.to(dev).eval()
-    scorer = _build_scorer(cfg).to(dev) if st.prms else None
+    # PRMS uses the stage-1 config's scorer, built even when that run had L_CL and L_BG off.
+    scorer = build_frozen_scorer(cfg).to(dev) if st.prms else None
     identity = {"stage1_weights": weights_digest(model), "stage1_config": config_hash(cfg),
                 "dataset": cfg["data"]["dataset"], "split_by": cfg["data"]["split_by"], "split": split,
                 "split_digest": split_digest(refer, split)}
@@ -629,12 +631,3 @@ def generate(checkpoint: str | Path, out: str | Path, *, split: str | None = Non
                         num_workers=cfg["data"]["num_workers"], stop_after=stop_after, progress=progress)
 
 
-def _build_scorer(cfg: dict):
-    """The frozen CLIP scorer for PRMS: the stage-1 config's scorer (METHOD §2), built even when the
-    stage-1 run had L_CL and L_BG off."""
-    from ehin.backbones import build_clip
-    from ehin.model.scorer import FrozenScorer
-
-    sc = cfg["scorer"]
-    clip = build_clip(sc["arch"], sc["pretrained"] or cfg["backbone"]["pretrained"], sc["image_size"])
-    return FrozenScorer(clip, sc["image_size"], copy_backbone=False)
