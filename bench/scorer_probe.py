@@ -1,12 +1,15 @@
-"""What the frozen scorer of L_CL / L_BG rewards: S (Eq. 16) of an image under ground-truth masks.
+"""What the frozen scorer of L_CL / L_BG rewards: S (Eq. 16) of an image under ground-truth masks,
+and, with --run, under a trained model's own maps.
 
     python -m bench.scorer_probe                      # synthetic profile, 400 val expressions
     python -m bench.scorer_probe --profile smoke --set scorer.arch=clip-tiny-rn
+    python -m bench.scorer_probe --run results/synthetic/runs/table5/bg+fg+cl/seed0-...
 
 L_CL (Eq. 15) pulls the mask of the referred object towards the masks the scorer likes best for the
 positive sentence and worst for the same-image negatives. This probe puts the ground-truth masks
 through the scorer instead of learned maps: for each val expression whose image holds other
-referred objects (the negatives are their sentences, as in training), it scores the image with
+referred objects (the negatives are the sentences of those other refs, as in training, METHOD D2),
+it scores the image with
 
     full         everything kept              ref_only     the referred object alone
     ref+bg       the other objects hidden     bg_only      every object hidden
@@ -14,8 +17,12 @@ referred objects (the negatives are their sentences, as in training), it scores 
 
 and prints mean S_pos, mean S_neg, L_CL of that mask, and how often the positive sentence beats
 every negative. If `ref_only` and `ref+bg` tie, the loss cannot tell a map on the referred object
-from one that also covers the background, so nothing in L_CL/L_BG moves a map's peak off the
-background: only L_FG does (README, issue 3 findings).
+from one that also covers the background. With --run DIR (a stage-1 run or its checkpoint) the
+run's own config and scorer are used, and two more rows score the model's maps for the same
+expressions: `early` (V.L before HIPM, what early L_CL masks with) and `fused` (R_ii), with the share
+of the image they keep (mean sigmoid) and how often their peak is on the referred object. A trained
+map that scores far worse than `ref_only` under the scorer it was trained against is one that L_CL's
+gradient did not lead to the referent (docs/method.md §10).
 """
 from __future__ import annotations
 
@@ -27,6 +34,18 @@ import numpy as np
 import torch
 
 VARIANTS = ("full", "ref_only", "ref+bg", "bg_only", "hide_ref", "objects")
+MODEL_ROWS = ("early", "fused")
+
+
+def same_image_negatives(items: list[tuple[int, int, str]]) -> list[list[str]]:
+    """For (image_id, ref_id, sentence) items: the sentences of the *other* refs of the same image,
+    sorted, never the item's own sentence. Another sentence of the same ref describes the referent
+    too, so it is no negative (METHOD D2)."""
+    by_image: dict[int, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for image_id, ref_id, sentence in items:
+        by_image[image_id][ref_id].add(sentence)
+    return [sorted({t for r, sents in by_image[image_id].items() if r != ref_id for t in sents} - {sentence})
+            for image_id, ref_id, sentence in items]
 
 
 def variant_masks(ref: torch.Tensor, objects: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -38,8 +57,11 @@ def variant_masks(ref: torch.Tensor, objects: torch.Tensor) -> dict[str, torch.T
 
 
 @torch.no_grad()
-def probe(cfg: dict, max_items: int = 400, progress: bool = True) -> dict[str, dict[str, float]]:
-    """Per mask variant: s_pos, s_neg, l_cl (Eq. 15 with S clamped as in training), pos_wins (%), n."""
+def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) -> dict[str, dict[str, float]]:
+    """Per mask variant: s_pos, s_neg, l_cl (Eq. 15 with S clamped as in training), pos_wins (%), n.
+    With a stage-1 `model` (EHIN), also rows `early` and `fused` for its maps, with `kept` (mean
+    sigmoid of the map, %) and `peak_on_ref` (its argmax on the referred object, %)."""
+    import torch.nn.functional as F
     from tqdm import tqdm
 
     from ehin.backbones import tokenize
@@ -51,30 +73,41 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True) -> dict[str, d
     refer = prepare(cfg)
     scorer = build_frozen_scorer(cfg)
     size = cfg["data"]["image_size"]
-    ds = EvalDataset(refer, cfg["eval"]["split"], tokenize, size, max_items=max_items)
-    sentences = defaultdict(set)  # image -> the sentences referring to something in it
-    for ref, sent in ds.items:
-        sentences[ref["image_id"]].add(refer.sentence(sent))
-    rows: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
+    ds = EvalDataset(refer, cfg["eval"]["split"], model.backbone.tokenize if model is not None else tokenize,
+                     size, max_items=max_items)
+    negatives = same_image_negatives([(ref["image_id"], ref["ref_id"], refer.sentence(sent)) for ref, sent in ds.items])
+    rows: dict[str, list[tuple[float, ...]]] = defaultdict(list)
     for i in tqdm(range(len(ds)), desc="scorer probe", disable=not progress, leave=False):
-        item = ds[i]
-        negs = sorted(sentences[item["image_id"]] - {item["sentence"]})
+        item, negs = ds[i], negatives[i]
         if not negs:
             continue
         texts = scorer.encode_texts(None, [item["sentence"]] + negs)
-        masks = variant_masks(torch.from_numpy(resize_mask(item["mask"].numpy(), size)),
-                              torch.from_numpy(resize_mask(item["objects_mask"].numpy(), size)))
+        ref = torch.from_numpy(resize_mask(item["mask"].numpy(), size))
+        masks = variant_masks(ref, torch.from_numpy(resize_mask(item["objects_mask"].numpy(), size)))
         emb = scorer.embed_images(torch.stack([item["image"] * m for m in masks.values()]))
         s = emb @ texts.T  # [variants, 1 + negatives]
         for name, row in zip(masks, s):
             rows[name].append((row[0].item(), row[1:].mean().item(), cl_loss(row[None]).item(),
                                float(row[0] > row[1:].max())))
-    out = {}
-    for name in VARIANTS:
-        a = np.array(rows[name]).mean(0) if rows[name] else np.full(4, np.nan)
-        out[name] = {"s_pos": float(a[0]), "s_neg": float(a[1]), "l_cl": float(a[2]),
-                     "pos_wins": float(100 * a[3]), "n": len(rows[name])}
-    return out
+        if model is not None:
+            device = next(model.parameters()).device
+            out = model(item["image"][None].to(device), item["tokens"][None].to(device))
+            for name, m in (("early", out["raw_maps"][0, 0]), ("fused", out["maps"][0, 0])):
+                m = m.float().cpu()
+                row = scorer.score_masked(item["image"][None], m[None], texts[None])[0]
+                up = F.interpolate(m[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+                rows[name].append((row[0].item(), row[1:].mean().item(), cl_loss(row[None]).item(),
+                                   float(row[0] > row[1:].max()), 100 * torch.sigmoid(up).mean().item(),
+                                   100 * float(ref.flatten()[up.argmax()] > 0)))
+    out_rows = {}
+    for name in VARIANTS + (MODEL_ROWS if model is not None else ()):
+        width = 6 if name in MODEL_ROWS else 4
+        a = np.array(rows[name]).mean(0) if rows[name] else np.full(width, np.nan)
+        out_rows[name] = {"s_pos": float(a[0]), "s_neg": float(a[1]), "l_cl": float(a[2]),
+                          "pos_wins": float(100 * a[3]), "n": len(rows[name])}
+        if name in MODEL_ROWS:
+            out_rows[name] |= {"kept": float(a[4]), "peak_on_ref": float(a[5])}
+    return out_rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,17 +117,32 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="synthetic")
     p.add_argument("--config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides (with --run: applied to the run's own config)")
+    p.add_argument("--run", help="a stage-1 run folder or checkpoint: also score its maps, with its config")
     p.add_argument("--max-items", type=int, default=400, help="val expressions to probe")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, profile=args.profile, overrides=args.overrides)
-    res = probe(cfg, args.max_items)
+    model = None
+    if args.run:
+        from pathlib import Path
+
+        from ehin.checkpoint import load_stage1
+        from ehin.config import merge, parse_overrides, validate
+
+        path = Path(args.run)
+        model, cfg = load_stage1(path / "checkpoints" / "last.pt" if path.is_dir() else path)
+        cfg = merge(cfg, parse_overrides(args.overrides))
+        validate(cfg)
+    else:
+        cfg = load_config(args.config, profile=args.profile, overrides=args.overrides)
+    res = probe(cfg, args.max_items, model=model)
     print(f"scorer {cfg['scorer']['arch']} ({cfg['scorer']['pretrained'] or cfg['backbone']['pretrained']}), "
           f"{cfg['data']['dataset']} {cfg['eval']['split']}, {res['full']['n']} expressions with same-image negatives")
-    print(f"{'mask':<10} {'S_pos':>6} {'S_neg':>6} {'L_CL':>6} {'pos wins':>9}")
+    print(f"{'mask':<10} {'S_pos':>6} {'S_neg':>6} {'L_CL':>6} {'pos wins':>9} {'kept':>6} {'peak on ref':>12}")
     for name, r in res.items():
-        print(f"{name:<10} {r['s_pos']:6.3f} {r['s_neg']:6.3f} {r['l_cl']:6.3f} {r['pos_wins']:8.0f}%")
+        extra = f" {r['kept']:5.1f}% {r['peak_on_ref']:11.1f}%" if "kept" in r else ""
+        print(f"{name:<10} {r['s_pos']:6.3f} {r['s_neg']:6.3f} {r['l_cl']:6.3f} {r['pos_wins']:8.0f}%{extra}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

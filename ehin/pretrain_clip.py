@@ -74,6 +74,7 @@ class PretrainRecipe:
     n_heldout: int = 2000     # pairs for the retrieval report
     seed: int = 0             # second word of the seed stream
     ignore_compatible: bool = True  # texts that may be true of an image are not its negatives
+    object_on_black: float = 0.0  # share of single-object pairs masked to the object (sample_caption_pairs)
     version: int = RECIPE_VERSION
 
 
@@ -127,9 +128,15 @@ def _generator_fingerprint(size: int) -> str:
     return h.hexdigest()[:12]
 
 
+# Fields added after RECIPE_VERSION 1 leave the hash alone at their default (which reproduces the
+# older recipe exactly), so that existing caches stay valid.
+_HASH_DEFAULTS = {"object_on_black": 0.0}
+
+
 def _recipe_hash(recipe: PretrainRecipe) -> str:
+    fields = {k: v for k, v in asdict(recipe).items() if not (k in _HASH_DEFAULTS and v == _HASH_DEFAULTS[k])}
     blob = json.dumps(
-        dict(recipe=asdict(recipe), model=CUSTOM_ARCHS.get(recipe.arch), data=_generator_fingerprint(recipe.image_size)),
+        dict(recipe=fields, model=CUSTOM_ARCHS.get(recipe.arch), data=_generator_fingerprint(recipe.image_size)),
         sort_keys=True,
     ).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
@@ -218,10 +225,11 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Te
 @torch.no_grad()
 def _embed(model: ClipBackbone, images: torch.Tensor, captions: Sequence[str], batch: int = 500
            ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    img = torch.cat([model.encode_image(_to01(images[i:i + batch])) for i in range(0, len(images), batch)])
+    dev = model.logit_scale.device
+    img = torch.cat([model.encode_image(_to01(images[i:i + batch].to(dev))) for i in range(0, len(images), batch)])
     texts = sorted(set(captions))
-    txt = torch.cat([model.encode_text(model.tokenize(texts[i:i + batch]))[0] for i in range(0, len(texts), batch)])
-    return F.normalize(img, dim=-1), F.normalize(txt, dim=-1), texts
+    txt = torch.cat([model.encode_text(model.tokenize(texts[i:i + batch]).to(dev))[0] for i in range(0, len(texts), batch)])
+    return F.normalize(img, dim=-1).cpu(), F.normalize(txt, dim=-1).cpu(), texts
 
 
 def retrieval_metrics(model: ClipBackbone, images: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
@@ -272,11 +280,11 @@ def _to01(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _pair_chunk(args: tuple[int, int, int, int, int]) -> tuple[np.ndarray, list[str]]:
+def _pair_chunk(args: tuple[int, int, int, int, int, float]) -> tuple[np.ndarray, list[str]]:
     from ehin.data.synthetic import sample_caption_pairs
 
-    seed, part, index, size, n = args
-    return sample_caption_pairs(np.random.default_rng([CLIP_STREAM, seed, part, index]), size, n)
+    seed, part, index, size, n, object_on_black = args
+    return sample_caption_pairs(np.random.default_rng([CLIP_STREAM, seed, part, index]), size, n, object_on_black)
 
 
 def _pairs(recipe: PretrainRecipe, part: int, n: int, desc: str, progress: bool) -> tuple[torch.Tensor, list[str]]:
@@ -284,7 +292,8 @@ def _pairs(recipe: PretrainRecipe, part: int, n: int, desc: str, progress: bool)
     (Serial on purpose: worker processes would need fork, unsafe under torch's and OpenCV's thread
     pools, or spawn, which re-imports the caller's unguarded __main__.)"""
     chunk = 500
-    jobs = [(recipe.seed, part, k, recipe.image_size, min(chunk, n - k * chunk)) for k in range(math.ceil(n / chunk))]
+    jobs = [(recipe.seed, part, k, recipe.image_size, min(chunk, n - k * chunk), recipe.object_on_black)
+            for k in range(math.ceil(n / chunk))]
     results = [_pair_chunk(j) for j in tqdm(jobs, desc=desc, disable=not progress, leave=False)]
     return torch.from_numpy(np.concatenate([r[0] for r in results])), [c for r in results for c in r[1]]
 
@@ -338,7 +347,10 @@ def _pretrain(recipe: PretrainRecipe, progress: bool, eval_every: int) -> tuple[
     held_imgs, held_caps = _pairs(recipe, 1, recipe.n_heldout, "pairs (held-out)", progress)
     t_data = time.perf_counter() - t0
 
-    model = build_clip(recipe.arch, None, recipe.image_size).train()
+    # A GPU when there is one (the pairs stay on the host, a batch moves per step); the cache key does
+    # not name the device, as it does not name the thread count: both change only the rounding.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_clip(recipe.arch, None, recipe.image_size).to(device).train()
     opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _one_cycle(s, recipe.steps, recipe.warmup))
     batches = _batches(recipe, len(train_caps))
@@ -350,19 +362,19 @@ def _pretrain(recipe: PretrainRecipe, progress: bool, eval_every: int) -> tuple[
     t_curve = 0.0
     for step in bar:
         idx = torch.from_numpy(next(batches))
-        images = _to01(train_imgs[idx])
-        flip = torch.from_numpy(order_rng.random(len(idx)) < 0.5)
+        images = _to01(train_imgs[idx].to(device))
+        flip = torch.from_numpy(order_rng.random(len(idx)) < 0.5).to(device)
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         caps = [train_caps[i] for i in idx.tolist()]
         texts = sorted(set(caps))  # dedupe: identical captions are one text with several images
         for t in texts:
             if t not in tokens_of:
                 tokens_of[t] = model.tokenize([t])[0]
-        pos, neg = caption_relation(caps, texts)
+        pos, neg = (m.to(device) for m in caption_relation(caps, texts))
         if not recipe.ignore_compatible:  # plain CLIP (deduplicated): every other caption is negative
             neg = ~pos
         img_emb = model.encode_image(images)
-        txt_emb = model.encode_text(torch.stack([tokens_of[t] for t in texts]))[0]
+        txt_emb = model.encode_text(torch.stack([tokens_of[t] for t in texts]).to(device))[0]
         loss = contrastive_loss(img_emb, txt_emb, model.logit_scale.exp(), pos, neg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -384,10 +396,10 @@ def _pretrain(recipe: PretrainRecipe, progress: bool, eval_every: int) -> tuple[
     metrics = retrieval_metrics(model.eval(), held_imgs, held_caps)
     report = dict(metrics=metrics, final_loss=loss_ema, seconds_data=round(t_data, 1),
                   seconds_train=round(t_train, 1), seconds_total=round(time.perf_counter() - t0, 1),
-                  threads=torch.get_num_threads(), sec_per_step=round(t_train / recipe.steps, 4))
+                  threads=torch.get_num_threads(), device=device.type, sec_per_step=round(t_train / recipe.steps, 4))
     if curve:
         report["curve"] = curve
-    return model.clip.state_dict(), report
+    return {k: v.cpu() for k, v in model.clip.state_dict().items()}, report
 
 
 def ensure_pretrained(arch: str, image_size: int, *, force: bool = False, progress: bool = True,

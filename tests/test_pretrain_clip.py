@@ -198,3 +198,10 @@ def test_synthetic_spec_names_recipe_overrides():
         synthetic_overrides("synthetic:arch=RN50")
     with pytest.raises(ValueError, match="bad synthetic CLIP spec"):
         synthetic_overrides("synthetic:stepz=3")
+
+
+def test_object_on_black_enters_the_hash_only_when_set() -> None:
+    base = pc.recipe_for("clip-tiny-rn", 32)
+    assert pc.checkpoint_path(replace(base, object_on_black=0.0)) == pc.checkpoint_path(base)
+    assert pc.checkpoint_path(replace(base, object_on_black=1.0)) != pc.checkpoint_path(base)
+    assert pc.synthetic_overrides("synthetic:object_on_black=0.5") == {"object_on_black": 0.5}

@@ -3,8 +3,9 @@ import math
 
 import torch
 
-from bench.scorer_probe import VARIANTS, probe, variant_masks
+from bench.scorer_probe import MODEL_ROWS, VARIANTS, probe, same_image_negatives, variant_masks
 from ehin.config import load_config
+from ehin.model import build_model
 
 
 def test_variant_masks_by_hand():
@@ -31,3 +32,30 @@ def test_probe_on_a_tiny_dataset(tmp_path, monkeypatch):
         assert all(math.isfinite(r[k]) for k in ("s_pos", "s_neg", "l_cl", "pos_wins"))
         assert -1 <= r["s_pos"] <= 1 and 0 <= r["pos_wins"] <= 100
         assert r["l_cl"] > 0  # -log S - mean log(1 - S) with S clamped into (0, 1)
+
+
+def test_same_image_negatives_by_hand():
+    items = [(1, 10, "red circle"), (1, 10, "circle"), (1, 11, "blue one"), (1, 12, "square"),
+             (2, 20, "star"), (1, 12, "red circle")]  # a sentence of ref 12 equal to one of ref 10
+    negs = same_image_negatives(items)
+    assert negs[0] == ["blue one", "square"]  # never "circle": ref 10's other sentence describes it too
+    assert negs[1] == ["blue one", "red circle", "square"]  # "red circle" is also ref 12's sentence
+    assert negs[2] == ["circle", "red circle", "square"]
+    assert negs[3] == ["blue one", "circle", "red circle"]
+    assert negs[4] == []  # alone in its image
+    assert negs[5] == ["blue one", "circle"]  # its own string never counts against it
+
+
+def test_probe_scores_a_models_maps(tmp_path, monkeypatch):
+    monkeypatch.setenv("EHIN_CACHE", str(tmp_path))
+    cfg = load_config(profile="smoke", overrides=["backbone.pretrained=null", "synthetic.images=40"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    res = probe(cfg, max_items=20, progress=False, model=model)
+    assert list(res) == list(VARIANTS) + list(MODEL_ROWS)
+    for name in MODEL_ROWS:
+        r = res[name]
+        assert r["n"] == res["full"]["n"] > 0
+        assert 0 < r["kept"] < 100 and 0 <= r["peak_on_ref"] <= 100
+        assert math.isfinite(r["l_cl"]) and r["l_cl"] > 0
+    assert "kept" not in res["ref_only"]

@@ -241,6 +241,17 @@ def test_sample_caption_pairs():
     assert not np.array_equal(images, other)
 
 
+def test_object_on_black_masks_the_single_objects_background():
+    black_share = lambda imgs: float(np.mean([(img.max(-1) == 0).mean() for img in imgs]))
+    plain, caps = syn.sample_caption_pairs(np.random.default_rng(11), 40, 200)
+    again, caps0 = syn.sample_caption_pairs(np.random.default_rng(11), 40, 200, object_on_black=0.0)
+    np.testing.assert_array_equal(plain, again)  # 0 draws nothing: the default stream is unchanged
+    assert caps == caps0
+    masked, _ = syn.sample_caption_pairs(np.random.default_rng(11), 40, 200, object_on_black=1.0)
+    # about 45 % of the pairs are single objects: with them masked too, far more pixels are black
+    assert black_share(masked) > black_share(plain) + 0.2
+
+
 def test_single_object_caption_names_the_painted_object():
     rng = np.random.default_rng(5)
     for _ in range(20):

@@ -391,13 +391,17 @@ def _soft_keep(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     return m
 
 
-def sample_caption_pairs(rng: np.random.Generator, size: int, n: int) -> tuple[np.ndarray, list[str]]:
+def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_black: float = 0.0
+                         ) -> tuple[np.ndarray, list[str]]:
     """n image-caption pairs for contrastive pretraining of the small CLIP (METHOD §2).
 
     Mixes single objects on a textured background ("red circle", "big blue star"), scenes where one
     object is kept and the rest is masked to black or the other objects greyed out (caption: the
-    kept object), and ReferIt-style stuff bands masked to one band ("sky"). The caller passes its
-    own rng: this never touches the benchmark's seeds or splits.
+    kept object), and ReferIt-style stuff bands masked to one band ("sky"). `object_on_black` is the
+    share of single objects whose background is masked to black as well (docs/method.md §10: with
+    0, every caption of a thing is also true of it on its textured background, so the CLIP learns
+    that the background does not matter). The caller passes its own rng: this never touches the
+    benchmark's seeds or splits.
     Returns uint8 [n, size, size, 3] and n captions."""
     images = np.empty((n, size, size, 3), np.uint8)
     captions: list[str] = []
@@ -408,6 +412,9 @@ def sample_caption_pairs(rng: np.random.Generator, size: int, n: int) -> tuple[n
             while not scene.objects:
                 scene = sample_scene(rng, size, 1)
             img = render_scene(rng, scene)
+            # no draw at 0: the stream (and the default CLIP's cache key) stays as it was
+            if object_on_black > 0 and rng.random() < object_on_black:
+                img = (img.astype(np.float32) * _soft_keep(rng, scene.objects[0].mask)[..., None] + 0.5).astype(np.uint8)
             captions.append(_random_caption(rng, scene.objects[0]))
         elif u < 0.9:  # one object of a scene kept, the rest masked out or greyed
             scene = sample_scene(rng, size, stuff=rng.random() < 0.2)
