@@ -77,6 +77,7 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
                      size, max_items=max_items)
     negatives = same_image_negatives([(ref["image_id"], ref["ref_id"], refer.sentence(sent)) for ref, sent in ds.items])
     rows: dict[str, list[tuple[float, ...]]] = defaultdict(list)
+    device = next(model.parameters()).device if model is not None else None
     for i in tqdm(range(len(ds)), desc="scorer probe", disable=not progress, leave=False):
         item, negs = ds[i], negatives[i]
         if not negs:
@@ -90,7 +91,6 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
             rows[name].append((row[0].item(), row[1:].mean().item(), cl_loss(row[None]).item(),
                                float(row[0] > row[1:].max())))
         if model is not None:
-            device = next(model.parameters()).device
             out = model(item["image"][None].to(device), item["tokens"][None].to(device))
             for name, m in (("early", out["raw_maps"][0, 0]), ("fused", out["maps"][0, 0])):
                 m = m.float().cpu()

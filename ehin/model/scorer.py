@@ -94,13 +94,17 @@ class FrozenScorer(nn.Module):
         self._cache = OrderedDict((k, v.to(device)) for k, v in state.items())
 
     # ---- images -----------------------------------------------------------------------------------
-    def embed_images(self, images01: torch.Tensor) -> torch.Tensor:
-        """Normalised image embeddings [B, E] of [B,3,S,S] images in [0,1], resized to the scorer's size."""
+    def _at_size(self, images01: torch.Tensor) -> torch.Tensor:
         size = (self.image_size, self.image_size)
         img = images01.float()
         if tuple(img.shape[-2:]) != size:
             # No gradient needs to reach the pixels, so antialias freely when shrinking.
             img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return img
+
+    def embed_images(self, images01: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings [B, E] of [B,3,S,S] images in [0,1], resized to the scorer's size."""
+        img = self._at_size(images01)
         return F.normalize(self.clip.encode_image(img).float(), dim=-1)  # CLIP normalises inside (METHOD §4)
 
     def score_masked(self, images01: torch.Tensor, maps: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
@@ -109,12 +113,9 @@ class FrozenScorer(nn.Module):
         images01 [B,3,S,S] in [0,1]; maps [B,h,w] response-map logits R; text_feats [B,M,E] normalised.
         Returns cosine similarities [B, M]; differentiable w.r.t. `maps`.
         """
-        size = (self.image_size, self.image_size)
-        img = images01.float()
-        if tuple(img.shape[-2:]) != size:
-            # No gradient needs to reach the pixels, so antialias freely when shrinking.
-            img = F.interpolate(img, size=size, mode="bilinear", align_corners=False, antialias=True)
-        mask = F.interpolate(torch.sigmoid(maps.float())[:, None], size=size, mode="bilinear", align_corners=False)
+        img = self._at_size(images01)
+        mask = F.interpolate(torch.sigmoid(maps.float())[:, None], size=img.shape[-2:], mode="bilinear",
+                             align_corners=False)
         emb = self.embed_images(img * mask)  # [0,1]-space masking (METHOD §4); already at the scorer's size
         return torch.einsum("be,bme->bm", emb, text_feats.to(emb.dtype))
 
