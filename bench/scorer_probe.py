@@ -22,7 +22,11 @@ run's own config and scorer are used, and two more rows score the model's maps f
 expressions: `early` (V.L before HIPM, what early L_CL masks with) and `fused` (R_ii), with the share
 of the image they keep (mean sigmoid) and how often their peak is on the referred object. A trained
 map that scores far worse than `ref_only` under the scorer it was trained against is one that L_CL's
-gradient did not lead to the referent (docs/method.md §10).
+gradient did not lead to the referent (docs/method.md §10). A second table splits each map by region
+(the referred object, the other objects, the plain background; cells weighted by how much of each
+they cover): the map's mean value there, and the mean pull -dL_CL/dR (positive: gradient descent
+raises the map there). It shows where L_CL pushes a trained map and whether the sigmoid has
+saturated (`saturated`: cells with |R| > 4.6, where sigmoid' < 0.01).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import torch
 
 VARIANTS = ("full", "ref_only", "ref+bg", "bg_only", "hide_ref", "objects")
 MODEL_ROWS = ("early", "fused")
+REGIONS = ("ref", "other", "bg")
 
 
 def same_image_negatives(items: list[tuple[int, int, str]]) -> list[list[str]]:
@@ -57,10 +62,38 @@ def variant_masks(ref: torch.Tensor, objects: torch.Tensor) -> dict[str, torch.T
 
 
 @torch.no_grad()
+def region_weights(ref: torch.Tensor, objects: torch.Tensor, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """How much of each map cell ([h, w] = grid) the referred object, the other objects and the plain
+    background cover, from [S, S] masks at image size (area pooling; the three sum to 1 per cell)."""
+    import torch.nn.functional as F
+
+    ref, objects = ref.float(), torch.maximum(objects.float(), ref.float())
+    stack = torch.stack([ref, objects - ref, 1 - objects])[None]
+    pooled = F.adaptive_avg_pool2d(stack, grid)[0]
+    return dict(zip(REGIONS, pooled))
+
+
+def region_means(values: torch.Tensor, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Area-weighted mean of a [h, w] map over each region (NaN for a region that is absent)."""
+    return {k: float((values * w).sum() / w.sum()) if w.sum() > 0 else float("nan") for k, w in weights.items()}
+
+
+def cl_pull(scorer, image: torch.Tensor, m: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """-dL_CL/dR for one map [h, w] under the frozen scorer (Eq. 15-16, as in training)."""
+    from ehin.losses import cl_loss
+
+    with torch.enable_grad():
+        m = m.detach().clone().requires_grad_(True)
+        cl_loss(scorer.score_masked(image[None], m[None], texts[None])).backward()
+    return -m.grad
+
+
 def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) -> dict[str, dict[str, float]]:
     """Per mask variant: s_pos, s_neg, l_cl (Eq. 15 with S clamped as in training), pos_wins (%), n.
     With a stage-1 `model` (EHIN), also rows `early` and `fused` for its maps, with `kept` (mean
-    sigmoid of the map, %) and `peak_on_ref` (its argmax on the referred object, %)."""
+    sigmoid of the map, %), `peak_on_ref` (its argmax on the referred object, %), `saturated` (cells
+    with |R| > 4.6, %) and per region of `REGIONS` the mean map value `R_<region>` and the mean pull
+    `pull_<region>` = -dL_CL/dR (see `region_weights`)."""
     import torch.nn.functional as F
     from tqdm import tqdm
 
@@ -77,6 +110,7 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
                      size, max_items=max_items)
     negatives = same_image_negatives([(ref["image_id"], ref["ref_id"], refer.sentence(sent)) for ref, sent in ds.items])
     rows: dict[str, list[tuple[float, ...]]] = defaultdict(list)
+    regions: dict[str, list[list[float]]] = defaultdict(list)
     device = next(model.parameters()).device if model is not None else None
     for i in tqdm(range(len(ds)), desc="scorer probe", disable=not progress, leave=False):
         item, negs = ds[i], negatives[i]
@@ -99,6 +133,10 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
                 rows[name].append((row[0].item(), row[1:].mean().item(), cl_loss(row[None]).item(),
                                    float(row[0] > row[1:].max()), 100 * torch.sigmoid(up).mean().item(),
                                    100 * float(ref.flatten()[up.argmax()] > 0)))
+                w = region_weights(ref, masks["objects"], tuple(m.shape))
+                pull = cl_pull(scorer, item["image"], m, texts)
+                regions[name].append([100 * (m.abs() > 4.6).float().mean().item()]
+                                     + list(region_means(m, w).values()) + list(region_means(pull, w).values()))
     out_rows = {}
     for name in VARIANTS + (MODEL_ROWS if model is not None else ()):
         width = 6 if name in MODEL_ROWS else 4
@@ -106,7 +144,10 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
         out_rows[name] = {"s_pos": float(a[0]), "s_neg": float(a[1]), "l_cl": float(a[2]),
                           "pos_wins": float(100 * a[3]), "n": len(rows[name])}
         if name in MODEL_ROWS:
-            out_rows[name] |= {"kept": float(a[4]), "peak_on_ref": float(a[5])}
+            r = np.nanmean(np.array(regions[name]), 0) if regions[name] else np.full(1 + 2 * len(REGIONS), np.nan)
+            out_rows[name] |= {"kept": float(a[4]), "peak_on_ref": float(a[5]), "saturated": float(r[0])}
+            out_rows[name] |= {f"R_{k}": float(v) for k, v in zip(REGIONS, r[1:1 + len(REGIONS)])}
+            out_rows[name] |= {f"pull_{k}": float(v) for k, v in zip(REGIONS, r[1 + len(REGIONS):])}
     return out_rows
 
 
@@ -143,6 +184,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, r in res.items():
         extra = f" {r['kept']:5.1f}% {r['peak_on_ref']:11.1f}%" if "kept" in r else ""
         print(f"{name:<10} {r['s_pos']:6.3f} {r['s_neg']:6.3f} {r['l_cl']:6.3f} {r['pos_wins']:8.0f}%{extra}")
+    if model is not None:
+        print(f"\n{'map':<10} {'saturated':>9} " + " ".join(f"{'R ' + k:>8}" for k in REGIONS)
+              + " " + " ".join(f"{'pull ' + k:>11}" for k in REGIONS))
+        for name in MODEL_ROWS:
+            r = res[name]
+            print(f"{name:<10} {r['saturated']:8.1f}% " + " ".join(f"{r['R_' + k]:8.2f}" for k in REGIONS)
+                  + " " + " ".join(f"{r['pull_' + k]:11.2e}" for k in REGIONS))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

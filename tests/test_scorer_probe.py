@@ -3,7 +3,8 @@ import math
 
 import torch
 
-from bench.scorer_probe import MODEL_ROWS, VARIANTS, probe, same_image_negatives, variant_masks
+from bench.scorer_probe import (MODEL_ROWS, REGIONS, VARIANTS, probe, region_means, region_weights,
+                                same_image_negatives, variant_masks)
 from ehin.config import load_config
 from ehin.model import build_model
 
@@ -58,4 +59,26 @@ def test_probe_scores_a_models_maps(tmp_path, monkeypatch):
         assert r["n"] == res["full"]["n"] > 0
         assert 0 < r["kept"] < 100 and 0 <= r["peak_on_ref"] <= 100
         assert math.isfinite(r["l_cl"]) and r["l_cl"] > 0
+        assert 0 <= r["saturated"] <= 100
+        assert all(math.isfinite(r[f"{q}_{k}"]) for q in ("R", "pull") for k in ("ref", "bg"))
+        assert any(r[f"pull_{k}"] != 0 for k in REGIONS)  # the scorer's gradient reaches the map
     assert "kept" not in res["ref_only"]
+
+
+def test_region_weights_and_means_by_hand():
+    ref = torch.zeros(4, 4)
+    ref[0, 0:2] = 1  # the top-left cell of a 2x2 grid: half referent
+    objects = torch.zeros(4, 4)
+    objects[1, 0] = 1  # ... and a quarter another object
+    objects[2:, 2:] = 1  # the bottom-right cell: all another object
+    w = region_weights(ref, objects, (2, 2))
+    assert list(w) == list(REGIONS)
+    assert w["ref"].tolist() == [[0.5, 0.0], [0.0, 0.0]]
+    assert w["other"].tolist() == [[0.25, 0.0], [0.0, 1.0]]
+    assert w["bg"].tolist() == [[0.25, 1.0], [1.0, 0.0]]
+    values = torch.tensor([[4.0, 1.0], [3.0, -2.0]])
+    m = region_means(values, w)
+    assert m["ref"] == 4.0
+    assert math.isclose(m["other"], (0.25 * 4 - 2.0) / 1.25, rel_tol=1e-6)
+    assert math.isclose(m["bg"], (0.25 * 4 + 1 + 3) / 2.25, rel_tol=1e-6)
+    assert math.isnan(region_means(values, region_weights(torch.zeros(4, 4), objects, (2, 2)))["ref"])
