@@ -61,7 +61,6 @@ def variant_masks(ref: torch.Tensor, objects: torch.Tensor) -> dict[str, torch.T
             "hide_ref": 1 - ref, "objects": objects}
 
 
-@torch.no_grad()
 def region_weights(ref: torch.Tensor, objects: torch.Tensor, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
     """How much of each map cell ([h, w] = grid) the referred object, the other objects and the plain
     background cover, from [S, S] masks at image size (area pooling; the three sum to 1 per cell)."""
@@ -88,6 +87,7 @@ def cl_pull(scorer, image: torch.Tensor, m: torch.Tensor, texts: torch.Tensor) -
     return -m.grad
 
 
+@torch.no_grad()
 def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) -> dict[str, dict[str, float]]:
     """Per mask variant: s_pos, s_neg, l_cl (Eq. 15 with S clamped as in training), pos_wins (%), n.
     With a stage-1 `model` (EHIN), also rows `early` and `fused` for its maps, with `kept` (mean
