@@ -77,14 +77,16 @@ def region_means(values: torch.Tensor, weights: dict[str, torch.Tensor]) -> dict
     return {k: float((values * w).sum() / w.sum()) if w.sum() > 0 else float("nan") for k, w in weights.items()}
 
 
-def cl_pull(scorer, image: torch.Tensor, m: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-    """-dL_CL/dR for one map [h, w] under the frozen scorer (Eq. 15-16, as in training)."""
+def cl_pull(scorer, image: torch.Tensor, m: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one map [h, w] under the frozen scorer (Eq. 15-16, as in training): S for each text [M]
+    and the pull -dL_CL/dR [h, w], from one pass."""
     from ehin.losses import cl_loss
 
     with torch.enable_grad():
         m = m.detach().clone().requires_grad_(True)
-        cl_loss(scorer.score_masked(image[None], m[None], texts[None])).backward()
-    return -m.grad
+        s = scorer.score_masked(image[None], m[None], texts[None])
+        cl_loss(s).backward()
+    return s[0].detach(), -m.grad
 
 
 @torch.no_grad()
@@ -128,13 +130,12 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
             out = model(item["image"][None].to(device), item["tokens"][None].to(device))
             for name, m in (("early", out["raw_maps"][0, 0]), ("fused", out["maps"][0, 0])):
                 m = m.float().cpu()
-                row = scorer.score_masked(item["image"][None], m[None], texts[None])[0]
+                row, pull = cl_pull(scorer, item["image"], m, texts)
                 up = F.interpolate(m[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
                 rows[name].append((row[0].item(), row[1:].mean().item(), cl_loss(row[None]).item(),
                                    float(row[0] > row[1:].max()), 100 * torch.sigmoid(up).mean().item(),
                                    100 * float(ref.flatten()[up.argmax()] > 0)))
                 w = region_weights(ref, masks["objects"], tuple(m.shape))
-                pull = cl_pull(scorer, item["image"], m, texts)
                 regions[name].append([100 * (m.abs() > 4.6).float().mean().item()]
                                      + list(region_means(m, w).values()) + list(region_means(pull, w).values()))
     out_rows = {}

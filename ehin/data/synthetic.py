@@ -391,6 +391,11 @@ def _soft_keep(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     return m
 
 
+def _keep_only(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image masked to black outside `mask`, with a soft edge (`_soft_keep`)."""
+    return (img.astype(np.float32) * _soft_keep(rng, mask)[..., None] + 0.5).astype(np.uint8)
+
+
 def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_black: float = 0.0
                          ) -> tuple[np.ndarray, list[str]]:
     """n image-caption pairs for contrastive pretraining of the small CLIP (METHOD §2).
@@ -414,7 +419,7 @@ def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_
             img = render_scene(rng, scene)
             # no draw at 0: the stream (and the default CLIP's cache key) stays as it was
             if object_on_black > 0 and rng.random() < object_on_black:
-                img = (img.astype(np.float32) * _soft_keep(rng, scene.objects[0].mask)[..., None] + 0.5).astype(np.uint8)
+                img = _keep_only(rng, img, scene.objects[0].mask)
             captions.append(_random_caption(rng, scene.objects[0]))
         elif u < 0.9:  # one object of a scene kept, the rest masked out or greyed
             scene = sample_scene(rng, size, stuff=rng.random() < 0.2)
@@ -423,7 +428,7 @@ def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_
             img = render_scene(rng, scene)
             keep = scene.objects[rng.integers(len(scene.objects))]
             if rng.random() < 0.6:
-                img = (img.astype(np.float32) * _soft_keep(rng, keep.mask)[..., None] + 0.5).astype(np.uint8)
+                img = _keep_only(rng, img, keep.mask)
             else:
                 grey = img.astype(np.float32).mean(-1, keepdims=True)
                 others = np.zeros((size, size), bool)
@@ -436,7 +441,7 @@ def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_
             scene = sample_scene(rng, size, int(rng.integers(0, 3)), stuff=True)
             img = render_scene(rng, scene)
             region = scene.stuff[rng.integers(len(scene.stuff))]
-            img = (img.astype(np.float32) * _soft_keep(rng, region.mask)[..., None] + 0.5).astype(np.uint8)
+            img = _keep_only(rng, img, region.mask)
             captions.append(region.shape)
         images[i] = img
     return images, captions
