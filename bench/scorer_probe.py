@@ -36,6 +36,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 VARIANTS = ("full", "ref_only", "ref+bg", "bg_only", "hide_ref", "objects")
 MODEL_ROWS = ("early", "fused")
@@ -64,11 +65,9 @@ def variant_masks(ref: torch.Tensor, objects: torch.Tensor) -> dict[str, torch.T
 def region_weights(ref: torch.Tensor, objects: torch.Tensor, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
     """How much of each map cell ([h, w] = grid) the referred object, the other objects and the plain
     background cover, from [S, S] masks at image size (area pooling; the three sum to 1 per cell)."""
-    import torch.nn.functional as F
-
-    ref, objects = ref.float(), torch.maximum(objects.float(), ref.float())
-    stack = torch.stack([ref, objects - ref, 1 - objects])[None]
-    pooled = F.adaptive_avg_pool2d(stack, grid)[0]
+    m = variant_masks(ref, objects)
+    stack = torch.stack([m["ref_only"], m["objects"] - m["ref_only"], m["bg_only"]])[None]
+    pooled = F.adaptive_avg_pool2d(stack, tuple(grid))[0]
     return dict(zip(REGIONS, pooled))
 
 
@@ -96,7 +95,6 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
     sigmoid of the map, %), `peak_on_ref` (its argmax on the referred object, %), `saturated` (cells
     with |R| > 4.6, %) and per region of `REGIONS` the mean map value `R_<region>` and the mean pull
     `pull_<region>` = -dL_CL/dR (see `region_weights`)."""
-    import torch.nn.functional as F
     from tqdm import tqdm
 
     from ehin.backbones import tokenize
@@ -128,6 +126,7 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
                                float(row[0] > row[1:].max())))
         if model is not None:
             out = model(item["image"][None].to(device), item["tokens"][None].to(device))
+            w = region_weights(ref, masks["objects"], out["maps"].shape[-2:])  # one grid for both maps
             for name, m in (("early", out["raw_maps"][0, 0]), ("fused", out["maps"][0, 0])):
                 m = m.float().cpu()
                 row, pull = cl_pull(scorer, item["image"], m, texts)
@@ -135,7 +134,6 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
                 rows[name].append((row[0].item(), row[1:].mean().item(), cl_loss(row[None]).item(),
                                    float(row[0] > row[1:].max()), 100 * torch.sigmoid(up).mean().item(),
                                    100 * float(ref.flatten()[up.argmax()] > 0)))
-                w = region_weights(ref, masks["objects"], tuple(m.shape))
                 regions[name].append([100 * (m.abs() > 4.6).float().mean().item()]
                                      + list(region_means(m, w).values()) + list(region_means(pull, w).values()))
     out_rows = {}
