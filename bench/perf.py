@@ -206,8 +206,8 @@ def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_las
             x = torch.from_numpy(np.array(Image.fromarray(img).resize((s, s), Image.BILINEAR)))
             x = x.permute(2, 0, 1).float().div(255).unsqueeze(0).to(device)
             t = model.backbone.tokenize(["the red circle on the left"]).to(device)
-            m = fwd1(x, t)[0].float().cpu()
-            return M.upsample_to(m, img.shape[:2]) > 0
+            m = fwd1(x, t)[0].float()
+            return M.stage1_map(m, (s, s), img.shape[:2]) > 0
 
         e2e_t = time_fn(e2e, device, warmup=warmup, repeats=repeats)
     return {"forward_ms_bs1": 1000 * statistics.median(lat), "end_to_end_ms_bs1": 1000 * statistics.median(e2e_t),

@@ -30,15 +30,19 @@ def iter_batches(dataset, batch_size: int) -> Iterator[dict]:
     yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=eval_collate)
 
 
-def model_map_fn(model, device: torch.device | str, amp: bool = False) -> MapFn:
-    """Stage-1 maps: ReLU(R_ii) upsampled to each image's original size (METHOD §3.6, §5)."""
+def model_map_fn(model, device: torch.device | str, amp: bool = False, stage: int = 1) -> MapFn:
+    """The model's maps at each image's original size, as TRIS's evaluation brings them there
+    (METHOD §3.6): stage 1 `metrics.stage1_map` of the raw R_ii, stage 2 `metrics.stage2_map` of the
+    finest head's logits."""
+    to_original = {1: M.stage1_map, 2: M.stage2_map}[stage]
 
     @torch.no_grad()
     def fn(batch: dict) -> list[np.ndarray]:
         model.eval()
+        images = batch["image"]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and str(device).startswith("cuda")):
-            maps = model.predict(batch["image"].to(device), batch["tokens"].to(device)).float()
-        return [M.upsample_to(m.cpu(), size) for m, size in zip(maps, batch["orig_size"])]
+            maps = model.predict(images.to(device), batch["tokens"].to(device)).float()
+        return [to_original(m, images.shape[-2:], size) for m, size in zip(maps, batch["orig_size"])]
 
     return fn
 

@@ -1,25 +1,38 @@
-"""Evaluation metrics for stage 1 and stage 2 (METHOD §5).
+"""Evaluation metrics for stage 1 and stage 2 (METHOD §3.6, §5), following TRIS's validate.py.
 
-Per expression (`score_expression`), with the prediction already at the original image size:
-  * the map is divided by its maximum. Stage 1: foreground = map > 0 after ReLU. Stage 2 (logits):
-    foreground = logit > 0, so an all-negative map predicts an empty foreground.
-  * inter / union / iou: |P & G|, |P | G|, their ratio (0 when the union is empty, as LAVT/TRIS do).
-  * point_mask / point_box / point_any_object: the argmax pixel lies in the GT mask / in the GT box /
-    on any annotated object. A flat map (max == min, e.g. all zero after ReLU) has no peak and misses
-    everywhere: it never "points" at pixel (0, 0). Ties between equal maxima of a non-flat map go to the
-    first in row-major order (np.argmax).
-    Box containment is inclusive on pixel indices: pixel (row r, col c) is in the box [x1, y1, x2, y2]
-    iff x1 <= c <= x2 and y1 <= r <= y2, so a peak exactly on the box edge (c == x2, say) is a hit.
-  * box_acc: boxes from the map (threshold at 0.5 of its max, external contours with
-    cv2.findContours, one corner box per contour), NMS at IoU 0.05, then boxes whose confidence is
-    under 0.5 of the best are dropped; a hit if any remaining box has IoU > 0.5 with the GT box.
-    Confidence = mean of the normalised map over the box's rectangle (below-threshold pixels
-    included). Why not the max or the mean over the blob itself: every blob's pixels are >= 0.5 of the
-    global max after thresholding, so both would always pass the "0.5 of the best" rule and the drop
-    step would be a no-op; the box mean penalises faint, sparse or hollow blobs.
-    Pixel/box convention: pixel (r, c) covers [c, c+1) x [r, r+1), so a contour spanning columns
-    x..x+w-1 gives the box [x, y, x+w, y+h], the convention of GT boxes from COCO's [x, y, w, h].
-    Stage 2 takes its boxes from sigmoid(logit) restricted to the predicted foreground.
+Maps reach the original image size the way TRIS's evaluation brings them there (METHOD §3.6):
+  * `stage1_map(raw, input_hw, original_hw)`: the raw stage-1 score map R_ii (logits on the feature
+    grid, before any ReLU) is upsampled to the network's input size (bilinear, align_corners=False),
+    ReLU'd there, then resized to the original image size (bilinear, align_corners=True). ReLU before
+    the first upsampling would grow the foreground by up to a grid cell on every side.
+  * `stage2_map(logits, input_hw, original_hw)`: the same two resizes without the ReLU (TRIS's stage-2
+    network upsamples its logits to the input size; its validation resizes them to the original size).
+
+Per expression (`score_expression`), with the map already at the original image size:
+  * the map is divided by its maximum (+1e-5, as TRIS). Stage 1: foreground = normalised map > 1e-9
+    (TRIS's `pred.gt(1e-9)`, i.e. > 0). Stage 2: foreground = logit > 0.
+  * inter / union / iou: |P & G|, |P | G|, their ratio.
+  * point_mask / point_box / point_any_object: the argmax pixel lies in the GT mask / in the GT box
+    (inclusive on pixel indices: pixel (r, c) is in [x1, y1, x2, y2] iff x1 <= c <= x2 and
+    y1 <= r <= y2, as TRIS's isCorrectHit) / on any annotated object. Ties between equal maxima go to
+    the first in row-major order (np.argmax).
+  * box_acc (TRIS's generate_bbox on the binary foreground): one box per contour of the foreground,
+    pixel (r, c) covering [c, c+1) x [r, r+1), so a contour over columns x..x+w-1 gives [x, y, x+w, y+h]
+    (GT boxes from COCO's [x, y, w, h] use the same convention); its confidence is the share of
+    foreground pixels inside the box; NMS at IoU 0.05; boxes whose confidence is not above 0.5 of
+    the best are dropped; a hit if any kept box has IoU > 0.5 with the GT box.
+
+Deliberate deviations from TRIS's code (docs/method.md §5 lists each with how often it changes a
+result on the random-map families of tests/tris_protocol.py):
+  1. A flat map (max == min: all zero after ReLU, say) has no peak and misses every pointing metric;
+     TRIS takes np.argmax of a flat map, pixel (0, 0), and may "hit" there.
+  2. NMS runs on corner boxes; TRIS passes [x, y, w, h] to NMS as if they were corners.
+  3. External contours only (cv2.RETR_EXTERNAL); TRIS's RETR_TREE also boxes every hole.
+  4. An empty union (empty GT and empty prediction) scores IoU 0; TRIS divides 0 by 0 (NaN).
+  5. A foreground covering every pixel gives one box around the image; TRIS's min-max normalisation
+     of that binary map divides by zero and returns the box [0, 0, 1, 1].
+  6. Stage 2: an all-negative logit map predicts an empty foreground and points at its largest logit;
+     TRIS divides by the (negative) maximum, which flips the signs and makes every pixel foreground.
 
 `aggregate` turns a list of per-expression dicts into percentages: iou (mean IoU, the paper's "IoU"),
 overall_iou (sum inter / sum union, the paper's "mIoU": D9), point_mask, point_box, box_acc,
@@ -42,16 +55,38 @@ PAPER_COLUMNS = {"IoU": "iou", "mIoU": "overall_iou", "PointIt": "point_box", "P
                  "BoxAcc": "box_acc"}
 METRIC_KEYS = ("iou", "overall_iou", "point_mask", "point_box", "box_acc", "point_any_object")
 
-BOX_THRESHOLD = 0.5  # of the map's max
+NORM_EPS = 1e-5  # TRIS: pred / (max + 1e-5)
+FG_EPS = 1e-9  # TRIS: foreground = normalised map > 1e-9
 NMS_IOU = 0.05
-CONFIDENCE_RATIO = 0.5  # drop boxes under this fraction of the best confidence
+CONFIDENCE_RATIO = 0.5  # keep boxes whose confidence is above this fraction of the best
 BOX_HIT_IOU = 0.5
 
+HW = Sequence[int]
 
-def upsample_to(m: torch.Tensor, size: Sequence[int]) -> np.ndarray:
-    """[h, w] map -> float32 np.ndarray [H0, W0] (bilinear, align_corners=False)."""
-    m = torch.as_tensor(m).detach().float().cpu()[None, None]
-    return F.interpolate(m, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+def _resize(m: torch.Tensor, size: HW, align_corners: bool) -> torch.Tensor:
+    return F.interpolate(m, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=align_corners)
+
+
+def _to_original(raw, input_hw: HW, original_hw: HW, relu: bool) -> np.ndarray:
+    m = torch.as_tensor(raw).detach().float()
+    if m.dim() != 2:
+        raise ValueError(f"expected one map [h, w], got shape {tuple(m.shape)}")
+    m = _resize(m[None, None], input_hw, align_corners=False)  # TRIS: Upsample to the input size
+    if relu:
+        m = F.relu(m)  # METHOD §3.6: ReLU at the input size, after the upsampling
+    m = _resize(m, original_hw, align_corners=True)  # validate.py: to the original size
+    return m[0, 0].cpu().numpy()
+
+
+def stage1_map(raw, input_hw: HW, original_hw: HW) -> np.ndarray:
+    """Raw stage-1 score map R_ii [h, w] (logits, no ReLU) -> float32 [H0, W0] (METHOD §3.6)."""
+    return _to_original(raw, input_hw, original_hw, relu=True)
+
+
+def stage2_map(logits, input_hw: HW, original_hw: HW) -> np.ndarray:
+    """Stage-2 logits [h, w] (finest head) -> float32 logits [H0, W0], resized as TRIS's stage 2."""
+    return _to_original(logits, input_hw, original_hw, relu=False)
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -63,33 +98,34 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def boxes_from_map(score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Corner boxes [K, 4] and confidences [K] kept from a map normalised to max 1 (see module doc)."""
-    binary = (score >= BOX_THRESHOLD).astype(np.uint8)
+def boxes_from_foreground(fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Corner boxes [K, 4] and confidences [K] kept from a binary foreground (module doc, box_acc)."""
+    binary = np.asarray(fg, dtype=np.uint8)
     if not binary.any():
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
-    contours = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[-2]
+    contours = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[-2]  # deviation 3
     boxes, conf = [], []
     for c in contours:
         x, y, w, h = cv2.boundingRect(c)
         boxes.append([x, y, x + w, y + h])
-        conf.append(float(score[y:y + h, x:x + w].mean()))
+        conf.append(float(binary[y:y + h, x:x + w].mean()))  # share of foreground in the box (TRIS)
     b, s = torch.tensor(boxes, dtype=torch.float32), torch.tensor(conf, dtype=torch.float32)
-    keep = nms(b, s, NMS_IOU)  # sorted by decreasing confidence
+    keep = nms(b, s, NMS_IOU)  # corner boxes (deviation 2); sorted by decreasing confidence
     b, s = b[keep], s[keep]
-    ok = s >= CONFIDENCE_RATIO * s[0]
+    ok = s > CONFIDENCE_RATIO * s[0]  # strictly above, as TRIS's `conf > max_drop_th * max`
     return b[ok].numpy(), s[ok].numpy()
 
 
 def _peak(m: np.ndarray) -> tuple[int, int] | None:
-    if m.size == 0 or not m.max() > m.min():  # flat (or all-zero) map: no peak, a miss
+    if m.size == 0 or not m.max() > m.min():  # flat (or all-zero) map: no peak, a miss (deviation 1)
         return None
     r, c = np.unravel_index(int(np.argmax(m)), m.shape)
     return int(r), int(c)
 
 
 def score_expression(pred, gt_mask, gt_box_xyxy, objects_mask, stage: int = 1) -> dict:
-    """Metrics of one (ref, sentence); pred [H0, W0] (stage 1: response map, stage 2: logits)."""
+    """Metrics of one (ref, sentence); pred [H0, W0] at the original size: stage 1 the output of
+    `stage1_map`, stage 2 logits (`stage2_map`)."""
     pred = np.asarray(pred.detach().cpu() if torch.is_tensor(pred) else pred, dtype=np.float64)
     gt = np.asarray(gt_mask, dtype=bool)
     objects = np.asarray(objects_mask, dtype=bool)
@@ -98,15 +134,13 @@ def score_expression(pred, gt_mask, gt_box_xyxy, objects_mask, stage: int = 1) -
     x1, y1, x2, y2 = (float(v) for v in np.asarray(gt_box_xyxy, dtype=np.float64).reshape(4))
 
     if stage == 1:
-        m = np.maximum(pred, 0.0)  # ReLU
-        peak = _peak(m)
-        score = m / m.max() if m.max() > 0 else np.zeros_like(m)  # divide by the max (METHOD §5)
-        fg = score > 0
+        m = np.maximum(pred, 0.0)  # already ReLU'd by stage1_map; a no-op there
+        score = m / (m.max() + NORM_EPS)  # divide by the max (METHOD §5, TRIS)
+        fg = score > FG_EPS
+        peak = _peak(score)
     elif stage == 2:
-        fg = pred > 0  # logit > 0; all-negative -> empty foreground
+        fg = pred > 0  # logit > 0; all-negative -> empty foreground (deviation 6)
         peak = _peak(pred)
-        prob = np.where(fg, 0.5 * (1.0 + np.tanh(0.5 * pred)), 0.0)  # sigmoid without overflow
-        score = prob / prob.max() if fg.any() else np.zeros_like(prob)
     else:
         raise ValueError(f"stage must be 1 or 2, got {stage}")
 
@@ -118,12 +152,12 @@ def score_expression(pred, gt_mask, gt_box_xyxy, objects_mask, stage: int = 1) -
         r, c = peak
         point_mask, point_any = bool(gt[r, c]), bool(objects[r, c])
         point_box = bool(x1 <= c <= x2 and y1 <= r <= y2)  # inclusive edges (module doc)
-    boxes, _ = boxes_from_map(score)
+    boxes, _ = boxes_from_foreground(fg)
     box_acc = any(box_iou(b, (x1, y1, x2, y2)) > BOX_HIT_IOU for b in boxes)
     return {
         "inter": inter,
         "union": union,
-        "iou": inter / union if union > 0 else 0.0,
+        "iou": inter / union if union > 0 else 0.0,  # deviation 4
         "point_mask": point_mask,
         "point_box": point_box,
         "box_acc": bool(box_acc),

@@ -6,7 +6,8 @@
 
 Writes, per request, the heat-map overlay (`<name>.png`) and the binary mask (`<name>_mask.png`).
 A JSON batch file is a list of {"image": path, "text": sentence[, "name": output stem]}.
-Stage 1: foreground = map > 0 after ReLU; stage 2: logit > 0 (METHOD §5).
+Maps reach the image's size as in evaluation (`ehin.metrics.stage1_map` / `stage2_map`, METHOD §3.6);
+stage 1: foreground = map > 0 after ReLU; stage 2: logit > 0 (METHOD §5).
 """
 from __future__ import annotations
 
@@ -52,8 +53,9 @@ class Predictor:
         x = torch.from_numpy(np.array(Image.fromarray(image).resize((self.size, self.size), Image.BILINEAR)))
         x = x.permute(2, 0, 1).float().div(255).unsqueeze(0).to(self.device)
         tokens = self.tokenize([text]).to(self.device)
-        out = self.model.predict(x, tokens)[0].float().cpu()
-        heat = M.upsample_to(out, (h, w))
+        out = self.model.predict(x, tokens)[0].float()
+        to_original = M.stage1_map if self.stage == 1 else M.stage2_map
+        heat = to_original(out, (self.size, self.size), (h, w))
         mask = heat > 0  # stage 1: ReLU map > 0; stage 2: logit > 0
         return heat, mask
 

@@ -285,7 +285,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
                  "train_s": round(epoch_train_s, 2), "lr": optimizer.param_groups[-1]["lr"]}
         if main_rank:
             t1 = time.time()
-            entry.update(evaluate(model_map_fn(model, device, amp), eval_ds, batch_size=cfg["eval"]["batch_size"],
+            entry.update(evaluate(model_map_fn(model, device, amp, stage=2), eval_ds, batch_size=cfg["eval"]["batch_size"],
                                   stage=2, desc="val", progress=progress))
             entry["eval_s"] = round(time.time() - t1, 2)
             history.append(entry)

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from ehin.metrics import PAPER_COLUMNS, METRIC_KEYS, aggregate, boxes_from_map, score_expression, upsample_to
+import torch.nn.functional as F
+
+from ehin.metrics import (PAPER_COLUMNS, METRIC_KEYS, aggregate, boxes_from_foreground, score_expression, stage1_map,
+                          stage2_map)
+from tests import tris_protocol as T
 
 
 def _mask(shape, *rects):
@@ -67,21 +72,21 @@ def test_pointing_uses_the_mask_and_all_objects():
     assert r["point_mask"] and r["point_box"] and r["point_any_object"]
 
 
-def _two_blobs(second_value=0.8):
+def _two_blobs():
     m = np.zeros((20, 20))
     m[2:6, 2:6] = 1.0  # blob A: box [2, 2, 6, 6]
-    m[12:18, 10:18] = second_value  # blob B: box [10, 12, 18, 18]
+    m[12:18, 10:18] = 0.05  # blob B: box [10, 12, 18, 18]; any positive value is foreground
     return m
 
 
-def test_boxacc_disjoint_blobs():
+def test_boxacc_boxes_the_binary_foreground():
     m = _two_blobs()
-    boxes, conf = boxes_from_map(m)
+    boxes, conf = boxes_from_foreground(m > 0)
     assert sorted(map(tuple, boxes.tolist())) == [(2, 2, 6, 6), (10, 12, 18, 18)]
-    assert conf.tolist() == pytest.approx([1.0, 0.8])
+    assert conf.tolist() == pytest.approx([1.0, 1.0])  # both full: the map's values do not matter
     none = np.zeros((20, 20), bool)
-    assert score_expression(m, none, [10, 12, 18, 18], none)["box_acc"]  # matches blob B exactly
-    assert score_expression(m, none, [2, 2, 6, 6], none)["box_acc"]  # matches blob A
+    assert score_expression(m, none, [10, 12, 18, 18], none)["box_acc"]  # the faint blob B still boxes
+    assert score_expression(m, none, [2, 2, 6, 6], none)["box_acc"]
     # blob B's box is 8 x 6 = 48 px. GT [10, 12, 18, 24] (8 x 12 = 96) contains it: IoU = 48 / 96 = 0.5,
     # not > 0.5 -> miss; GT [10, 12, 18, 23] (88): IoU = 48 / 88 = 0.545 -> hit
     assert not score_expression(m, none, [10, 12, 18, 24], none)["box_acc"]
@@ -89,41 +94,182 @@ def test_boxacc_disjoint_blobs():
     assert not score_expression(m, none, [0, 10, 6, 19], none)["box_acc"]  # matches neither
 
 
-def test_boxacc_threshold_is_half_of_the_max():
-    m = _two_blobs(second_value=0.45)  # under 0.5 of the max: no contour for blob B
-    none = np.zeros((20, 20), bool)
-    assert not score_expression(m, none, [10, 12, 18, 18], none)["box_acc"]
-    # scaling the whole map changes nothing (divided by its max)
-    assert score_expression(7 * _two_blobs(), none, [10, 12, 18, 18], none)["box_acc"]
+def test_boxacc_a_faint_halo_joins_the_target_box():
+    # The 10x10 example: 1.0 on the 4x4 target [2, 2, 6, 6], 0.1 elsewhere in [0, 8)^2. TRIS
+    # boxes the foreground (map > 0): one box [0, 0, 8, 8], IoU 16 / 64 with the GT -> a miss. The old
+    # threshold at 0.5 of the max boxed [2, 2, 6, 6], a hit.
+    m = np.zeros((10, 10))
+    m[0:8, 0:8] = 0.1
+    m[2:6, 2:6] = 1.0
+    boxes, conf = boxes_from_foreground(m > 0)
+    assert boxes.tolist() == [[0, 0, 8, 8]] and conf.tolist() == [1.0]
+    none = np.zeros((10, 10), bool)
+    assert not score_expression(m, none, [2, 2, 6, 6], none)["box_acc"]
+    assert score_expression(m, none, [0, 0, 8, 8], none)["box_acc"]
 
 
-def test_boxacc_drops_low_confidence_blobs():
-    # Blob B is a hollow 8x8 square ring of value 0.6: 28 of its box's 64 px are on, so its
-    # confidence (mean over its box) is 0.6 * 28 / 64 = 0.2625 < 0.5 * 1.0 (blob A's) -> dropped.
+def test_boxacc_confidence_is_the_share_of_foreground_in_the_box():
+    # Blob B is a hollow 8x8 square ring: 28 of its box's 64 px are on -> confidence 0.4375, not above
+    # 0.5 * 1.0 (blob A's) -> dropped.
     m = np.zeros((20, 20))
     m[2:6, 2:6] = 1.0
     m[10:18, 10:18] = 0.6
     m[11:17, 11:17] = 0.0
-    boxes, conf = boxes_from_map(m)
+    boxes, conf = boxes_from_foreground(m > 0)
     assert boxes.tolist() == [[2, 2, 6, 6]] and conf.tolist() == pytest.approx([1.0])
     none = np.zeros((20, 20), bool)
     assert not score_expression(m, none, [10, 10, 18, 18], none)["box_acc"]
-    m[11:17, 11:17] = 0.6  # filled: confidence 0.6 >= 0.5, kept -> hit
+    m[11:17, 11:17] = 0.6  # filled: confidence 1.0, kept -> hit
     assert score_expression(m, none, [10, 10, 18, 18], none)["box_acc"]
+
+
+def test_boxacc_keeps_only_boxes_strictly_above_half_the_best():
+    # A 7-px staircase in a 4x4 box plus one more pixel: 8 / 16 = exactly 0.5 of the full square's 1.0.
+    # TRIS keeps `conf > 0.5 * max`, so it is dropped; a ninth pixel (9 / 16) keeps it.
+    m = np.zeros((20, 20))
+    m[2:6, 2:6] = 1.0
+    for r, c in [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 3), (3, 3), (3, 2)]:
+        m[10 + r, 10 + c] = 1.0
+    boxes, conf = boxes_from_foreground(m > 0)
+    assert boxes.tolist() == [[2, 2, 6, 6]]
+    m[11, 10] = 1.0
+    boxes, conf = boxes_from_foreground(m > 0)
+    assert sorted(map(tuple, boxes.tolist())) == [(2, 2, 6, 6), (10, 10, 14, 14)]
+    assert sorted(conf.tolist()) == pytest.approx([9 / 16, 1.0])
 
 
 def test_boxacc_nms_suppresses_an_overlapping_weaker_box():
     # An L-shaped blob (box [0, 0, 10, 10], 51 of 100 px on -> confidence 0.51) around a 4x4 square
     # (box [4, 2, 8, 6], confidence 1). IoU = 16 / 100 = 0.16 > 0.05: NMS keeps only the square.
+    boxes, conf = boxes_from_foreground(_l_and_square() > 0)
+    assert boxes.tolist() == [[4, 2, 8, 6]]
+    none = np.zeros((12, 12), bool)
+    assert not score_expression(_l_and_square(), none, [0, 0, 10, 10], none)["box_acc"]
+    assert score_expression(_l_and_square(), none, [4, 2, 8, 6], none)["box_acc"]
+
+
+def _l_and_square():
     m = np.zeros((12, 12))
     m[0:10, 0:3] = 1.0
     m[7:10, 0:10] = 1.0
     m[2:6, 4:8] = 1.0
-    boxes, conf = boxes_from_map(m)
-    assert boxes.tolist() == [[4, 2, 8, 6]]
+    return m
+
+
+# ---- the map pipeline (METHOD §3.6) ---------------------------------------------------------------
+
+def test_stage1_map_applies_relu_after_upsampling():
+    # The 2x2 grid [[1, -1], [-1, -1]] taken to 8x8: ReLU after the upsampling keeps 15 px;
+    # ReLU on the grid first (the old pipeline) spreads the one positive cell over 36.
+    grid = torch.tensor([[1.0, -1.0], [-1.0, -1.0]])
+    m = stage1_map(grid, (8, 8), (8, 8))
+    assert isinstance(m, np.ndarray) and m.shape == (8, 8) and m.dtype == np.float32
+    assert int((m > 0).sum()) == 15
+    relu_first = F.interpolate(F.relu(grid)[None, None], size=(8, 8), mode="bilinear", align_corners=False)
+    assert int((relu_first > 0).sum()) == 36
+    gt = np.zeros((8, 8), bool)
+    gt[:4, :4] = True
+    r = score_expression(m, gt, [0, 0, 4, 4], gt)
+    assert (r["inter"], r["union"]) == (15, 16)
+
+
+def test_stage1_map_resizes_input_then_original_as_tris():
+    torch.manual_seed(0)
+    raw = torch.randn(5, 5)
+    m = stage1_map(raw, (20, 20), (13, 31))
+    at_input = F.relu(F.interpolate(raw[None, None], size=(20, 20), mode="bilinear", align_corners=False))
+    expected = F.interpolate(at_input, size=(13, 31), mode="bilinear", align_corners=True)[0, 0]
+    np.testing.assert_allclose(m, expected.numpy(), rtol=0, atol=1e-6)
+    assert m[0, 0] == pytest.approx(float(at_input[0, 0, 0, 0]))  # align_corners=True keeps the corners
+    assert m[-1, -1] == pytest.approx(float(at_input[0, 0, -1, -1]))
+    assert (m >= 0).all()
+
+
+def test_stage2_map_keeps_the_sign_of_the_logits():
+    logits = torch.tensor([[2.0, -3.0], [-1.0, -4.0]])
+    m = stage2_map(logits, (8, 8), (6, 6))
+    at_input = F.interpolate(logits[None, None], size=(8, 8), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(m, F.interpolate(at_input, size=(6, 6), mode="bilinear", align_corners=True)[0, 0].numpy(),
+                               atol=1e-6)
+    assert (m < 0).any() and (m > 0).any()
+
+
+def test_stage1_map_rejects_a_batch():
+    with pytest.raises(ValueError, match="one map"):
+        stage1_map(torch.zeros(2, 3, 3), (8, 8), (8, 8))
+
+
+# ---- each listed deviation from TRIS's code (tests/tris_protocol.py), shown on a hand-made case -----
+
+def _both(name: str, pred, gt, box, objects, stage: int = 1) -> tuple[dict, dict]:
+    ours = score_expression(pred, gt, box, objects, stage=stage)
+    assert ours == T.tris_expression(pred, gt, box, objects, stage, T.OURS)
+    return ours, T.tris_expression(pred, gt, box, objects, stage, replace(T.OURS, **{name: False}))
+
+
+def test_deviation_flat_map_is_a_miss():
+    gt = _mask((6, 6), (0, 3, 0, 3))
+    ours, tris = _both("flat_map_misses", np.zeros((6, 6)), gt, [0, 0, 3, 3], gt)
+    assert not ours["point_mask"] and not ours["point_box"]
+    assert tris["point_mask"] and tris["point_box"]  # argmax of zeros is pixel (0, 0), inside the GT
+
+
+def test_deviation_nms_on_corner_boxes():
+    # TRIS passes the square's (x, y, w, h) = (4, 2, 4, 4) to NMS as corners: a zero-area box, so the
+    # L-shape's box (0, 0, 10, 10) is not suppressed and its 0.51 confidence keeps it.
     none = np.zeros((12, 12), bool)
-    assert not score_expression(m, none, [0, 0, 10, 10], none)["box_acc"]
-    assert score_expression(m, none, [4, 2, 8, 6], none)["box_acc"]
+    ours, tris = _both("nms_on_corner_boxes", _l_and_square(), none, [0, 0, 10, 10], none)
+    assert not ours["box_acc"] and tris["box_acc"]
+
+
+def test_deviation_external_contours_only():
+    # A 10x10 square ring (hole [2, 8)^2) with a long 1-px tail: the outer box [0, 0, 30, 30] holds
+    # 104 foreground px of 900 (0.116). RETR_TREE adds the hole's box [1, 1, 9, 9] (28 / 64 = 0.4375),
+    # which then wins NMS (IoU 64 / 900 > 0.05) and suppresses the outer box.
+    m = np.zeros((30, 30))
+    m[0:10, 0:10] = 1.0
+    m[2:8, 2:8] = 0.0
+    m[0, 10:] = 1.0
+    m[10:, 0] = 1.0
+    none = np.zeros((30, 30), bool)
+    ours, tris = _both("external_contours", m, none, [1, 1, 9, 9], none)
+    assert not ours["box_acc"] and tris["box_acc"]
+    assert boxes_from_foreground(m > 0)[0].tolist() == [[0, 0, 30, 30]]
+
+
+def test_deviation_empty_union_scores_zero():
+    empty = np.zeros((4, 4), bool)
+    ours, tris = _both("empty_union_is_zero", np.zeros((4, 4)), empty, [0, 0, 1, 1], empty)
+    assert ours["iou"] == 0.0 and math.isnan(tris["iou"])
+
+
+def test_deviation_full_foreground_is_boxed():
+    # A map positive everywhere: one box around the image. TRIS's min-max normalisation of the
+    # all-ones foreground divides by zero and its fallback box is [0, 0, 1, 1].
+    m = np.random.default_rng(0).uniform(0.5, 1.0, (8, 8))
+    gt = np.ones((8, 8), bool)
+    ours, tris = _both("constant_foreground_box", m, gt, [0, 0, 8, 8], gt)
+    assert ours["box_acc"] and not tris["box_acc"]
+
+
+def test_deviation_stage2_all_negative_logits():
+    gt = _mask((6, 6), (1, 4, 1, 4))
+    logits = np.full((6, 6), -3.0)
+    logits[2, 2] = -0.5
+    ours, tris = _both("stage2_logit_sign", logits, gt, [1, 1, 4, 4], gt, stage=2)
+    assert (ours["inter"], ours["union"]) == (0, 9) and ours["point_mask"]
+    assert (tris["inter"], tris["union"]) == (9, 36)  # dividing by the negative max made all foreground
+
+
+def test_tris_protocol_reference_equals_ours_on_every_random_family():
+    for family in T.FAMILIES:
+        for c in T.cases(family, 60, seed=1):
+            assert score_expression(c.pred, c.gt, c.box, c.objects, stage=c.stage) == \
+                T.tris_expression(c.pred, c.gt, c.box, c.objects, c.stage, T.OURS), family
+
+
+def test_deviation_table_in_the_docs_is_current():
+    assert T.DOC.read_text() == T.render(T.deviation_table()), "run: python -m tests.tris_protocol --write"
 
 
 def test_stage2_all_negative_logits_predict_empty_foreground():
@@ -146,16 +292,6 @@ def test_stage2_all_negative_logits_predict_empty_foreground():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="match"):
         score_expression(np.zeros((4, 4)), np.zeros((4, 5), bool), [0, 0, 1, 1], np.zeros((4, 5), bool))
-
-
-def test_upsample_to():
-    m = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
-    up = upsample_to(m, (4, 6))
-    assert isinstance(up, np.ndarray) and up.shape == (4, 6) and up.dtype == np.float32
-    ref = torch.nn.functional.interpolate(m[None, None], size=(4, 6), mode="bilinear", align_corners=False)
-    np.testing.assert_allclose(up, ref[0, 0].numpy())
-    assert up[0, 0] == 0.0 and up[-1, -1] == 3.0  # align_corners=False clamps at the borders
-    np.testing.assert_allclose(upsample_to(torch.full((3, 3), 2.5), (7, 5)), 2.5)
 
 
 def test_aggregate_keys_and_paper_columns():

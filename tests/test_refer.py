@@ -242,6 +242,27 @@ def test_image_errors_when_loaded(tmp_path):
         ds.load_image(ids[2])
 
 
+def test_a_list_of_rles_decodes_as_their_union(tmp_path):
+    # REFER's getMask passes a list of RLE dicts to pycocotools' decode (RefCLEF stores them so).
+    from pycocotools import mask as mask_utils
+
+    fx = write_refer_fixture(tmp_path)
+    ann_id = next(a for a in fx.masks if fx.masks[a].sum() > 4)
+    full = fx.masks[ann_id]
+    top, bottom = full.copy(), full.copy()
+    top[full.shape[0] // 2:] = False
+    bottom[:full.shape[0] // 2] = False
+    parts = [mask_utils.encode(np.asfortranarray(p.astype(np.uint8))) for p in (top, bottom)]
+    seg = [{"size": p["size"], "counts": p["counts"].decode("ascii")} for p in parts]
+
+    def rewrite(c):
+        next(a for a in c["annotations"] if a["id"] == ann_id)["segmentation"] = seg
+
+    _rewrite_instances(fx, rewrite)
+    ds = ReferDataset(tmp_path, "refcoco", "unc")
+    np.testing.assert_array_equal(ds.ann_mask(ann_id), full)
+
+
 def test_malformed_segmentation(tmp_path):
     fx = write_refer_fixture(tmp_path, "refcoco", "unc", n_images=1)
     _rewrite_instances(fx, lambda c: c["annotations"][0].update(segmentation="oops"))

@@ -15,7 +15,7 @@ __all__ = ["ReferDataset", "ReferFormatError", "prepare_dataset", "resolve_split
            "GENERATOR_VERSION"]
 
 # Bump when a generator change alters its output: cached datasets of older versions are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: RLE segmentations wrapped in a list, as the REFER API reads them
 
 # The config's default split_by is "unc" (RefCOCO/+). For datasets that do not ship a unc split,
 # "unc" means that dataset's usual one: umd for RefCOCOg (it has train/val/test; google has no

@@ -52,6 +52,18 @@ class ReferFormatError(ValueError):
     """A REFER-layout file is missing or malformed; the message names the file."""
 
 
+def _decode_rles(rles: list[dict], h: int, w: int) -> np.ndarray:
+    """[H, W, n] from RLE dicts: compressed (counts str/bytes) or uncompressed (counts a list)."""
+    out = []
+    for r in rles:
+        counts = r["counts"]
+        if isinstance(counts, list):
+            out.append(mask_utils.frPyObjects(r, h, w))
+        else:
+            out.append({"size": r["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+    return mask_utils.decode(out)  # a list: [H, W, n] (a bare dict goes a deprecated path)
+
+
 def _polygons_ok(seg: Any) -> bool:
     return isinstance(seg, list) and all(isinstance(p, list) and all(isinstance(v, (int, float)) for v in p) for p in seg)
 
@@ -208,19 +220,17 @@ class ReferDataset:
         return arr
 
     def ann_mask(self, ann_id: int) -> np.ndarray:
-        """bool [H, W]: the union of the annotation's polygons, or its RLE (METHOD §1, pycocotools)."""
+        """bool [H, W]: the union of the annotation's polygons or RLEs (METHOD §1, pycocotools). Reads every
+        form the REFER API decodes (a list of polygons, a list of RLE dicts) and a bare RLE dict."""
         ann = self.anns[ann_id]
         info = self.images[ann["image_id"]]
         h, w = int(info["height"]), int(info["width"])
         seg = ann["segmentation"]
         try:
-            if isinstance(seg, dict):  # RLE: compressed (counts str/bytes) or uncompressed (counts list)
-                if isinstance(seg.get("counts"), list):
-                    rle = mask_utils.frPyObjects(seg, h, w)
-                else:
-                    counts = seg["counts"]
-                    rle = {"size": seg["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-                m = mask_utils.decode([rle])  # a list: [H, W, 1] (a bare dict goes a deprecated path)
+            if isinstance(seg, dict):  # a bare RLE (REFER's getMask cannot read it; we can)
+                m = _decode_rles([seg], h, w)
+            elif isinstance(seg, list) and seg and all(isinstance(r, dict) for r in seg):
+                m = _decode_rles(seg, h, w)  # a list of RLEs: what REFER's getMask decodes as RLE
             elif _polygons_ok(seg):
                 # Polygons of < 3 points carry no area, and pycocotools would read a 4-number one as a box.
                 polys = [p for p in seg if len(p) >= 6]

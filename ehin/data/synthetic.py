@@ -705,11 +705,12 @@ def _rle(mask: np.ndarray) -> dict:
 
 
 def _annotation(obj: SceneObject, ann_id: int, image_id: int) -> dict:
-    # Polygons where the shape is one; a ring (a hole) and the stuff bands as compressed RLE.
+    # Polygons where the shape is one; a ring (a hole) and the stuff bands as compressed RLE, wrapped in a
+    # list: the REFER API's getMask indexes segmentation[0], so a bare RLE dict fails there (METHOD §1).
     if obj.polygons and obj.shape != "ring":
         seg = [[float(v) for v in p.reshape(-1)] for p in obj.polygons]
     else:
-        seg = _rle(obj.mask)
+        seg = [_rle(obj.mask)]
     ann = {"id": ann_id, "image_id": image_id, "category_id": CATEGORY_ID[obj.shape], "segmentation": seg,
            "area": float(obj.mask.sum()), "bbox": list(obj.box), "iscrowd": 0}
     if not obj.stuff:  # extra keys are legal COCO; tests use them to check the expressions

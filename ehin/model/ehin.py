@@ -8,7 +8,8 @@
 
 `forward` fuses every (image i, text j) pair of the batch (D6) and returns the N x N response maps
 plus the "raw" maps logit_scale * <V_i[p], L_j> before HIPM (the early maps of L_CL, Fig. 7).
-`predict` fuses only the matched pairs (i, i): O(B), not O(B^2).
+`predict` fuses only the matched pairs (i, i): O(B), not O(B^2), and returns the raw R_ii; the ReLU
+comes after upsampling, in `ehin.metrics.stage1_map` (METHOD §3.6).
 """
 from __future__ import annotations
 
@@ -66,14 +67,11 @@ class EHIN(nn.Module):
         maps = self._fuse(vis, lan, pairwise=True)  # D6: every (image, text) pair
         return {"maps": maps, "raw_maps": raw, "logit_scale": scale}
 
-    def diagonal_maps(self, images01: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Fused R_ii [B, h, w] (logits) for the matched pairs only: O(B), equal to forward's diagonal."""
+    def predict(self, images01: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Raw fused R_ii [B, h, w] (logits, no ReLU) for the matched pairs only: O(B), equal to forward's
+        diagonal. `ehin.metrics.stage1_map` takes each map to the original size (METHOD §3.6)."""
         vis, lan = self.features(images01, tokens)
         return self._fuse(vis, lan, pairwise=False)
-
-    def predict(self, images01: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """ReLU(R_ii) [B, h, w] at feature resolution (METHOD §3.6; the caller upsamples)."""
-        return F.relu(self.diagonal_maps(images01, tokens))
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         """The CLIP encoders' parameters (the trainer's low-LR group)."""

@@ -133,7 +133,7 @@ class ReferSource:
 
 
 class ModelMaps:
-    """MapProvider from a stage-1 model (`predict` -> ReLU(R_ii)) and a FrozenScorer (PRMS)."""
+    """MapProvider from a stage-1 model (`predict` -> raw R_ii) and a FrozenScorer (PRMS)."""
 
     def __init__(self, model, scorer, device: torch.device, batch_size: int = 32):
         self.model = model.eval()
@@ -175,7 +175,8 @@ def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def max_normalise(maps: torch.Tensor) -> torch.Tensor:
-    """Divide each map by its maximum; an all-zero (or all-negative) map becomes all zero."""
+    """ReLU, then divide each map by its maximum; an all-zero (or all-negative) map becomes all zero.
+    Applied after `upsample`, this is METHOD §3.6's order (upsample, then ReLU) up to S."""
     peak = maps.flatten(1).amax(1).clamp_min(1e-12)
     return maps.clamp_min(0) / peak[:, None, None]
 
@@ -338,17 +339,19 @@ def _phase_a_chunk(items: list[RefItem], provider: MapProvider, st: Settings, po
     images01 = to_tensor01([it.image for it in items])
     flat_imgs = torch.cat([images01[r:r + 1].expand(len(it.sentences), -1, -1, -1) for r, it in enumerate(items)])
     flat_sents = [s for it in items for s in it.sentences]
-    all_maps = provider.maps(flat_imgs, flat_sents)  # [Σn, h, w], ReLU'd
+    all_maps = provider.maps(flat_imgs, flat_sents)  # [Σn, h, w], raw R_ii (no ReLU yet)
     per_ref, start = [], 0
     for it in items:
         per_ref.append(all_maps[start:start + len(it.sentences)])
         start += len(it.sentences)
     if st.prms:
-        choice = provider.select(images01, [max_normalise(m) for m in per_ref], [it.sentences for it in items])
+        # PRMS masks with the maps as evaluation sees them at S: upsample, then ReLU (METHOD §3.6)
+        choice = provider.select(images01, [max_normalise(upsample(m, size)) for m in per_ref],
+                                 [it.sentences for it in items])
     else:
         choice = [0] * len(items)
     chosen = torch.stack([m[c] for m, c in zip(per_ref, choice)])  # [R, h, w]
-    norm = max_normalise(upsample(chosen, size)).numpy()  # METHOD §5/§6.2: upsample, divide by max
+    norm = max_normalise(upsample(chosen, size)).numpy()  # METHOD §3.6/§6.2: upsample, ReLU, divide by max
     maps_lab = [np.where(m > st.map_threshold, FG, BG).astype(np.uint8) for m in norm]
     if st.crf:
         kw = dict(fg_threshold=st.fg_threshold, bg_threshold=st.bg_threshold, gt_prob=st.crf_gt_prob,
