@@ -62,6 +62,7 @@ class CellRunner(submitit.helpers.Checkpointable):
 
     def __call__(self, spec: CellSpec) -> dict:
         from bench.store import ResultStore, code_version, host_info
+        from ehin.metrics import PROTOCOL
 
         start = time.time()
         try:
@@ -76,6 +77,7 @@ class CellRunner(submitit.helpers.Checkpointable):
             "history": result.get("history", []),
             "timings": {**result.get("timings", {}), "cell_s": round(time.time() - start, 2)},
             "code_version": code_version(),
+            "metrics_protocol": PROTOCOL,  # how the metrics were computed (ehin.metrics)
             **host_info(),
             "device": result.get("device", "cpu"),
         }

@@ -120,6 +120,8 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None)
         if text not in pairs:
             pairs.append(text)
     hardware = sorted({_hardware(r) for r in recs})
+    from ehin.metrics import PROTOCOL_BEFORE  # records before the protocol was recorded
+
     return {
         "table": sweep.name,
         "title": sweep.title,
@@ -128,6 +130,7 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None)
         "records": len(recs),
         "datasets": pairs,
         "code_versions": sorted({str(r.get("code_version", "unknown")) for r in recs}),
+        "metrics_protocols": sorted({str(r.get("metrics_protocol", PROTOCOL_BEFORE)) for r in recs}),
         "hardware": hardware,
     }
 
@@ -158,6 +161,7 @@ def header_lines(info: dict[str, Any]) -> list[str]:
         f"profile: {info['profile']}; seeds: {seeds} ({info['records']} records)",
         "dataset: " + "; ".join(info["datasets"]),
         "code: " + (", ".join(info["code_versions"]) or "-"),
+        "evaluation: " + (", ".join(info.get("metrics_protocols", [])) or "-"),
         "hardware: " + (", ".join(info["hardware"]) or "-"),
     ]
 

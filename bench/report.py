@@ -47,6 +47,7 @@ def _table_section(folder: Path, info: dict, reports: Path) -> str:
         f"profile <b>{html.escape(str(info.get('profile')))}</b>, seeds {html.escape(str(info.get('seeds')))}",
         "data: " + html.escape("; ".join(info.get("datasets", []))),
         "code: " + html.escape(", ".join(info.get("code_versions", [])) or "-"),
+        "evaluation: " + html.escape(", ".join(info.get("metrics_protocols", [])) or "-"),
         "hardware: " + html.escape(", ".join(info.get("hardware", [])) or "-"),
     ]
     return (f'<section><h2>{html.escape(info.get("title", folder.name))}</h2>'

@@ -55,6 +55,11 @@ PAPER_COLUMNS = {"IoU": "iou", "mIoU": "overall_iou", "PointIt": "point_box", "P
                  "BoxAcc": "box_acc"}
 METRIC_KEYS = ("iou", "overall_iou", "point_mask", "point_box", "box_acc", "point_any_object")
 
+# What these metrics compute, recorded in every result (bench.jobs) and shown by every rendered table.
+# Records without it were scored by the earlier protocol (ReLU on the grid, BoxAcc at 0.5 of the max).
+PROTOCOL = "tris-validate"
+PROTOCOL_BEFORE = "pre-tris (ReLU on the grid, BoxAcc at 0.5 of the max)"
+
 NORM_EPS = 1e-5  # TRIS: pred / (max + 1e-5)
 FG_EPS = 1e-9  # TRIS: foreground = normalised map > 1e-9
 NMS_IOU = 0.05

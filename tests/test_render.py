@@ -120,6 +120,17 @@ def test_write_tables_formats_and_golden_markdown(tmp_path):
     assert cells["cells"][-1]["mean"] is None  # cl / box_acc: pending, NaN written as null
 
 
+def test_header_names_the_metrics_protocol_of_its_records(tmp_path):
+    from ehin.metrics import PROTOCOL, PROTOCOL_BEFORE
+
+    recs = table5_records()
+    md = write_tables(sweep("table5"), recs, tmp_path / "old")["md"].read_text()
+    assert f"evaluation: {PROTOCOL_BEFORE}" in md  # records written before the protocol was recorded
+    recs = [{**r, "metrics_protocol": PROTOCOL} for r in recs]
+    md = write_tables(sweep("table5"), recs, tmp_path / "new")["md"].read_text()
+    assert f"evaluation: {PROTOCOL}\n" in md and PROTOCOL_BEFORE not in md
+
+
 def test_tex_escapes_special_characters(tmp_path):
     recs = [record("table6", "EHIN without HIPM & ECLM", 0, {"iou": 1.0})]
     tex = write_tables(sweep("table6"), recs, tmp_path)["tex"].read_text()
