@@ -1,6 +1,7 @@
-"""Write reports/index.html: every rendered table and plot, with where each number came from.
+"""Write reports/index.html: every rendered table and plot, with where each number came from, and the
+README's results summary (between its `results:begin` / `results:end` markers) from the same files.
 
-    python -m bench.report [--reports reports]
+    python -m bench.report [--reports reports] [--readme README.md]
 
 It links what `bench.run` rendered (reports/<table>/ for the synthetic profile,
 reports/<profile>/<table>/ for the others), the claims reports of `bench.check --claims`, and the
@@ -114,12 +115,62 @@ Generated {time.strftime('%Y-%m-%d %H:%M')} by <code>python -m bench.report</cod
     return out
 
 
+README_BEGIN, README_END = "<!-- results:begin (python -m bench.report) -->", "<!-- results:end -->"
+SUMMARY_COLUMNS = ("PointM", "IoU", "mIoU", "BoxAcc")
+
+
+def results_summary(reports: str | Path = "reports") -> str:
+    """Markdown: per rendered table, its provenance and each row's mean ± std of the paper's main
+    columns, read from the committed cells.json (no number typed by hand)."""
+    reports = Path(reports)
+    parts = []
+    # The README's main job (the synthetic profile) first, then the others in _tables' order.
+    for folder, info in sorted(_tables(reports), key=lambda t: t[1].get("profile") != "synthetic"):
+        data = json.loads((folder / "cells.json").read_text())
+        metric_of = data.get("metrics", {})
+        cells = {(c["row"], c["metric"]): c for c in data.get("cells", [])}
+        rows = list(dict.fromkeys(c["row"] for c in data.get("cells", [])))
+        cols = [c for c in SUMMARY_COLUMNS if c in metric_of]
+
+        def cell(row: str, col: str) -> str:
+            c = cells.get((row, metric_of[col]))
+            if not c or c.get("mean") is None:
+                return "–"
+            return f"{c['mean']:.1f} ± {c['std']:.1f}" if c.get("std") is not None and c.get("n", 0) > 1 \
+                else f"{c['mean']:.1f}"
+
+        rel = folder.relative_to(reports)
+        parts.append(
+            f"**{info.get('title', folder.name)}** (`reports/{rel}/`; profile {info.get('profile')}, seeds "
+            f"{', '.join(map(str, info.get('seeds', [])))}; code {', '.join(info.get('code_versions', []))}; "
+            f"evaluation {', '.join(info.get('metrics_protocols', [])) or 'pre-tris'})\n\n"
+            + "| row | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
+            + "".join(f"| {r} | " + " | ".join(cell(r, c) for c in cols) + " |\n" for r in rows))
+    return "\n".join(parts) if parts else "Nothing rendered yet: run `python -m bench.run table5`.\n"
+
+
+def update_readme(readme: str | Path, reports: str | Path = "reports") -> bool:
+    """Rewrite the block between the README's markers; True when it changed."""
+    readme = Path(readme)
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{readme}: no results markers ({README_BEGIN} ... {README_END})")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    new = f"{head}{README_BEGIN}\n{results_summary(reports)}{README_END}{tail}"
+    readme.write_text(new)
+    return new != text
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reports", default="reports")
+    p.add_argument("--readme", help="also rewrite this README's results block (README.md in the repository)")
     args = p.parse_args(argv)
     print(f"wrote {write_index(args.reports)}")
+    if args.readme:
+        print(f"{args.readme}: results block {'updated' if update_readme(args.readme, args.reports) else 'unchanged'}")
 
 
 if __name__ == "__main__":

@@ -679,8 +679,11 @@ def create_or_continue(study_name: str, storage: optuna.storages.BaseStorage, me
                                 load_if_exists=True)
     old = study.user_attrs
     if not old.get("search"):
+        from ehin.metrics import PROTOCOL
+
         for key, value in meta.items():
             study.set_user_attr(key, value)
+        study.set_user_attr("metrics_protocol", PROTOCOL)  # how the trials' metrics are computed
         study.set_user_attr("search", True)
         return study
     for key in ("space", "metric", "direction", "profile", "base_config_hash"):
@@ -916,9 +919,12 @@ def _pm(mean: float, std: float, n: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 def write_summary(out: Path, study: optuna.Study, written: dict, final_md: Path | None) -> Path:
+    from ehin.metrics import PROTOCOL_BEFORE
+
     parts = [f"# Search `{study.study_name}`\n",
              f"Space `{study.user_attrs.get('space_name')}`, profile {study.user_attrs.get('profile')}, "
-             f"objective {study.user_attrs.get('metric')} ({study.user_attrs.get('direction')}).\n",
+             f"objective {study.user_attrs.get('metric')} ({study.user_attrs.get('direction')}); evaluation "
+             f"{study.user_attrs.get('metrics_protocol', PROTOCOL_BEFORE)}.\n",
              (out / "best.md").read_text().split("\n", 1)[1]]
     if final_md is not None and final_md.exists():
         parts.append("## Test split\n" + final_md.read_text().split("\n", 1)[1])

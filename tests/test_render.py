@@ -214,3 +214,31 @@ def test_index_links_claims_searches_and_perf(tmp_path):
     assert 'href="claims/synthetic.html"' in page
     assert 'href="search/default-synthetic/summary.md"' in page and "importances.png" in page
     assert 'href="perf/h100.json"' in page and "NVIDIA H100" in page
+
+
+def test_results_summary_reads_the_rendered_cells(tmp_path):
+    from bench.report import results_summary, update_readme
+
+    reports = tmp_path / "reports"
+    write_tables(sweep("table5"), table5_records(), reports / "table5", seeds=[0, 1])
+    text = results_summary(reports)
+    assert "**Table 5: loss components (RefCOCO+ val)** (`reports/table5/`" in text
+    assert "| row | PointM | IoU | mIoU | BoxAcc |" in text
+    cells = json.loads((reports / "table5" / "cells.json").read_text())
+    full = next(c for c in cells["cells"] if c["row"] == "bg+fg+cl" and c["metric"] == "point_mask")
+    assert f"| bg+fg+cl | {full['mean']:.1f} ± {full['std']:.1f} |" in text
+    assert "| cl | – |" in text  # pending cells stay pending
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:begin (python -m bench.report) -->\nold\n<!-- results:end -->\nend\n")
+    assert update_readme(readme, reports) and not update_readme(readme, reports)
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("<!-- results:end -->\nend\n")
+    assert "old" not in readme.read_text()
+
+
+def test_the_readme_results_block_is_current():
+    from bench.report import README_BEGIN, README_END, results_summary
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text()
+    block = text.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
+    assert block == "\n" + results_summary(root / "reports"), "run: python -m bench.report --readme README.md"

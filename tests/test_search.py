@@ -99,6 +99,7 @@ def test_two_local_workers_prune_and_report(tmp_path):
     assert (out / "trials.md").read_text().count("PRUNED") == n["PRUNED"]
     # Importances need >= 2 complete trials; drawn or explained, never a crash.
     assert (out / "importances.png").exists() or "importances.png" in (out / "summary.md").read_text()
+    assert "evaluation tris-validate." in (out / "summary.md").read_text()  # the metrics protocol is named
 
 
 def _reported_epochs(load) -> int:
