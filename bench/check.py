@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from bench.store import ResultStore
+from ehin.cli import command
 
 DEFAULT_TABLES = ("table3", "table5", "table6")
 METRICS = ("iou", "overall_iou", "point_box", "point_mask", "box_acc")
@@ -306,6 +307,7 @@ the standard error of the difference over seeds.</p><table><tr><th>table</th><th
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

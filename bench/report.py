@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+from ehin.cli import command
+
 
 def _tables(reports: Path) -> list[tuple[Path, dict]]:
     found = []
@@ -113,6 +115,7 @@ Generated {time.strftime('%Y-%m-%d %H:%M')} by <code>python -m bench.report</cod
     return out
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,6 +24,7 @@ from pathlib import Path
 from bench.executors import EXECUTORS, SlurmOptions, dispatch
 from bench.jobs import CellSpec
 from bench.store import ResultStore, cell_id
+from ehin.cli import command
 
 DEFAULT_SEEDS = {"smoke": 1, "synthetic": 3, "paper": 1}
 
@@ -99,6 +100,7 @@ def render(sweep, profile: str, root: Path, reports: str | Path = "reports", see
     return out
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     from bench.sweeps import list_sweeps, load_sweep
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ehin.cli import UserError
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     path = Path(path)
@@ -23,7 +24,7 @@ def load(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or not a torch file
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
 
 
 def load_stage1(path: str | Path, device: str = "cpu"):
@@ -32,7 +33,7 @@ def load_stage1(path: str | Path, device: str = "cpu"):
 
     ckpt = load(path)
     if ckpt.get("kind") != "stage1":
-        raise ValueError(f"{path} is a {ckpt.get('kind', 'unknown')!r} checkpoint, not a stage-1 one")
+        raise UserError(f"{path} is a {ckpt.get('kind', 'unknown')!r} checkpoint, not a stage-1 one")
     cfg = ckpt["config"]
     # The checkpoint holds every weight: build the backbone empty instead of loading pretrained ones.
     empty = {**cfg, "backbone": {**cfg["backbone"], "pretrained": None}}

@@ -15,11 +15,12 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from ehin.cli import UserError
 CONFIG_DIR = Path(__file__).parent / "configs"
 PROFILES = ("smoke", "synthetic", "paper")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config key or value that cannot be used."""
 
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ehin import metrics as M
+from ehin.cli import UserError, command
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -42,7 +43,7 @@ class Predictor:
             self.model, self.cfg = load_stage2(checkpoint, device)
             self.stage = 2
         else:
-            raise ValueError(f"{checkpoint}: unknown checkpoint kind {kind!r}")
+            raise UserError(f"{checkpoint}: unknown checkpoint kind {kind!r}")
         self.size = self.cfg["data"]["image_size"]
         self.tokenize = self.model.backbone.tokenize
 
@@ -92,27 +93,28 @@ def write_prediction(image: np.ndarray, heat: np.ndarray, mask: np.ndarray, out:
 def _requests(args) -> list[dict]:
     if args.image:
         if not args.text:
-            raise SystemExit("--image needs --text")
+            raise UserError("--image needs --text")
         return [{"image": args.image, "text": args.text, "out": args.out or "overlay.png"}]
     if args.batch:
         try:
             items = json.loads(Path(args.batch).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"cannot read batch file {args.batch}: {e}")
+            raise UserError(f"cannot read batch file {args.batch}: {e}") from None
         if not isinstance(items, list) or not all(isinstance(i, dict) and "image" in i and "text" in i for i in items):
-            raise SystemExit(f"{args.batch}: expected a JSON list of {{\"image\": ..., \"text\": ...}}")
+            raise UserError(f"{args.batch}: expected a JSON list of {{\"image\": ..., \"text\": ...}}")
     elif args.images_dir:
         if not args.text:
-            raise SystemExit("--images-dir needs --text")
+            raise UserError("--images-dir needs --text")
         items = [{"image": str(p), "text": args.text} for p in sorted(Path(args.images_dir).iterdir())
                  if p.suffix.lower() in IMAGE_EXTS]
     else:
-        raise SystemExit("give --image, --batch or --images-dir")
+        raise UserError("give --image, --batch or --images-dir")
     out_dir = Path(args.out_dir or "predictions")
     return [{**it, "out": str(out_dir / f"{it.get('name') or Path(it['image']).stem + f'_{i}'}.png")}
             for i, it in enumerate(items)]
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ehin.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
+from ehin.cli import UserError, command
 from ehin.config import add_run_args, config_for_run, config_hash, save_config
 
 
@@ -38,7 +39,7 @@ def resolve_device(cfg: dict) -> torch.device:
     if want == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        raise UserError("train.device=cuda but no CUDA device is available; use --set train.device=auto or cpu")
     return torch.device(want)
 
 
@@ -128,7 +129,8 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
 
     steps_per_epoch = len(train_ds) // t["batch_size"]
     if steps_per_epoch == 0:
-        raise ValueError(f"train split has {len(train_ds)} refs, fewer than one batch of {t['batch_size']}")
+        raise UserError(f"train split has {len(train_ds)} refs, fewer than one batch of {t['batch_size']}; "
+                        "lower train.batch_size")
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(steps_per_epoch * t["epochs"], t["poly_power"]))
 
@@ -233,6 +235,7 @@ def _check_finite(total: torch.Tensor, terms: dict, step: int, epoch: int) -> No
     )
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ehin.train_stage1", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from ehin.data.refer import ReferDataset, ReferFormatError
+from ehin.cli import UserError
 
 __all__ = ["ReferDataset", "ReferFormatError", "prepare_dataset", "resolve_split_by", "synthetic_root",
            "GENERATOR_VERSION"]
@@ -75,12 +76,12 @@ def prepare_dataset(cfg: dict, progress: bool = True) -> ReferDataset:
         from ehin.data.synthetic import VARIANTS
 
         if name not in VARIANTS:
-            raise ValueError(f"data.dataset = {name!r}: unknown synthetic variant (choose from {', '.join(VARIANTS)})")
+            raise UserError(f"data.dataset = {name!r}: unknown synthetic variant (choose from {', '.join(VARIANTS)})")
         return ReferDataset(_ensure_generated(cfg, progress), name, split_by)
     if not d.get("root"):
-        raise ValueError(f"data.root is null: {name!r} is a real dataset; point data.root at a REFER root "
-                         "holding refer/<dataset>/ (or use a synth-* dataset)")
+        raise UserError(f"data.root is null: {name!r} is a real dataset; point data.root at a REFER root "
+                        "holding refer/<dataset>/ (or use a synth-* dataset)")
     root = Path(d["root"]).expanduser()
     if not root.is_dir():
-        raise ValueError(f"data.root = {str(root)!r} does not exist")
+        raise UserError(f"data.root = {str(root)!r} does not exist")
     return ReferDataset(root, name, split_by, image_root=d.get("image_root"))
