@@ -39,7 +39,7 @@ def reports_dir(table: str, profile: str, reports: str | Path = "reports") -> Pa
 
 def build_specs(sweep, profile: str, seeds: int, root: Path, rows: list[str] | None = None,
                 extra_overrides: dict | None = None) -> list[CellSpec]:
-    from ehin.config import HASH_IGNORE, STAGE2_KEYS, config_hash
+    from ehin.config import config_hash, stage1_hash
 
     specs = []
     for cell in sweep.cells(profile, list(range(seeds))):
@@ -48,9 +48,10 @@ def build_specs(sweep, profile: str, seeds: int, root: Path, rows: list[str] | N
         overrides = {**cell.overrides, **(extra_overrides or {})}
         cfg = cell.config() if not extra_overrides else _config(profile, overrides)
         stage = str(getattr(cell, "stage", sweep.stage))
-        # A stage-1 cell's identity leaves out what only stage 2 reads (ehin.config.STAGE2_KEYS), so
-        # changing a profile's stage-2 or pseudo-label settings does not invalidate stage-1 results.
-        h = config_hash(cfg, ignore=HASH_IGNORE + (STAGE2_KEYS if stage == "1" else ()))
+        # A stage-1 cell's identity leaves out what only stage 2 reads, so changing a profile's stage-2
+        # or pseudo-label settings does not invalidate stage-1 results; the trainer's resume guard
+        # compares the same hash (ehin.config.stage1_hash).
+        h = stage1_hash(cfg) if stage == "1" else config_hash(cfg)
         cid = cell_id(sweep.name, cell.row, cell.seed, profile, h)
         run_dir = root / "runs" / sweep.name / _safe(cell.row) / f"seed{cell.seed}-{h}"
         specs.append(CellSpec(table=sweep.name, row=cell.row, seed=cell.seed, profile=profile,

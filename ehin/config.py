@@ -163,6 +163,14 @@ def config_hash(cfg: Mapping, *, ignore: Iterable[str] = HASH_IGNORE) -> str:
     return hashlib.sha1(blob).hexdigest()[:12]
 
 
+def stage1_hash(cfg: Mapping) -> str:
+    """The identity of a stage-1 run: config_hash without what only stage 2 reads (STAGE2_KEYS).
+
+    bench names a stage-1 cell by it and the trainer's resume guard compares it, so changing a
+    profile's stage-2 or pseudo-label settings neither invalidates nor blocks a stage-1 run."""
+    return config_hash(cfg, ignore=HASH_IGNORE + STAGE2_KEYS)
+
+
 def save_config(cfg: Mapping, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
