@@ -551,7 +551,9 @@ def _train_irnet(source, trunk, part_a, st: Settings, work: Path, device, size, 
     ckpt = work / "irnet.pt"
     start, opt_state, history = 0, None, []
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        from ehin.checkpoint import load as load_checkpoint
+
+        state = load_checkpoint(ckpt, map_location=device)  # weights only: the work folder is the user's
         head.load_head_state_dict(state["head"])
         start, opt_state, history = state["epoch"] + 1, state["optimizer"], state["history"]
     if start < st.irnet_epochs:
