@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--executor", default="local", choices=EXECUTORS,
                    help="local (default): submitit local processes, --jobs at once, the cores shared "
                         "between them; inline: this process, one cell after another; slurm: SLURM job arrays")
-    p.add_argument("--seeds", type=int, help="seeds per row (default: 1 smoke, 3 synthetic, 1 paper)")
+    p.add_argument("--seeds", type=positive_int, help="seeds per row (default: 1 smoke, 3 synthetic, 1 paper)")
     p.add_argument("--jobs", type=int, default=2, help="cells at once with --executor local / slurm array")
     p.add_argument("--results", help="results folder holding store.jsonl (default results/<profile>)")
     p.add_argument("--reports", default="reports", help="where rendered tables and plots go")
@@ -135,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in list_sweeps()]
     if unknown:
         p.error(f"unknown table {unknown[0]!r}; choose from {', '.join(list_sweeps())} or 'all'")
-    seeds = args.seeds or DEFAULT_SEEDS[args.profile]
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+    if rows:
+        # A misspelt row would otherwise select nothing and render an all-pending table.
+        known = list(dict.fromkeys(row for name in names for row in load_sweep(name).rows))
+        bad = [r for r in rows if r not in known]
+        if bad:
+            p.error(f"unknown row {bad[0]!r} in --rows for {', '.join(names)}; rows: {', '.join(known)}")
+    seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[args.profile]
     root = results_root(args.profile, args.results)
     store = ResultStore(root)
     extra = _flat_overrides(args.overrides)
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for name in names:
         sweep = load_sweep(name)
-        specs = build_specs(sweep, args.profile, seeds, root, args.rows.split(",") if args.rows else None, extra)
+        specs = build_specs(sweep, args.profile, seeds, root, rows, extra)
         done = store.finished_ids()
         todo = reuse_identical_cells([s for s in specs if s.cell_id not in done], store)
         print(f"{sweep.name}: {sweep.title}\n  {len(specs)} cells ({len(specs) - len(todo)} already in "
@@ -172,6 +179,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{failed} cell(s) failed; rerun the same command to retry only those.", file=sys.stderr)
         return 1
     return 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts: 0 or a negative number is an error, not 'the default'."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
 
 
 def _flat_overrides(items: list[str]) -> dict:

@@ -131,3 +131,20 @@ def test_local_cells_get_a_gpu_each_round_robin():
     assert gpu_slot(0, 0) == {} and gpu_slot(5, 0) == {}
     assert [gpu_slot(k, 2)["visible_gpus"] for k in range(4)] == [(0,), (1,), (0,), (1,)]
     assert all(gpu_slot(k, 3)["gpus_per_node"] == 1 for k in range(3))
+
+
+@pytest.mark.parametrize("seeds", ["0", "-1", "two"])
+def test_seeds_must_be_positive(tmp_path, capsys, seeds):
+    with pytest.raises(SystemExit) as exc:
+        run_main(args("--seeds", seeds, "--dry-run", results=tmp_path / "res", reports=tmp_path / "rep"))
+    assert exc.value.code == 2
+    assert "--seeds: must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_unknown_rows_are_an_error_listing_the_rows(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_main(args(results=tmp_path / "res", reports=tmp_path / "rep", rows="bg+fg,bg+fgg"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown row 'bg+fgg'" in err and "bg+fg+cl, bg+fg, bg+cl, fg+cl, bg, fg, cl" in err
+    assert not (tmp_path / "rep").exists()
