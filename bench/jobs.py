@@ -64,6 +64,8 @@ class CellRunner(submitit.helpers.Checkpointable):
         from bench.store import ResultStore, code_version, host_info
 
         start = time.time()
+        # error.txt marks the last attempt as failed (bench.run renders the cell "failed"): a new attempt clears it.
+        (Path(spec.run_dir) / "error.txt").unlink(missing_ok=True)
         try:
             result = run_cell(spec)
         except Exception:

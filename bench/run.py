@@ -90,13 +90,23 @@ def prepare_prerequisites(specs: list[CellSpec]) -> None:
         prepare(cfg)
 
 
-def render(sweep, profile: str, root: Path, reports: str | Path = "reports", seeds: int | None = None) -> Path:
+def failed_rows(specs: list[CellSpec], store: ResultStore, outcomes=()) -> set[str]:
+    """Rows with a cell missing from the store whose last attempt failed: in this run, or earlier
+    (the job leaves RUN_DIR/error.txt), so that the table says "failed" rather than "pending"."""
+    done = store.finished_ids()
+    bad = {o.spec.cell_id for o in outcomes if not o.ok}
+    return {s.row for s in specs if s.cell_id not in done
+            and (s.cell_id in bad or (Path(s.run_dir) / "error.txt").exists())}
+
+
+def render(sweep, profile: str, root: Path, reports: str | Path = "reports", seeds: int | None = None,
+           failed: set[str] | frozenset[str] = frozenset()) -> Path:
     from bench.plots import write_plots
     from bench.render import write_tables
 
     records = ResultStore(root).select(table=sweep.name, profile=profile)
     out = reports_dir(sweep.name, profile, reports)
-    write_tables(sweep, records, out, profile=profile, seeds=list(range(seeds)) if seeds else None)
+    write_tables(sweep, records, out, profile=profile, seeds=list(range(seeds)) if seeds else None, failed=failed)
     write_plots(sweep, records, out, profile=profile)
     return out
 
@@ -159,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{store.path}, {len(todo)} to run), profile {args.profile}, executor {args.executor}")
         if args.dry_run:
             for s in specs:
-                print(f"  [{'done' if s.cell_id in done else 'todo'}] {s.cell_id}")
+                state = ("done" if s.cell_id in done else
+                         "failed" if (Path(s.run_dir) / "error.txt").exists() else "todo")
+                print(f"  [{state}] {s.cell_id}")
             continue
+        outcomes = []
         if todo:
             prepare_prerequisites(todo)
             outcomes = dispatch(todo, args.executor, jobs=args.jobs, folder=root / "submitit",
@@ -170,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    array_parallelism=args.jobs))
             failed += sum(not o.ok for o in outcomes)
         if not args.no_render:
-            out = render(sweep, args.profile, root, args.reports, seeds)
+            out = render(sweep, args.profile, root, args.reports, seeds, failed_rows(specs, store, outcomes))
             md = out / "table.md"
             if md.exists():
                 print(md.read_text())

@@ -58,6 +58,12 @@ def test_failed_cell_is_reported_and_sweep_goes_on(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("FAILED") == 2 and "no CUDA device" in err and "error.txt" in err
     assert ResultStore(tmp_path / "res").read() == []
+    # The rendered table says "failed" for those rows, not "pending" (issue 18); the others stay pending.
+    lines = (tmp_path / "rep" / "smoke" / "table5" / "table.md").read_text().splitlines()
+    status = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in lines if line.startswith("| ")}
+    assert status["bg+fg"] == status["fg+cl"] == "failed" and status["fg"] == "pending"
+    assert run_main(args("--dry-run", results=tmp_path / "res", reports=tmp_path / "rep")) == 0
+    assert capsys.readouterr().out.count("[failed]") == 2
 
 
 def test_kill_midway_then_resume(tmp_path):
