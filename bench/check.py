@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from bench.store import ResultStore
+from ehin.cli import UserError, command
 
 DEFAULT_TABLES = ("table3", "table5", "table6")
 METRICS = ("iou", "overall_iou", "point_box", "point_mask", "box_acc")
@@ -306,6 +307,7 @@ the standard error of the difference over seeds.</p><table><tr><th>table</th><th
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+@command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="print every checked metric, not only failures")
     args = p.parse_args(argv)
 
-    store = ResultStore(args.results or Path("results") / args.profile)
+    store = _existing_store(args.results or Path("results") / args.profile, "--results")
     if args.claims:
         rows, path = claims_report(args.profile, store, args.reports)
         print(path.read_text())
@@ -329,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     tables = [t for t in args.tables.split(",") if t]
     path = Path(args.baselines) if args.baselines else baseline_path(args.profile, args.reports)
     if args.update:
-        spread = ResultStore(args.spread) if args.spread else None
-        rerun = ResultStore(args.rerun) if args.rerun else None
+        spread = _existing_store(args.spread, "--spread") if args.spread else None
+        rerun = _existing_store(args.rerun, "--rerun") if args.rerun else None
         data = build_baselines(store, args.profile, tables, spread, rerun)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1) + "\n")
@@ -350,6 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     for note in environment_notes(store, baselines):
         print(f"note: run environment differs from the baseline's: {note}")
     return 1 if failures else 0
+
+
+def _existing_store(root: str | Path, option: str) -> ResultStore:
+    """The store under `root`; a folder that does not exist (a typo) is one error, not a failure per cell."""
+    store = ResultStore(root)
+    if not store.root.is_dir():
+        raise UserError(f"{option} {store.root}: no such folder (give the folder that python -m bench.run "
+                        "--results wrote)")
+    if not store.path.is_file():
+        raise UserError(f"{option} {store.root}: holds no results store ({store.path.name})")
+    return store
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ class CellRunner(submitit.helpers.Checkpointable):
         from ehin.metrics import PROTOCOL
 
         start = time.time()
+        # error.txt marks the last attempt as failed (bench.run renders the cell "failed"): a new attempt clears it.
+        (Path(spec.run_dir) / "error.txt").unlink(missing_ok=True)
         try:
             result = run_cell(spec)
         except Exception:

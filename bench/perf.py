@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import ehin  # noqa: F401  (the torchvision shim must run before open_clip is imported)
+from ehin.cli import command
 
 CONFIGS = {
     "ehin": {},
@@ -266,6 +267,7 @@ def inference_time_cell(cfg: dict, run_dir: Path, **_: object) -> dict:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -3,8 +3,9 @@
 Input is the sweep and the store's records (docs/architecture.md: `{table, row, seed, profile,
 config_hash, code_version, metrics, history, timings, host, device, ...}`). Output is the reproduced
 mean ± std over seeds, the paper's number and the difference, in the paper's row and column order.
-Rows without records stay in the table as "pending". Nothing here invents a number: every value
-shown is either a record's or the paper CSV's.
+Rows without records stay in the table as "pending", or "failed" when the caller names them as
+rows whose cell failed (the store holds finished cells only). Nothing here invents a number: every
+value shown is either a record's or the paper CSV's.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pandas as pd
 
 from bench.sweeps import Sweep
 
-PENDING, PARTIAL, DONE = "pending", "partial", "done"
+PENDING, PARTIAL, DONE, FAILED = "pending", "partial", "done", "failed"
 CELL_FIELDS = ["n", "mean", "std", "paper", "diff"]
 
 _REAL_NAMES = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg", "referit": "ReferIt"}
@@ -65,13 +66,15 @@ def seed_values(sweep: Sweep, records: Iterable[dict], profile: str | None = Non
 
 
 def render_cells(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
-                 seeds: Iterable[int] | None = None) -> pd.DataFrame:
+                 seeds: Iterable[int] | None = None, failed: Iterable[str] = ()) -> pd.DataFrame:
     """One line per (row, metric) in the paper's order: n, mean, std (sample, ddof 1), paper, diff, status.
 
     `seeds`: the seeds the sweep was meant to run; rows with fewer are "partial".
+    `failed`: rows with a failed cell; they are "failed" unless every seed is done.
     """
     values = seed_values(sweep, records, profile)
     expected = len(set(seeds)) if seeds is not None else None
+    failed = set(failed)
     lines = []
     for row in sweep.rows:
         for metric in sweep.metrics.values():
@@ -81,15 +84,17 @@ def render_cells(sweep: Sweep, records: Iterable[dict], *, profile: str | None =
             std = float(v.std(ddof=1)) if n > 1 else math.nan
             paper = float(sweep.paper.loc[row, metric]) if metric in sweep.paper.columns else math.nan
             status = PENDING if n == 0 else PARTIAL if expected is not None and n < expected else DONE
+            if row in failed and status != DONE:
+                status = FAILED
             lines.append({"row": row, "metric": metric, "n": n, "mean": mean, "std": std, "paper": paper,
                           "diff": mean - paper, "status": status})
     return pd.DataFrame(lines, columns=["row", "metric", *CELL_FIELDS, "status"])
 
 
 def render_table(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
-                 seeds: Iterable[int] | None = None) -> pd.DataFrame:
+                 seeds: Iterable[int] | None = None, failed: Iterable[str] = ()) -> pd.DataFrame:
     """Wide table: index = rows (paper order); columns (paper metric label, field) + ("status", "")."""
-    cells = render_cells(sweep, records, profile=profile, seeds=seeds)
+    cells = render_cells(sweep, records, profile=profile, seeds=seeds, failed=failed)
     label = {ours: col for col, ours in sweep.metrics.items()}
     columns = pd.MultiIndex.from_tuples([(label[m], f) for m in sweep.metrics.values() for f in CELL_FIELDS]
                                         + [("status", "")])
@@ -98,11 +103,16 @@ def render_table(sweep: Sweep, records: Iterable[dict], *, profile: str | None =
         for f in CELL_FIELDS:
             table.loc[line.row, (label[line.metric], f)] = getattr(line, f)
     for row in sweep.rows:
-        states = set(cells.loc[cells.row == row, "status"])
-        # A row is pending only if no metric has a value; partial if any metric lacks seeds.
-        table.loc[row, ("status", "")] = (PENDING if states == {PENDING}
-                                          else PARTIAL if states & {PARTIAL, PENDING} else DONE)
+        table.loc[row, ("status", "")] = row_status(set(cells.loc[cells.row == row, "status"]))
     return table
+
+
+def row_status(states: set[str]) -> str:
+    """A row's status from its metrics': failed if a cell failed, pending only if no metric has a
+    value, partial if any metric lacks seeds."""
+    if FAILED in states:
+        return FAILED
+    return PENDING if states == {PENDING} else PARTIAL if states & {PARTIAL, PENDING} else DONE
 
 
 # ---------------------------------------------------------------------------- header
@@ -176,7 +186,7 @@ def _fmt(x: float, d: int, signed: bool = False) -> str:
 
 def _ours(line: Any, d: int) -> str:
     if line.n == 0:
-        return PENDING
+        return FAILED if line.status == FAILED else PENDING
     text = _fmt(line.mean, d)
     return text + (f" ± {_fmt(line.std, d)}" if line.n > 1 else "")
 
@@ -201,7 +211,7 @@ def display(sweep: Sweep, cells: pd.DataFrame) -> tuple[list[str], list[list[str
         for metric in sweep.metrics.values():
             for method in methods:
                 line = [label[metric], method]
-                n_done = 0
+                n_done, n_failed = 0, 0
                 for column in columns:
                     row = names.get((method, column))
                     if row is None:
@@ -209,9 +219,10 @@ def display(sweep: Sweep, cells: pd.DataFrame) -> tuple[list[str], list[list[str
                         continue
                     c = by[(row, metric)]
                     n_done += c.n > 0
+                    n_failed += c.status == FAILED
                     line.append(f"{_ours(c, d)} ({_paper(sweep, row, metric, c.paper, d)})")
                 out.append(line)
-                states.append(DONE if n_done else PENDING)
+                states.append(FAILED if n_failed else DONE if n_done else PENDING)
         return ["Metric", "Method", *columns], out, states
     columns = ["Row"]
     for metric in sweep.metrics.values():
@@ -228,7 +239,7 @@ def display(sweep: Sweep, cells: pd.DataFrame) -> tuple[list[str], list[list[str
             line.append(_ours(c, d))
             if has_paper:
                 line += [_paper(sweep, row, metric, c.paper, d), _fmt(c.diff, d, signed=True)]
-        status = PENDING if row_states == {PENDING} else PARTIAL if row_states & {PARTIAL, PENDING} else DONE
+        status = row_status(row_states)
         line += [str(max(ns)), status]
         out.append(line)
         states.append(status)
@@ -279,7 +290,7 @@ h3{margin-bottom:.3em} ul{color:#555;font-size:.9em;margin-top:0}
 table{border-collapse:collapse;font-size:.85em}
 th,td{padding:.3em .6em;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}
 th{background:#f3f3f3;border-bottom:2px solid #999} td.name{text-align:left;font-weight:600}
-tr.pending td{color:#999;font-style:italic} tr.partial td{color:#8a6d00}"""
+tr.pending td{color:#999;font-style:italic} tr.partial td{color:#8a6d00} tr.failed td{color:#b00020}"""
 
 
 def to_html(title: str, lines: list[str], columns: list[str], rows: list[list[str]], states: list[str]) -> str:
@@ -301,13 +312,14 @@ def _json_safe(x: Any) -> Any:
 
 
 def write_tables(sweep: Sweep, records: Iterable[dict], out_dir: str | Path, *, profile: str | None = None,
-                 seeds: Iterable[int] | None = None) -> dict[str, Path]:
-    """Write table.md, table.tex, table.html and cells.json into out_dir; return their paths."""
+                 seeds: Iterable[int] | None = None, failed: Iterable[str] = ()) -> dict[str, Path]:
+    """Write table.md, table.tex, table.html and cells.json into out_dir; return their paths.
+    `failed`: rows with a failed cell (shown "failed" rather than "pending")."""
     records = list(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     profile, _ = select_records(sweep, records, profile)
-    cells = render_cells(sweep, records, profile=profile, seeds=seeds)
+    cells = render_cells(sweep, records, profile=profile, seeds=seeds, failed=failed)
     info = header(sweep, records, profile=profile)
     lines = header_lines(info)
     columns, rows, states = display(sweep, cells)

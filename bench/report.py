@@ -16,6 +16,8 @@ import json
 import time
 from pathlib import Path
 
+from ehin.cli import UserError, command
+
 
 def _tables(reports: Path) -> list[tuple[Path, dict]]:
     found = []
@@ -154,7 +156,7 @@ def update_readme(readme: str | Path, reports: str | Path = "reports") -> bool:
     readme = Path(readme)
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"{readme}: no results markers ({README_BEGIN} ... {README_END})")
+        raise UserError(f"{readme}: no results markers ({README_BEGIN} ... {README_END})")
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
     new = f"{head}{README_BEGIN}\n{results_summary(reports)}{README_END}{tail}"
@@ -162,6 +164,7 @@ def update_readme(readme: str | Path, reports: str | Path = "reports") -> bool:
     return new != text
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

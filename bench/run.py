@@ -24,6 +24,7 @@ from pathlib import Path
 from bench.executors import EXECUTORS, SlurmOptions, dispatch
 from bench.jobs import CellSpec
 from bench.store import ResultStore, cell_id
+from ehin.cli import command
 
 DEFAULT_SEEDS = {"smoke": 1, "synthetic": 3, "paper": 1}
 
@@ -38,7 +39,7 @@ def reports_dir(table: str, profile: str, reports: str | Path = "reports") -> Pa
 
 def build_specs(sweep, profile: str, seeds: int, root: Path, rows: list[str] | None = None,
                 extra_overrides: dict | None = None) -> list[CellSpec]:
-    from ehin.config import HASH_IGNORE, STAGE2_KEYS, config_hash
+    from ehin.config import config_hash, stage1_hash
 
     specs = []
     for cell in sweep.cells(profile, list(range(seeds))):
@@ -47,9 +48,10 @@ def build_specs(sweep, profile: str, seeds: int, root: Path, rows: list[str] | N
         overrides = {**cell.overrides, **(extra_overrides or {})}
         cfg = cell.config() if not extra_overrides else _config(profile, overrides)
         stage = str(getattr(cell, "stage", sweep.stage))
-        # A stage-1 cell's identity leaves out what only stage 2 reads (ehin.config.STAGE2_KEYS), so
-        # changing a profile's stage-2 or pseudo-label settings does not invalidate stage-1 results.
-        h = config_hash(cfg, ignore=HASH_IGNORE + (STAGE2_KEYS if stage == "1" else ()))
+        # A stage-1 cell's identity leaves out what only stage 2 reads, so changing a profile's stage-2
+        # or pseudo-label settings does not invalidate stage-1 results; the trainer's resume guard
+        # compares the same hash (ehin.config.stage1_hash).
+        h = stage1_hash(cfg) if stage == "1" else config_hash(cfg)
         cid = cell_id(sweep.name, cell.row, cell.seed, profile, h)
         run_dir = root / "runs" / sweep.name / _safe(cell.row) / f"seed{cell.seed}-{h}"
         specs.append(CellSpec(table=sweep.name, row=cell.row, seed=cell.seed, profile=profile,
@@ -88,17 +90,28 @@ def prepare_prerequisites(specs: list[CellSpec]) -> None:
         prepare(cfg)
 
 
-def render(sweep, profile: str, root: Path, reports: str | Path = "reports", seeds: int | None = None) -> Path:
+def failed_rows(specs: list[CellSpec], store: ResultStore, outcomes=()) -> set[str]:
+    """Rows with a cell missing from the store whose last attempt failed: in this run, or earlier
+    (the job leaves RUN_DIR/error.txt), so that the table says "failed" rather than "pending"."""
+    done = store.finished_ids()
+    bad = {o.spec.cell_id for o in outcomes if not o.ok}
+    return {s.row for s in specs if s.cell_id not in done
+            and (s.cell_id in bad or (Path(s.run_dir) / "error.txt").exists())}
+
+
+def render(sweep, profile: str, root: Path, reports: str | Path = "reports", seeds: int | None = None,
+           failed: set[str] | frozenset[str] = frozenset()) -> Path:
     from bench.plots import write_plots
     from bench.render import write_tables
 
     records = ResultStore(root).select(table=sweep.name, profile=profile)
     out = reports_dir(sweep.name, profile, reports)
-    write_tables(sweep, records, out, profile=profile, seeds=list(range(seeds)) if seeds else None)
+    write_tables(sweep, records, out, profile=profile, seeds=list(range(seeds)) if seeds else None, failed=failed)
     write_plots(sweep, records, out, profile=profile)
     return out
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     from bench.sweeps import list_sweeps, load_sweep
 
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--executor", default="local", choices=EXECUTORS,
                    help="local (default): submitit local processes, --jobs at once, the cores shared "
                         "between them; inline: this process, one cell after another; slurm: SLURM job arrays")
-    p.add_argument("--seeds", type=int, help="seeds per row (default: 1 smoke, 3 synthetic, 1 paper)")
+    p.add_argument("--seeds", type=positive_int, help="seeds per row (default: 1 smoke, 3 synthetic, 1 paper)")
     p.add_argument("--jobs", type=int, default=2, help="cells at once with --executor local / slurm array")
     p.add_argument("--results", help="results folder holding store.jsonl (default results/<profile>)")
     p.add_argument("--reports", default="reports", help="where rendered tables and plots go")
@@ -132,7 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in list_sweeps()]
     if unknown:
         p.error(f"unknown table {unknown[0]!r}; choose from {', '.join(list_sweeps())} or 'all'")
-    seeds = args.seeds or DEFAULT_SEEDS[args.profile]
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+    if rows:
+        # A misspelt row would otherwise select nothing and render an all-pending table.
+        known = list(dict.fromkeys(row for name in names for row in load_sweep(name).rows))
+        bad = [r for r in rows if r not in known]
+        if bad:
+            p.error(f"unknown row {bad[0]!r} in --rows for {', '.join(names)}; rows: {', '.join(known)}")
+    seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[args.profile]
     root = results_root(args.profile, args.results)
     store = ResultStore(root)
     extra = _flat_overrides(args.overrides)
@@ -142,15 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for name in names:
         sweep = load_sweep(name)
-        specs = build_specs(sweep, args.profile, seeds, root, args.rows.split(",") if args.rows else None, extra)
+        specs = build_specs(sweep, args.profile, seeds, root, rows, extra)
         done = store.finished_ids()
         todo = reuse_identical_cells([s for s in specs if s.cell_id not in done], store)
         print(f"{sweep.name}: {sweep.title}\n  {len(specs)} cells ({len(specs) - len(todo)} already in "
               f"{store.path}, {len(todo)} to run), profile {args.profile}, executor {args.executor}")
         if args.dry_run:
             for s in specs:
-                print(f"  [{'done' if s.cell_id in done else 'todo'}] {s.cell_id}")
+                state = ("done" if s.cell_id in done else
+                         "failed" if (Path(s.run_dir) / "error.txt").exists() else "todo")
+                print(f"  [{state}] {s.cell_id}")
             continue
+        outcomes = []
         if todo:
             prepare_prerequisites(todo)
             outcomes = dispatch(todo, args.executor, jobs=args.jobs, folder=root / "submitit",
@@ -160,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    array_parallelism=args.jobs))
             failed += sum(not o.ok for o in outcomes)
         if not args.no_render:
-            out = render(sweep, args.profile, root, args.reports, seeds)
+            out = render(sweep, args.profile, root, args.reports, seeds, failed_rows(specs, store, outcomes))
             md = out / "table.md"
             if md.exists():
                 print(md.read_text())
@@ -169,6 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{failed} cell(s) failed; rerun the same command to retry only those.", file=sys.stderr)
         return 1
     return 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts: 0 or a negative number is an error, not 'the default'."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
 
 
 def _flat_overrides(items: list[str]) -> dict:

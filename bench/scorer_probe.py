@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ehin.cli import command
+
 VARIANTS = ("full", "ref_only", "ref+bg", "bg_only", "hide_ref", "objects")
 MODEL_ROWS = ("early", "fused")
 REGIONS = ("ref", "other", "bg")
@@ -150,6 +152,7 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
     return out_rows
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     from ehin.config import load_config
 

@@ -49,6 +49,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bench.executors import EXECUTORS, SlurmOptions
 from ehin.config import PROFILES, ConfigError, config_hash, dotted_to_nested, get, load_config
+from ehin.cli import UserError, command
 from ehin.metrics import METRIC_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +70,7 @@ PAPER_METRICS = {"IoU": "iou", "mIoU": "overall_iou", "PointIt": "point_box", "P
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-class SearchError(ValueError):
+class SearchError(UserError):
     """A search space or study that cannot be used; the message names the file or the study."""
 
 
@@ -939,6 +940,7 @@ def write_summary(out: Path, study: optuna.Study, written: dict, final_md: Path 
     return out / "summary.md"
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     from bench.run import _flat_overrides
 

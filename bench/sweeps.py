@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from ehin.cli import UserError
 from ehin.config import PROFILES, ConfigError, config_hash, dotted_to_nested, get, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ _TOP_KEYS = {"table", "title", "stage", "dataset", "split", "paper_csv", "paper_
              "base", "rows", "methods", "cells", "plots", "claims", "profiles", "decimals"}
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep file that cannot be used; the message names the file and the offending entry."""
 
 

@@ -48,6 +48,8 @@ from open_clip.model import CLIP, resize_pos_embed
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer, text_global_pool
 
+from ehin.cli import UserError
+
 __all__ = [
     "CONTEXT_LENGTH",
     "CUSTOM_ARCHS",
@@ -95,7 +97,7 @@ CUSTOM_ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
-class ClipWeightsError(RuntimeError):
+class ClipWeightsError(RuntimeError, UserError):
     """CLIP weights that cannot be found, read or loaded; the message says what to do."""
 
 

@@ -15,11 +15,12 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from ehin.cli import UserError
 CONFIG_DIR = Path(__file__).parent / "configs"
 PROFILES = ("smoke", "synthetic", "paper")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config key or value that cannot be used."""
 
 
@@ -160,6 +161,14 @@ def config_hash(cfg: Mapping, *, ignore: Iterable[str] = HASH_IGNORE) -> str:
         node.pop(parts[-1], None)
     blob = json.dumps(c, sort_keys=True, default=str).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
+
+
+def stage1_hash(cfg: Mapping) -> str:
+    """The identity of a stage-1 run: config_hash without what only stage 2 reads (STAGE2_KEYS).
+
+    bench names a stage-1 cell by it and the trainer's resume guard compares it, so changing a
+    profile's stage-2 or pseudo-label settings neither invalidates nor blocks a stage-1 run."""
+    return config_hash(cfg, ignore=HASH_IGNORE + STAGE2_KEYS)
 
 
 def save_config(cfg: Mapping, path: str | Path) -> None:

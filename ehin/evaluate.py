@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ehin import metrics as M
+from ehin.cli import command
 
 MapFn = Callable[[dict], list[np.ndarray]]   # a collated eval batch -> maps at original size
 
@@ -113,6 +114,7 @@ def format_metrics(name: str, m: dict) -> str:
     return f"{name:<16}" + "  ".join(f"{k}={m[k]:6.2f}" for k in keys if k in m) + f"  (n={m.get('n', '?')})"
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     from ehin.config import load_config
     from ehin.data import prepare_dataset

@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+from ehin.cli import command
+
 
 def run_two_stage(cfg: dict, run_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:
     """Returns {metrics (stage-2 val), history (stage 2), timings, stage1_metrics, pseudo_quality, device}."""
@@ -84,6 +86,7 @@ def _pseudo_matches(path: Path, ckpt: Path, cfg: dict) -> bool:
             and meta.get("settings") == json.loads(json.dumps(Settings.from_config(cfg).identity())))
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     """python -m ehin.pipeline --profile smoke [--set KEY=VALUE ...] --out runs/two-stage"""
     import argparse

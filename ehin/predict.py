@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ehin import metrics as M
+from ehin.cli import UserError, command
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -43,7 +44,7 @@ class Predictor:
             self.model, self.cfg = load_stage2(checkpoint, device)
             self.stage = 2
         else:
-            raise ValueError(f"{checkpoint}: unknown checkpoint kind {kind!r}")
+            raise UserError(f"{checkpoint}: unknown checkpoint kind {kind!r}")
         self.size = self.cfg["data"]["image_size"]
         self.tokenize = self.model.backbone.tokenize
 
@@ -92,29 +93,49 @@ def write_prediction(image: np.ndarray, heat: np.ndarray, mask: np.ndarray, out:
 
 
 def _requests(args) -> list[dict]:
+    """The (image, text, out) requests the arguments ask for; a user mistake raises UserError."""
     if args.image:
-        if not args.text:
-            raise SystemExit("--image needs --text")
+        if args.text is None:
+            raise UserError("--image needs --text")
+        _check_text(args.text, "--text")
         return [{"image": args.image, "text": args.text, "out": args.out or "overlay.png"}]
     if args.batch:
         try:
             items = json.loads(Path(args.batch).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"cannot read batch file {args.batch}: {e}")
+            raise UserError(f"cannot read batch file {args.batch}: {e}") from None
         if not isinstance(items, list) or not all(isinstance(i, dict) and "image" in i and "text" in i for i in items):
-            raise SystemExit(f"{args.batch}: expected a JSON list of {{\"image\": ..., \"text\": ...}}")
+            raise UserError(f"{args.batch}: expected a JSON list of {{\"image\": ..., \"text\": ...}}")
+        for i, it in enumerate(items):
+            _check_text(it["text"], f"{args.batch}: entry {i} (image {it['image']!r}): \"text\"")
     elif args.images_dir:
-        if not args.text:
-            raise SystemExit("--images-dir needs --text")
+        if args.text is None:
+            raise UserError("--images-dir needs --text")
+        _check_text(args.text, "--text")
         items = [{"image": str(p), "text": args.text} for p in sorted(Path(args.images_dir).iterdir())
                  if p.suffix.lower() in IMAGE_EXTS]
     else:
-        raise SystemExit("give --image, --batch or --images-dir")
+        raise UserError("give --image, --batch or --images-dir")
     out_dir = Path(args.out_dir or "predictions")
-    return [{**it, "out": str(out_dir / f"{it.get('name') or Path(it['image']).stem + f'_{i}'}.png")}
+    return [{**it, "out": str(_out_path(out_dir, it.get("name") or Path(it["image"]).stem + f"_{i}", i))}
             for i, it in enumerate(items)]
 
 
+def _check_text(text, what: str) -> None:
+    # A blank sentence still gives a map (of nothing in particular): refuse it rather than print a mask.
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"{what} must be a sentence naming what to segment, got {text!r}")
+
+
+def _out_path(out_dir: Path, name, index: int) -> Path:
+    """out_dir/<name>.png, refusing a name that would write anywhere but under out_dir."""
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise UserError(f"batch entry {index}: \"name\" {name!r} must be a relative file stem inside --out-dir "
+                        f"(no absolute path, no '..')")
+    return out_dir / f"{name}.png"
+
+
+@command
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ehin.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,9 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", help="output folder for batch modes (default predictions/)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    requests = _requests(args)  # argument mistakes before the (slow) model load
     predictor = Predictor(args.checkpoint, args.device)
     failures = 0
-    for req in _requests(args):
+    for req in requests:
         try:
             image = read_image(req["image"])
         except (FileNotFoundError, ValueError) as e:

@@ -47,6 +47,7 @@ from tqdm import tqdm
 import ehin  # noqa: F401
 from ehin import numerics
 from ehin.backbones import CUSTOM_ARCHS, ClipBackbone, build_clip
+from ehin.cli import UserError, command
 from ehin.config import cache_dir, load_config
 
 __all__ = ["CLIP_STREAM", "RECIPES", "PretrainRecipe", "caption_relation", "checkpoint_path",
@@ -102,8 +103,8 @@ def synthetic_overrides(pretrained: Any) -> dict[str, Any] | None:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or key not in fields or key in ("arch", "image_size", "version"):
-            raise ValueError(f"bad synthetic CLIP spec {text!r}: expected synthetic:key=value,... with keys "
-                             f"from {', '.join(k for k in fields if k not in ('arch', 'image_size', 'version'))}")
+            raise UserError(f"bad synthetic CLIP spec {text!r}: expected synthetic:key=value,... with keys "
+                            f"from {', '.join(k for k in fields if k not in ('arch', 'image_size', 'version'))}")
         kind = {"int": int, "float": float, "bool": lambda v: v.strip().lower() in ("1", "true", "yes")}
         out[key] = kind.get(str(fields[key]), str)(value.strip())
     return out
@@ -111,7 +112,7 @@ def synthetic_overrides(pretrained: Any) -> dict[str, Any] | None:
 
 def recipe_for(arch: str, image_size: int, **overrides: Any) -> PretrainRecipe:
     if arch not in RECIPES:
-        raise ValueError(
+        raise UserError(
             f"no synthetic pretraining recipe for '{arch}' (have: {', '.join(RECIPES)}); for open_clip "
             f"models use an open_clip tag or a local checkpoint as backbone.pretrained"
         )
@@ -434,6 +435,7 @@ def read_report(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).with_suffix(".json").read_text())
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="synthetic", help="config profile naming backbone.arch (smoke | synthetic)")

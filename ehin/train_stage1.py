@@ -8,6 +8,7 @@ Writes into --out: config.yaml (the resolved config), metrics.jsonl (one line pe
 val metrics), checkpoints/last.pt (every epoch, atomically), result.json (final metrics).
 AdamW with the backbone at lr x backbone_lr_mult, polynomial decay stepped every iteration (TRIS).
 A NaN or infinite loss stops the run naming the step and the term; the last good checkpoint stays.
+Ctrl-C prints the command that resumes the run and exits 130.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import argparse
 import json
 import math
 import random
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,11 +29,16 @@ from tqdm import tqdm
 
 from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
-from ehin.config import add_run_args, config_for_run, config_hash, save_config
+from ehin.cli import UserError, command
+from ehin.config import add_run_args, config_for_run, config_hash, save_config, stage1_hash
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+# Share of val expressions with an empty map (no pixel > 0) above which the run is called collapsed.
+COLLAPSED_PCT = 95.0
 
 
 def resolve_device(cfg: dict) -> torch.device:
@@ -38,7 +46,7 @@ def resolve_device(cfg: dict) -> torch.device:
     if want == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        raise UserError("train.device=cuda but no CUDA device is available; use --set train.device=auto or cpu")
     return torch.device(want)
 
 
@@ -103,6 +111,12 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
     from ehin.model import build_model
 
     out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoints" / "last.pt"
+    # Refuse a checkpoint of another config before writing anything: a refused --resume must leave
+    # the run (its config.yaml above all) as it was, so that a plain --resume still continues it.
+    ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    if ckpt is not None:
+        check_resumable(ckpt, cfg, ckpt_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     t, d = cfg["train"], cfg["data"]
@@ -128,17 +142,14 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
 
     steps_per_epoch = len(train_ds) // t["batch_size"]
     if steps_per_epoch == 0:
-        raise ValueError(f"train split has {len(train_ds)} refs, fewer than one batch of {t['batch_size']}")
+        raise UserError(f"train split has {len(train_ds)} refs, fewer than one batch of {t['batch_size']}; "
+                        "lower train.batch_size")
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(steps_per_epoch * t["epochs"], t["poly_power"]))
 
-    ckpt_path = out_dir / "checkpoints" / "last.pt"
     history: list[dict] = []
     start_epoch = 0
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("config_hash") != config_hash(cfg):
-            raise ValueError(f"{ckpt_path} was written by another config; use a new --out or delete it")
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -168,7 +179,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
                 out = model(batch["image"], batch["tokens"])
                 total, terms = loss_fn(out, batch)
             global_step = epoch * steps_per_epoch + step
-            _check_finite(total, terms, global_step, epoch)
+            _check_finite(total, terms, global_step, epoch, kept=ckpt_path.exists())
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -183,8 +194,14 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
         n = max(1, steps_per_epoch)
         entry = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "train_s": round(epoch_train_s, 2)}
         t1 = time.time()
-        entry.update(evaluate(model_map_fn(model, device, amp), eval_ds, batch_size=cfg["eval"]["batch_size"],
-                              desc="val", progress=progress))
+        empty = [0, 0]  # maps without a positive pixel, maps
+        entry.update(evaluate(_count_empty(model_map_fn(model, device, amp), empty), eval_ds,
+                              batch_size=cfg["eval"]["batch_size"], desc="val", progress=progress))
+        entry["empty_maps"] = round(100 * empty[0] / max(1, empty[1]), 2)
+        if entry["empty_maps"] >= COLLAPSED_PCT:
+            print(f"warning: epoch {epoch + 1}: {entry['empty_maps']:.0f}% of the val expressions get an empty map "
+                  f"(no pixel > 0): the model has collapsed and its PointM/IoU mean nothing; a smaller "
+                  f"train.lr (now {t['lr']:g}) usually avoids it", file=sys.stderr)
         if select_ds is not None:
             sel = evaluate(model_map_fn(model, device, amp), select_ds, batch_size=cfg["eval"]["batch_size"],
                            progress=False)
@@ -193,7 +210,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
         history.append(entry)
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
-        save_atomic({"kind": "stage1", "config": cfg, "config_hash": config_hash(cfg), "epoch": epoch,
+        save_atomic({"kind": "stage1", "config": cfg, "config_hash": stage1_hash(cfg), "epoch": epoch,
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                      "scorer_cache": scorer.cache_state() if scorer is not None else {},
@@ -215,24 +232,49 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
         "timings": {"train_s": round(train_s, 2), "total_s": round(time.time() - t_start, 2),
                     "s_per_epoch": round(train_s / max(1, len(history)), 2)},
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "config_hash": config_hash(cfg),
+        "config_hash": stage1_hash(cfg),
     }
     with open(out_dir / "result.json", "w") as f:
         json.dump(result, f, indent=1)
     return result
 
 
-def _check_finite(total: torch.Tensor, terms: dict, step: int, epoch: int) -> None:
+def check_resumable(ckpt: dict, cfg: dict, path: Path) -> None:
+    """Raise UserError unless `ckpt` was written by a stage-1 run of `cfg` (same stage1_hash)."""
+    # Checkpoints written before stage1_hash existed hold the full config_hash; accept it too.
+    if ckpt.get("kind") == "stage1" and ckpt.get("config_hash") in (stage1_hash(cfg), config_hash(cfg)):
+        return
+    out = path.parent.parent
+    raise UserError(f"{path} was written by another config; to continue that run pass --resume alone "
+                    f"(it reuses {out / 'config.yaml'}), or choose a new --out")
+
+
+def _count_empty(map_fn: Callable, counts: list[int]) -> Callable:
+    """`map_fn`, counting into `counts` [empty, total] the maps that have no pixel > 0."""
+
+    def fn(batch: dict) -> list:
+        maps = map_fn(batch)
+        counts[0] += sum(not bool((np.asarray(m) > 0).any()) for m in maps)
+        counts[1] += len(maps)
+        return maps
+
+    return fn
+
+
+def _check_finite(total: torch.Tensor, terms: dict, step: int, epoch: int, kept: bool) -> None:
     if torch.isfinite(total).item():
         return
     terms = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()}
     bad = [k for k, v in terms.items() if not math.isfinite(v)] or ["total"]
+    tail = ("the last good checkpoint is kept" if kept else
+            "no checkpoint was written (none exists before the first epoch ends)")
     raise NonFiniteLossError(
         f"non-finite loss at step {step} (epoch {epoch + 1}): term(s) {', '.join(bad)} = "
-        f"{', '.join(str(terms.get(k, float(total.detach()))) for k in bad)}; the last good checkpoint is kept"
+        f"{', '.join(str(terms.get(k, float(total.detach()))) for k in bad)}; {tail}"
     )
 
 
+@command(also=(NonFiniteLossError,))
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ehin.train_stage1", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -240,7 +282,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     cfg = config_for_run(p, args)
-    result = run(cfg, out, resume=args.resume)
+    if args.resume and not (out / "checkpoints" / "last.pt").exists():
+        print(f"{out} holds no checkpoint (checkpoints/last.pt): --resume starts from scratch")
+    try:
+        result = run(cfg, out, resume=args.resume)
+    except KeyboardInterrupt:
+        # The run folder's config.yaml is written first, so --resume alone picks the run up again.
+        print(f"\ninterrupted; continue with: python -m ehin.train_stage1 --out {shlex.quote(str(out))} --resume",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     print(json.dumps(result["metrics"], indent=1))
 
 

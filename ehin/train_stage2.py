@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
+from ehin.cli import UserError, command
 from ehin.config import add_run_args, config_for_run, config_hash, save_config
 
 
@@ -47,11 +48,11 @@ class PseudoLabelDataset(Dataset):
 
         self.refer, self.tokenize, self.image_size, self.labels, self.seed = refer, tokenize, int(image_size), labels, seed
         if labels.image_size != self.image_size:
-            raise ValueError(f"{labels.path}: pseudo-labels are {labels.image_size} px, the images {self.image_size}")
+            raise UserError(f"{labels.path}: pseudo-labels are {labels.image_size} px, the images {self.image_size}")
         refs = refer.refs(split)
         self.items = [r for r in refs if int(r["ref_id"]) in labels]
         if not self.items:
-            raise ValueError(f"{labels.path} holds no label for any ref of split '{split}' of {refer!r}")
+            raise UserError(f"{labels.path} holds no label for any ref of split '{split}' of {refer!r}")
         self.missing = len(refs) - len(self.items)
         self.epoch = 0
         n_bytes = 3 * len({r["image_id"] for r in self.items}) * self.image_size**2
@@ -130,15 +131,15 @@ def check_pseudo_labels(labels, refer, cfg: dict) -> None:
 
     d, meta = cfg["data"], labels.meta
     if meta.get("dataset") != d["dataset"] or meta.get("split") != d["train_split"]:
-        raise ValueError(f"{labels.path} holds pseudo-labels of {meta.get('dataset')} / {meta.get('split')}, "
-                         f"but the config trains on {d['dataset']} / {d['train_split']}")
+        raise UserError(f"{labels.path} holds pseudo-labels of {meta.get('dataset')} / {meta.get('split')}, "
+                        f"but the config trains on {d['dataset']} / {d['train_split']}")
     if meta.get("split_digest") != split_digest(refer, d["train_split"]):
-        raise ValueError(f"{labels.path} was made from another version of {d['dataset']} {d['train_split']} "
-                         f"(its refs, images or sentences differ: another synthetic.* size or seed?); "
-                         f"regenerate the pseudo-labels with this config's stage 1")
+        raise UserError(f"{labels.path} was made from another version of {d['dataset']} {d['train_split']} "
+                        f"(its refs, images or sentences differ: another synthetic.* size or seed?); "
+                        f"regenerate the pseudo-labels with this config's stage 1")
     if labels.image_size != d["image_size"]:
-        raise ValueError(f"{labels.path}: pseudo-labels are {labels.image_size} px but data.image_size is "
-                         f"{d['image_size']}; regenerate them at the stage-2 image size")
+        raise UserError(f"{labels.path}: pseudo-labels are {labels.image_size} px but data.image_size is "
+                        f"{d['image_size']}; regenerate them at the stage-2 image size")
 
 
 def poly_lambda(total_iters: int, power: float) -> Callable[[int], float]:
@@ -190,11 +191,11 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
     model = build_stage2(cfg).to(device)
     train_ds = PseudoLabelDataset(refer, d["train_split"], model.backbone.tokenize, d["image_size"], labels, t["seed"])
     if s2["batch_size"] % world:
-        raise ValueError(f"stage2.batch_size {s2['batch_size']} is not divisible by the {world} ranks")
+        raise UserError(f"stage2.batch_size {s2['batch_size']} is not divisible by the {world} ranks")
     per_rank = s2["batch_size"] // world
     steps_per_epoch = len(train_ds) // s2["batch_size"]
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_ds)} pseudo-labelled refs, fewer than one batch of {s2['batch_size']}")
+        raise UserError(f"{len(train_ds)} pseudo-labelled refs, fewer than one batch of {s2['batch_size']}")
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(steps_per_epoch * s2["epochs"], s2["poly_power"]))
     teacher = EMATeacher(model, s2["ema_decay"]).to(device) if s2["ema"] else None
@@ -206,7 +207,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.get("kind") != "stage2" or ckpt.get("config_hash") != config_hash(cfg):
-            raise ValueError(f"{ckpt_path} was written by another config; use a new --out or delete it")
+            raise UserError(f"{ckpt_path} was written by another config; use a new --out or delete it")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -325,6 +326,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
     return result
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ehin.train_stage2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

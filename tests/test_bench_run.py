@@ -58,6 +58,12 @@ def test_failed_cell_is_reported_and_sweep_goes_on(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("FAILED") == 2 and "no CUDA device" in err and "error.txt" in err
     assert ResultStore(tmp_path / "res").read() == []
+    # The rendered table says "failed" for those rows, not "pending" (issue 18); the others stay pending.
+    lines = (tmp_path / "rep" / "smoke" / "table5" / "table.md").read_text().splitlines()
+    status = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in lines if line.startswith("| ")}
+    assert status["bg+fg"] == status["fg+cl"] == "failed" and status["fg"] == "pending"
+    assert run_main(args("--dry-run", results=tmp_path / "res", reports=tmp_path / "rep")) == 0
+    assert capsys.readouterr().out.count("[failed]") == 2
 
 
 def test_kill_midway_then_resume(tmp_path):
@@ -131,3 +137,20 @@ def test_local_cells_get_a_gpu_each_round_robin():
     assert gpu_slot(0, 0) == {} and gpu_slot(5, 0) == {}
     assert [gpu_slot(k, 2)["visible_gpus"] for k in range(4)] == [(0,), (1,), (0,), (1,)]
     assert all(gpu_slot(k, 3)["gpus_per_node"] == 1 for k in range(3))
+
+
+@pytest.mark.parametrize("seeds", ["0", "-1", "two"])
+def test_seeds_must_be_positive(tmp_path, capsys, seeds):
+    with pytest.raises(SystemExit) as exc:
+        run_main(args("--seeds", seeds, "--dry-run", results=tmp_path / "res", reports=tmp_path / "rep"))
+    assert exc.value.code == 2
+    assert "--seeds: must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_unknown_rows_are_an_error_listing_the_rows(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_main(args(results=tmp_path / "res", reports=tmp_path / "rep", rows="bg+fg,bg+fgg"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown row 'bg+fgg'" in err and "bg+fg+cl, bg+fg, bg+cl, fg+cl, bg, fg, cl" in err
+    assert not (tmp_path / "rep").exists()

@@ -168,3 +168,15 @@ def test_stage1_cells_ignore_stage2_settings(tmp_path):
                         extra_overrides={"stage2.lr": 0.5, "pseudo.random_walk": False})[0]
     other = build_specs(sweep, "smoke", 1, tmp_path, rows=["bg+fg+cl"], extra_overrides={"model.alpha": 0.2})[0]
     assert plain.config_hash == moved.config_hash != other.config_hash
+
+
+def test_a_missing_results_folder_is_one_error(tmp_path, capsys):
+    """Not one 'missing from the results store' failure per baseline cell (issue 18)."""
+    for extra in ([], ["--claims"], ["--update", "--baselines", str(tmp_path / "b.json")]):
+        with pytest.raises(SystemExit) as exc:
+            check_main(["--profile", "smoke", "--results", str(tmp_path / "nope"), *extra])
+        assert exc.value.code == 2
+        out, err = capsys.readouterr()
+        assert f"--results {tmp_path / 'nope'}: no such folder" in err
+        assert "missing from the results store" not in out + err and len(err.strip().splitlines()) <= 2
+    assert not (tmp_path / "b.json").exists()

@@ -177,3 +177,20 @@ def test_eval_max_items(synth, tokenize):
     assert keys == [(r["ref_id"], s["sent_id"]) for r, s in again.items]
     assert keys != [(r["ref_id"], s["sent_id"]) for r, s in full.items[:10]]  # a spread, not the first ones
     assert len(EvalDataset(synth, "val", tokenize, S, max_items=10**6)) == len(full)
+
+
+def test_data_root_is_read_for_a_synthetic_dataset(synth, tmp_path, monkeypatch):
+    """A user's own copy of a synth-* dataset (data.root) is read, not the cache's (issue 18)."""
+    from ehin.cli import UserError
+    from ehin.config import load_config
+    from ehin.data import prepare_dataset
+
+    monkeypatch.setenv("EHIN_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(profile="smoke", overrides={"data": {"dataset": "synth-refcoco", "root": str(synth.root)}})
+    ds = prepare_dataset(cfg, progress=False)
+    assert ds.root == synth.root and ds.ann_dir == synth.ann_dir
+    assert len(ds.refs("train")) == len(synth.refs("train"))
+    assert not (tmp_path / "cache").exists()  # nothing generated
+    cfg["data"]["root"] = str(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="data.root = .*nowhere.* does not exist"):
+        prepare_dataset(cfg, progress=False)

@@ -242,3 +242,19 @@ def test_the_readme_results_block_is_current():
     text = (root / "README.md").read_text()
     block = text.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
     assert block == "\n" + results_summary(root / "reports"), "run: python -m bench.report --readme README.md"
+
+
+def test_failed_rows_say_failed_not_pending(tmp_path):
+    """A row whose cell failed (no record; the caller names it) renders "failed" (issue 18)."""
+    s = sweep("table5")
+    recs = table5_records()  # "cl": no record, "fg": one of two seeds
+    cells = render_cells(s, recs, seeds=[0, 1], failed={"cl", "fg", "bg"})
+    status = dict(zip(cells.row, cells.status))
+    assert status["cl"] == status["fg"] == "failed" and status["bg"] == "done"  # bg has both seeds
+    assert render_table(s, recs, seeds=[0, 1], failed={"cl"}).loc["cl", ("status", "")] == "failed"
+    paths = write_tables(s, recs, tmp_path, seeds=[0, 1], failed={"cl"})
+    cl = next(line for line in paths["md"].read_text().splitlines() if line.startswith("| cl |"))
+    assert "failed" in cl and "pending" not in cl
+    assert "<tr class='failed'>" in paths["html"].read_text()
+    grid = write_tables(sweep("table2"), [], tmp_path / "t2", failed=set(sweep("table2").rows))
+    assert "pending" not in grid["md"].read_text().split("| Metric")[1]

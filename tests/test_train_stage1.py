@@ -85,3 +85,111 @@ def test_bad_config_values_fail_fast():
         tiny_cfg("model.alpah=0.2")
     with pytest.raises(ConfigError, match="select_split"):
         tiny_cfg("eval.select_split=val")
+
+
+# ---- issue 18: resume guard, interrupts, messages --------------------------------------------------
+
+def _cli_tiny(out, *extra: str) -> list[str]:
+    argv = ["--profile", "smoke", "--out", str(out)]
+    for s in TINY + list(extra):
+        argv += ["--set", s]
+    return argv
+
+
+def test_refused_resume_leaves_the_run_as_it_was(tmp_path, capsys):
+    """A --resume with another config is refused before config.yaml is rewritten, so a plain
+    --resume still continues the run afterwards."""
+    from ehin.train_stage1 import main
+
+    out = tmp_path / "run"
+    main(_cli_tiny(out))
+    saved = (out / "config.yaml").read_text()
+    with pytest.raises(SystemExit) as exc:
+        main(_cli_tiny(out, "train.epochs=10") + ["--resume"])
+    assert exc.value.code == 2
+    assert "written by another config" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == saved
+    main(["--out", str(out), "--resume"])  # not refused
+    assert json.loads((out / "result.json").read_text())["history"][-1]["epoch"] == 2
+
+
+def test_stage2_settings_do_not_block_a_stage1_resume(tmp_path):
+    """bench names a stage-1 cell without the stage-2 keys; the trainer's guard uses the same hash,
+    so an interrupted cell still resumes after the profile's stage-2 settings change."""
+    from bench.run import _config, _flat_overrides, build_specs
+    from bench.sweeps import load_sweep
+
+    def spec_and_cfg(*extra: str):
+        (spec,) = build_specs(load_sweep("table5"), "smoke", 1, tmp_path, rows=["bg+fg"],
+                              extra_overrides=_flat_overrides(TINY + list(extra)))
+        return spec, _config("smoke", spec.overrides)
+
+    class Stop(Exception):
+        pass
+
+    def stop(entry):
+        raise Stop
+
+    spec, cfg = spec_and_cfg()
+    with pytest.raises(Stop):
+        run(cfg, tmp_path / "cell", progress=False, on_epoch=stop)
+    assert torch.load(tmp_path / "cell" / "checkpoints" / "last.pt", weights_only=True)["config_hash"] == spec.config_hash
+    spec2, cfg2 = spec_and_cfg(f"stage2.epochs={cfg['stage2']['epochs'] + 1}")
+    assert spec2.config_hash == spec.config_hash
+    result = run(cfg2, tmp_path / "cell", progress=False, resume=True)
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+
+
+def test_resume_of_an_empty_folder_says_it_starts_from_scratch(tmp_path, capsys, monkeypatch):
+    from ehin import train_stage1
+
+    monkeypatch.setattr(train_stage1, "run", lambda cfg, out, resume: {"metrics": {}})
+    train_stage1.main(_cli_tiny(tmp_path / "new") + ["--resume"])
+    assert "starts from scratch" in capsys.readouterr().out
+
+
+def test_ctrl_c_prints_the_resume_command(tmp_path, capsys, monkeypatch):
+    from ehin import train_stage1
+
+    def interrupted(cfg, out, resume):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_stage1, "run", interrupted)
+    out = tmp_path / "my run"
+    with pytest.raises(SystemExit) as exc:
+        train_stage1.main(_cli_tiny(out))
+    assert exc.value.code == 130
+    err = capsys.readouterr().err
+    assert f"python -m ehin.train_stage1 --out '{out}' --resume" in err and "Traceback" not in err
+
+
+def test_nan_at_the_first_step_does_not_claim_a_checkpoint(tmp_path, monkeypatch):
+    from ehin import losses
+
+    original = losses.Stage1Loss.forward
+
+    def poisoned(self, out, batch):
+        total, terms = original(self, out, batch)
+        return total * float("nan"), terms
+
+    monkeypatch.setattr(losses.Stage1Loss, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="step 0 .*no checkpoint was written") as exc:
+        run(tiny_cfg(), tmp_path, progress=False)
+    assert "last good checkpoint" not in str(exc.value)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_collapsed_maps_are_warned_about(tmp_path, capsys, monkeypatch):
+    """All-empty maps (what train.lr=0.3 gives: PointM 0) print a warning naming train.lr."""
+    import numpy as np
+
+    from ehin import evaluate
+
+    def empty_maps(model, device, amp=False):
+        return lambda batch: [np.zeros(tuple(size), np.float32) for size in batch["orig_size"]]
+
+    monkeypatch.setattr(evaluate, "model_map_fn", empty_maps)
+    result = run(tiny_cfg("train.epochs=1"), tmp_path, progress=False)
+    assert result["history"][-1]["empty_maps"] == 100.0
+    err = capsys.readouterr().err
+    assert "100% of the val expressions get an empty map" in err and "train.lr" in err

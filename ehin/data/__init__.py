@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from ehin.data.refer import ReferDataset, ReferFormatError
+from ehin.cli import UserError
 
 __all__ = ["ReferDataset", "ReferFormatError", "prepare_dataset", "resolve_split_by", "synthetic_root",
            "GENERATOR_VERSION"]
@@ -66,8 +67,8 @@ def _ensure_generated(cfg: dict, progress: bool = True) -> Path:
 
 
 def prepare_dataset(cfg: dict, progress: bool = True) -> ReferDataset:
-    """The ReferDataset a config names: synth-* generated into the cache on first use; otherwise
-    data.root (and data.image_root) must point at a REFER root."""
+    """The ReferDataset a config names, read from data.root (and data.image_root) when it is set;
+    a synth-* dataset without data.root is generated into the cache on first use."""
     d = cfg["data"]
     name = d["dataset"]
     split_by = resolve_split_by(name, d["split_by"])
@@ -75,12 +76,16 @@ def prepare_dataset(cfg: dict, progress: bool = True) -> ReferDataset:
         from ehin.data.synthetic import VARIANTS
 
         if name not in VARIANTS:
-            raise ValueError(f"data.dataset = {name!r}: unknown synthetic variant (choose from {', '.join(VARIANTS)})")
-        return ReferDataset(_ensure_generated(cfg, progress), name, split_by)
-    if not d.get("root"):
-        raise ValueError(f"data.root is null: {name!r} is a real dataset; point data.root at a REFER root "
-                         "holding refer/<dataset>/ (or use a synth-* dataset)")
+            raise UserError(f"data.dataset = {name!r}: unknown synthetic variant (choose from {', '.join(VARIANTS)})")
+        if not d.get("root"):
+            return ReferDataset(_ensure_generated(cfg, progress), name, split_by)
+        # else: the user's own copy (python -m ehin.data.synthetic --out ROOT), read as any REFER root
+    elif not d.get("root"):
+        raise UserError(f"data.root is null: {name!r} is a real dataset; point data.root at a REFER root "
+                        "holding refer/<dataset>/ (or use a synth-* dataset)")
     root = Path(d["root"]).expanduser()
     if not root.is_dir():
-        raise ValueError(f"data.root = {str(root)!r} does not exist")
+        hint = " (or null for the generated copy)" if name.startswith("synth-") else ""
+        raise UserError(f"data.root = {str(root)!r} does not exist; point it at a REFER root holding "
+                        f"refer/{name}/{hint}")
     return ReferDataset(root, name, split_by, image_root=d.get("image_root"))

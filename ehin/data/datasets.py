@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ehin.cli import UserError
 from ehin.data.refer import ReferDataset
 
 Tokenize = Callable[[list[str]], torch.Tensor]  # list[str] -> int64 [B, 20] (the backbone's, D1)
@@ -66,7 +67,7 @@ class TrainDataset(Dataset):
         self.image_size, self.K, self.seed = int(image_size), int(K), int(seed)
         self.items = refer.refs(split)
         if not self.items:
-            raise ValueError(f"{refer.refs_file}: split '{split}' has no refs")
+            raise UserError(f"{refer.refs_file}: split '{split}' has no refs")
         self.epoch = 0
         self._by_image: dict[int, list[int]] = defaultdict(list)
         for i, ref in enumerate(self.items):

@@ -20,6 +20,7 @@ import pycocotools.mask as mask_utils
 from PIL import Image
 
 from ehin.data import safe_pickle
+from ehin.cli import UserError
 
 # METHOD §1: the splits each dataset/splitBy ships with.
 KNOWN_SPLITS: dict[tuple[str, str], tuple[str, ...]] = {
@@ -48,7 +49,7 @@ REFER_IMAGE_DIRS: dict[str, str] = {
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
 
 
-class ReferFormatError(ValueError):
+class ReferFormatError(UserError):
     """A REFER-layout file is missing or malformed; the message names the file."""
 
 

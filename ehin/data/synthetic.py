@@ -31,6 +31,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
 
+from ehin.cli import command
+
 # ----------------------------------------------------------------------------------------------
 # Vocabulary
 
@@ -836,6 +838,7 @@ def tree_digest(root: str | Path) -> str:
     return h.hexdigest()
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ehin.data.synthetic", description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", required=True, choices=VARIANTS)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from ehin.cli import command
 
+
+@command
 def main(argv: list[str] | None = None) -> None:
     from ehin.config import parse_overrides
 

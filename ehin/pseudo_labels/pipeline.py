@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ehin.cli import UserError
 from ehin.pseudo_labels.crf import BG, FG, IGNORE, crf_label_job
 
 FORMAT_VERSION = 1
@@ -256,9 +257,9 @@ class PseudoLabels:
             z = load_npz(self.path)
             self.meta: dict = json.loads(str(z["meta"]))
         except Exception as e:
-            raise ValueError(f"{self.path} is not a pseudo-label file ({type(e).__name__}: {e})") from None
+            raise UserError(f"{self.path} is not a pseudo-label file ({type(e).__name__}: {e})") from None
         if self.meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{self.path}: pseudo-label format {self.meta.get('format')} != {FORMAT_VERSION}")
+            raise UserError(f"{self.path}: pseudo-label format {self.meta.get('format')} != {FORMAT_VERSION}")
         self.ref_ids = z["ref_ids"]
         self.sent_ids = z["sent_ids"]
         self._z = z
@@ -429,8 +430,8 @@ def run_pipeline(source: RefSource, provider: MapProvider, trunk: torch.nn.Modul
     if mpath.exists():
         old = json.loads(mpath.read_text())
         if old != json.loads(json.dumps(manifest)):
-            raise ValueError(f"{work} holds pseudo-label work made from other inputs or settings; "
-                             f"delete it or choose another --work-dir")
+            raise UserError(f"{work} holds pseudo-label work made from other inputs or settings; "
+                            f"delete it or choose another --work-dir")
     else:
         tmp = mpath.with_name("manifest.json.tmp")
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -553,7 +554,9 @@ def _train_irnet(source, trunk, part_a, st: Settings, work: Path, device, size, 
     ckpt = work / "irnet.pt"
     start, opt_state, history = 0, None, []
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        from ehin.checkpoint import load as load_checkpoint
+
+        state = load_checkpoint(ckpt, map_location=device)  # weights only: the work folder is the user's
         head.load_head_state_dict(state["head"])
         start, opt_state, history = state["epoch"] + 1, state["optimizer"], state["history"]
     if start < st.irnet_epochs:

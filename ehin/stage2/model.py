@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ehin.cli import UserError
 STRIDES = (4, 8, 16, 32)
 
 
@@ -174,7 +175,7 @@ def load_stage2(path, device: str | torch.device = "cpu") -> tuple[Stage2Net, di
 
     ckpt = load(path)
     if ckpt.get("kind") != "stage2":
-        raise ValueError(f"{path} is a {ckpt.get('kind', 'unknown')!r} checkpoint, not a stage-2 one")
+        raise UserError(f"{path} is a {ckpt.get('kind', 'unknown')!r} checkpoint, not a stage-2 one")
     cfg = ckpt["config"]
     # The checkpoint holds every weight: build the backbone empty instead of loading pretrained ones.
     empty = {**cfg, "backbone": {**cfg["backbone"], "pretrained": None}}

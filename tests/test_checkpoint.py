@@ -1,0 +1,55 @@
+"""Checkpoints hold plain data only and load with weights_only=True: a crafted file cannot run code."""
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ehin.checkpoint import load, save_atomic, to_plain
+from ehin.cli import UserError
+
+
+class _RunsCode:
+    """Unpickling this calls exec (what a hostile checkpoint would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_a_hostile_checkpoint_is_refused_and_its_code_not_run(tmp_path, capsys):
+    marker = tmp_path / "ran.txt"
+    path = tmp_path / "evil.pt"
+    torch.save({"kind": "stage1", "config": {}, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(UserError, match="refusing to load .*evil.pt: it calls for exec"):
+        load(path)
+    assert not marker.exists()
+
+    from ehin.evaluate import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", str(path)])
+    assert exc.value.code == 2 and "refusing to load" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_saved_checkpoints_load_weights_only(tmp_path):
+    state = torch.nn.Linear(2, 3).state_dict()
+    obj = {"model": state, "epoch": np.int64(3), "history": [{"iou": np.float32(0.5), "n": 4}],
+           "where": tmp_path / "run", "grid": np.arange(4), "pair": (1, "a")}
+    save_atomic(obj, tmp_path / "c.pt")
+    back = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert back["epoch"] == 3 and type(back["epoch"]) is int
+    assert back["history"] == [{"iou": 0.5, "n": 4}] and back["where"] == str(tmp_path / "run")
+    assert torch.equal(back["grid"], torch.arange(4)) and back["pair"] == (1, "a")
+    assert to_plain(state) is state  # untouched state dicts keep their _metadata
+    assert isinstance(load(tmp_path / "c.pt")["model"], OrderedDict)
+
+
+def test_an_unsaveable_object_fails_at_save_naming_where(tmp_path):
+    with pytest.raises(TypeError, match=r"checkpoint\['history'\]\[0\]: a object"):
+        save_atomic({"history": [object()]}, tmp_path / "c.pt")
+    assert not (tmp_path / "c.pt").exists()
