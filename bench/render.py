@@ -42,6 +42,23 @@ def select_records(sweep: Sweep, records: Iterable[dict], profile: str | None = 
     return profile, list(newest.values())
 
 
+def split_by_config(records: Iterable[dict], expected: dict[tuple[str, int], str]) -> tuple[list[dict], list[dict]]:
+    """(shown, left_out): the newest record of each expected cell, (row, seed) -> config hash, and every
+    other record of those rows. A table never mixes configs: a `--set` run of one row stays out of the
+    table of the declared sweep, and the header says so."""
+    shown: dict[tuple[str, int], dict] = {}
+    left = []
+    for r in records:  # append order: a later record of the same cell replaces an earlier one
+        key = (str(r.get("row")), int(r.get("seed", 0)))
+        if key in expected and r.get("config_hash") == expected[key]:
+            if key in shown:
+                left.append(shown[key])
+            shown[key] = r
+        else:
+            left.append(r)
+    return list(shown.values()), left
+
+
 def _metric_value(record: dict, metric: str) -> float | None:
     # Table 10 reports time; a runner may keep it under timings rather than metrics.
     for section in ("metrics", "timings"):
@@ -117,8 +134,10 @@ def row_status(states: set[str]) -> str:
 
 # ---------------------------------------------------------------------------- header
 
-def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None) -> dict[str, Any]:
-    """What the numbers are: profile, seeds, datasets used vs the paper's, code versions, hardware."""
+def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
+           left_out: Iterable[dict] = ()) -> dict[str, Any]:
+    """What the numbers are: profile, seeds, datasets used vs the paper's, code versions, config
+    hashes shown and records left out (`split_by_config`), metrics protocol, hardware."""
     profile, recs = select_records(sweep, records, profile)
     recs = [r for r in recs if r.get("row") in sweep.rows]
     real = sweep.datasets_used(None)
@@ -140,6 +159,10 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None)
         "records": len(recs),
         "datasets": pairs,
         "code_versions": sorted({str(r.get("code_version", "unknown")) for r in recs}),
+        "config_hashes": {row: sorted({str(r.get("config_hash")) for r in recs if r.get("row") == row})
+                          for row in sweep.rows if any(r.get("row") == row for r in recs)},
+        "left_out": [{"row": r.get("row"), "seed": r.get("seed"), "config_hash": r.get("config_hash"),
+                      "code_version": r.get("code_version")} for r in left_out],
         "metrics_protocols": sorted({str(r.get("metrics_protocol", PROTOCOL_BEFORE)) for r in recs}),
         "hardware": hardware,
     }
@@ -171,9 +194,24 @@ def header_lines(info: dict[str, Any]) -> list[str]:
         f"profile: {info['profile']}; seeds: {seeds} ({info['records']} records)",
         "dataset: " + "; ".join(info["datasets"]),
         "code: " + (", ".join(info["code_versions"]) or "-"),
+        "configs: " + _configs_line(info),
         "evaluation: " + (", ".join(info.get("metrics_protocols", [])) or "-"),
         "hardware: " + (", ".join(info["hardware"]) or "-"),
     ]
+
+
+def _configs_line(info: dict[str, Any]) -> str:
+    hashes = sorted({h for hs in info.get("config_hashes", {}).values() for h in hs})
+    shown = (f"{hashes[0]}" if len(hashes) == 1 else f"{len(hashes)} config hashes (one per row and seed; "
+             "cells.json lists them)") if hashes else "none"
+    left = info.get("left_out", [])
+    if not left:
+        return f"{shown}; no stored record of another config left out"
+    by_row: dict[str, int] = {}
+    for r in left:
+        by_row[str(r["row"])] = by_row.get(str(r["row"]), 0) + 1
+    rows = ", ".join(f"{row} {n}" for row, n in by_row.items())
+    return f"{shown}; left out {len(left)} stored record(s) of other configs or older runs ({rows})"
 
 
 # ---------------------------------------------------------------------------- display strings
@@ -312,15 +350,17 @@ def _json_safe(x: Any) -> Any:
 
 
 def write_tables(sweep: Sweep, records: Iterable[dict], out_dir: str | Path, *, profile: str | None = None,
-                 seeds: Iterable[int] | None = None, failed: Iterable[str] = ()) -> dict[str, Path]:
+                 seeds: Iterable[int] | None = None, failed: Iterable[str] = (),
+                 left_out: Iterable[dict] = ()) -> dict[str, Path]:
     """Write table.md, table.tex, table.html and cells.json into out_dir; return their paths.
-    `failed`: rows with a failed cell (shown "failed" rather than "pending")."""
+    `failed`: rows with a failed cell (shown "failed" rather than "pending"); `left_out`: stored records
+    not shown (`split_by_config`), named in the header."""
     records = list(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     profile, _ = select_records(sweep, records, profile)
     cells = render_cells(sweep, records, profile=profile, seeds=seeds, failed=failed)
-    info = header(sweep, records, profile=profile)
+    info = header(sweep, records, profile=profile, left_out=left_out)
     lines = header_lines(info)
     columns, rows, states = display(sweep, cells)
     paths = {"md": out / "table.md", "tex": out / "table.tex", "html": out / "table.html", "json": out / "cells.json"}

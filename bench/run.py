@@ -100,13 +100,18 @@ def failed_rows(specs: list[CellSpec], store: ResultStore, outcomes=()) -> set[s
 
 
 def render(sweep, profile: str, root: Path, reports: str | Path = "reports", seeds: int | None = None,
-           failed: set[str] | frozenset[str] = frozenset()) -> Path:
+           failed: set[str] | frozenset[str] = frozenset(), extra_overrides: dict | None = None) -> Path:
+    """Render the table of the cells this invocation declares (every row, `seeds` seeds, the same
+    --set overrides): records of any other config stay out and the header counts them."""
     from bench.plots import write_plots
-    from bench.render import write_tables
+    from bench.render import split_by_config, write_tables
 
-    records = ResultStore(root).select(table=sweep.name, profile=profile)
+    n = seeds or DEFAULT_SEEDS[profile]
+    expected = {(s.row, s.seed): s.config_hash for s in build_specs(sweep, profile, n, root, None, extra_overrides)}
+    stored = ResultStore(root).select(table=sweep.name, profile=profile, latest_only=False)
+    records, left_out = split_by_config(stored, expected)
     out = reports_dir(sweep.name, profile, reports)
-    write_tables(sweep, records, out, profile=profile, seeds=list(range(seeds)) if seeds else None, failed=failed)
+    write_tables(sweep, records, out, profile=profile, seeds=list(range(n)), failed=failed, left_out=left_out)
     write_plots(sweep, records, out, profile=profile)
     return out
 
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    array_parallelism=args.jobs))
             failed += sum(not o.ok for o in outcomes)
         if not args.no_render:
-            out = render(sweep, args.profile, root, args.reports, seeds, failed_rows(specs, store, outcomes))
+            out = render(sweep, args.profile, root, args.reports, seeds, failed_rows(specs, store, outcomes), extra)
             md = out / "table.md"
             if md.exists():
                 print(md.read_text())

@@ -154,3 +154,29 @@ def test_unknown_rows_are_an_error_listing_the_rows(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown row 'bg+fgg'" in err and "bg+fg+cl, bg+fg, bg+cl, fg+cl, bg, fg, cl" in err
     assert not (tmp_path / "rep").exists()
+
+
+def test_a_table_never_mixes_configs(tmp_path, capsys):
+    # The issue-18 case: a one-row run with another setting must not land in the declared table.
+    res, rep = tmp_path / "res", tmp_path / "rep"
+    assert run_main(args(results=res, reports=rep)) == 0
+    cells = tmp_path / "rep" / "smoke" / "table5" / "cells.json"
+    first = json.loads(cells.read_text())
+    assert first["header"]["left_out"] == []
+    shown = {c["row"]: c["mean"] for c in first["cells"] if c["metric"] == "point_mask" and c["mean"] is not None}
+    assert set(shown) == {"bg+fg", "fg+cl"}
+
+    assert run_main(args("--set", "train.epochs=2", results=res, reports=rep, rows="fg+cl")) == 0
+    other = json.loads(cells.read_text())  # the table of *that* invocation: only its own config
+    states = {c["row"]: c["status"] for c in other["cells"]}
+    assert states["fg+cl"] == "done" and states["bg+fg"] == "pending"
+    assert {r["row"] for r in other["header"]["left_out"]} == {"bg+fg", "fg+cl"}
+
+    capsys.readouterr()
+    assert run_main(args(results=res, reports=rep)) == 0  # the declared table again, from the store
+    again = json.loads(cells.read_text())
+    assert {c["row"]: c["mean"] for c in again["cells"] if c["metric"] == "point_mask" and c["mean"] is not None} == shown
+    (left,) = again["header"]["left_out"]
+    assert left["row"] == "fg+cl" and left["config_hash"] not in again["header"]["config_hashes"]["fg+cl"]
+    md = (tmp_path / "rep" / "smoke" / "table5" / "table.md").read_text()
+    assert "left out 1 stored record(s) of other configs or older runs (fg+cl 1)" in md
