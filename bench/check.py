@@ -13,8 +13,9 @@
 
    Training is chaotic, so the same code gives other numbers on another CPU unless both runs use
    portable numerics (EHIN_PORTABLE_NUMERICS=1, ehin/numerics.py). The baseline file records the
-   environment it was made in; the check says when this run's differs, and how many values match
-   exactly (all of them, where code, numerics and thread count are the same).
+   environment it was made in. Where this run's environment matches it (numerics mode, torch,
+   threads, CPU ISA; under native numerics the CPU model too), the same code gives the same floats,
+   so any difference fails; across environments each value must stay within its band.
 
 2. The paper's claims (declared in sweeps/*.yaml):
 
@@ -129,8 +130,22 @@ def environment_notes(store: ResultStore, baselines: dict) -> list[str]:
     return notes
 
 
-def compare(store: ResultStore, baselines: dict, tables=None) -> list[dict]:
-    """One row per (table, cell, metric) checked; `ok` False for drift, missing cells or config changes."""
+def environment_matches(store: ResultStore, baselines: dict) -> bool:
+    """True when this store's runs were made where the baseline's were (ENV_KEYS), so that the same code
+    must give the same floats: numerics, torch, threads and CPU ISA equal, and under native numerics
+    the CPU model too (portable numerics give the same floats on any x86-64 CPU with AVX2)."""
+    base = baselines.get("environment")
+    if not base:
+        return False
+    recs = [r for r in store.select(profile=baselines["profile"]) if r.get("table") in baselines["tables"]]
+    here = environment(recs)
+    keys = ["numerics", "torch", "threads", "cpu_capability"] + ([] if here["numerics"] == ["portable"] else ["cpu_model"])
+    return all(here[k] == base.get(k) for k in keys)
+
+
+def compare(store: ResultStore, baselines: dict, tables=None, exact: bool = False) -> list[dict]:
+    """One row per (table, cell, metric) checked; `ok` False for drift, missing cells or config changes.
+    `exact` (same environment as the baseline's): any difference in the stored precision fails."""
     profile = baselines["profile"]
     tables = tables or list(baselines["tables"])
     cells = _cells(store, profile, tables)
@@ -150,9 +165,13 @@ def compare(store: ResultStore, baselines: dict, tables=None) -> list[dict]:
             for m, b in entry["metrics"].items():
                 vals = [r["metrics"][m] for r in recs if m in r.get("metrics", {})]
                 got = float(np.mean(vals)) if vals else None
-                ok = got is not None and abs(got - b["expected"]) <= b["tol"]
-                rows.append(dict(table=table, cell=row, metric=m, expected=b["expected"], got=got, tol=b["tol"],
-                                 ok=ok, why="" if ok else "outside tolerance"))
+                if exact:  # expected values are stored to 3 decimals
+                    ok = got is not None and round(got, 3) == b["expected"]
+                    why = "differs, in the baseline's environment (the same code gives the same floats)"
+                else:
+                    ok, why = got is not None and abs(got - b["expected"]) <= b["tol"], "outside tolerance"
+                rows.append(dict(table=table, cell=row, metric=m, expected=b["expected"], got=got,
+                                 tol=0.0 if exact else b["tol"], ok=ok, why="" if ok else why))
     return rows
 
 
@@ -343,11 +362,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no baselines at {path}; create them with --update", file=sys.stderr)
         return 2
     baselines = json.loads(path.read_text())
-    rows = compare(store, baselines, tables)
+    same_env = environment_matches(store, baselines)
+    rows = compare(store, baselines, tables, exact=same_env)
     failures = [r for r in rows if not r["ok"]]
     print(diff_table(rows, only_failures=not args.all))
     exact = sum(r["ok"] and isinstance(r["got"], float) and round(r["got"], 3) == r["expected"] for r in rows)
-    print(f"\n{len(rows) - len(failures)} of {len(rows)} checks within tolerance, {exact} exact "
+    mode = ("exact: this run's environment is the baseline's, so any difference fails" if same_env else
+            "within each cell's band: this run's environment differs from the baseline's")
+    print(f"\n{len(rows) - len(failures)} of {len(rows)} checks pass, {exact} exact; mode {mode} "
           f"({path}, store {store.path})")
     for note in environment_notes(store, baselines):
         print(f"note: run environment differs from the baseline's: {note}")

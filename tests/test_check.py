@@ -62,32 +62,90 @@ def test_missing_cell_and_changed_config_fail(tmp_path):
     assert "missing" in why[("fg+cl", "-")]
 
 
-@pytest.mark.slow
-def test_changing_alpha_on_a_copy_fails_the_check(tmp_path, capsys):
-    """Run a cell with the code as it is, make baselines, then the same sweep on a copy of the code
-    whose default alpha moved: the check fails and names table, cell, metric, expected, got, tol."""
+def test_same_environment_any_difference_fails(tmp_path):
+    """Where the environment is the baseline's, the same code gives the same floats: one flipped
+    expression (0.72 PointM, well inside a seed band) fails; elsewhere the band applies."""
+    from bench.check import environment_matches
+
+    env = {"numerics": "portable", "torch": "2.13.0+cpu", "threads": 2, "cpu_capability": "AVX2", "cpu_model": "A"}
+    base, same, other = (ResultStore(tmp_path / n) for n in ("base", "same", "other"))
+    base.append({**rec("table5", "fg", 0, {"point_mask": 37.152777}), **env})
+    same.append({**rec("table5", "fg", 0, {"point_mask": 37.152777 + 100 / 139}), **env, "cpu_model": "B"})
+    other.append({**rec("table5", "fg", 0, {"point_mask": 37.152777 + 100 / 139}), **env, "threads": 1})
+    b = build_baselines(base, "smoke", ["table5"], None)
+    assert environment_matches(same, b) and not environment_matches(other, b)
+    (row,) = compare(same, b, exact=True)
+    assert not row["ok"] and "differs" in row["why"] and row["expected"] == 37.153
+    assert all(r["ok"] for r in compare(other, b))  # another thread count: within the band (tol 1.0 floor)
+    assert all(r["ok"] for r in compare(base, b, exact=True))
+    native = ResultStore(tmp_path / "native")
+    native.append({**rec("table5", "fg", 0, {"point_mask": 37.152777}), **env, "numerics": "native"})
+    b_native = build_baselines(native, "smoke", ["table5"], None)
+    moved = ResultStore(tmp_path / "moved")
+    moved.append({**rec("table5", "fg", 0, {"point_mask": 37.152777}), **env, "numerics": "native", "cpu_model": "B"})
+    assert not environment_matches(moved, b_native)  # native numerics on another CPU: floats may differ
+
+
+def _copy_project(tmp_path: Path) -> Path:
     copy = tmp_path / "copy"
     for part in ("ehin", "bench", "sweeps", "reports/paper"):
         shutil.copytree(REPO / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+def _tiny_sweep(tmp_path: Path, code_root: Path, results: Path) -> None:
+    cmd = [sys.executable, "-m", "bench.run", "table3", "--profile", "smoke", "--rows", "2",
+           "--results", str(results), "--reports", str(tmp_path / "rep"), "--no-render"]
+    for s in TINY:
+        cmd += ["--set", s]
+    subprocess.run(cmd, cwd=code_root, check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(code_root), "EHIN_CODE_VERSION": "test"})
+
+
+@pytest.mark.slow
+def test_a_code_change_under_the_same_config_hash_fails_the_check(tmp_path, capsys):
+    """Baselines from the code as it is; then the same cell on a copy whose loss code changed (the
+    focal penalty's offset, not a config key: the hash stays): the check fails and names table,
+    cell, metric, expected and got."""
+    copy = _copy_project(tmp_path)
+    losses = copy / "ehin/losses.py"
+    text = losses.read_text()
+    assert "FOCAL_POWER, FOCAL_OFFSET = 3, 0.01" in text
+    losses.write_text(text.replace("FOCAL_POWER, FOCAL_OFFSET = 3, 0.01", "FOCAL_POWER, FOCAL_OFFSET = 3, 0.02"))
+    _tiny_sweep(tmp_path, REPO, tmp_path / "orig")
+    base = ["--profile", "smoke", "--tables", "table3", "--baselines", str(tmp_path / "baselines.json")]
+    assert check_main(["--results", str(tmp_path / "orig"), "--update", *base]) == 0
+    assert check_main(["--results", str(tmp_path / "orig"), *base]) == 0
+    _tiny_sweep(tmp_path, copy, tmp_path / "changed")
+    hashes = {r["config_hash"] for d in ("orig", "changed") for r in ResultStore(tmp_path / d).read()}
+    assert len(hashes) == 1  # the same config: only the code differs
+    capsys.readouterr()
+    rc = check_main(["--results", str(tmp_path / "changed"), *base])
+    out = capsys.readouterr().out
+    assert rc == 1 and "config changed" not in out
+    failing = [line for line in out.splitlines() if "FAIL" in line]
+    assert failing and all(line.startswith("table3") and " 2 " in line and "differs" in line for line in failing)
+    for word in ("table", "cell", "metric", "expected", "got"):
+        assert word in out.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_changing_alpha_on_a_copy_fails_the_check(tmp_path, capsys):
+    """Run a cell with the code as it is, make baselines, then the same sweep on a copy of the code
+    whose default alpha moved: the check fails as "config changed" and names table, cell, metric,
+    expected, got, tol."""
+    copy = _copy_project(tmp_path)
     base_yaml = copy / "ehin/configs/base.yaml"
     text = base_yaml.read_text()
     assert "  alpha: 0.1 " in text
     base_yaml.write_text(text.replace("  alpha: 0.1 ", "  alpha: 0.9 "))
 
-    def sweep(code_root: Path, results: Path) -> None:
-        cmd = [sys.executable, "-m", "bench.run", "table3", "--profile", "smoke", "--rows", "2",
-               "--results", str(results), "--reports", str(tmp_path / "rep"), "--no-render"]
-        for s in TINY:
-            cmd += ["--set", s]
-        subprocess.run(cmd, cwd=code_root, check=True, capture_output=True,
-                       env={**os.environ, "PYTHONPATH": str(code_root)})
-
-    sweep(REPO, tmp_path / "orig")
+    _tiny_sweep(tmp_path, REPO, tmp_path / "orig")
     assert check_main(["--profile", "smoke", "--results", str(tmp_path / "orig"), "--tables", "table3",
                        "--update", "--baselines", str(tmp_path / "baselines.json")]) == 0
     assert check_main(["--profile", "smoke", "--results", str(tmp_path / "orig"), "--tables", "table3",
                        "--baselines", str(tmp_path / "baselines.json")]) == 0
-    sweep(copy, tmp_path / "changed")
+    _tiny_sweep(tmp_path, copy, tmp_path / "changed")
     capsys.readouterr()
     rc = check_main(["--profile", "smoke", "--results", str(tmp_path / "changed"), "--tables", "table3",
                      "--baselines", str(tmp_path / "baselines.json")])
