@@ -50,7 +50,7 @@ from optuna.trial import FrozenTrial, TrialState
 from bench.executors import EXECUTORS, SlurmOptions
 from ehin.config import PROFILES, ConfigError, config_hash, dotted_to_nested, get, load_config
 from ehin.cli import UserError, command
-from ehin.metrics import METRIC_KEYS
+from ehin.metrics import METRIC_KEYS, PAPER_COLUMNS
 
 REPO = Path(__file__).resolve().parent.parent
 SPACES_DIR = REPO / "sweeps" / "search"
@@ -65,8 +65,7 @@ _PRUNER_KEYS = {"n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_t
 LABELS = {"model.alpha": "α", "model.beta": "β", "model.n_layers": "n", "data.K": "K", "train.batch_size": "N",
           "loss.fg": "λ_FG", "loss.cl": "λ_CL", "loss.bg": "λ_BG", "train.lr": "lr", "model.fusion_scale": "s",
           "loss.cl_variant": "L_CL"}
-PAPER_METRICS = {"IoU": "iou", "mIoU": "overall_iou", "PointIt": "point_box", "PointM": "point_mask",
-                 "BoxAcc": "box_acc"}
+PAPER_METRICS = PAPER_COLUMNS  # the paper's five columns (ehin.metrics.REGISTRY)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -228,7 +227,10 @@ def load_space(name_or_path: str | Path, *, spaces_dir: Path | None = None) -> S
     metric = spec.get("metric", "iou")
     if metric not in METRIC_KEYS:
         raise SearchError(f"{where}: metric {metric!r} must be one of {METRIC_KEYS}")
-    direction = spec.get("direction", "maximize")
+    from ehin.metrics import BY_KEY
+
+    # The registry says which way the metric improves; a space may still say so explicitly.
+    direction = spec.get("direction", "maximize" if BY_KEY[metric].higher_is_better else "minimize")
     if direction not in ("maximize", "minimize"):
         raise SearchError(f"{where}: direction must be maximize or minimize")
     sampler = dict(spec.get("sampler") or {})

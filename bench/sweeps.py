@@ -21,14 +21,14 @@ import yaml
 
 from ehin.cli import UserError
 from ehin.config import PROFILES, ConfigError, config_hash, dotted_to_nested, get, load_config
+from ehin.metrics import REGISTRY
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS_DIR = REPO / "sweeps"
 PAPER_DIR = REPO / "reports" / "paper"
 
-# Paper column -> our metric name (docs/architecture.md, ehin.metrics.PAPER_COLUMNS).
-METRIC_NAMES = {"IoU": "iou", "mIoU": "overall_iou", "PointIt": "point_box", "PointM": "point_mask",
-                "BoxAcc": "box_acc", "seconds_per_sample": "seconds_per_sample"}
+# Paper column -> our metric name: the metric registry (ehin.metrics.REGISTRY).
+METRIC_NAMES = {m.column: m.key for m in REGISTRY if m.in_paper}
 CLAIM_KINDS = ("best", "worst", "greater", "less", "approx")
 PLOT_KINDS = ("curve", "heatmap", "bars", "history")
 STAGES = ("1", "2", "1+2", "inference")

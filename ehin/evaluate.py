@@ -110,8 +110,7 @@ def _write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 
 
 def format_metrics(name: str, m: dict) -> str:
-    keys = ["iou", "overall_iou", "point_box", "point_mask", "box_acc", "point_any_object"]
-    return f"{name:<16}" + "  ".join(f"{k}={m[k]:6.2f}" for k in keys if k in m) + f"  (n={m.get('n', '?')})"
+    return f"{name:<16}" + M.format_metrics(m) + f"  (n={m.get('n', '?')})"
 
 
 @command

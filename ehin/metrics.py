@@ -41,6 +41,7 @@ point_any_object, and n.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import cv2
@@ -51,9 +52,40 @@ import torch.nn.functional as F
 import ehin  # noqa: F401  (torchvision shim before torchvision.ops)
 from torchvision.ops import nms
 
-PAPER_COLUMNS = {"IoU": "iou", "mIoU": "overall_iou", "PointIt": "point_box", "PointM": "point_mask",
-                 "BoxAcc": "box_acc"}
-METRIC_KEYS = ("iou", "overall_iou", "point_mask", "point_box", "box_acc", "point_any_object")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One entry of the metric registry: every module names, orders, compares and prints metrics
+    through REGISTRY (trainers, evaluation, rendering, checks, search, the CLIs)."""
+    key: str  # the name in code, records and cells.json
+    column: str  # the paper's column header, or the diagnostic's label
+    higher_is_better: bool = True
+    fmt: str = ".2f"
+    in_paper: bool = True  # a column of the paper's tables (point_any_object is a diagnostic)
+    scored: bool = True  # computed per expression by score_expression/aggregate (not a timing)
+
+
+REGISTRY: tuple[Metric, ...] = (
+    Metric("iou", "IoU"),  # mean IoU over expressions
+    Metric("overall_iou", "mIoU"),  # Σ inter / Σ union (D9)
+    Metric("point_box", "PointIt"),
+    Metric("point_mask", "PointM"),
+    Metric("box_acc", "BoxAcc"),
+    Metric("point_any_object", "PointAny", in_paper=False),
+    Metric("seconds_per_sample", "seconds_per_sample", higher_is_better=False, fmt=".4f", scored=False),  # Table 10
+)
+BY_KEY: dict[str, Metric] = {m.key: m for m in REGISTRY}
+BY_COLUMN: dict[str, Metric] = {m.column: m for m in REGISTRY}
+METRIC_KEYS: tuple[str, ...] = tuple(m.key for m in REGISTRY if m.scored)  # what `aggregate` returns (+ n)
+QUALITY_KEYS: tuple[str, ...] = tuple(m.key for m in REGISTRY if m.scored and m.in_paper)  # the paper's five
+PAPER_COLUMNS: dict[str, str] = {m.column: m.key for m in REGISTRY if m.scored and m.in_paper}
+
+
+def format_metrics(values: dict, keys: Sequence[str] = METRIC_KEYS) -> str:
+    """'IoU 12.34  mIoU 11.02  ...' in the registry's order, labels and formats (the CLIs' printouts)."""
+    return "  ".join(f"{BY_KEY[k].column} {values[k]:{BY_KEY[k].fmt}}" for k in keys if k in values)
+
 
 # What these metrics compute, recorded in every result (bench.jobs) and shown by every rendered table.
 # Records without it were scored by the earlier protocol (ReLU on the grid, BoxAcc at 0.5 of the max).
@@ -179,7 +211,8 @@ def aggregate(rows: Sequence[dict]) -> dict:
     union = sum(r["union"] for r in rows)
     out = {"iou": 100.0 * sum(r["iou"] for r in rows) / n,
            "overall_iou": 100.0 * inter / union if union > 0 else 0.0}  # D9
-    for k in ("point_mask", "point_box", "box_acc", "point_any_object"):
-        out[k] = 100.0 * sum(bool(r[k]) for r in rows) / n
+    for k in METRIC_KEYS:
+        if k not in out:  # the pointing and box metrics: shares of expressions
+            out[k] = 100.0 * sum(bool(r[k]) for r in rows) / n
     out["n"] = n
-    return out
+    return {k: out[k] for k in (*METRIC_KEYS, "n")}

@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     from ehin.pseudo_labels.__main__ import format_quality
 
     print(format_quality(res["pseudo_quality"]))
-    keys = ("iou", "overall_iou", "point_mask", "point_box", "box_acc")
+    from ehin.metrics import QUALITY_KEYS, format_metrics
+
     for name, m in (("stage 1", res["stage1_metrics"]), ("stage 2", res["metrics"])):
-        print(f"{name} val: " + "  ".join(f"{k}={m[k]:.2f}" for k in keys if k in m))
+        print(f"{name} val: " + format_metrics(m, QUALITY_KEYS))
     print(json.dumps(res["timings"]))
 
 

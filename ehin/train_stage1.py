@@ -31,6 +31,7 @@ from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
 from ehin.cli import UserError, command
 from ehin.config import add_run_args, config_for_run, config_hash, save_config, stage1_hash
+from ehin.metrics import format_metrics
 
 
 class NonFiniteLossError(RuntimeError):
@@ -219,15 +220,16 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
             save_atomic({"kind": "stage1", "config": cfg, "epoch": epoch, "model": model.state_dict()},
                         out_dir / "checkpoints" / "best.pt")
         if progress:
-            print(f"epoch {epoch + 1}: loss {entry['loss']:.4f}  PointM {entry['point_mask']:.2f}  "
-                  f"IoU {entry['iou']:.2f}  ({epoch_train_s:.1f}s train)")
+            print(f"epoch {epoch + 1}: loss {entry['loss']:.4f}  "
+                  f"{format_metrics(entry, ('point_mask', 'iou'))}  ({epoch_train_s:.1f}s train)")
         if on_epoch is not None:
             on_epoch(entry)
 
     final = history[-1] if history else {}
-    metric_keys = ("iou", "overall_iou", "point_mask", "point_box", "box_acc", "point_any_object", "n")
+    from ehin.metrics import METRIC_KEYS
+
     result = {
-        "metrics": {k: final[k] for k in metric_keys if k in final},
+        "metrics": {k: final[k] for k in (*METRIC_KEYS, "n") if k in final},
         "history": history,
         "timings": {"train_s": round(train_s, 2), "total_s": round(time.time() - t_start, 2),
                     "s_per_epoch": round(train_s / max(1, len(history)), 2)},

@@ -34,6 +34,7 @@ from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
 from ehin.cli import UserError, command
 from ehin.config import add_run_args, config_for_run, config_hash, save_config
+from ehin.metrics import format_metrics
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -299,8 +300,8 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
                          "ema": teacher.model.state_dict() if teacher is not None else None,
                          "torch_rng": torch.get_rng_state(), "history": history}, ckpt_path)
             if progress:
-                print(f"stage2 epoch {epoch + 1}: loss {entry['loss']:.4f}  IoU {entry['iou']:.2f}  "
-                      f"PointM {entry['point_mask']:.2f}  ({epoch_train_s:.1f}s train)")
+                print(f"stage2 epoch {epoch + 1}: loss {entry['loss']:.4f}  "
+                      f"{format_metrics(entry, ('iou', 'point_mask'))}  ({epoch_train_s:.1f}s train)")
             if on_epoch is not None:
                 on_epoch(entry)
         else:
@@ -308,9 +309,10 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
         barrier(world)
 
     final = history[-1] if history and main_rank else {}
-    metric_keys = ("iou", "overall_iou", "point_mask", "point_box", "box_acc", "point_any_object", "n")
+    from ehin.metrics import METRIC_KEYS
+
     result = {
-        "metrics": {k: final[k] for k in metric_keys if k in final},
+        "metrics": {k: final[k] for k in (*METRIC_KEYS, "n") if k in final},
         "history": history,
         "timings": {"train_s": round(train_s, 2), "total_s": round(time.time() - t_start, 2),
                     "s_per_epoch": round(train_s / max(1, len(history)), 2)},

@@ -305,3 +305,17 @@ def test_aggregate_keys_and_paper_columns():
     assert agg["box_acc"] == 50.0 and agg["n"] == 2
     empty = aggregate([])
     assert empty["n"] == 0 and math.isnan(empty["iou"])
+
+
+def test_one_metric_registry_names_everything():
+    from bench import check, search, sweeps
+    from ehin.metrics import BY_KEY, QUALITY_KEYS, REGISTRY, format_metrics
+
+    assert list(PAPER_COLUMNS) == ["IoU", "mIoU", "PointIt", "PointM", "BoxAcc"]  # the paper's column order
+    assert tuple(PAPER_COLUMNS.values()) == QUALITY_KEYS == tuple(check.METRICS)
+    assert search.PAPER_METRICS == PAPER_COLUMNS
+    assert {sweeps.METRIC_NAMES[c] for c in PAPER_COLUMNS} == set(QUALITY_KEYS)
+    assert sweeps.METRIC_NAMES["seconds_per_sample"] == "seconds_per_sample"
+    assert not BY_KEY["seconds_per_sample"].higher_is_better and len({m.key for m in REGISTRY}) == len(REGISTRY)
+    text = format_metrics({"iou": 12.345, "point_mask": 50.0, "n": 3})
+    assert text == "IoU 12.35  PointM 50.00"  # the paper's labels, in the registry's order, n left out
