@@ -122,10 +122,13 @@ _NON_NEGATIVE = [("data", "K"), ("loss", "fg"), ("loss", "cl"), ("loss", "bg"), 
                  ("model", "fusion_scale")]
 
 
+# The generator's scene recipes (ehin.data.synthetic.SCENE_RECIPES; a test keeps the two equal), named
+# here so that loading a config does not import the generator.
+SCENE_RECIPES = ("simple", "cluttered")
+
+
 def validate(cfg: dict) -> None:
     """Raise ConfigError naming the first bad key."""
-    from ehin.data.synthetic import SCENE_RECIPES
-
     scenes = cfg["synthetic"].get("scenes", "simple")
     if scenes not in SCENE_RECIPES:
         raise ConfigError(f"synthetic.scenes = {scenes!r}: must be one of {SCENE_RECIPES}")

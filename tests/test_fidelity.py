@@ -200,6 +200,9 @@ def test_recipe_in_config_cache_and_hash(tmp_path, monkeypatch):
     assert config_hash(simple) == config_hash(without) != config_hash(cl)
     with pytest.raises(ConfigError, match="synthetic.scenes"):
         load_config(overrides=["synthetic.scenes=busy"])
+    from ehin.config import SCENE_RECIPES
+
+    assert SCENE_RECIPES == syn.SCENE_RECIPES
 
 
 def test_fidelity_cli_writes_json_and_markdown(cluttered, tmp_path, capsys):
