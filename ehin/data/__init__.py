@@ -37,6 +37,9 @@ def synthetic_root(cfg: dict) -> Path:
 
     syn, name = cfg["synthetic"], cfg["data"]["dataset"]
     tag = f"{name}-s{syn['size']}-n{syn['images']}-seed{syn['seed']}-v{GENERATOR_VERSION}"
+    scenes = syn.get("scenes", "simple")
+    if scenes != "simple":  # the default recipe keeps its folder name (existing caches stay valid)
+        tag += f"-{scenes}"
     return cache_dir() / "datasets" / tag
 
 
@@ -58,7 +61,7 @@ def _ensure_generated(cfg: dict, progress: bool = True) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
         try:
             generate(cfg["data"]["dataset"], tmp, size=syn["size"], images=syn["images"], seed=syn["seed"],
-                     progress=progress)
+                     progress=progress, scenes=syn.get("scenes", "simple"))
             os.rename(tmp, root)  # atomic on one filesystem
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -154,6 +154,13 @@ class SceneObject:
     mask: np.ndarray  # bool [H, W]: exactly the pixels painted for it
     polygons: list[np.ndarray] = field(default_factory=list)  # empty when only an RLE describes it
     stuff: bool = False
+    # Where location words and relations place it: None = (cx, cy), the drawn shape's centre. The
+    # cluttered recipe sets the centroid of the visible pixels (an occluded object's seen centre).
+    centre: tuple[float, float] | None = None
+
+    @property
+    def pos(self) -> tuple[float, float]:
+        return (self.cx, self.cy) if self.centre is None else self.centre
 
     @property
     def box(self) -> tuple[float, float, float, float]:
@@ -481,18 +488,19 @@ def _pick_location(word: str, objs: Sequence[SceneObject], margin: float) -> int
     if word == "middle":
         if len(objs) != 3:
             return None
-        order = sorted(range(3), key=lambda i: objs[i].cx)
-        xs = [objs[i].cx for i in order]
+        order = sorted(range(3), key=lambda i: objs[i].pos[0])
+        xs = [objs[i].pos[0] for i in order]
         return order[1] if xs[1] - xs[0] >= margin and xs[2] - xs[1] >= margin else None
-    key = {"left": lambda o: o.cx, "right": lambda o: -o.cx, "top": lambda o: o.cy, "bottom": lambda o: -o.cy}[word]
+    key = {"left": lambda o: o.pos[0], "right": lambda o: -o.pos[0], "top": lambda o: o.pos[1],
+           "bottom": lambda o: -o.pos[1]}[word]
     order = sorted(range(len(objs)), key=lambda i: key(objs[i]))
     return order[0] if key(objs[order[1]]) - key(objs[order[0]]) >= margin else None
 
 
 def _relation(rel: str, o: SceneObject, landmark: SceneObject, margin: float) -> bool | None:
     """Whether o is `rel` the landmark: True beyond `margin` px, False under margin/4, else unclear."""
-    d = {"left of": landmark.cx - o.cx, "right of": o.cx - landmark.cx,
-         "above": landmark.cy - o.cy, "below": o.cy - landmark.cy}[rel]
+    (x, y), (lx, ly) = o.pos, landmark.pos
+    d = {"left of": lx - x, "right of": x - lx, "above": ly - y, "below": y - ly}[rel]
     if d >= margin:
         return True
     if d <= margin / 4:
@@ -669,8 +677,13 @@ class BuiltImage:
     sentences: list[list[str]]  # per target
 
 
-def build_image(variant: str, group: str, index: int, seed: int, size: int) -> BuiltImage:
-    """The scene, image and refs of one image: a pure function of its arguments."""
+def build_image(variant: str, group: str, index: int, seed: int, size: int, scenes: str = "simple") -> BuiltImage:
+    """The scene, image and refs of one image: a pure function of its arguments. `scenes` picks the
+    recipe: "simple" (the default: 2-5 objects apart on a texture) or "cluttered" (TESTBED §2.1)."""
+    if scenes == "cluttered":
+        return build_cluttered_image(variant, group, index, seed, size)
+    if scenes != "simple":
+        raise ValueError(f"unknown scene recipe {scenes!r} (choose from {', '.join(SCENE_RECIPES)})")
     rng = _image_rng(seed, variant, group, index)
     family = {"testA": "A", "testB": "B"}.get(group)
     while True:  # resample until the scene has >= 2 refs (same-image negatives, METHOD D2)
@@ -701,6 +714,247 @@ def build_image(variant: str, group: str, index: int, seed: int, size: int) -> B
     return BuiltImage(image, scene, targets, sentences)
 
 
+# ----------------------------------------------------------------------------------------------
+# The cluttered recipe (TESTBED.md §2.1): scenes closer to RefCOCO's than the simple recipe's.
+#
+# - 6-9 annotated things drawn from 2-3 shapes and 3-5 colours of the scene, so most referents share
+#   their category (and often their colour) with another object and the words must separate instances;
+# - objects may overlap and touch: paint order decides, an occluded object's annotation is its visible
+#   pixels (RLE) and its box and location words those pixels' box and centroid; every object keeps
+#   >= MIN_VISIBLE of its area, so shape and size words stay true of what is seen;
+# - unannotated clutter painted on the background (irregular blobs, textured patches, strokes, darker
+#   or lighter noise regions; colours kept away from the palette's, shapes not of the vocabulary), and
+#   a few thin strokes in front of the objects, until a drawn share of the image shows clutter. Which
+#   pixels are clutter is written beside the annotations (clutter.json, one RLE per image), since no
+#   rule on the image alone can tell a textured background from clutter exactly;
+# - about 2-4 refs per image, the rest of the objects being unreferred distractors of the same sizes.
+
+SCENE_RECIPES: tuple[str, ...] = ("simple", "cluttered")
+CLUTTER_THINGS = (6, 9)  # annotated things per scene (inclusive)
+MIN_VISIBLE = 0.65  # the share of an object's drawn area that must stay visible
+TOUCH_PROB = 0.45  # the share of placements put against an earlier object (overlapping or touching)
+CLUTTER_SHARE = (0.18, 0.42)  # per-image target of visible clutter pixels (uniform)
+REFS_PER_IMAGE = (2, 4)  # refs wanted per image (inclusive); fewer when fewer objects can be named
+ANN_STRIDE = {"simple": 10, "cluttered": 20}  # ann_id = image_id * stride + k
+# Radii as in RADIUS, with big objects up to about a sixth of the image's area, so referents span small
+# to large. The gap between the classes keeps "small" and "big" unambiguous under occlusion too: the
+# least a big object shows (MIN_VISIBLE of radius 0.15) is 1.46x the area of the largest small one.
+CLUTTER_RADIUS: dict[str, tuple[float, float]] = {"small": (0.065, 0.10), "big": (0.15, 0.24)}
+# Fewer big objects than small ones (COCO: 41 % small, 34 % medium, 24 % large). Not near 1/2: with two
+# size modes a median area would then fall between them and flip from one to the other between samples;
+# with 0.3 the median of the things, and in ReferIt (where about a fifth of both referents and
+# distractors are large stuff bands) that of all annotations, stays inside the small mode.
+BIG_SHARE = 0.3
+
+
+def _clutter_colour(rng: np.random.Generator) -> np.ndarray:
+    """A less saturated colour at least 80 (RGB distance) from every palette colour, so that clutter
+    never shows a named colour: a colour word keeps meaning an annotated thing."""
+    palette = np.array(list(COLOURS.values()), np.float32)
+    for _ in range(12):
+        c = rng.uniform(15, 240, size=3).astype(np.float32)
+        c = c.mean() + rng.uniform(0.35, 0.8) * (c - c.mean())
+        if np.sqrt(((palette - c) ** 2).sum(1)).min() >= 80:
+            return c
+    return _muted_colour(rng).astype(np.float32)
+
+
+def _clutter_element(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray,
+                     background: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One unannotated clutter element: (bool mask [S, S], float32 [S, S, 3] paint for it)."""
+    import cv2
+
+    canvas = np.zeros((size, size), np.uint8)
+    kind = rng.choice(4, p=[0.4, 0.25, 0.2, 0.15])
+    a = _clutter_colour(rng)
+    paint = np.broadcast_to(a, (size, size, 3)).astype(np.float32)
+    if kind == 0:  # an irregular blob: a star-convex polygon with a wobbly radius
+        k = 18
+        t = np.linspace(0, 2 * np.pi, k, endpoint=False)
+        rad = size * rng.uniform(0.05, 0.17)
+        wob = sum(rng.uniform(0, 0.22) * np.sin(j * t + rng.uniform(0, 2 * np.pi)) for j in (2, 3, 5))
+        cx, cy = rng.uniform(0, size, 2)
+        pts = np.stack([cx + rad * (1 + wob) * np.cos(t) * rng.uniform(0.6, 1.4), cy + rad * (1 + wob) * np.sin(t)], 1)
+        cv2.fillPoly(canvas, [np.round(pts).astype(np.int32)], 1)
+        n = _smooth_noise(rng, size, int(rng.integers(2, 6)))
+        paint = paint + 25.0 * n[..., None]
+    elif kind == 1:  # a textured patch: an elongated rotated rectangle with stripes or fine noise
+        w, h = size * rng.uniform(0.12, 0.3), size * rng.uniform(0.05, 0.12)
+        cx, cy = rng.uniform(0, size, 2)
+        box = cv2.boxPoints(((float(cx), float(cy)), (float(w), float(h)), float(rng.uniform(0, 180))))
+        cv2.fillPoly(canvas, [np.round(box).astype(np.int32)], 1)
+        if rng.random() < 0.5:
+            b = _clutter_colour(rng)
+            theta, period = rng.uniform(0, np.pi), rng.uniform(2.5, 6.0)
+            s = np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period) > 0
+            paint = np.where(s[..., None], a[None, None], b[None, None]).astype(np.float32)
+        else:
+            paint = paint + rng.normal(0, 18, size=(size, size, 1)).astype(np.float32)
+    elif kind == 2:  # a stroke: a thick polyline (branches, wires, edges of things)
+        pts = [rng.uniform(0, size, 2)]
+        for _ in range(int(rng.integers(2, 6))):
+            ang = rng.uniform(0, 2 * np.pi)
+            pts.append(pts[-1] + size * rng.uniform(0.1, 0.3) * np.array([np.cos(ang), np.sin(ang)]))
+        thick = int(rng.integers(1, max(3, size // 20)))
+        cv2.polylines(canvas, [np.round(np.array(pts)).astype(np.int32)], False, 1, thickness=thick)
+    else:  # a darker or lighter irregular region of the background itself (shadow, stain)
+        n = _smooth_noise(rng, size, int(rng.integers(3, 7)))
+        cx, cy = rng.uniform(0, size, 2)
+        rad = size * rng.uniform(0.12, 0.25)
+        canvas[(n > 0.2) & ((xx - cx) ** 2 + (yy - cy) ** 2 < rad ** 2)] = 1
+        paint = background * rng.choice([0.55, 1.45]) + rng.normal(0, 6, size=(size, size, 1)).astype(np.float32)
+    return canvas.astype(bool), paint
+
+
+def _cluttered_attrs(rng: np.random.Generator, family: str | None) -> list[tuple[str, str, str]]:
+    """6-9 (shape, colour, size) triples from 2-3 shapes and 2-4 colours of the scene. In testA/testB
+    the scene's shapes are of the split's family, with an occasional shape of either family."""
+    pool = SHAPE_FAMILIES[family] if family else SHAPES
+    n = int(rng.integers(CLUTTER_THINGS[0], CLUTTER_THINGS[1] + 1))
+    shapes = [pool[i] for i in rng.choice(len(pool), size=int(rng.choice([2, 3], p=[0.65, 0.35])), replace=False)]
+    colours = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), size=int(rng.integers(2, 5)), replace=False)]
+    out = []
+    for _ in range(n):
+        shape = shapes[rng.integers(len(shapes))] if rng.random() < 0.94 else SHAPES[rng.integers(len(SHAPES))]
+        out.append((shape, colours[rng.integers(len(colours))], "big" if rng.random() < BIG_SHARE else "small"))
+    return out
+
+
+def _place_overlapping(rng: np.random.Generator, size: int, attrs: Sequence[tuple[str, str, str]],
+                       tries: int = 40) -> list[SceneObject]:
+    """Place objects in paint order, some against an earlier one (overlapping or touching), the rest
+    apart; a placement is kept only if every object keeps >= MIN_VISIBLE of its drawn area. Objects of
+    one colour never touch (their common edge would not show). Returns
+    objects whose masks are their full drawn shapes (occlusion is applied by the caller)."""
+    placed: list[SceneObject] = []
+    full_area: list[int] = []
+    cover = np.zeros((size, size), np.int32)  # index+1 of the topmost object per pixel
+    for shape, colour, size_name in attrs:
+        lo, hi = CLUTTER_RADIUS[size_name]
+        for _ in range(tries):
+            r = size * rng.uniform(lo, hi)
+            m = r + 1.0
+            if placed and rng.random() < TOUCH_PROB:
+                o = placed[rng.integers(len(placed))]
+                ang = rng.uniform(0, 2 * np.pi)
+                d = (r + o.r) * rng.uniform(0.7, 1.0)
+                cx, cy = o.cx + d * np.cos(ang), o.cy + d * np.sin(ang)
+                if not (m <= cx <= size - m and m <= cy <= size - m):
+                    continue
+                if any(math.hypot(cx - p.cx, cy - p.cy) < 0.6 * (r + p.r) for p in placed):
+                    continue
+            else:
+                cx, cy = rng.uniform(m, size - m), rng.uniform(m, size - m)
+                if not all(math.hypot(cx - p.cx, cy - p.cy) > r + p.r + 2.0 for p in placed):
+                    continue
+            if any(p.colour == colour and math.hypot(cx - p.cx, cy - p.cy) <= r + p.r + 2.0 for p in placed):
+                continue
+            obj = make_object(shape, colour, size_name, cx, cy, r, size)
+            if not obj.mask.any():
+                continue
+            new_cover = np.where(obj.mask, len(placed) + 1, cover)
+            if all((new_cover == i + 1).sum() >= MIN_VISIBLE * full_area[i] for i in range(len(placed))):
+                placed.append(obj)
+                full_area.append(int(obj.mask.sum()))
+                cover = new_cover
+                break
+    return placed
+
+
+@dataclass
+class ClutteredScene(Scene):
+    clutter: np.ndarray = None  # bool [S, S]: the unannotated clutter pixels that show
+
+
+def compose_cluttered_scene(rng: np.random.Generator, size: int, attrs: Sequence[tuple[str, str, str]], *,
+                            stuff: bool = False) -> ClutteredScene:
+    """Background (texture, or sky/ground bands with `stuff`), clutter behind, the objects with
+    occlusion, a few strokes in front; masks are what shows of each."""
+    if stuff:
+        background, regions = stuff_background(rng, size)
+    else:
+        background, regions = texture(rng, size), []
+    objects = _place_overlapping(rng, size, attrs)
+    full_area = [int(o.mask.sum()) for o in objects]
+    for i, o in enumerate(objects):  # what later objects leave visible
+        for later in objects[i + 1:]:
+            o.mask = o.mask & ~later.mask
+    things = np.zeros((size, size), bool)
+    for o in objects:
+        things |= o.mask
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    clutter = np.zeros((size, size), bool)
+    target = rng.uniform(*CLUTTER_SHARE)
+    for _ in range(60):
+        if (clutter & ~things).mean() >= target:
+            break
+        m, paint = _clutter_element(rng, size, yy, xx, background)
+        background[m] = paint[m]
+        clutter |= m
+    clutter &= ~things
+    for _ in range(int(rng.choice(3, p=[0.5, 0.3, 0.2]))):  # thin strokes in front of the objects
+        import cv2
+
+        canvas = np.zeros((size, size), np.uint8)
+        p0 = rng.uniform(0, size, 2)
+        ang = rng.uniform(0, 2 * np.pi)
+        p1 = p0 + size * rng.uniform(0.3, 0.7) * np.array([np.cos(ang), np.sin(ang)])
+        cv2.line(canvas, tuple(int(v) for v in np.round(p0)), tuple(int(v) for v in np.round(p1)), 1,
+                 thickness=1 + int(size >= 80))
+        m = canvas.astype(bool)
+        colour = _clutter_colour(rng)
+        if all((o.mask & ~m).sum() >= MIN_VISIBLE * a for o, a in zip(objects, full_area)):
+            background[m] = colour
+            clutter |= m
+            for o in objects:
+                o.mask = o.mask & ~m
+    for o in objects:
+        full = polygons_mask(o.shape, o.polygons, size, size)
+        if not np.array_equal(o.mask, full):  # occluded: an RLE of the visible pixels describes it
+            o.polygons = []
+        ys, xs = np.nonzero(o.mask)
+        o.centre = (float(xs.mean()) + 0.5, float(ys.mean()) + 0.5)
+    things = np.zeros((size, size), bool)
+    for o in objects:
+        things |= o.mask
+    for reg in regions:  # stuff is what shows of the band between the things and the clutter
+        reg.mask = reg.mask & ~things & ~clutter
+    return ClutteredScene(np.clip(background, 0, 255).astype(np.float32), objects, regions, clutter)
+
+
+def build_cluttered_image(variant: str, group: str, index: int, seed: int, size: int) -> "BuiltImage":
+    """The cluttered recipe's scene, image and refs of one image: a pure function of its arguments."""
+    rng = np.random.default_rng([seed, VARIANTS.index(variant), IMAGE_GROUPS[variant].index(group), index,
+                                 SCENE_RECIPES.index("cluttered")])
+    family = {"testA": "A", "testB": "B"}.get(group)
+    while True:  # resample until >= 6 things stand and >= 2 of them can be referred to
+        attrs = _cluttered_attrs(rng, family)
+        scene = compose_cluttered_scene(rng, size, attrs, stuff=variant == "synth-referit")
+        if len(scene.objects) < CLUTTER_THINGS[0]:
+            continue
+        n_things = len(scene.objects)
+        candidates = [i for i, o in enumerate(scene.objects) if family is None or FAMILY_OF[o.shape] == family]
+        # a stuff band (always nameable, its category never repeated) is a candidate 60 % of the time,
+        # so that stuff is not over-represented among the referents (TESTBED §2.1: same category, sizes)
+        candidates += [n_things + j for j, s in enumerate(scene.stuff) if s.mask.mean() > 0.05 and rng.random() < 0.6]
+        want = int(rng.integers(REFS_PER_IMAGE[0], REFS_PER_IMAGE[1] + 1))
+        targets, sentences = [], []
+        # targets: a uniform random subset of the candidates that can be named, so that referents and
+        # distractors (the rest) have one size distribution
+        for t in rng.permutation(candidates):
+            sents = referring_sentences(variant, scene, int(t), rng, size)
+            if sents:
+                targets.append(int(t))
+                sentences.append(sents)
+            if len(targets) == want:
+                break
+        if len(targets) >= 2:
+            break
+    order = np.argsort(targets, kind="stable")  # refs in object order
+    image = render_scene(rng, scene)
+    return BuiltImage(image, scene, [targets[i] for i in order], [sentences[i] for i in order])
+
+
 def _rle(mask: np.ndarray) -> dict:
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
@@ -717,7 +971,7 @@ def _annotation(obj: SceneObject, ann_id: int, image_id: int) -> dict:
            "area": float(obj.mask.sum()), "bbox": list(obj.box), "iscrowd": 0}
     if not obj.stuff:  # extra keys are legal COCO; tests use them to check the expressions
         ann["attributes"] = {"shape": obj.shape, "colour": obj.colour, "size": obj.size,
-                             "centre": [round(float(obj.cx), 2), round(float(obj.cy), 2)]}
+                             "centre": [round(float(obj.pos[0]), 2), round(float(obj.pos[1]), 2)]}
     return ann
 
 
@@ -729,18 +983,21 @@ def _png_bytes(image: np.ndarray) -> bytes:
 
 def _work(job: tuple) -> dict:
     """Worker: build, write the PNG, return the JSON-ready records of one image."""
-    variant, group, index, seed, size, image_id, image_dir = job
-    built = build_image(variant, group, index, seed, size)
+    variant, group, index, seed, size, image_id, image_dir, scenes = job
+    built = build_image(variant, group, index, seed, size, scenes)
     file_name = f"{image_id:07d}.png"
     with open(Path(image_dir) / file_name, "wb") as f:
         f.write(_png_bytes(built.image))
     objs = built.scene.objects + built.scene.stuff
-    anns = [_annotation(o, image_id * MAX_ANNS_PER_IMAGE + k, image_id) for k, o in enumerate(objs)
-            if o.mask.any()]
-    refs = [{"ann_id": image_id * MAX_ANNS_PER_IMAGE + t, "category_id": CATEGORY_ID[objs[t].shape],
+    stride = ANN_STRIDE[scenes]
+    anns = [_annotation(o, image_id * stride + k, image_id) for k, o in enumerate(objs) if o.mask.any()]
+    refs = [{"ann_id": image_id * stride + t, "category_id": CATEGORY_ID[objs[t].shape],
              "sentences": sents} for t, sents in zip(built.targets, built.sentences)]
-    return {"image": {"id": image_id, "file_name": file_name, "height": size, "width": size},
-            "annotations": anns, "refs": refs, "group": group}
+    rec = {"image": {"id": image_id, "file_name": file_name, "height": size, "width": size},
+           "annotations": anns, "refs": refs, "group": group}
+    if isinstance(built.scene, ClutteredScene):
+        rec["clutter"] = _rle(built.scene.clutter)
+    return rec
 
 
 def generate(
@@ -752,15 +1009,22 @@ def generate(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
+    scenes: str = "simple",
 ) -> Path:
     """Write `variant` in the REFER layout under `out` (out/refer/<variant>/, out/images/<variant>/).
 
     `images` train scenes, eval_count(images) for every other group. Same arguments -> byte-identical
-    files, whatever `workers` is. Returns out/refer/<variant>."""
+    files, whatever `workers` is. `scenes` is the recipe (SCENE_RECIPES); "cluttered" also writes
+    out/refer/<variant>/clutter.json: {image_id: RLE of its unannotated clutter pixels}.
+    Returns out/refer/<variant>."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
     if size < 32:
         raise ValueError(f"size {size} is too small to draw distinguishable shapes (>= 32)")
+    if scenes not in SCENE_RECIPES:
+        raise ValueError(f"unknown scene recipe {scenes!r} (choose from {', '.join(SCENE_RECIPES)})")
+    if scenes == "cluttered" and size < 48:
+        raise ValueError(f"size {size} is too small for cluttered scenes (>= 48)")
     out = Path(out)
     ann_dir, image_dir = out / "refer" / variant, out / "images" / variant
     ann_dir.mkdir(parents=True, exist_ok=True)
@@ -769,7 +1033,7 @@ def generate(
     jobs = []
     for group in IMAGE_GROUPS[variant]:
         count = images if group == "train" else eval_count(images)
-        jobs += [(variant, group, i, seed, size, len(jobs) + i + 1, str(image_dir)) for i in range(count)]
+        jobs += [(variant, group, i, seed, size, len(jobs) + i + 1, str(image_dir), scenes) for i in range(count)]
     if workers is None:  # processes only pay off beyond a few hundred scenes (spawn imports ~2 s)
         workers = min(2, os.cpu_count() or 1) if len(jobs) >= 1000 else 1
 
@@ -796,12 +1060,16 @@ def generate(
             p.unlink()
 
     coco = {"info": {"description": f"{variant}: synthetic referring scenes (ehin-bench, METHOD §1)",
-                     "size": size, "images": images, "seed": seed},
+                     "size": size, "images": images, "seed": seed,
+                     **({} if scenes == "simple" else {"scenes": scenes})},
             "images": [r["image"] for r in records],
             "annotations": [a for r in records for a in r["annotations"]],
             "categories": CATEGORIES}
     with open(ann_dir / "instances.json", "w") as f:
         json.dump(coco, f, sort_keys=True)
+    if scenes != "simple":
+        with open(ann_dir / "clutter.json", "w") as f:
+            json.dump({str(r["image"]["id"]): r["clutter"] for r in records}, f, sort_keys=True)
 
     for split_by in SPLIT_BYS[variant]:
         refs, ref_id, sent_id = [], 0, 0
@@ -847,10 +1115,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=2000, help="train scenes (val/test: 15%% each, >= 20)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=None, help="processes (default: 2 for large runs)")
+    ap.add_argument("--scenes", default="simple", choices=SCENE_RECIPES, help="scene recipe (TESTBED §2.1)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     ann_dir = generate(args.variant, args.out, size=args.size, images=args.images, seed=args.seed,
-                       workers=args.workers)
+                       workers=args.workers, scenes=args.scenes)
     n = args.images + eval_count(args.images) * (len(IMAGE_GROUPS[args.variant]) - 1)
     dt = time.perf_counter() - t0
     print(f"wrote {n} scenes ({args.images} train) of {args.size} px to {ann_dir} in {dt:.1f} s "

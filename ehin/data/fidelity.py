@@ -1,0 +1,249 @@
+"""How much the scenes of a REFER dataset look like RefCOCO's where weak supervision depends on it
+(TESTBED.md §2.1), measured from the written dataset through `ReferDataset` only.
+
+    python -m ehin.data.fidelity --profile synthetic --set synthetic.scenes=cluttered \
+        [--variants synth-refcoco synth-refcocog:umd ...] [--split val] [--json out.json] [--md out.md]
+    python -m ehin.data.fidelity --root /data/refer --variants refcoco refcocog:umd   # a written REFER root
+
+Per dataset and split_by, over the refs of one split (default val):
+
+- same_category_share: refs whose image holds >= 2 annotations of the referent's category;
+- median_objects: median annotations per image (every annotation, stuff regions included), and
+  median_things (those whose category's supercategory is not "stuff");
+- clutter_share: the share of the split's pixels that are unannotated clutter. Read from the side
+  file clutter.json beside instances.json ({image_id: RLE}; the synthetic generator's cluttered recipe
+  writes it); none for datasets without it (a textured background and clutter cannot be told apart
+  from the image alone, so this is not estimated);
+- occluded_share: refs whose referent touches or overlaps another annotated thing: its mask, grown by
+  one pixel (8-neighbourhood), meets another annotation whose category is not stuff. An occluded
+  object's annotation is its visible pixels, so it touches its occluder; an object occluded only by
+  unannotated clutter is not counted (a lower bound);
+- referent / distractor areas: median area (% of the image) of the referents (one per ref) and of
+  the distractors (the annotations of the split's images that no ref names; stuff regions are on both
+  sides, as the language-blind guess picks among every annotation), distractor_size_ratio = their
+  quotient, and the referents' 10th and 90th area percentiles;
+- mean_words: mean expression length in words;
+- random_object_rate: mean over expressions of 1 / (annotations in the image);
+- language_blind_pointm: PointM (%) of the language-blind guess (ehin.evaluate.language_blind_fn: the
+  map is one annotated object of the image, picked per expression with the same rng), scored by
+  ehin.metrics.score_expression like any model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ehin.data.refer import ReferDataset
+
+# TESTBED.md §1: the real datasets' figures (from their papers and releases; None = not given there).
+REAL = {
+    "refcoco": {"same_category": "nearly all (by construction)", "objects": "~7 (COCO)", "words": 3.5,
+                "content": "appearance and location"},
+    "refcoco+": {"same_category": "nearly all (by construction)", "objects": "~7 (COCO)", "words": 3.5,
+                 "content": "appearance only (location words banned)"},
+    "refcocog": {"same_category": "2-4 of a category per image (by selection)", "objects": "~7 (COCO)",
+                 "words": 8.4, "content": "long, relations between objects"},
+    "referit": {"same_category": "not selected for", "objects": "objects and stuff regions",
+                "words": "short, often one word", "content": "category or stuff name"},
+}
+# TESTBED.md §2.1: the figure each must reach.
+TARGETS = {"same_category_share": 0.60, "median_objects": 6, "clutter_share": 0.20, "occluded_share": 0.20,
+           "distractor_size_ratio": (0.5, 2.0)}
+DEFAULT_SPLIT_BYS = {"synth-refcoco": "unc", "synth-refcoco+": "unc", "synth-refcocog": "umd",
+                     "synth-referit": "berkeley", "refcoco": "unc", "refcoco+": "unc", "refcocog": "umd",
+                     "referit": "berkeley", "refclef": "berkeley"}
+ALL_SYNTH = ("synth-refcoco", "synth-refcoco+", "synth-refcocog:google", "synth-refcocog:umd", "synth-referit")
+
+
+def _decode_rle(rle: dict) -> np.ndarray:
+    import pycocotools.mask as mask_utils
+
+    counts = rle["counts"]
+    return mask_utils.decode({"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}).astype(bool)
+
+
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """The mask grown by one pixel in the 8-neighbourhood."""
+    p = np.pad(mask, 1)
+    out = np.zeros_like(p)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            out |= np.roll(np.roll(p, dy, 0), dx, 1)
+    return out[1:-1, 1:-1]
+
+
+def measure(ds: ReferDataset, split: str = "val", seed: int = 0) -> dict:
+    """The figures of one dataset/split_by over one split (see the module doc)."""
+    from ehin import metrics as M
+    from ehin.data.datasets import xywh_to_xyxy
+
+    refs = ds.refs(split)
+    image_ids = sorted({r["image_id"] for r in refs})
+    stuff_cats = {cid for cid, c in ds.categories.items() if c.get("supercategory") == "stuff"}
+    clutter_file = ds.ann_dir / "clutter.json"
+    clutter = json.loads(clutter_file.read_text()) if clutter_file.is_file() else None
+
+    referred = {r["ann_id"] for s in ds.splits() for r in ds.refs(s)}
+    masks: dict[int, np.ndarray] = {}
+    n_objects, n_things, clutter_px, total_px = [], [], 0, 0
+    distractor_area = []
+    for image_id in image_ids:
+        info = ds.image_info(image_id)
+        px = int(info["height"]) * int(info["width"])
+        ann_ids = ds.image_ann_ids(image_id)
+        for a in ann_ids:
+            masks[a] = ds.ann_mask(a)
+        things = [a for a in ann_ids if ds.anns[a]["category_id"] not in stuff_cats]
+        n_objects.append(len(ann_ids))
+        n_things.append(len(things))
+        distractor_area += [masks[a].sum() / px for a in ann_ids if a not in referred]
+        total_px += px
+        if clutter is not None:
+            clutter_px += int(_decode_rle(clutter[str(image_id)]).sum())
+
+    same_cat, touching, referent_area = [], [], []
+    lengths, random_rate, blind_hits = [], [], []
+    for r in refs:
+        image_id, target = r["image_id"], r["ann_id"]
+        info = ds.image_info(image_id)
+        px = int(info["height"]) * int(info["width"])
+        ann_ids = ds.image_ann_ids(image_id)
+        cat = ds.anns[target]["category_id"]
+        same_cat.append(sum(ds.anns[a]["category_id"] == cat for a in ann_ids) >= 2)
+        grown = _grow(masks[target])
+        touching.append(any((grown & masks[a]).any() for a in ann_ids
+                            if a != target and ds.anns[a]["category_id"] not in stuff_cats))
+        referent_area.append(masks[target].sum() / px)
+        stack = np.stack([masks[a] for a in ann_ids])
+        gt, objects = masks[target], stack.any(0)
+        box = xywh_to_xyxy(ds.ann_box(target))
+        for k, sent in enumerate(r["sentences"]):
+            lengths.append(len(ReferDataset.sentence(sent).split()))
+            random_rate.append(1.0 / len(ann_ids))
+            # ehin.evaluate.language_blind_fn's pick, scored as evaluation scores it
+            rng = np.random.default_rng([seed, int(r["ref_id"]), int(sent.get("sent_id", k))])
+            guess = stack[rng.integers(len(stack))].astype(np.float32)
+            blind_hits.append(M.score_expression(guess, gt, box, objects)["point_mask"])
+
+    med_ref = float(np.median(referent_area)) if referent_area else float("nan")
+    med_dis = float(np.median(distractor_area)) if distractor_area else float("nan")
+    return {
+        "dataset": ds.dataset, "split_by": ds.split_by, "split": split,
+        "images": len(image_ids), "refs": len(refs), "expressions": len(lengths),
+        "same_category_share": float(np.mean(same_cat)),
+        "median_objects": float(np.median(n_objects)),
+        "median_things": float(np.median(n_things)),
+        "clutter_share": None if clutter is None else clutter_px / total_px,
+        "occluded_share": float(np.mean(touching)),
+        "referent_area_median": med_ref,
+        "referent_area_p10": float(np.percentile(referent_area, 10)),
+        "referent_area_p90": float(np.percentile(referent_area, 90)),
+        "distractor_area_median": med_dis,
+        "distractors": len(distractor_area),
+        "distractor_size_ratio": med_dis / med_ref,
+        "mean_words": float(np.mean(lengths)),
+        "random_object_rate": float(np.mean(random_rate)),
+        "language_blind_pointm": 100.0 * float(np.mean(blind_hits)),
+    }
+
+
+def passes(row: dict) -> dict[str, bool | None]:
+    """Which TESTBED §2.1 thresholds a row meets (None: not measured)."""
+    lo, hi = TARGETS["distractor_size_ratio"]
+    out = {k: row[k] >= t if row[k] is not None else None for k, t in TARGETS.items() if k != "distractor_size_ratio"}
+    out["distractor_size_ratio"] = lo <= row["distractor_size_ratio"] <= hi
+    return out
+
+
+def _real_key(dataset: str) -> str:
+    name = dataset.removeprefix("synth-")
+    return "referit" if name == "refclef" else name
+
+
+def markdown(rows: Sequence[dict], header: str = "") -> str:
+    """A table per measured dataset beside the real dataset's figures (TESTBED.md §1)."""
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+    lines = [header] if header else []
+    lines += ["| dataset (split_by, split) | images | refs | expr | same category | median objects (things) | "
+              "clutter | occluded/touching | referent area median [p10-p90] | distractor area median | ratio | "
+              "words | random-object rate | language-blind PointM | all thresholds |",
+              "|---|" + "---|" * 14]
+    for r in rows:
+        ok = passes(r)
+        flag = "yes" if all(v for v in ok.values() if v is not None) else \
+            "no: " + ", ".join(k for k, v in ok.items() if v is False)
+        lines.append(
+            f"| {r['dataset']} ({r['split_by']}, {r['split']}) | {r['images']} | {r['refs']} | {r['expressions']} | "
+            f"{pct(r['same_category_share'])} | {r['median_objects']:g} ({r['median_things']:g}) | "
+            f"{pct(r['clutter_share'])} | {pct(r['occluded_share'])} | "
+            f"{100 * r['referent_area_median']:.1f} % [{100 * r['referent_area_p10']:.1f}-{100 * r['referent_area_p90']:.1f}] | "
+            f"{100 * r['distractor_area_median']:.1f} % | {r['distractor_size_ratio']:.2f} | {r['mean_words']:.2f} | "
+            f"{100 * r['random_object_rate']:.1f} % | {r['language_blind_pointm']:.1f} | {flag} |")
+    lines += ["", "Real datasets (TESTBED.md §1):", "",
+              "| dataset | refs with >= 2 of the referent's category | annotated objects per image | mean words | what the words carry |",
+              "|---|---|---|---|---|"]
+    for name in dict.fromkeys(_real_key(r["dataset"]) for r in rows):
+        if name in REAL:
+            f = REAL[name]
+            lines.append(f"| {name} | {f['same_category']} | {f['objects']} | {f['words']} | {f['content']} |")
+    lines += ["", "Thresholds (TESTBED.md §2.1): same category >= 60 %, median objects >= 6, clutter >= 20 %, "
+              "occluded/touching >= 20 %, distractor/referent median area within 2x (ratio 0.5-2)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from ehin.config import load_config
+    from ehin.data import prepare_dataset
+
+    ap = argparse.ArgumentParser(prog="python -m ehin.data.fidelity", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", help="smoke | synthetic | paper (synth-* datasets are generated into the cache)")
+    ap.add_argument("--config")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--variants", nargs="+", default=list(ALL_SYNTH),
+                    help="datasets as NAME or NAME:SPLIT_BY (default: every synth-* variant and split_by)")
+    ap.add_argument("--root", help="a REFER root for real datasets (refer/<dataset>/...)")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--md", help="write the markdown table here")
+    args = ap.parse_args(argv)
+    rows = []
+    for spec in args.variants:
+        name, _, split_by = spec.partition(":")
+        split_by = split_by or DEFAULT_SPLIT_BYS.get(name, "unc")
+        cfg = None
+        if args.root:  # an already written REFER root (real, or synth-* generated elsewhere)
+            ds = ReferDataset(args.root, name, split_by)
+        elif name.startswith("synth-"):
+            cfg = load_config(args.config, profile=args.profile, overrides=args.overrides
+                              + [f"data.dataset={name}", f"data.split_by={split_by}"])
+            ds = prepare_dataset(cfg, progress=False)
+        else:
+            ap.error(f"{name} is a real dataset: pass --root")
+        row = measure(ds, args.split)
+        if cfg is not None:
+            syn = cfg["synthetic"]
+            row.update(scenes=syn.get("scenes", "simple"), size=syn["size"], train_images=syn["images"], seed=syn["seed"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    header = ""
+    if rows and "scenes" in rows[0]:
+        r = rows[0]
+        header = (f"Synthetic scenes: recipe `{r['scenes']}`, {r['size']} px, {r['train_images']} train images, "
+                  f"seed {r['seed']}; split {args.split}.\n")
+    md = markdown(rows, header)
+    sys.stdout.write("\n" + md)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(md)
+
+
+if __name__ == "__main__":
+    main()
