@@ -48,6 +48,7 @@ import ehin  # noqa: F401
 from ehin import numerics
 from ehin.backbones import CUSTOM_ARCHS, ClipBackbone, build_clip
 from ehin.cli import UserError, command
+from ehin.training_log import TrainingLog
 from ehin.config import cache_dir, load_config
 
 __all__ = ["CLIP_STREAM", "RECIPES", "PretrainRecipe", "caption_relation", "checkpoint_path",
@@ -330,19 +331,21 @@ def _one_cycle(step: int, total: int, warmup: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - w) / max(1, total - w)))
 
 
-def pretrain(recipe: PretrainRecipe, *, progress: bool = True, eval_every: int = 0
-             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def pretrain(recipe: PretrainRecipe, *, progress: bool = True, eval_every: int = 0,
+             log_dir: str | Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train the small CLIP of `recipe` from scratch; (open_clip state dict, report).
-    With eval_every > 0 the report holds a retrieval curve on 500 held-out pairs (not timed)."""
+    With eval_every > 0 the report holds a retrieval curve on 500 held-out pairs (not timed).
+    `log_dir`: TensorBoard curves there (loss, temperature, lr every 10 steps; retrieval at the end)."""
     global TRAIN_CALLS
     TRAIN_CALLS += 1
     # The caller's global torch RNG is left as it was: a run must not depend on a cold or warm cache.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(np.random.default_rng([CLIP_STREAM, recipe.seed, 2]).integers(2**31)))
-        return _pretrain(recipe, progress, eval_every)
+        return _pretrain(recipe, progress, eval_every, log_dir)
 
 
-def _pretrain(recipe: PretrainRecipe, progress: bool, eval_every: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _pretrain(recipe: PretrainRecipe, progress: bool, eval_every: int,
+              log_dir: str | Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     t0 = time.perf_counter()
     train_imgs, train_caps = _pairs(recipe, 0, recipe.n_train, "pairs (train)", progress)
     held_imgs, held_caps = _pairs(recipe, 1, recipe.n_heldout, "pairs (held-out)", progress)
@@ -358,6 +361,7 @@ def _pretrain(recipe: PretrainRecipe, progress: bool, eval_every: int) -> tuple[
     order_rng = np.random.default_rng([CLIP_STREAM, recipe.seed, 4])
     tokens_of: dict[str, torch.Tensor] = {}
     bar = tqdm(range(recipe.steps), desc=f"pretrain {recipe.arch}", disable=not progress)
+    log = TrainingLog(log_dir, fresh=True, jsonl=False, tb="") if log_dir is not None else None
     loss_ema = None
     curve: list[dict] = []
     t_curve = 0.0
@@ -386,6 +390,9 @@ def _pretrain(recipe: PretrainRecipe, progress: bool, eval_every: int) -> tuple[
         loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
         if step % 10 == 0 or step == recipe.steps - 1:
             bar.set_postfix(loss=f"{loss_ema:.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
+            if log is not None:
+                log.scalars({"loss/contrastive": loss_ema, "train/logit_scale": model.logit_scale.exp().item(),
+                             "lr/lr": sched.get_last_lr()[0]}, step + 1)
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == recipe.steps):
             t_eval = time.perf_counter()
             m = retrieval_metrics(model, held_imgs[:500], held_caps[:500])
@@ -395,6 +402,9 @@ def _pretrain(recipe: PretrainRecipe, progress: bool, eval_every: int) -> tuple[
             t_curve += time.perf_counter() - t_eval  # keep evaluation out of the training time
     t_train = time.perf_counter() - t0 - t_data - t_curve
     metrics = retrieval_metrics(model.eval(), held_imgs, held_caps)
+    if log is not None:
+        log.scalars({f"heldout/{k}": v for k, v in metrics.items()}, recipe.steps)
+        log.close()
     report = dict(metrics=metrics, final_loss=loss_ema, seconds_data=round(t_data, 1),
                   seconds_train=round(t_train, 1), seconds_total=round(time.perf_counter() - t0, 1),
                   threads=torch.get_num_threads(), device=device.type, sec_per_step=round(t_train / recipe.steps, 4))
@@ -417,7 +427,7 @@ def ensure_pretrained(arch: str, image_size: int, *, force: bool = False, progre
     with FileLock(str(path) + ".lock"):
         if path.exists() and not force:  # another process finished it while we waited
             return path
-        state, report = pretrain(recipe, progress=progress)
+        state, report = pretrain(recipe, progress=progress, log_dir=path.with_suffix(".tb"))
         payload = dict(state_dict=state, arch=arch, image_size=recipe.image_size, quick_gelu=False,
                        recipe=asdict(recipe), report=json.loads(json.dumps(report)))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

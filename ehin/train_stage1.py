@@ -4,8 +4,9 @@
     python -m ehin.train_stage1 --config my.yaml --set model.n_layers=3 --set train.epochs=5 --out runs/x
     python -m ehin.train_stage1 --out runs/x --resume        # continue from runs/x/checkpoints/last.pt
 
-Writes into --out: config.yaml (the resolved config), metrics.jsonl (one line per epoch: losses and
-val metrics), checkpoints/last.pt (every epoch, atomically), result.json (final metrics).
+Writes into --out: config.yaml (the resolved config), metrics.jsonl (one line per epoch: losses, val
+metrics, learning rates), tb/ (the same as TensorBoard curves: `tensorboard --logdir OUT/tb`),
+checkpoints/last.pt (every epoch, atomically), result.json (final metrics).
 AdamW with the backbone at lr x backbone_lr_mult, polynomial decay stepped every iteration (TRIS).
 A NaN or infinite loss stops the run naming the step and the term; the last good checkpoint stays.
 Ctrl-C prints the command that resumes the run and exits 130.
@@ -32,6 +33,7 @@ from ehin.checkpoint import save_atomic
 from ehin.cli import UserError, command
 from ehin.config import add_run_args, config_for_run, config_hash, save_config, stage1_hash
 from ehin.metrics import format_metrics
+from ehin.training_log import TrainingLog
 
 
 class NonFiniteLossError(RuntimeError):
@@ -93,6 +95,13 @@ def build_optimizer(model, cfg: dict) -> torch.optim.Optimizer:
         {"params": [p for p in model.head_parameters() if p.requires_grad], "lr": t["lr"]},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=t["lr"], weight_decay=t["weight_decay"])
+
+
+def _learning_rates(scheduler) -> dict[str, float]:
+    """The learning rate each parameter group ended the epoch at (backbone first, then the heads)."""
+    lrs = scheduler.get_last_lr()
+    names = ["lr_backbone", "lr_head"] if len(lrs) == 2 else [f"lr_{i}" for i in range(len(lrs))]
+    return dict(zip(names, (float(x) for x in lrs)))
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -164,6 +173,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
 
     amp = bool(t["amp"]) and device.type == "cuda"
     train_s = sum(h.get("train_s", 0.0) for h in history)
+    log = TrainingLog(out_dir, fresh=ckpt is None)
     for epoch in range(start_epoch, t["epochs"]):
         model.train()
         train_ds.set_epoch(epoch)
@@ -193,7 +203,8 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
         epoch_train_s = time.time() - t0
         train_s += epoch_train_s
         n = max(1, steps_per_epoch)
-        entry = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "train_s": round(epoch_train_s, 2)}
+        entry = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "train_s": round(epoch_train_s, 2),
+                 **_learning_rates(scheduler)}
         t1 = time.time()
         empty = [0, 0]  # maps without a positive pixel, maps
         entry.update(evaluate(_count_empty(model_map_fn(model, device, amp), empty), eval_ds,
@@ -209,8 +220,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
             entry.update({f"select_{k}": v for k, v in sel.items()})
         entry["eval_s"] = round(time.time() - t1, 2)
         history.append(entry)
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        log.epoch(entry)
         save_atomic({"kind": "stage1", "config": cfg, "config_hash": stage1_hash(cfg), "epoch": epoch,
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -224,6 +234,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
                   f"{format_metrics(entry, ('point_mask', 'iou'))}  ({epoch_train_s:.1f}s train)")
         if on_epoch is not None:
             on_epoch(entry)
+    log.close()
 
     final = history[-1] if history else {}
     from ehin.metrics import METRIC_KEYS

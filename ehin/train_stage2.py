@@ -4,8 +4,8 @@
     python -m ehin.train_stage2 --pseudo P --config my.yaml --set stage2.ema=mse --out runs/s2 --resume
     torchrun --nproc_per_node 4 -m ehin.train_stage2 --pseudo P --profile paper --out runs/s2   # DDP
 
-Writes into --out (rank 0 only): config.yaml, metrics.jsonl (one line per epoch: losses and val
-metrics), checkpoints/last.pt (every epoch, atomically; {"kind": "stage2", "config", "model", ...}),
+Writes into --out (rank 0 only): config.yaml, metrics.jsonl (one line per epoch: losses, val metrics,
+lr), tb/ (the same as TensorBoard curves), checkpoints/last.pt (every epoch, atomically; {"kind": "stage2", "config", "model", ...}),
 result.json. Adam (CLIP at lr × stage2.backbone_lr_mult), polynomial decay stepped every iteration,
 BCE + Dice on every head (ignore pixels excluded), optional EMA teacher with MSE/KL consistency on
 the finest head. Evaluation: ehin.evaluate.evaluate with stage=2 (foreground = logit > 0) on the
@@ -35,6 +35,7 @@ from ehin.checkpoint import save_atomic
 from ehin.cli import UserError, command
 from ehin.config import add_run_args, config_for_run, config_hash, save_config
 from ehin.metrics import format_metrics
+from ehin.training_log import TrainingLog
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -220,8 +221,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
         if progress:
             print(f"resuming {out_dir} from epoch {start_epoch}")
 
-    if main_rank and start_epoch == 0 and (out_dir / "metrics.jsonl").exists():
-        (out_dir / "metrics.jsonl").unlink()  # a fresh run does not append to an old run's lines
+    log = TrainingLog(out_dir, fresh=start_epoch == 0) if main_rank else None  # metrics.jsonl and tb/
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -291,8 +291,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
                                   stage=2, desc="val", progress=progress))
             entry["eval_s"] = round(time.time() - t1, 2)
             history.append(entry)
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            log.epoch(entry)
             save_atomic({"kind": "stage2", "config": cfg, "config_hash": config_hash(cfg), "epoch": epoch,
                          "pseudo": str(pseudo), "pseudo_meta": {k: meta.get(k) for k in ("dataset", "split", "quality")},
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -308,6 +307,8 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
             history.append(entry)
         barrier(world)
 
+    if log is not None:
+        log.close()
     final = history[-1] if history and main_rank else {}
     from ehin.metrics import METRIC_KEYS
 

@@ -80,6 +80,16 @@ def test_short_run_retrieves_far_above_chance(short_run) -> None:
     assert m["consistent"] >= m["consistent_chance"] + 15
 
 
+def test_pretraining_writes_tensorboard_curves(short_run) -> None:
+    from tests.test_training_log import read_scalars
+
+    _, path = short_run
+    tb = read_scalars(path.with_suffix(".tb"))
+    loss = [v for _, v in tb["loss/contrastive"]]
+    assert len(loss) >= 2 and loss[-1] < loss[0]  # the curve of a run that learns
+    assert pc.read_report(path)["metrics"]["exact"] == pytest.approx(tb["heldout/exact"][-1][1])
+
+
 def test_report_metrics_match_the_saved_weights(short_run) -> None:
     """The numbers in the report are those of the weights in the file (recomputed here)."""
     _, path = short_run

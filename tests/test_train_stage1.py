@@ -27,6 +27,13 @@ def test_run_writes_config_metrics_and_checkpoint(tmp_path):
         assert key in lines[-1]
     assert set(result["metrics"]) >= {"iou", "overall_iou", "point_mask", "point_box", "box_acc"}
     assert (tmp_path / "checkpoints" / "last.pt").exists()
+    assert lines[0]["lr_head"] > lines[-1]["lr_head"] >= 0  # polynomial decay (to 0 at the end), per epoch
+    # the same curves in TensorBoard: every loss term, the val metrics by their paper names, the lr
+    from tests.test_training_log import read_scalars
+
+    tb = read_scalars(tmp_path / "tb")
+    assert {"loss/loss", "loss/fg", "loss/cl", "loss/bg", "val/PointM", "val/IoU", "lr/lr_head"} <= set(tb)
+    assert tb["val/PointM"] == [(1, pytest.approx(lines[0]["point_mask"])), (2, pytest.approx(lines[1]["point_mask"]))]
 
 
 def test_resume_gives_the_same_weights(tmp_path):

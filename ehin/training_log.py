@@ -1,0 +1,70 @@
+"""Training curves of a run: metrics.jsonl (one JSON line per epoch) and TensorBoard event files.
+
+Every training command writes both (stage 1, stage 2, small-CLIP pretraining): the JSON lines are what
+the harness reads back, the event files are what a person opens:
+
+    tensorboard --logdir RUN/tb          # or a folder of runs: --logdir results/synthetic/runs
+
+Scalars are grouped by kind: `loss/<term>` (the total and each loss term, mean over the epoch),
+`val/<paper column>` (the metric registry's labels: PointM, IoU, ...), `lr/<group>` and `time/<what>`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+LOSS_KEYS = ("loss", "fg", "cl", "bg", "seg", "dice", "consistency")
+
+
+def _tag(key: str) -> str | None:
+    from ehin.metrics import BY_KEY
+
+    if key in LOSS_KEYS or key.startswith("loss_"):
+        return f"loss/{key}"
+    if key in BY_KEY:
+        return f"val/{BY_KEY[key].column}"
+    if key.startswith("select_") and key[len("select_"):] in BY_KEY:
+        return f"select/{BY_KEY[key[len('select_'):]].column}"
+    if key.startswith("lr"):
+        return f"lr/{key}"
+    if key.endswith("_s"):
+        return f"time/{key}"
+    if key in ("empty_maps",):
+        return f"val/{key}"
+    return None
+
+
+class TrainingLog:
+    """`log = TrainingLog(out_dir, fresh=...)`, then `log.epoch(entry)` per epoch and `log.close()`."""
+
+    def __init__(self, out_dir: str | Path, *, fresh: bool, jsonl: bool = True, tb: str = "tb") -> None:
+        """Event files under out_dir/tb (out_dir itself with tb=""); metrics.jsonl unless jsonl=False."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = self.out_dir / "metrics.jsonl" if jsonl else None
+        if fresh and self.jsonl is not None and self.jsonl.exists():
+            self.jsonl.unlink()  # a fresh run does not append to an old run's lines
+        self.writer = SummaryWriter(str(self.out_dir / tb))
+
+    def scalars(self, values: dict[str, Any], step: int) -> None:
+        for key, value in values.items():
+            tag = _tag(key) if "/" not in key else key
+            if tag is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if math.isfinite(float(value)):
+                self.writer.add_scalar(tag, float(value), step)
+
+    def epoch(self, entry: dict[str, Any]) -> None:
+        """One epoch's line: appended to metrics.jsonl and written as scalars at step = epoch."""
+        if self.jsonl is not None:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        self.scalars(entry, int(entry["epoch"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
