@@ -21,8 +21,12 @@ from typing import Any
 STORE_NAME = "store.jsonl"
 
 
+CODE_PATHS = ("ehin", "bench", "sweeps", "pyproject.toml")  # what decides a result (not reports/, docs/)
+
+
 def code_version() -> str:
-    """git describe of the checkout the code runs from ('+dirty' when uncommitted changes exist).
+    """git describe of the checkout the code runs from ('+dirty' when the code has uncommitted changes:
+    CODE_PATHS only, since a sweep renders reports/ itself while later cells still run).
 
     EHIN_CODE_VERSION overrides it, for copies of the tree that travel without .git (remote runs)."""
     if os.environ.get("EHIN_CODE_VERSION"):
@@ -31,8 +35,8 @@ def code_version() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+                               cwd=here.parent, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if not sha:

@@ -66,3 +66,33 @@ def _is_json(line: bytes) -> bool:
         return True
     except json.JSONDecodeError:
         return False
+
+
+def test_code_version_is_dirty_for_code_changes_only(tmp_path):
+    """A sweep renders reports/ while later cells still run: that must not mark their code '+dirty'."""
+    import shutil
+    import subprocess
+
+    from bench import store as store_mod
+
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    shutil.copy(store_mod.__file__, repo / "bench" / "store.py")
+    (repo / "reports").mkdir()
+    (repo / "reports" / "table.md").write_text("old\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], cwd=repo, check=True)
+    probe = [sys.executable, "-c", "import sys; sys.path.insert(0, 'bench'); import store; print(store.code_version())"]
+
+    def version() -> str:
+        env = {k: v for k, v in os.environ.items() if k != "EHIN_CODE_VERSION"}
+        return subprocess.run(probe, cwd=repo, capture_output=True, text=True, check=True, env=env).stdout.strip()
+
+    clean = version()
+    assert clean and not clean.endswith("+dirty")
+    (repo / "reports" / "table.md").write_text("rendered\n")
+    assert version() == clean
+    (repo / "bench" / "store.py").write_text((repo / "bench" / "store.py").read_text() + "\n# edit\n")
+    assert version() == clean + "+dirty"
