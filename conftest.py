@@ -8,3 +8,18 @@ os.environ.setdefault("EHIN_CACHE", str(Path(__file__).parent / ".cache" / "ehin
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest_plugins = ["tests.slurm_fixture"]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two on the shared 2-core machine. A module
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

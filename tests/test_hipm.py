@@ -12,13 +12,7 @@ from ehin.model.hipm import HIPM
 ALPHA, BETA = 0.1, 0.05
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is faster than two on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -18,13 +18,7 @@ SENTENCES = ["red circle", "blue square", "green triangle"]
 NEGATIVES = [["blue square", "big circle"], ["red circle", "tiny square"], ["red circle", "blue square"]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is faster than two on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(**overrides) -> dict:

@@ -13,13 +13,7 @@ from ehin.model import EHIN, build_model
 SENTENCES = ["red circle", "the blue square on the left", "small green triangle"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is faster than two on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(**overrides) -> dict:
