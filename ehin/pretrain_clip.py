@@ -79,6 +79,7 @@ class PretrainRecipe:
     # scene recipe of the masked-scene pairs (sample_caption_pairs): "simple", or "cluttered" for a
     # scorer of the cluttered benchmark scenes (TESTBED §2.2); drawn from CLIP_STREAM like every pair
     scenes: str = "simple"
+    scene_on_black: float = 0.6  # scenes=cluttered: share of its masked-scene pairs masked to the object alone
     version: int = RECIPE_VERSION
 
 
@@ -135,6 +136,7 @@ def _generator_fingerprint(size: int, scenes: str = "simple") -> str:
         images, captions = sample_caption_pairs(np.random.default_rng([CLIP_STREAM, 999]), size, 8)
     else:
         images, captions = sample_caption_pairs(np.random.default_rng([CLIP_STREAM, 999]), size, 16, scenes=scenes)
+        # (scene_on_black is in the recipe fields the hash covers)
     h = hashlib.sha1(images.tobytes())
     h.update("\n".join(captions).encode())
     return h.hexdigest()[:12]
@@ -142,7 +144,7 @@ def _generator_fingerprint(size: int, scenes: str = "simple") -> str:
 
 # Fields added after RECIPE_VERSION 1 leave the hash alone at their default (which reproduces the
 # older recipe exactly), so that existing caches stay valid.
-_HASH_DEFAULTS = {"object_on_black": 0.0, "scenes": "simple"}
+_HASH_DEFAULTS = {"object_on_black": 0.0, "scenes": "simple", "scene_on_black": 0.6}
 
 
 def _recipe_hash(recipe: PretrainRecipe) -> str:
@@ -292,12 +294,12 @@ def _to01(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _pair_chunk(args: tuple[int, int, int, int, int, float, str]) -> tuple[np.ndarray, list[str]]:
+def _pair_chunk(args: tuple[int, int, int, int, int, float, str, float]) -> tuple[np.ndarray, list[str]]:
     from ehin.data.synthetic import sample_caption_pairs
 
-    seed, part, index, size, n, object_on_black, scenes = args
+    seed, part, index, size, n, object_on_black, scenes, scene_on_black = args
     return sample_caption_pairs(np.random.default_rng([CLIP_STREAM, seed, part, index]), size, n, object_on_black,
-                                scenes=scenes)
+                                scenes=scenes, scene_on_black=scene_on_black)
 
 
 def _pairs(recipe: PretrainRecipe, part: int, n: int, desc: str, progress: bool) -> tuple[torch.Tensor, list[str]]:
@@ -305,7 +307,8 @@ def _pairs(recipe: PretrainRecipe, part: int, n: int, desc: str, progress: bool)
     (Serial on purpose: worker processes would need fork, unsafe under torch's and OpenCV's thread
     pools, or spawn, which re-imports the caller's unguarded __main__.)"""
     chunk = 500
-    jobs = [(recipe.seed, part, k, recipe.image_size, min(chunk, n - k * chunk), recipe.object_on_black, recipe.scenes)
+    jobs = [(recipe.seed, part, k, recipe.image_size, min(chunk, n - k * chunk), recipe.object_on_black, recipe.scenes,
+             recipe.scene_on_black)
             for k in range(math.ceil(n / chunk))]
     results = [_pair_chunk(j) for j in tqdm(jobs, desc=desc, disable=not progress, leave=False)]
     return torch.from_numpy(np.concatenate([r[0] for r in results])), [c for r in results for c in r[1]]

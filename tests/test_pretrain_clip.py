@@ -230,6 +230,11 @@ def test_scenes_enter_the_hash_only_when_not_simple() -> None:
     assert pc._generator_fingerprint(64, "cluttered") != pc._generator_fingerprint(64)
     with pytest.raises(ValueError, match="unknown scene recipe"):
         pc.recipe_for("clip-tiny-rn", 64, scenes="crowded")
+    # scene_on_black enters only away from its default (0.6, the simple pairs' share)
+    assert pc._recipe_hash(replace(cluttered, scene_on_black=0.6)) == pc._recipe_hash(cluttered)
+    assert pc._recipe_hash(replace(cluttered, scene_on_black=1.0)) != pc._recipe_hash(cluttered)
+    assert pc.synthetic_overrides("synthetic:scenes=cluttered,scene_on_black=1") == {
+        "scenes": "cluttered", "scene_on_black": 1.0}
 
 
 def test_cluttered_pairs_come_from_the_pretraining_stream() -> None:

@@ -386,3 +386,8 @@ def test_caption_pairs_of_cluttered_scenes():
     assert all(pc._codes(c) is not None for c in capc)
     with pytest.raises(ValueError, match="unknown scene recipe"):
         syn.sample_caption_pairs(rng(), 64, 4, scenes="crowded")
+    # scene_on_black: the masked-scene pairs keep only their object (black elsewhere) at 1, never at 0
+    for share in (0.0, 1.0):
+        img, _ = syn._cluttered_pair(np.random.default_rng(9), 64, share)
+        assert ((img == 0).all(-1).mean() > 0.5) == (share == 1.0)  # a kept object covers < 17 % at most
+    assert np.array_equal(syn.sample_caption_pairs(rng(), 64, 40, scenes="cluttered", scene_on_black=0.6)[0], clut[:40])
