@@ -92,6 +92,9 @@ def test_summarize_by_hand():
     assert (f["n_isolated"], f["n_with_negatives"]) == (4, 3)
     assert f["pos_wins_alone"] == pytest.approx(200 / 3) and f["pos_wins_bg"] == pytest.approx(100 / 3)
     assert f["isolation_gain"] == pytest.approx(100 / 3)
+    # paired differences (1, 0, 0): sd sqrt(1/3), over sqrt(3): 1/3; binomial sqrt(75 x 25 / 4)
+    assert f["isolation_gain_se"] == pytest.approx(100 / 3)
+    assert f["isolated_rec_se"] == pytest.approx(np.sqrt(75 * 25 / 4))
     assert passes(f) == {"isolated_rec": True, "isolation_gain": True}  # 75 >= 2 x 29.2; 33 >= 10
     assert passes(dict(f, isolated_rec=58.0, isolation_gain=9.9)) == {"isolated_rec": False, "isolation_gain": False}
 

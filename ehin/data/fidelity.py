@@ -196,6 +196,7 @@ def markdown(rows: Sequence[dict], header: str = "") -> str:
     scored = [r for r in rows if "isolated_rec" in r]
     if scored:
         lines += ["", f"Frozen scorer (TESTBED.md §2.2), `{scored[0]['scorer']}`, ground-truth masks:", "",
+                  "(± one standard error over expressions; the gain's is paired.)", "",
                   "| dataset (split_by, split) | expr | isolated REC | random-object rate | ratio | "
                   "expr with negatives | pos wins: referent alone | referent + background | gain (points) | "
                   "REC >= 2x random | gain >= 10 |",
@@ -203,9 +204,11 @@ def markdown(rows: Sequence[dict], header: str = "") -> str:
         for r in scored:
             ok = passes(r)
             lines.append(
-                f"| {r['dataset']} ({r['split_by']}, {r['split']}) | {r['n_isolated']} | {r['isolated_rec']:.1f} % | "
+                f"| {r['dataset']} ({r['split_by']}, {r['split']}) | {r['n_isolated']} | "
+                f"{r['isolated_rec']:.1f} ± {r['isolated_rec_se']:.1f} % | "
                 f"{100 * r['random_object_rate']:.1f} % | {r['isolated_rec_ratio']:.2f} | {r['n_with_negatives']} | "
-                f"{r['pos_wins_alone']:.1f} % | {r['pos_wins_bg']:.1f} % | {r['isolation_gain']:+.1f} | "
+                f"{r['pos_wins_alone']:.1f} % | {r['pos_wins_bg']:.1f} % | "
+                f"{r['isolation_gain']:+.1f} ± {r['isolation_gain_se']:.1f} | "
                 f"{'yes' if ok['isolated_rec'] else 'no'} | {'yes' if ok['isolation_gain'] else 'no'} |")
     lines += ["", "Real datasets (TESTBED.md §1):", "",
               "| dataset | refs with >= 2 of the referent's category | annotated objects per image | mean words | what the words carry |",

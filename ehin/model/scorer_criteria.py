@@ -19,6 +19,9 @@ b. background cost (`isolation_gain`, points): over the expressions whose image 
    negatives, METHOD D2) for the referent alone (`pos_wins_alone`, %) and for the referent with the
    background kept (`pos_wins_bg`, %); isolation_gain = pos_wins_alone - pos_wins_bg >= 10.
 
+Beside them their standard errors over expressions (`isolated_rec_se`, binomial; `isolation_gain_se`,
+paired: the standard deviation of win_alone - win_bg over sqrt(n)); the criteria read the figures.
+
 `bench.scorer_probe` reads the same masks and negatives from here (`variant_masks`,
 `same_image_negatives`) for its wider table.
 """
@@ -94,8 +97,13 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     rec = 100.0 * float(np.mean([r["correct"] for r in records])) if n else float("nan")
     alone = 100.0 * float(np.mean([r["win_alone"] for r in with_negs])) if with_negs else float("nan")
     bg = 100.0 * float(np.mean([r["win_bg"] for r in with_negs])) if with_negs else float("nan")
-    return {"isolated_rec": rec, "random_object_rate": rate, "isolated_rec_ratio": rec / (100.0 * rate),
-            "n_isolated": n, "pos_wins_alone": alone, "pos_wins_bg": bg, "isolation_gain": alone - bg,
+    # standard errors over expressions (the gain's is paired: the same expressions in both images)
+    d = np.array([float(r["win_alone"]) - float(r["win_bg"]) for r in with_negs])
+    gain_se = 100.0 * float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    rec_se = float(np.sqrt(rec * (100.0 - rec) / n)) if n else float("nan")
+    return {"isolated_rec": rec, "isolated_rec_se": rec_se, "random_object_rate": rate,
+            "isolated_rec_ratio": rec / (100.0 * rate), "n_isolated": n, "pos_wins_alone": alone,
+            "pos_wins_bg": bg, "isolation_gain": alone - bg, "isolation_gain_se": gain_se,
             "n_with_negatives": len(with_negs)}
 
 
