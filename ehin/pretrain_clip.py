@@ -8,6 +8,10 @@ their descriptions ("big red circle", "sky").
 
     python -m ehin.pretrain_clip --profile smoke|synthetic [--force] [--threads 2] [--set backbone.pretrained=synthetic:scenes=cluttered]
 
+`synthetic:scenes=cluttered` draws the masked-scene pairs from the cluttered scene recipe (TESTBED
+§2.2: a scorer for the scenes it will score), `scene_on_black` the share of them masked to the kept
+object alone; see reports/testbed/README.md for what each does to the §2.2 figures.
+
 Recipe: symmetric InfoNCE with a learnable logit scale (CLIP), AdamW, one-cycle schedule (linear
 warm-up, cosine decay), horizontal flips (captions hold no left/right words). Pairs come from a seed
 stream of their own (`CLIP_STREAM`), never the benchmark's dataset seeds or splits.
