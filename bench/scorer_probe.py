@@ -39,29 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from ehin.cli import command
+from ehin.model.scorer_criteria import same_image_negatives, variant_masks  # noqa: F401  (re-exported)
 
 VARIANTS = ("full", "ref_only", "ref+bg", "bg_only", "hide_ref", "objects")
 MODEL_ROWS = ("early", "fused")
 REGIONS = ("ref", "other", "bg")
-
-
-def same_image_negatives(items: list[tuple[int, int, str]]) -> list[list[str]]:
-    """For (image_id, ref_id, sentence) items: the sentences of the *other* refs of the same image,
-    sorted, never the item's own sentence. Another sentence of the same ref describes the referent
-    too, so it is no negative (METHOD D2)."""
-    by_image: dict[int, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for image_id, ref_id, sentence in items:
-        by_image[image_id][ref_id].add(sentence)
-    return [sorted({t for r, sents in by_image[image_id].items() if r != ref_id for t in sents} - {sentence})
-            for image_id, ref_id, sentence in items]
-
-
-def variant_masks(ref: torch.Tensor, objects: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Float masks [S, S] from the referred object's mask and the union of all objects' masks."""
-    ref, objects = ref.float(), torch.maximum(objects.float(), ref.float())
-    others = objects - ref
-    return {"full": torch.ones_like(ref), "ref_only": ref, "ref+bg": 1 - others, "bg_only": 1 - objects,
-            "hide_ref": 1 - ref, "objects": objects}
 
 
 def region_weights(ref: torch.Tensor, objects: torch.Tensor, grid: tuple[int, int]) -> dict[str, torch.Tensor]:

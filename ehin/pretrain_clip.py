@@ -6,7 +6,11 @@ the weak stage, so the synthetic profiles start from a small open_clip CLIP (`cl
 `ehin.data.synthetic.sample_caption_pairs`: single objects, masked scenes and stuff bands with
 their descriptions ("big red circle", "sky").
 
-    python -m ehin.pretrain_clip --profile smoke|synthetic [--force] [--threads 2]
+    python -m ehin.pretrain_clip --profile smoke|synthetic [--force] [--threads 2] [--set backbone.pretrained=synthetic:scenes=cluttered]
+
+`synthetic:scenes=cluttered` draws the masked-scene pairs from the cluttered scene recipe (TESTBED
+§2.2: a scorer for the scenes it will score), `scene_on_black` the share of them masked to the kept
+object alone; see reports/testbed/README.md for what each does to the §2.2 figures.
 
 Recipe: symmetric InfoNCE with a learnable logit scale (CLIP), AdamW, one-cycle schedule (linear
 warm-up, cosine decay), horizontal flips (captions hold no left/right words). Pairs come from a seed
@@ -48,8 +52,8 @@ import ehin  # noqa: F401
 from ehin import numerics
 from ehin.backbones import CUSTOM_ARCHS, ClipBackbone, build_clip
 from ehin.cli import UserError, command
+from ehin.config import SCENE_RECIPES, cache_dir, load_config
 from ehin.training_log import TrainingLog
-from ehin.config import cache_dir, load_config
 
 __all__ = ["CLIP_STREAM", "RECIPES", "PretrainRecipe", "caption_relation", "checkpoint_path",
            "contrastive_loss", "ensure_pretrained", "pretrain", "read_report", "recipe_for",
@@ -77,6 +81,10 @@ class PretrainRecipe:
     seed: int = 0             # second word of the seed stream
     ignore_compatible: bool = True  # texts that may be true of an image are not its negatives
     object_on_black: float = 0.0  # share of single-object pairs masked to the object (sample_caption_pairs)
+    # scene recipe of the masked-scene pairs (sample_caption_pairs): "simple", or "cluttered" for a
+    # scorer of the cluttered benchmark scenes (TESTBED §2.2); drawn from CLIP_STREAM like every pair
+    scenes: str = "simple"
+    scene_on_black: float = 0.6  # scenes=cluttered: share of its masked-scene pairs masked to the object alone
     version: int = RECIPE_VERSION
 
 
@@ -117,14 +125,23 @@ def recipe_for(arch: str, image_size: int, **overrides: Any) -> PretrainRecipe:
             f"no synthetic pretraining recipe for '{arch}' (have: {', '.join(RECIPES)}); for open_clip "
             f"models use an open_clip tag or a local checkpoint as backbone.pretrained"
         )
-    return replace(RECIPES[arch], image_size=int(image_size), **overrides)
+    recipe = replace(RECIPES[arch], image_size=int(image_size), **overrides)
+    if recipe.scenes not in SCENE_RECIPES:
+        raise UserError(f"unknown scene recipe {recipe.scenes!r} for the small CLIP's pairs "
+                        f"(choose from {', '.join(SCENE_RECIPES)})")
+    return recipe
 
 
-def _generator_fingerprint(size: int) -> str:
-    """Hash of a few pairs from a fixed stream: changes when the pair distribution changes."""
+def _generator_fingerprint(size: int, scenes: str = "simple") -> str:
+    """Hash of a few pairs from a fixed stream: changes when the pair distribution changes. Other scene
+    recipes than the default draw enough pairs to meet some of their masked scenes."""
     from ehin.data.synthetic import sample_caption_pairs
 
-    images, captions = sample_caption_pairs(np.random.default_rng([CLIP_STREAM, 999]), size, 8)
+    if scenes == "simple":  # the call as it was before `scenes` existed: the default hash stays
+        images, captions = sample_caption_pairs(np.random.default_rng([CLIP_STREAM, 999]), size, 8)
+    else:
+        images, captions = sample_caption_pairs(np.random.default_rng([CLIP_STREAM, 999]), size, 16, scenes=scenes)
+        # (scene_on_black is in the recipe fields the hash covers)
     h = hashlib.sha1(images.tobytes())
     h.update("\n".join(captions).encode())
     return h.hexdigest()[:12]
@@ -132,13 +149,13 @@ def _generator_fingerprint(size: int) -> str:
 
 # Fields added after RECIPE_VERSION 1 leave the hash alone at their default (which reproduces the
 # older recipe exactly), so that existing caches stay valid.
-_HASH_DEFAULTS = {"object_on_black": 0.0}
+_HASH_DEFAULTS = {"object_on_black": 0.0, "scenes": "simple", "scene_on_black": 0.6}
 
 
 def _recipe_hash(recipe: PretrainRecipe) -> str:
     fields = {k: v for k, v in asdict(recipe).items() if not (k in _HASH_DEFAULTS and v == _HASH_DEFAULTS[k])}
     blob = json.dumps(
-        dict(recipe=fields, model=CUSTOM_ARCHS.get(recipe.arch), data=_generator_fingerprint(recipe.image_size)),
+        dict(recipe=fields, model=CUSTOM_ARCHS.get(recipe.arch), data=_generator_fingerprint(recipe.image_size, recipe.scenes)),
         sort_keys=True,
     ).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
@@ -282,11 +299,12 @@ def _to01(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _pair_chunk(args: tuple[int, int, int, int, int, float]) -> tuple[np.ndarray, list[str]]:
+def _pair_chunk(args: tuple[int, int, int, int, int, float, str, float]) -> tuple[np.ndarray, list[str]]:
     from ehin.data.synthetic import sample_caption_pairs
 
-    seed, part, index, size, n, object_on_black = args
-    return sample_caption_pairs(np.random.default_rng([CLIP_STREAM, seed, part, index]), size, n, object_on_black)
+    seed, part, index, size, n, object_on_black, scenes, scene_on_black = args
+    return sample_caption_pairs(np.random.default_rng([CLIP_STREAM, seed, part, index]), size, n, object_on_black,
+                                scenes=scenes, scene_on_black=scene_on_black)
 
 
 def _pairs(recipe: PretrainRecipe, part: int, n: int, desc: str, progress: bool) -> tuple[torch.Tensor, list[str]]:
@@ -294,7 +312,8 @@ def _pairs(recipe: PretrainRecipe, part: int, n: int, desc: str, progress: bool)
     (Serial on purpose: worker processes would need fork, unsafe under torch's and OpenCV's thread
     pools, or spawn, which re-imports the caller's unguarded __main__.)"""
     chunk = 500
-    jobs = [(recipe.seed, part, k, recipe.image_size, min(chunk, n - k * chunk), recipe.object_on_black)
+    jobs = [(recipe.seed, part, k, recipe.image_size, min(chunk, n - k * chunk), recipe.object_on_black, recipe.scenes,
+             recipe.scene_on_black)
             for k in range(math.ceil(n / chunk))]
     results = [_pair_chunk(j) for j in tqdm(jobs, desc=desc, disable=not progress, leave=False)]
     return torch.from_numpy(np.concatenate([r[0] for r in results])), [c for r in results for c in r[1]]
@@ -452,8 +471,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--force", action="store_true", help="retrain even if the cached checkpoint exists")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the profile's train.threads)")
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's steps (changes the hash)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config overrides, e.g. backbone.pretrained=synthetic:scenes=cluttered")
     args = ap.parse_args(argv)
-    cfg = load_config(profile=args.profile)
+    cfg = load_config(profile=args.profile, overrides=args.overrides)
     arch = cfg["backbone"]["arch"]
     size = cfg["backbone"]["image_size"] or cfg["data"]["image_size"]
     threads = args.threads or cfg["train"]["threads"]

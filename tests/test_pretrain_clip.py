@@ -9,6 +9,7 @@ import textwrap
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,3 +216,43 @@ def test_object_on_black_enters_the_hash_only_when_set() -> None:
     assert pc.checkpoint_path(replace(base, object_on_black=0.0)) == pc.checkpoint_path(base)
     assert pc.checkpoint_path(replace(base, object_on_black=1.0)) != pc.checkpoint_path(base)
     assert pc.synthetic_overrides("synthetic:object_on_black=0.5") == {"object_on_black": 0.5}
+
+
+# The cache keys of the default recipes as they were before `scenes` existed (and when these
+# checkpoints were first cached): a field added later must leave them alone at its default.
+DEFAULT_HASHES = {("clip-tiny", 64): "36de399e2cfb", ("clip-small", 64): "15d70e7d42f7",
+                  ("clip-tiny-rn", 64): "a687f02ebe33", ("clip-tiny-rn", 96): "b32079f6d13c"}
+
+
+@pytest.mark.parametrize("arch,size", sorted(DEFAULT_HASHES))
+def test_default_cache_keys_are_unchanged(arch, size) -> None:
+    assert pc._recipe_hash(pc.recipe_for(arch, size)) == DEFAULT_HASHES[arch, size]
+    assert pc._recipe_hash(pc.recipe_for(arch, size, scenes="simple")) == DEFAULT_HASHES[arch, size]
+
+
+def test_scenes_enter_the_hash_only_when_not_simple() -> None:
+    base = pc.recipe_for("clip-tiny-rn", 64)
+    assert base.scenes == "simple"
+    cluttered = pc.recipe_for("clip-tiny-rn", 64, **pc.synthetic_overrides("synthetic:scenes=cluttered"))
+    assert cluttered == replace(base, scenes="cluttered")
+    assert pc._recipe_hash(cluttered) != pc._recipe_hash(base)
+    # the cluttered pairs' own generator is fingerprinted (not only the default pairs')
+    assert pc._generator_fingerprint(64, "cluttered") != pc._generator_fingerprint(64)
+    with pytest.raises(ValueError, match="unknown scene recipe"):
+        pc.recipe_for("clip-tiny-rn", 64, scenes="crowded")
+    # scene_on_black enters only away from its default (0.6, the simple pairs' share)
+    assert pc._recipe_hash(replace(cluttered, scene_on_black=0.6)) == pc._recipe_hash(cluttered)
+    assert pc._recipe_hash(replace(cluttered, scene_on_black=1.0)) != pc._recipe_hash(cluttered)
+    assert pc.synthetic_overrides("synthetic:scenes=cluttered,scene_on_black=1") == {
+        "scenes": "cluttered", "scene_on_black": 1.0}
+
+
+def test_cluttered_pairs_come_from_the_pretraining_stream() -> None:
+    """`_pairs` draws chunk k from [CLIP_STREAM, seed, part, k] whatever the scene recipe: never a
+    benchmark image (those come from [seed, variant, group, index(, recipe)] with small seeds)."""
+    recipe = replace(pc.recipe_for("clip-tiny-rn", 64, scenes="cluttered"), n_train=40)
+    images, captions = pc._pairs(recipe, 0, 40, "", False)
+    from ehin.data.synthetic import sample_caption_pairs
+
+    want, caps = sample_caption_pairs(np.random.default_rng([pc.CLIP_STREAM, 0, 0, 0]), 64, 40, scenes="cluttered")
+    assert captions == caps and np.array_equal(images.numpy(), want)

@@ -367,3 +367,27 @@ def test_prepare_dataset_real_needs_root(tmp_path):
     cfg["data"].update(root=str(tmp_path), dataset="referit", split_by="unc")
     ds = prepare_dataset(cfg)
     assert ds.split_by == "berkeley" and ds.splits() == {"train", "val", "test"}
+
+
+def test_caption_pairs_of_cluttered_scenes():
+    rng = lambda: np.random.default_rng(5)  # noqa: E731
+    plain, caps = syn.sample_caption_pairs(rng(), 64, 120)
+    again, caps0 = syn.sample_caption_pairs(rng(), 64, 120, scenes="simple")
+    assert caps == caps0 and np.array_equal(plain, again)  # the default stream is the one it was
+    clut, capc = syn.sample_caption_pairs(rng(), 64, 120, scenes="cluttered")
+    clut2, capc2 = syn.sample_caption_pairs(rng(), 64, 120, scenes="cluttered")
+    assert capc == capc2 and np.array_equal(clut, clut2)
+    assert clut.shape == plain.shape and len(capc) == 120
+    # stream 5's first draw (0.81) makes a masked-scene pair: 6-9 objects and clutter in one, 2-5 in the other
+    assert rng().random() == pytest.approx(0.805, abs=1e-3) and not np.array_equal(plain[0], clut[0])
+    # every caption is a thing or stuff description the pretraining vocabulary knows
+    import ehin.pretrain_clip as pc
+
+    assert all(pc._codes(c) is not None for c in capc)
+    with pytest.raises(ValueError, match="unknown scene recipe"):
+        syn.sample_caption_pairs(rng(), 64, 4, scenes="crowded")
+    # scene_on_black: the masked-scene pairs keep only their object (black elsewhere) at 1, never at 0
+    for share in (0.0, 1.0):
+        img, _ = syn._cluttered_pair(np.random.default_rng(9), 64, share)
+        assert ((img == 0).all(-1).mean() > 0.5) == (share == 1.0)  # a kept object covers < 17 % at most
+    assert np.array_equal(syn.sample_caption_pairs(rng(), 64, 40, scenes="cluttered", scene_on_black=0.6)[0], clut[:40])

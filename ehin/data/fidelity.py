@@ -27,6 +27,10 @@ Per dataset and split_by, over the refs of one split (default val):
 - language_blind_pointm: PointM (%) of the language-blind guess (ehin.evaluate.language_blind_fn: the
   map is one annotated object of the image, picked per expression with the same rng), scored by
   ehin.metrics.score_expression like any model.
+
+With --scorer, also TESTBED.md §2.2 (the frozen scorer of the config, ground-truth masks only; see
+ehin.model.scorer_criteria): isolated_rec (%) beside random_object_rate, pos_wins_alone / pos_wins_bg
+(%) and isolation_gain (points), with the scorer's checkpoint in `scorer`.
 """
 from __future__ import annotations
 
@@ -153,10 +157,15 @@ def measure(ds: ReferDataset, split: str = "val", seed: int = 0) -> dict:
 
 
 def passes(row: dict) -> dict[str, bool | None]:
-    """Which TESTBED §2.1 thresholds a row meets (None: not measured)."""
+    """Which TESTBED §2.1 thresholds a row meets (None: not measured), and the §2.2 criteria where the
+    row holds the scorer's figures (--scorer)."""
     lo, hi = TARGETS["distractor_size_ratio"]
     out = {k: row[k] >= t if row[k] is not None else None for k, t in TARGETS.items() if k != "distractor_size_ratio"}
     out["distractor_size_ratio"] = lo <= row["distractor_size_ratio"] <= hi
+    if "isolated_rec" in row:
+        from ehin.model.scorer_criteria import passes as scorer_passes
+
+        out |= scorer_passes(row)
     return out
 
 
@@ -184,6 +193,23 @@ def markdown(rows: Sequence[dict], header: str = "") -> str:
             f"{100 * r['referent_area_median']:.1f} % [{100 * r['referent_area_p10']:.1f}-{100 * r['referent_area_p90']:.1f}] | "
             f"{100 * r['distractor_area_median']:.1f} % | {r['distractor_size_ratio']:.2f} | {r['mean_words']:.2f} | "
             f"{100 * r['random_object_rate']:.1f} % | {r['language_blind_pointm']:.1f} | {flag} |")
+    scored = [r for r in rows if "isolated_rec" in r]
+    if scored:
+        lines += ["", f"Frozen scorer (TESTBED.md §2.2), `{scored[0]['scorer']}`, ground-truth masks:", "",
+                  "(± one standard error over expressions; the gain's is paired.)", "",
+                  "| dataset (split_by, split) | expr | isolated REC | random-object rate | ratio | "
+                  "expr with negatives | pos wins: referent alone | referent + background | gain (points) | "
+                  "REC >= 2x random | gain >= 10 |",
+                  "|---|" + "---|" * 10]
+        for r in scored:
+            ok = passes(r)
+            lines.append(
+                f"| {r['dataset']} ({r['split_by']}, {r['split']}) | {r['n_isolated']} | "
+                f"{r['isolated_rec']:.1f} ± {r['isolated_rec_se']:.1f} % | "
+                f"{100 * r['random_object_rate']:.1f} % | {r['isolated_rec_ratio']:.2f} | {r['n_with_negatives']} | "
+                f"{r['pos_wins_alone']:.1f} % | {r['pos_wins_bg']:.1f} % | "
+                f"{r['isolation_gain']:+.1f} ± {r['isolation_gain_se']:.1f} | "
+                f"{'yes' if ok['isolated_rec'] else 'no'} | {'yes' if ok['isolation_gain'] else 'no'} |")
     lines += ["", "Real datasets (TESTBED.md §1):", "",
               "| dataset | refs with >= 2 of the referent's category | annotated objects per image | mean words | what the words carry |",
               "|---|---|---|---|---|"]
@@ -210,8 +236,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--split", default="val")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--md", help="write the markdown table here")
+    ap.add_argument("--scorer", action="store_true",
+                    help="also measure the config's frozen scorer (TESTBED §2.2; pretrains the small CLIP on first use)")
     args = ap.parse_args(argv)
     rows = []
+    scorer = None
     for spec in args.variants:
         name, _, split_by = spec.partition(":")
         split_by = split_by or DEFAULT_SPLIT_BYS.get(name, "unc")
@@ -225,6 +254,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             ap.error(f"{name} is a real dataset: pass --root")
         row = measure(ds, args.split)
+        if args.scorer:
+            from ehin.model import scorer_criteria
+            from ehin.model.scorer import build_frozen_scorer
+
+            scfg = cfg if cfg is not None else load_config(args.config, profile=args.profile, overrides=args.overrides)
+            if scorer is None:  # the scorer sections do not depend on the variant
+                scorer = build_frozen_scorer(scfg)
+            figures = scorer_criteria.measure(scorer, ds, args.split, scfg["data"]["image_size"])
+            assert abs(figures["random_object_rate"] - row["random_object_rate"]) < 1e-9  # one definition
+            row.update(figures, scorer=scorer_criteria.scorer_source(scfg))
         if cfg is not None:
             syn = cfg["synthetic"]
             row.update(scenes=syn.get("scenes", "simple"), size=syn["size"], train_images=syn["images"], seed=syn["seed"])

@@ -405,8 +405,8 @@ def _keep_only(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray) -> n
     return (img.astype(np.float32) * _soft_keep(rng, mask)[..., None] + 0.5).astype(np.uint8)
 
 
-def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_black: float = 0.0
-                         ) -> tuple[np.ndarray, list[str]]:
+def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_black: float = 0.0,
+                         scenes: str = "simple", scene_on_black: float = 0.6) -> tuple[np.ndarray, list[str]]:
     """n image-caption pairs for contrastive pretraining of the small CLIP (METHOD §2).
 
     Mixes single objects on a textured background ("red circle", "big blue star"), scenes where one
@@ -416,7 +416,15 @@ def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_
     0, every caption of a thing is also true of it on its textured background, so the CLIP learns
     that the background does not matter). The caller passes its own rng: this never touches the
     benchmark's seeds or splits.
+    `scenes` is the recipe of the masked-scene pairs: "simple" (the default; the stream is exactly
+    the one before the option existed) or "cluttered": those scenes are drawn by the cluttered recipe
+    (6-9 objects, occlusion, unannotated clutter; TESTBED §2.1), the kept object being what shows of
+    it, so that the scorer sees at pretraining the kind of scene it scores (`_cluttered_pair`);
+    `scene_on_black` is the share of those pairs masked to the kept object alone (the rest keep the
+    background and its clutter, the other objects greyed).
     Returns uint8 [n, size, size, 3] and n captions."""
+    if scenes not in SCENE_RECIPES:
+        raise ValueError(f"unknown scene recipe {scenes!r} (choose from {', '.join(SCENE_RECIPES)})")
     images = np.empty((n, size, size, 3), np.uint8)
     captions: list[str] = []
     for i in range(n):
@@ -430,6 +438,9 @@ def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_
             if object_on_black > 0 and rng.random() < object_on_black:
                 img = _keep_only(rng, img, scene.objects[0].mask)
             captions.append(_random_caption(rng, scene.objects[0]))
+        elif u < 0.9 and scenes == "cluttered":
+            img, caption = _cluttered_pair(rng, size, scene_on_black)
+            captions.append(caption)
         elif u < 0.9:  # one object of a scene kept, the rest masked out or greyed
             scene = sample_scene(rng, size, stuff=rng.random() < 0.2)
             while not scene.objects:
@@ -454,6 +465,29 @@ def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_
             captions.append(region.shape)
         images[i] = img
     return images, captions
+
+
+def _cluttered_pair(rng: np.random.Generator, size: int, on_black: float = 0.6) -> tuple[np.ndarray, str]:
+    """A masked-scene pair from a cluttered scene (`compose_cluttered_scene`, a stuff background one
+    time in five): one object kept, captioned with its words, and, as in the simple pairs, either
+    everything else masked to black (a share `on_black`, 60 % as in the simple pairs) or the other
+    objects greyed out with the background and its clutter left as they are. The kept object is what
+    shows of it after occlusion."""
+    scene = compose_cluttered_scene(rng, size, _cluttered_attrs(rng, None), stuff=rng.random() < 0.2)
+    while not scene.objects:
+        scene = compose_cluttered_scene(rng, size, _cluttered_attrs(rng, None))
+    img = render_scene(rng, scene)
+    keep = scene.objects[rng.integers(len(scene.objects))]
+    if rng.random() < on_black:
+        img = _keep_only(rng, img, keep.mask)
+    else:
+        grey = img.astype(np.float32).mean(-1, keepdims=True)
+        others = np.zeros((size, size), bool)
+        for o in scene.objects:
+            if o is not keep:
+                others |= o.mask
+        img = np.where(others[..., None], grey, img).astype(np.uint8)
+    return img, _random_caption(rng, keep)
 
 
 # ----------------------------------------------------------------------------------------------

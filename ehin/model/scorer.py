@@ -113,11 +113,16 @@ class FrozenScorer(nn.Module):
         images01 [B,3,S,S] in [0,1]; maps [B,h,w] response-map logits R; text_feats [B,M,E] normalised.
         Returns cosine similarities [B, M]; differentiable w.r.t. `maps`.
         """
-        img = self._at_size(images01)
-        mask = F.interpolate(torch.sigmoid(maps.float())[:, None], size=img.shape[-2:], mode="bilinear",
-                             align_corners=False)
-        emb = self.embed_images(img * mask)  # [0,1]-space masking (METHOD §4); already at the scorer's size
+        emb = self.embed_masked(images01, torch.sigmoid(maps.float()))
         return torch.einsum("be,bme->bm", emb, text_feats.to(emb.dtype))
+
+    def embed_masked(self, images01: torch.Tensor, masks01: torch.Tensor) -> torch.Tensor:
+        """Normalised embeddings [B, E] of images01 [B,3,S,S] in [0,1] times masks01 [B,h,w] in [0,1]:
+        the image at the scorer's size, the mask bilinearly resized to it, multiplied in [0,1] space
+        (what `score_masked` does with sigmoid(R); ground-truth masks go through it unchanged)."""
+        img = self._at_size(images01)
+        mask = F.interpolate(masks01.float()[:, None], size=img.shape[-2:], mode="bilinear", align_corners=False)
+        return self.embed_images(img * mask)  # [0,1]-space masking (METHOD §4); already at the scorer's size
 
 
 def build_frozen_scorer(cfg: dict) -> FrozenScorer:
