@@ -33,7 +33,7 @@ from ehin.checkpoint import save_atomic
 from ehin.cli import UserError, command
 from ehin.config import add_run_args, config_for_run, config_hash, save_config, stage1_hash
 from ehin.metrics import format_metrics
-from ehin.training_log import TrainingLog
+from ehin.training_log import TrainingLog, run_summary
 
 
 class NonFiniteLossError(RuntimeError):
@@ -236,17 +236,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
             on_epoch(entry)
     log.close()
 
-    final = history[-1] if history else {}
-    from ehin.metrics import METRIC_KEYS
-
-    result = {
-        "metrics": {k: final[k] for k in (*METRIC_KEYS, "n") if k in final},
-        "history": history,
-        "timings": {"train_s": round(train_s, 2), "total_s": round(time.time() - t_start, 2),
-                    "s_per_epoch": round(train_s / max(1, len(history)), 2)},
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "config_hash": stage1_hash(cfg),
-    }
+    result = {**run_summary(history, train_s, t_start, device), "config_hash": stage1_hash(cfg)}
     with open(out_dir / "result.json", "w") as f:
         json.dump(result, f, indent=1)
     return result

@@ -35,7 +35,7 @@ from ehin.checkpoint import save_atomic
 from ehin.cli import UserError, command
 from ehin.config import add_run_args, config_for_run, config_hash, save_config
 from ehin.metrics import format_metrics
-from ehin.training_log import TrainingLog
+from ehin.training_log import TrainingLog, run_summary
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -309,15 +309,8 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
 
     if log is not None:
         log.close()
-    final = history[-1] if history and main_rank else {}
-    from ehin.metrics import METRIC_KEYS
-
     result = {
-        "metrics": {k: final[k] for k in (*METRIC_KEYS, "n") if k in final},
-        "history": history,
-        "timings": {"train_s": round(train_s, 2), "total_s": round(time.time() - t_start, 2),
-                    "s_per_epoch": round(train_s / max(1, len(history)), 2)},
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        **run_summary(history, train_s, t_start, device),  # other ranks evaluate nothing: no metrics
         "world_size": world,
         "config_hash": config_hash(cfg),
         "pseudo": str(pseudo),

@@ -36,6 +36,25 @@ def _tag(key: str) -> str | None:
     return None
 
 
+def run_summary(history: list[dict], train_s: float, t_start: float, device) -> dict[str, Any]:
+    """What a training command returns and writes to result.json: the last epoch's metrics (the
+    metric registry's keys and n), the history, timings and the device."""
+    import time
+
+    import torch
+
+    from ehin.metrics import METRIC_KEYS
+
+    final = history[-1] if history else {}
+    return {
+        "metrics": {k: final[k] for k in (*METRIC_KEYS, "n") if k in final},
+        "history": history,
+        "timings": {"train_s": round(train_s, 2), "total_s": round(time.time() - t_start, 2),
+                    "s_per_epoch": round(train_s / max(1, len(history)), 2)},
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+    }
+
+
 class TrainingLog:
     """`log = TrainingLog(out_dir, fresh=...)`, then `log.epoch(entry)` per epoch and `log.close()`."""
 

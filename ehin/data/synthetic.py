@@ -447,15 +447,7 @@ def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_
                 scene = sample_scene(rng, size)
             img = render_scene(rng, scene)
             keep = scene.objects[rng.integers(len(scene.objects))]
-            if rng.random() < 0.6:
-                img = _keep_only(rng, img, keep.mask)
-            else:
-                grey = img.astype(np.float32).mean(-1, keepdims=True)
-                others = np.zeros((size, size), bool)
-                for o in scene.objects:
-                    if o is not keep:
-                        others |= o.mask
-                img = np.where(others[..., None], grey, img).astype(np.uint8)
+            img = _keep_one(rng, img, scene, keep, on_black=0.6)
             captions.append(_random_caption(rng, keep))
         else:  # a stuff band, the rest masked out
             scene = sample_scene(rng, size, int(rng.integers(0, 3)), stuff=True)
@@ -478,16 +470,21 @@ def _cluttered_pair(rng: np.random.Generator, size: int, on_black: float = 0.6) 
         scene = compose_cluttered_scene(rng, size, _cluttered_attrs(rng, None))
     img = render_scene(rng, scene)
     keep = scene.objects[rng.integers(len(scene.objects))]
-    if rng.random() < on_black:
-        img = _keep_only(rng, img, keep.mask)
-    else:
-        grey = img.astype(np.float32).mean(-1, keepdims=True)
-        others = np.zeros((size, size), bool)
-        for o in scene.objects:
-            if o is not keep:
-                others |= o.mask
-        img = np.where(others[..., None], grey, img).astype(np.uint8)
+    img = _keep_one(rng, img, scene, keep, on_black)
     return img, _random_caption(rng, keep)
+
+
+def _keep_one(rng: np.random.Generator, img: np.ndarray, scene: Scene, keep: SceneObject, on_black: float) -> np.ndarray:
+    """A masked-scene pair's image: `keep` alone on black (a share `on_black` of the pairs), else the
+    scene with the other objects greyed out and the background left as it is."""
+    if rng.random() < on_black:
+        return _keep_only(rng, img, keep.mask)
+    grey = img.astype(np.float32).mean(-1, keepdims=True)
+    others = np.zeros(img.shape[:2], bool)
+    for o in scene.objects:
+        if o is not keep:
+            others |= o.mask
+    return np.where(others[..., None], grey, img).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
