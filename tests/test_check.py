@@ -86,9 +86,13 @@ def test_same_environment_any_difference_fails(tmp_path):
     assert not environment_matches(moved, b_native)  # native numerics on another CPU: floats may differ
 
 
-def _copy_project(copy: Path) -> Path:
+def _changed_copy(copy: Path, path: str, old: str, new: str) -> Path:
+    """A copy of the project's code with one edit: `old` replaced by `new` in `path`."""
     for part in ("ehin", "bench", "sweeps", "reports/paper"):
         shutil.copytree(REPO / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    text = (copy / path).read_text()
+    assert old in text, (path, old)
+    (copy / path).write_text(text.replace(old, new))
     return copy
 
 
@@ -112,11 +116,8 @@ def test_changes_on_a_copy_of_the_project_fail_the_check(tmp_path, capsys):
     assert check_main(["--results", str(tmp_path / "orig"), "--update", *base]) == 0
     assert check_main(["--results", str(tmp_path / "orig"), *base]) == 0
 
-    code = _copy_project(tmp_path / "code")
-    losses = code / "ehin/losses.py"
-    text = losses.read_text()
-    assert "FOCAL_POWER, FOCAL_OFFSET = 3, 0.01" in text
-    losses.write_text(text.replace("FOCAL_POWER, FOCAL_OFFSET = 3, 0.01", "FOCAL_POWER, FOCAL_OFFSET = 3, 0.02"))
+    code = _changed_copy(tmp_path / "code", "ehin/losses.py", "FOCAL_POWER, FOCAL_OFFSET = 3, 0.01",
+                         "FOCAL_POWER, FOCAL_OFFSET = 3, 0.02")
     _tiny_sweep(tmp_path, code, tmp_path / "code-changed")
     hashes = {r["config_hash"] for d in ("orig", "code-changed") for r in ResultStore(tmp_path / d).read()}
     assert len(hashes) == 1  # the same config: only the code differs
@@ -129,11 +130,7 @@ def test_changes_on_a_copy_of_the_project_fail_the_check(tmp_path, capsys):
     for word in ("table", "cell", "metric", "expected", "got", "tol"):
         assert word in out.splitlines()[0]
 
-    config = _copy_project(tmp_path / "config")
-    base_yaml = config / "ehin/configs/base.yaml"
-    text = base_yaml.read_text()
-    assert "  alpha: 0.1 " in text
-    base_yaml.write_text(text.replace("  alpha: 0.1 ", "  alpha: 0.9 "))
+    config = _changed_copy(tmp_path / "config", "ehin/configs/base.yaml", "  alpha: 0.1 ", "  alpha: 0.9 ")
     _tiny_sweep(tmp_path, config, tmp_path / "config-changed")
     capsys.readouterr()
     assert check_main(["--results", str(tmp_path / "config-changed"), *base]) == 1
