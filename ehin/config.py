@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from ehin.cli import UserError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 PROFILES = ("smoke", "synthetic", "paper")
 
