@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-LOSS_KEYS = ("loss", "fg", "cl", "bg", "seg", "dice", "consistency")
+LOSS_KEYS = ("loss", "fg", "cl", "bg", "bce", "dice", "consistency")  # stage 1 and stage 2 terms
 
 
 def _tag(key: str) -> str | None:

@@ -34,6 +34,14 @@ def test_epochs_reach_both_files_with_paper_names(tmp_path):
     assert not any("note" in t or t.endswith("/n") for t in tb)  # strings and counts are not curves
 
 
+def test_stage2_terms_are_loss_curves(tmp_path):
+    log = TrainingLog(tmp_path, fresh=True)
+    log.epoch({"epoch": 1, "loss": 1.0, "bce": 0.6, "dice": 0.4, "consistency": 0.1, "lr": 1e-3, "iou": 20.0})
+    log.close()
+    tb = read_scalars(tmp_path / "tb")
+    assert {"loss/bce", "loss/dice", "loss/consistency", "lr/lr", "val/IoU"} <= set(tb)
+
+
 def test_a_fresh_run_starts_a_new_metrics_file_and_a_resumed_one_appends(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
     TrainingLog(tmp_path, fresh=False).close()
