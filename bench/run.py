@@ -8,7 +8,9 @@
         --slurm-setup "module load cuda"
     python -m bench.run all --profile smoke            # every table
 
-Every (row, seed) is one cell and one job. Finished cells are appended to RESULTS/store.jsonl; a
+Every (row, seed) is one cell and one job. Several tables (or `all`) form one queue: the executor's
+--jobs slots stay busy across tables (on a GPU machine --jobs above the GPU count packs several cells
+on each GPU), and a cell that several tables declare runs once and is recorded for each. Finished cells are appended to RESULTS/store.jsonl; a
 rerun skips them, so an interrupted sweep resumes where it stopped and a finished one re-renders
 at once. Shared prerequisites (the generated dataset, the pretrained small CLIP) are built once
 here, before any job starts. Tables go to reports/<table>/ (synthetic profile) or
@@ -61,19 +63,39 @@ def build_specs(sweep, profile: str, seeds: int, root: Path, rows: list[str] | N
     return specs
 
 
+def _identity(spec_or_record) -> tuple:
+    """What makes two cells the same computation: config hash, seed, stage and the job's extra
+    arguments (inference cells differ only there)."""
+    get = spec_or_record.get if isinstance(spec_or_record, dict) else lambda k, d=None: getattr(spec_or_record, k, d)
+    return get("config_hash"), get("seed"), get("stage"), repr(sorted((get("extra") or {}).items()))
+
+
 def reuse_identical_cells(todo: list[CellSpec], store: ResultStore) -> list[CellSpec]:
     """A cell whose exact config and seed already ran for another table (Table 6's EHIN is Table 5's
     full loss) gets a copy of that record instead of a second training run; returns the rest."""
-    ran = {(r["config_hash"], r["seed"], r.get("stage")): r for r in store.read() if "config_hash" in r}
+    ran = {_identity(r): r for r in store.read() if "config_hash" in r}
     rest = []
     for spec in todo:
-        src = ran.get((spec.config_hash, spec.seed, spec.stage))
+        src = ran.get(_identity(spec))
         if src is None:
             rest.append(spec)
             continue
         store.append({**src, "table": spec.table, "row": spec.row, "cell_id": spec.cell_id,
-                      "overrides": spec.overrides, "reused_from": src["cell_id"]})
+                      "overrides": spec.overrides, "extra": spec.extra, "reused_from": src["cell_id"]})
     return rest
+
+
+def one_queue(todo: list[CellSpec]) -> tuple[list[CellSpec], list[CellSpec]]:
+    """Split the cells of several tables into (to run, copies): one cell per identity runs, and the
+    cells identical to it across tables get its record afterwards (reuse_identical_cells)."""
+    first: dict[tuple, CellSpec] = {}
+    copies = []
+    for spec in todo:
+        if _identity(spec) in first:
+            copies.append(spec)
+        else:
+            first[_identity(spec)] = spec
+    return list(first.values()), copies
 
 
 def prepare_prerequisites(specs: list[CellSpec]) -> None:
@@ -94,9 +116,9 @@ def failed_rows(specs: list[CellSpec], store: ResultStore, outcomes=()) -> set[s
     """Rows with a cell missing from the store whose last attempt failed: in this run, or earlier
     (the job leaves RUN_DIR/error.txt), so that the table says "failed" rather than "pending"."""
     done = store.finished_ids()
-    bad = {o.spec.cell_id for o in outcomes if not o.ok}
+    bad = {_identity(o.spec) for o in outcomes if not o.ok}  # a copy of a failed cell failed with it
     return {s.row for s in specs if s.cell_id not in done
-            and (s.cell_id in bad or (Path(s.run_dir) / "error.txt").exists())}
+            and (_identity(s) in bad or (Path(s.run_dir) / "error.txt").exists())}
 
 
 def render(sweep, profile: str, root: Path, reports: str | Path = "reports", seeds: int | None = None,
@@ -164,12 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.executor == "local":
         # Share the cores between the cells running at once (thread count is not part of the hash).
         extra.setdefault("train.threads", max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
-    failed = 0
-    for name in names:
-        sweep = load_sweep(name)
-        specs = build_specs(sweep, args.profile, seeds, root, rows, extra)
-        done = store.finished_ids()
+    # One queue for every table named (`all` included): the executor keeps its --jobs slots busy
+    # across tables, and a cell that several tables declare (Table 6's EHIN is Table 5's full loss)
+    # trains once; the tables are rendered when the queue is empty.
+    sweeps = [load_sweep(name) for name in names]
+    done = store.finished_ids()
+    all_specs, queue = {}, []
+    for sweep in sweeps:
+        specs = all_specs[sweep.name] = build_specs(sweep, args.profile, seeds, root, rows, extra)
         todo = reuse_identical_cells([s for s in specs if s.cell_id not in done], store)
+        queue += todo
         print(f"{sweep.name}: {sweep.title}\n  {len(specs)} cells ({len(specs) - len(todo)} already in "
               f"{store.path}, {len(todo)} to run), profile {args.profile}, executor {args.executor}")
         if args.dry_run:
@@ -177,18 +203,26 @@ def main(argv: list[str] | None = None) -> int:
                 state = ("done" if s.cell_id in done else
                          "failed" if (Path(s.run_dir) / "error.txt").exists() else "todo")
                 print(f"  [{state}] {s.cell_id}")
-            continue
-        outcomes = []
-        if todo:
-            prepare_prerequisites(todo)
-            outcomes = dispatch(todo, args.executor, jobs=args.jobs, folder=root / "submitit",
-                                slurm=SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time,
-                                                   gpus_per_node=args.slurm_gpus, cpus_per_task=args.slurm_cpus,
-                                                   mem_gb=args.slurm_mem_gb, setup=args.slurm_setup,
-                                                   array_parallelism=args.jobs))
-            failed += sum(not o.ok for o in outcomes)
-        if not args.no_render:
-            out = render(sweep, args.profile, root, args.reports, seeds, failed_rows(specs, store, outcomes), extra)
+    if args.dry_run:
+        return 0
+    to_run, copies = one_queue(queue)
+    outcomes = []
+    if to_run:
+        if len(sweeps) > 1:
+            print(f"one queue: {len(to_run)} cells to run for {len(sweeps)} tables"
+                  f" ({len(copies)} more are the same computation as one of them)")
+        prepare_prerequisites(to_run)
+        outcomes = dispatch(to_run, args.executor, jobs=args.jobs, folder=root / "submitit",
+                            slurm=SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time,
+                                               gpus_per_node=args.slurm_gpus, cpus_per_task=args.slurm_cpus,
+                                               mem_gb=args.slurm_mem_gb, setup=args.slurm_setup,
+                                               array_parallelism=args.jobs))
+    reuse_identical_cells(copies, store)  # a copy whose cell failed stays missing, as that cell
+    failed = sum(not o.ok for o in outcomes)
+    if not args.no_render:
+        for sweep in sweeps:
+            out = render(sweep, args.profile, root, args.reports, seeds,
+                         failed_rows(all_specs[sweep.name], store, outcomes), extra)
             md = out / "table.md"
             if md.exists():
                 print(md.read_text())

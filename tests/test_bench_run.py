@@ -180,3 +180,20 @@ def test_a_table_never_mixes_configs(tmp_path, capsys):
     assert left["row"] == "fg+cl" and left["config_hash"] not in again["header"]["config_hashes"]["fg+cl"]
     md = (tmp_path / "rep" / "smoke" / "table5" / "table.md").read_text()
     assert "left out 1 stored record(s) of other configs or older runs (fg+cl 1)" in md
+
+
+def test_several_tables_share_one_queue_and_run_a_shared_cell_once(tmp_path, capsys):
+    # Table 5's full loss (bg+fg+cl) and Table 6's EHIN are one config: one training, two records.
+    res, rep = tmp_path / "res", tmp_path / "rep"
+    a = args(results=res, reports=rep, rows="bg+fg+cl,EHIN")
+    a[0] = "table5,table6"
+    assert run_main(a) == 0
+    out = capsys.readouterr().out
+    assert "one queue: 1 cells to run for 2 tables (1 more are the same computation as one of them)" in out
+    records = {r["table"]: r for r in ResultStore(res).read()}
+    assert set(records) == {"table5", "table6"}
+    assert records["table6"]["reused_from"] == records["table5"]["cell_id"]
+    assert records["table6"]["metrics"] == records["table5"]["metrics"]
+    assert len(list(res.glob("runs/*/*/*/checkpoints/last.pt"))) == 1      # trained once
+    for table in ("table5", "table6"):
+        assert (rep / "smoke" / table / "table.md").exists()                # both rendered

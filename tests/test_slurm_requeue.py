@@ -1,0 +1,116 @@
+"""A training cell requeued mid-run on the local SLURM cluster resumes from its epoch checkpoint and
+ends bit-identical to an uninterrupted run (issue 18; fixture `slurm_cluster`, tests/slurm_fixture.py).
+
+Two ways a SLURM job is requeued, both tested on the same stage-1 cell through `bench.jobs.CellRunner`,
+the callable every executor submits:
+- preempted: SLURM sends SIGTERM then USR2 (submitit's `job._interrupt()` does what the scheduler does);
+  submitit calls `CellRunner.checkpoint`, pickles the DelayedSubmission it returns and runs
+  `scontrol requeue` itself;
+- requeued by an operator: `scontrol requeue JOB` kills the running job and queues the same
+  submission again.
+Either way the new attempt calls the trainer with resume=True, which continues from
+<run_dir>/checkpoints/last.pt. Bit-identical needs the same floats in both runs: every job runs under
+portable numerics (ehin/numerics.py, set before torch runs a kernel) with one thread.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+import torch
+
+from bench.jobs import CellRunner, CellSpec
+from tests.test_slurm_cluster import result_within, sacct_states
+
+pytestmark = pytest.mark.slurm
+
+EPOCHS = 4
+# The tiny stage-1 config of tests/test_train_stage1.py (random-weight tiny CLIP, 60 scenes), with
+# enough epochs that the job is still training when the first epoch's checkpoint appears.
+OVERRIDES = {"backbone.pretrained": None, "synthetic.images": 60, "train.epochs": EPOCHS,
+             "eval.max_items": 20, "train.threads": 1, "model.hidden_dim": 32}
+START_S = 120       # until the job has written its first epoch
+FINISH_S = 300      # until the requeued job has finished
+
+
+def _spec(root: Path, name: str) -> CellSpec:
+    return CellSpec(table="requeue", row=name, seed=0, profile="smoke", stage="1", overrides=OVERRIDES,
+                    config_hash="-", run_dir=str(root / name / "run"), store_root=str(root / name / "store"),
+                    cell_id=f"requeue-{name}")
+
+
+def _executor(cluster, folder: Path) -> submitit.AutoExecutor:
+    ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")
+    ex.update_parameters(timeout_min=10, slurm_partition=cluster.partition, cpus_per_task=1, name="ehin-requeue")
+    return ex
+
+
+def _epochs_done(run_dir: Path) -> int:
+    log = run_dir / "metrics.jsonl"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def jobs_env(slurm_cluster):
+    """Portable numerics in the jobs' environment (sbatch passes the submitter's environment on)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EHIN_PORTABLE_NUMERICS", "1")
+    yield slurm_cluster
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(jobs_env, tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight")
+    from ehin.config import load_config
+    from ehin.train_stage1 import prepare
+
+    prepare(load_config(profile="smoke", overrides=[f"{k}={v if v is not None else 'null'}"
+                                                    for k, v in OVERRIDES.items()]))  # the scenes, once
+    spec = _spec(root, "straight")
+    record = result_within(_executor(jobs_env, root).submit(CellRunner(), spec), FINISH_S)
+    return spec, record
+
+
+@pytest.mark.parametrize("how", ["preempted", "operator"])
+def test_requeued_cell_resumes_and_ends_bit_identical(jobs_env, uninterrupted, tmp_path, how):
+    spec = _spec(tmp_path, how)
+    job = _executor(jobs_env, tmp_path).submit(CellRunner(), spec)
+    deadline = time.monotonic() + START_S
+    while _epochs_done(Path(spec.run_dir)) < 1:
+        assert time.monotonic() < deadline, f"job {job.job_id} wrote no epoch in {START_S} s: {job.state}"
+        time.sleep(0.2)
+    assert _epochs_done(Path(spec.run_dir)) < EPOCHS, "the job finished before it could be requeued"
+    t_requeue = time.time()
+    if how == "preempted":
+        job._interrupt()        # SIGTERM, then USR2: CellRunner.checkpoint, then submitit's scontrol requeue
+    else:
+        subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True)
+    record = result_within(job, FINISH_S)
+
+    # it was requeued (sacct --duplicates lists the first attempt as REQUEUED) ...
+    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State", "-j", str(job.job_id)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "REQUEUED" in out, out
+    assert sacct_states([job.job_id]).get(str(job.job_id)) == "COMPLETED"
+    # ... the second attempt resumed from a checkpoint instead of starting over ...
+    assert "resuming" in job.stdout(), job.stdout()
+    if how == "preempted":  # submitit pickled what CellRunner.checkpoint returned over the submission
+        assert job.paths.submitted_pickle.stat().st_mtime >= t_requeue - 1
+        assert isinstance(submitit.helpers.DelayedSubmission.load(job.paths.submitted_pickle).function, CellRunner)
+    else:                   # an operator's requeue runs the submission as it was
+        assert job.paths.submitted_pickle.stat().st_mtime < t_requeue
+    # ... and it ends where the uninterrupted run ended, to the bit
+    straight_spec, straight = uninterrupted
+    assert record["metrics"] == straight["metrics"]
+    assert [h["point_mask"] for h in record["history"]] == [h["point_mask"] for h in straight["history"]]
+    a = torch.load(Path(straight_spec.run_dir) / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(Path(spec.run_dir) / "checkpoints" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == EPOCHS - 1
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    stored = [json.loads(x) for x in (Path(spec.store_root) / "store.jsonl").read_text().splitlines()]
+    assert [r["cell_id"] for r in stored] == [spec.cell_id]     # one record, from the attempt that finished
