@@ -128,7 +128,8 @@ def _fake_batch(cfg: dict, device: torch.device, tokenize) -> dict:
 
 
 def stage1_training(cfg: dict, device: torch.device, *, amp: bool, channels_last: bool, fused: bool,
-                    warmup: int, repeats: int, trace: Path | None = None, trace_name: str = "train") -> dict:
+                    warmup: int, repeats: int, compile_: bool = False, trace: Path | None = None,
+                    trace_name: str = "train") -> dict:
     from ehin.losses import Stage1Loss
     from ehin.model import build_model
     from ehin.train_stage1 import build_scorer
@@ -140,13 +141,21 @@ def stage1_training(cfg: dict, device: torch.device, *, amp: bool, channels_last
         model = model.to(memory_format=torch.channels_last)
     loss_fn = Stage1Loss(cfg, scorer)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused and device.type == "cuda")
+    forward = model
+    if compile_:
+        # Inductor fuses the normalisations (HIPM's InstanceNorms over the fused pairs, the trunk's
+        # BatchNorms) with their neighbours; the frozen scorer's image tower, run on 2N masked images
+        # with input gradients, is compiled too. The loss's text cache and bookkeeping stay eager.
+        forward = torch.compile(model)
+        if scorer is not None:
+            scorer.clip.encode_image = torch.compile(scorer.clip.encode_image)
     batch = _fake_batch(cfg, device, model.backbone.tokenize)
     if channels_last:
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(batch["image"], batch["tokens"])
+            out = forward(batch["image"], batch["tokens"])
             total, _ = loss_fn(out, batch)
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -278,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the inference forward")
+    p.add_argument("--compile-train", action="store_true",
+                   help="torch.compile the training forward (EHIN and the frozen scorer's image tower)")
     p.add_argument("--fused-adamw", action="store_true")
     p.add_argument("--cuda-graph", action="store_true", help="replay the inference forward as a CUDA graph")
     p.add_argument("--trace", help="folder for torch.profiler tables and Chrome traces of a step")
@@ -295,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = {"train.batch_size": args.batch} if args.batch else {}
     trace = Path(args.trace) if args.trace else None
     report = {"size": args.size, "device": str(device), "levers": {"amp": args.amp, "channels_last": args.channels_last,
-              "compile": args.compile, "fused_adamw": args.fused_adamw,
+              "compile": args.compile, "compile_train": args.compile_train, "fused_adamw": args.fused_adamw,
               "cuda_graph": args.cuda_graph}, "environment": environment(device),
               "results": {}}
     for name in args.configs.split(","):
@@ -305,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         if "train" not in skip:
             r["stage1_train"] = stage1_training(cfg, device, amp=args.amp, channels_last=args.channels_last,
                                                 fused=args.fused_adamw, warmup=warmup, repeats=repeats,
-                                                trace=trace, trace_name=f"{name}_train")
+                                                compile_=args.compile_train, trace=trace, trace_name=f"{name}_train")
         if "infer" not in skip:
             r["stage1_infer"] = stage1_inference(cfg, device, amp=args.amp, channels_last=args.channels_last,
                                                  compile_=args.compile, warmup=warmup, repeats=repeats,
