@@ -273,3 +273,19 @@ def test_stage1_trains_under_ddp_like_one_process(tmp_path):
     for key in ("loss", "fg", "cl", "bg"):
         assert ddp[key] == pytest.approx(one[key], rel=1e-4), key
 
+
+def test_launch_ddp_checks_before_queueing(tmp_path, capsys):
+    """bench.launch_ddp refuses, before anything reaches SLURM, a global batch the ranks cannot split
+    and a command line without the trainer's arguments."""
+    from bench.launch_ddp import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--nodes", "1", "--tasks-per-node", "5", "--", "--profile", "smoke", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "train.batch_size 24 is not divisible by the 5 ranks" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--stage", "2", "--tasks-per-node", "2", "--", "--pseudo", "p.npz", "--profile", "smoke",
+              "--set", "stage2.batch_size=9", "--out", str(tmp_path / "y")])
+    assert e.value.code == 2 and "stage2.batch_size 9 is not divisible by the 2 ranks" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--nodes", "2"])
+    assert e.value.code == 2 and "after `--`" in capsys.readouterr().err
