@@ -3,9 +3,13 @@
 All three go through `dispatch`, which keeps a live view (done / running / failed / pending and
 an ETA) and never lets one failed cell stop the others: a failure is reported with its log path
 and the last line of its error, and the sweep goes on.
+
+`submit_distributed` submits one training as one SLURM job of nodes x tasks_per_node DDP ranks
+(`python -m bench.launch_ddp`).
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import traceback
@@ -15,7 +19,7 @@ from typing import Callable, Sequence
 
 import submitit
 
-from bench.jobs import CellRunner, CellSpec
+from bench.jobs import CellRunner, CellSpec, DistributedTraining
 
 EXECUTORS = ("inline", "local", "slurm")
 
@@ -29,6 +33,36 @@ class SlurmOptions:
     mem_gb: float | None = None
     setup: list[str] = field(default_factory=list)   # e.g. ["module load cuda/12.4"]
     array_parallelism: int = 64
+    nodes: int = 1                                   # submit_distributed only: a sweep cell is one task
+    tasks_per_node: int = 1                          # DDP ranks per node (one per GPU)
+
+
+def add_slurm_args(p: argparse.ArgumentParser) -> None:
+    """The SLURM options of bench.run and bench.launch_ddp (`slurm_options` reads them back)."""
+    g = p.add_argument_group("slurm")
+    g.add_argument("--slurm-partition")
+    g.add_argument("--slurm-time", type=int, default=60, help="minutes per job")
+    g.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per job (per node for bench.launch_ddp)")
+    g.add_argument("--slurm-cpus", type=int, default=2, help="CPUs per job (per task for bench.launch_ddp)")
+    g.add_argument("--slurm-mem-gb", type=float)
+    g.add_argument("--slurm-setup", action="append", default=[], help="a shell line run before the job")
+
+
+def slurm_options(args: argparse.Namespace, **extra) -> SlurmOptions:
+    return SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time, gpus_per_node=args.slurm_gpus,
+                        cpus_per_task=args.slurm_cpus, mem_gb=args.slurm_mem_gb, setup=args.slurm_setup, **extra)
+
+
+def slurm_params(opts: SlurmOptions) -> dict:
+    """submitit parameters of a job (array or distributed) from `opts`."""
+    params = dict(timeout_min=opts.time_min, cpus_per_task=opts.cpus_per_task, slurm_setup=list(opts.setup))
+    if opts.partition:
+        params["slurm_partition"] = opts.partition
+    if opts.gpus_per_node:
+        params["gpus_per_node"] = opts.gpus_per_node
+    if opts.mem_gb:
+        params["mem_gb"] = opts.mem_gb
+    return params
 
 
 @dataclass
@@ -162,16 +196,10 @@ def _run_local(specs, jobs, folder, poll_s, on_outcome) -> list[Outcome]:
 
 
 def _run_slurm(specs, opts: SlurmOptions, folder, poll_s, on_outcome) -> list[Outcome]:
+    if opts.nodes != 1 or opts.tasks_per_node != 1:
+        raise ValueError("a sweep cell runs as one SLURM task; nodes / tasks_per_node are for submit_distributed")
     ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")
-    params = dict(timeout_min=opts.time_min, cpus_per_task=opts.cpus_per_task,
-                  slurm_array_parallelism=opts.array_parallelism, slurm_setup=list(opts.setup))
-    if opts.partition:
-        params["slurm_partition"] = opts.partition
-    if opts.gpus_per_node:
-        params["gpus_per_node"] = opts.gpus_per_node
-    if opts.mem_gb:
-        params["mem_gb"] = opts.mem_gb
-    ex.update_parameters(**params)
+    ex.update_parameters(**slurm_params(opts), slurm_array_parallelism=opts.array_parallelism)
     t0 = time.time()
     submitted = ex.map_array(CellRunner(), list(specs))  # one job array for the whole sweep
     pending = [(job, spec, t0) for job, spec in zip(submitted, specs)]
@@ -185,6 +213,31 @@ def _run_slurm(specs, opts: SlurmOptions, folder, poll_s, on_outcome) -> list[Ou
             time.sleep(poll_s)
     view.note("")
     return outcomes
+
+
+def submit_distributed(stage: str, cfg: dict, out_dir: str | Path, opts: SlurmOptions, *,
+                       pseudo: str | Path | None = None, folder: str | Path | None = None) -> submitit.Job:
+    """Submit one stage-1 or stage-2 training of `cfg` into `out_dir` as ONE SLURM job of
+    opts.nodes x opts.tasks_per_node tasks, one DDP rank each (give each a GPU: gpus_per_node =
+    tasks_per_node). The batch size in `cfg` is the global batch. submitit's logs go to `folder`
+    (default OUT/submitit/<job id>/); `job.results()` holds every task's result, rank 0's first."""
+    from ehin.cli import UserError
+
+    world = opts.nodes * opts.tasks_per_node
+    key = {"1": ("train", "batch_size"), "2": ("stage2", "batch_size")}.get(stage)
+    if key is None:
+        raise UserError(f"unknown stage {stage!r}: 1 or 2")
+    if stage == "2" and pseudo is None:
+        raise UserError("stage 2 needs the pseudo-label file (--pseudo)")
+    batch = cfg[key[0]][key[1]]
+    if batch % world:  # the trainers would refuse it in every task; say it before queueing
+        raise UserError(f"{'.'.join(key)} {batch} is not divisible by the {world} ranks "
+                        f"({opts.nodes} nodes x {opts.tasks_per_node} tasks)")
+    folder = Path(folder) if folder is not None else Path(out_dir) / "submitit"
+    ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")
+    ex.update_parameters(**slurm_params(opts), nodes=opts.nodes, tasks_per_node=opts.tasks_per_node,
+                         name=f"ehin-stage{stage}")
+    return ex.submit(DistributedTraining(), stage, cfg, str(out_dir), None if pseudo is None else str(pseudo))
 
 
 def _harvest(in_flight: list, outcomes: list[Outcome], view: LiveView, on_outcome) -> list:

@@ -1,10 +1,13 @@
-"""One cell of a sweep as a submitit job (dinov2/MAE launcher style).
+"""One cell of a sweep, or one multi-node training, as a submitit job (dinov2/MAE launcher style).
 
 `CellRunner` is the callable every executor runs: inline, local processes or SLURM array tasks.
 Heavy imports stay inside `__call__` so the driver and submitit's pickling stay light. The job
 writes its own record into the store when it finishes, so a result survives the driver dying.
 When SLURM preempts or times a job out, submitit calls `checkpoint`, which requeues the same
 cell; the trainer then resumes from the run folder's last epoch checkpoint.
+
+`DistributedTraining` is one stage-1 or stage-2 training as one SLURM job of several tasks (one DDP
+rank each, on one or several nodes; `bench.executors.submit_distributed`, `python -m bench.launch_ddp`).
 """
 from __future__ import annotations
 
@@ -95,3 +98,39 @@ def _nested(flat: dict[str, Any]) -> dict:
     from ehin.config import dotted_to_nested
 
     return dotted_to_nested(flat)
+
+
+class DistributedTraining(submitit.helpers.Checkpointable):
+    """`DistributedTraining()(stage, cfg, out_dir, pseudo)` in every task of a SLURM job: one DDP rank each.
+
+    Each task exports the variables torchrun would give it (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT, derived from SLURM's) and calls the trainer's `run`, which then initialises
+    the process group and trains with DDP. Every task returns the trainer's result (`job.results()`;
+    rank 0's, the first, holds the metrics). Preempted or timed out, submitit calls `checkpoint` on
+    rank 0, which requeues the same call; the trainer resumes from out_dir/checkpoints/last.pt.
+    """
+
+    def __call__(self, stage: str, cfg: dict, out_dir: str, pseudo: str | None = None) -> dict:
+        import torch.distributed as dist
+
+        # overwrite: the job's own SLURM layout wins over anything inherited from the submitting shell.
+        # CUDA_VISIBLE_DEVICES stays as SLURM set it (submitit would rewrite it to the local rank's index,
+        # which names another job's GPU when the node is shared); ehin.distributed picks cuda:LOCAL_RANK.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        try:
+            if stage == "1":
+                from ehin.train_stage1 import run
+
+                return run(cfg, out_dir, resume=True)
+            if stage == "2":
+                from ehin.train_stage2 import run as run_stage2
+
+                return run_stage2(cfg, out_dir, pseudo, resume=True)
+            raise ValueError(f"unknown stage {stage!r} (1 or 2)")
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # Requeue the same training; it resumes from <out_dir>/checkpoints/last.pt.
+        return submitit.helpers.DelayedSubmission(DistributedTraining(), *args, **kwargs)

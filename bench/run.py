@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench.executors import EXECUTORS, SlurmOptions, dispatch
+from bench.executors import EXECUTORS, add_slurm_args, dispatch, slurm_options
 from bench.jobs import CellSpec
 from bench.store import ResultStore, cell_id
 from ehin.cli import command
@@ -159,13 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra config override for every cell (changes the cells' config hash)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
     p.add_argument("--no-render", action="store_true")
-    g = p.add_argument_group("slurm")
-    g.add_argument("--slurm-partition")
-    g.add_argument("--slurm-time", type=int, default=60, help="minutes per job")
-    g.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per job")
-    g.add_argument("--slurm-cpus", type=int, default=2, help="CPUs per job")
-    g.add_argument("--slurm-mem-gb", type=float)
-    g.add_argument("--slurm-setup", action="append", default=[], help="a shell line run before the job")
+    add_slurm_args(p)
     args = p.parse_args(argv)
 
     names = list_sweeps() if args.table == "all" else [t for t in args.table.split(",") if t]
@@ -213,10 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                   f" ({len(copies)} more are the same computation as one of them)")
         prepare_prerequisites(to_run)
         outcomes = dispatch(to_run, args.executor, jobs=args.jobs, folder=root / "submitit",
-                            slurm=SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time,
-                                               gpus_per_node=args.slurm_gpus, cpus_per_task=args.slurm_cpus,
-                                               mem_gb=args.slurm_mem_gb, setup=args.slurm_setup,
-                                               array_parallelism=args.jobs))
+                            slurm=slurm_options(args, array_parallelism=args.jobs))
     reuse_identical_cells(copies, store)  # a copy whose cell failed stays missing, as that cell
     failed = sum(not o.ok for o in outcomes)
     if not args.no_render:

@@ -621,16 +621,10 @@ def launch_workers(specs: list[WorkerSpec], executor: str, *, folder: Path, slur
             ex.update_parameters(**gpu_slot(k, n_gpus))
             jobs.append(ex.submit(SearchWorker(), spec))
     elif executor == "slurm":
+        from bench.executors import slurm_params
+
         ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")
-        params: dict[str, Any] = dict(timeout_min=slurm.time_min, cpus_per_task=slurm.cpus_per_task,
-                                      slurm_array_parallelism=len(specs), slurm_setup=list(slurm.setup))
-        if slurm.partition:
-            params["slurm_partition"] = slurm.partition
-        if slurm.gpus_per_node:
-            params["gpus_per_node"] = slurm.gpus_per_node
-        if slurm.mem_gb:
-            params["mem_gb"] = slurm.mem_gb
-        ex.update_parameters(**params)
+        ex.update_parameters(**slurm_params(slurm), slurm_array_parallelism=len(specs))
         jobs = ex.map_array(SearchWorker(), specs)  # one array: W workers
     else:
         raise ValueError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")

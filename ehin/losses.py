@@ -17,6 +17,10 @@
 * L_CL (Eq. 15-16, D8): -[log S(I, R_p, Q_p) + (1/K) sum_k log(1 - S(I, R_p, Q_k))], S clamped into
   (1e-4, 1 - 1e-4); R_p = the raw (pre-HIPM) diagonal map ("early", EHIN) or the fused one ("late").
 Every term is averaged over the N images. lambda = 0 switches a term off and skips its computation.
+
+Under DDP (docs/method.md, D-DDP) the maps are this rank's n rows of the global batch's N x N maps:
+row a (image a of this rank) has its own text in column `text_offset` + a, and the columns' sentences
+are the global batch's (`text_sentences`). Every term is then this rank's share of the row mean.
 """
 from __future__ import annotations
 
@@ -50,15 +54,19 @@ def pooled_scores(maps: torch.Tensor) -> torch.Tensor:
     return R.amax(-1) + R.mean(-1) + focal_penalty(foreground_share(maps))
 
 
-def fg_loss(y: torch.Tensor, sentences: Sequence[str] | None = None) -> torch.Tensor:
+def fg_loss(y: torch.Tensor, sentences: Sequence[str] | None = None, text_sentences: Sequence[str] | None = None,
+            text_offset: int = 0) -> torch.Tensor:
     """Multilabel soft-margin of y [N, N] vs the identity (Eq. 18, D7), averaged over the unmasked
     entries of each row, then over rows. Off-diagonal (i, j) with sentences[j] == sentences[i] is
-    masked out. Without a mask this equals F.multilabel_soft_margin_loss(y, eye(N))."""
-    N = y.shape[0]
-    eye = torch.eye(N, dtype=torch.bool, device=y.device)
+    masked out. Without a mask this equals F.multilabel_soft_margin_loss(y, eye(N)).
+    DDP (D-DDP): y [n, N] holds n rows of the global matrix, row a's positive in column text_offset + a;
+    text_sentences are the N columns' sentences (default: `sentences`)."""
+    n, N = y.shape
+    eye = torch.eye(n, N, dtype=torch.bool, device=y.device).roll(text_offset, dims=1)
     valid = torch.ones_like(eye)
     if sentences is not None:
-        same = torch.tensor([[a == b for b in sentences] for a in sentences], device=y.device)
+        columns = sentences if text_sentences is None else text_sentences
+        same = torch.tensor([[a == b for b in columns] for a in sentences], device=y.device)
         valid = ~same | eye
     per = -torch.where(eye, F.logsigmoid(y), F.logsigmoid(-y))
     per = per * valid
@@ -85,9 +93,9 @@ def bg_loss(s_neg: torch.Tensor) -> torch.Tensor:
     return -torch.log(1 - _clamp(s_neg)).mean(1).mean()
 
 
-def diagonal(maps: torch.Tensor) -> torch.Tensor:
-    """[N, N, h, w] -> [N, h, w]: the matched pairs R_ii."""
-    return maps.diagonal(dim1=0, dim2=1).permute(2, 0, 1)
+def diagonal(maps: torch.Tensor, text_offset: int = 0) -> torch.Tensor:
+    """[N, N, h, w] -> [N, h, w]: the matched pairs R_ii (DDP: [n, N, h, w] -> R_{a, text_offset + a})."""
+    return maps.diagonal(offset=text_offset, dim1=0, dim2=1).permute(2, 0, 1)
 
 
 class Stage1Loss(nn.Module):
@@ -95,6 +103,7 @@ class Stage1Loss(nn.Module):
 
     out: EHIN.forward's dict. batch: image [N,3,S,S] in [0,1], sentence list[str] (N),
     neg_sentences (N lists of K strings). Terms that are switched off are reported as 0.0.
+    Under DDP the trainer adds text_offset and text_sentences (see the module docstring).
     """
 
     def __init__(self, cfg: dict, scorer: nn.Module | None = None) -> None:
@@ -125,23 +134,24 @@ class Stage1Loss(nn.Module):
     def forward(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         maps = out["maps"].float()
         N = maps.shape[0]
+        offset = int(batch.get("text_offset", 0))  # DDP: the column of this rank's first text
         total = maps.new_zeros(())
         terms: dict[str, torch.Tensor | float] = {"fg": 0.0, "cl": 0.0, "bg": 0.0}
 
         if self.w_fg > 0:
-            fg = fg_loss(pooled_scores(maps), batch["sentence"])
+            fg = fg_loss(pooled_scores(maps), batch["sentence"], batch.get("text_sentences"), offset)
             total = total + self.w_fg * fg
             terms["fg"] = fg.detach()
 
         if self.w_cl > 0 or self.w_bg > 0:
             texts = self._texts(batch, N)  # [N, 1 + K, E]
             images = batch["image"]
-            fused = diagonal(maps)
+            fused = diagonal(maps, offset)
             # All masked images of the step go through the scorer in one call: the raw-map ones for
             # early L_CL and the fused-map ones for L_BG (and late L_CL, which shares them).
             masks, who = [], []
             if self.w_cl > 0 and self.cl_variant == "early":
-                masks.append(diagonal(out["raw_maps"].float()))
+                masks.append(diagonal(out["raw_maps"].float(), offset))
                 who.append("cl")
             if self.w_bg > 0 or self.cl_variant == "late":
                 masks.append(fused)

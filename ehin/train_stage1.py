@@ -3,6 +3,7 @@
     python -m ehin.train_stage1 --profile smoke --out runs/smoke-ehin
     python -m ehin.train_stage1 --config my.yaml --set model.n_layers=3 --set train.epochs=5 --out runs/x
     python -m ehin.train_stage1 --out runs/x --resume        # continue from runs/x/checkpoints/last.pt
+    torchrun --nproc_per_node 4 -m ehin.train_stage1 --profile paper --out runs/x   # DDP
 
 Writes into --out: config.yaml (the resolved config), metrics.jsonl (one line per epoch: losses, val
 metrics, learning rates), tb/ (the same as TensorBoard curves: `tensorboard --logdir OUT/tb`),
@@ -10,6 +11,13 @@ checkpoints/last.pt (every epoch, atomically), result.json (final metrics).
 AdamW with the backbone at lr x backbone_lr_mult, polynomial decay stepped every iteration (TRIS).
 A NaN or infinite loss stops the run naming the step and the term; the last good checkpoint stays.
 Ctrl-C prints the command that resumes the run and exits 130.
+
+Under torchrun (WORLD_SIZE > 1; or a SLURM job, bench.launch_ddp) the process group is initialised
+from the environment (NCCL on GPUs, gloo on CPU) and the model is wrapped in DistributedDataParallel.
+train.batch_size is the global batch: each step's batch is the single-process one, split evenly over
+the ranks, and each rank fuses its images with every rank's texts, so a step computes the gradient of
+the single-process loss (docs/method.md, D-DDP; ehin.distributed). BatchNorm (RN trunks) becomes
+SyncBatchNorm on GPUs. Rank 0 alone evaluates and writes; the others wait at barriers.
 """
 from __future__ import annotations
 
@@ -25,13 +33,16 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
 from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
 from ehin.cli import UserError, command
 from ehin.config import add_run_args, config_for_run, config_hash, save_config, stage1_hash
+from ehin.distributed import (RankBatches, all_gather_list, all_gather_with_grad, all_ranks, barrier,
+                              data_parallel, dist_env, init_distributed, mean_over_ranks, sync_batchnorm)
 from ehin.metrics import format_metrics
 from ehin.training_log import TrainingLog, run_summary
 
@@ -108,12 +119,38 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def train_loader(ds: Dataset, batch_size: int, gen: torch.Generator, collate_fn: Callable, num_workers: int,
+                 rank: int = 0, world: int = 1) -> DataLoader:
+    """The epoch's batches, shuffled by `gen` alone. Under DDP rank r gets the r-th slice of each
+    single-process batch (the same generator draws the same permutation), so the ranks together
+    train on exactly the batches one process would."""
+    if world == 1:
+        return DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen,
+                          collate_fn=collate_fn, num_workers=num_workers)
+    batches = BatchSampler(RandomSampler(ds, generator=gen), batch_size, drop_last=True)
+    return DataLoader(ds, batch_sampler=RankBatches(batches, rank, world), generator=gen, collate_fn=collate_fn,
+                      num_workers=num_workers)
+
+
+def forward_loss(net: torch.nn.Module, loss_fn: Callable, batch: dict, world: int = 1) -> tuple[torch.Tensor, dict]:
+    """The step's loss (total, terms). Under DDP (docs/method.md, D-DDP) `batch` is this rank's share of
+    the global batch: its images are fused with the texts of every rank (gathered with their gradient)
+    and the loss is the mean over this rank's rows, so DDP's gradient average is the gradient of the
+    global batch's loss."""
+    if world == 1:
+        return loss_fn(net(batch["image"], batch["tokens"]), batch)
+    batch = {**batch, "text_offset": dist.get_rank() * len(batch["sentence"]),
+             "text_sentences": all_gather_list(batch["sentence"])}
+    return loss_fn(net(batch["image"], batch["tokens"], gather_texts=all_gather_with_grad), batch)
+
+
 def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
         on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train stage 1 with `cfg` into `out_dir`; returns {metrics, history, timings, device}.
+    """Train stage 1 with `cfg` into `out_dir`; returns {metrics, history, timings, device, world_size}
+    (on every rank; under DDP only rank 0's metrics are real, the others get {}).
 
-    `on_epoch(entry)` sees each epoch's losses and val metrics after its checkpoint is written;
-    Optuna's pruning raises from it (bench.search).
+    `on_epoch(entry)` sees each epoch's losses and val metrics after its checkpoint is written (on
+    rank 0); Optuna's pruning raises from it (bench.search).
     """
     from ehin.data.datasets import EvalDataset, TrainDataset, train_collate
     from ehin.evaluate import evaluate, model_map_fn
@@ -127,29 +164,39 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
     ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
     if ckpt is not None:
         check_resumable(ckpt, cfg, ckpt_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
     t, d = cfg["train"], cfg["data"]
+    rank, world, device = init_distributed(resolve_device(cfg))
+    main_rank = rank == 0
+    progress = progress and main_rank
+    if main_rank:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
     if t["threads"]:
         torch.set_num_threads(int(t["threads"]))
-    device = resolve_device(cfg)
     t_start = time.time()
 
-    refer = prepare(cfg)
+    if main_rank:  # generate the dataset / pretrained CLIP once, then let the other ranks read them
+        refer = prepare(cfg)
+    barrier(world)
+    if not main_rank:
+        refer = prepare(cfg)
     seed_everything(t["seed"])
-    model = build_model(cfg).to(device)
+    model = sync_batchnorm(build_model(cfg), device, world).to(device)
     scorer = build_scorer(cfg)
     if scorer is not None:
         scorer = scorer.to(device)
     loss_fn = Stage1Loss(cfg, scorer)
     train_ds = TrainDataset(refer, d["train_split"], model.backbone.tokenize, d["image_size"], d["K"], t["seed"])
-    eval_ds = EvalDataset(refer, cfg["eval"]["split"], model.backbone.tokenize, d["image_size"],
-                          max_items=cfg["eval"]["max_items"])
-    select_ds = None
-    if cfg["eval"]["select_split"]:
-        select_ds = EvalDataset(refer, cfg["eval"]["select_split"], model.backbone.tokenize, d["image_size"],
-                                max_items=cfg["eval"]["max_items"])
+    eval_ds = select_ds = None
+    if main_rank:
+        eval_ds = EvalDataset(refer, cfg["eval"]["split"], model.backbone.tokenize, d["image_size"],
+                              max_items=cfg["eval"]["max_items"])
+        if cfg["eval"]["select_split"]:
+            select_ds = EvalDataset(refer, cfg["eval"]["select_split"], model.backbone.tokenize, d["image_size"],
+                                    max_items=cfg["eval"]["max_items"])
 
+    if t["batch_size"] % world:
+        raise UserError(f"train.batch_size {t['batch_size']} is not divisible by the {world} ranks")
     steps_per_epoch = len(train_ds) // t["batch_size"]
     if steps_per_epoch == 0:
         raise UserError(f"train split has {len(train_ds)} refs, fewer than one batch of {t['batch_size']}; "
@@ -173,24 +220,25 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
 
     amp = bool(t["amp"]) and device.type == "cuda"
     train_s = sum(h.get("train_s", 0.0) for h in history)
-    log = TrainingLog(out_dir, fresh=ckpt is None)
+    log = TrainingLog(out_dir, fresh=ckpt is None) if main_rank else None
+    # The CLIP parameters that EHIN does not use (ViT `proj`, the RN attention pooling, CLIP's own
+    # logit scale) get no gradient: DDP must be told, and leaves their .grad None as a single process does.
+    net = data_parallel(model, device, world, find_unused=True)
     for epoch in range(start_epoch, t["epochs"]):
         model.train()
         train_ds.set_epoch(epoch)
         # Shuffle from (seed, epoch) alone so a resumed run sees exactly the batches it would have.
         gen = torch.Generator().manual_seed(t["seed"] * 1_000_003 + epoch)
-        loader = DataLoader(train_ds, batch_size=t["batch_size"], shuffle=True, drop_last=True, generator=gen,
-                            collate_fn=train_collate, num_workers=d["num_workers"])
+        loader = train_loader(train_ds, t["batch_size"], gen, train_collate, d["num_workers"], rank, world)
         sums: dict[str, float] = {}
         t0 = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=not progress)
         for step, batch in enumerate(bar):
             batch = _to_device(batch, device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                out = model(batch["image"], batch["tokens"])
-                total, terms = loss_fn(out, batch)
+                total, terms = forward_loss(net, loss_fn, batch, world)
             global_step = epoch * steps_per_epoch + step
-            _check_finite(total, terms, global_step, epoch, kept=ckpt_path.exists())
+            _check_finite(total, terms, global_step, epoch, kept=ckpt_path.exists(), world=world)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -202,9 +250,14 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
                                  for k, v in {"loss": total, **terms}.items()})
         epoch_train_s = time.time() - t0
         train_s += epoch_train_s
+        sums = mean_over_ranks(sums, world, device)  # log the global batch's losses, not rank 0's share
         n = max(1, steps_per_epoch)
         entry = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "train_s": round(epoch_train_s, 2),
                  **_learning_rates(scheduler)}
+        if not main_rank:
+            history.append(entry)
+            barrier(world)  # rank 0 evaluates and writes the checkpoint
+            continue
         t1 = time.time()
         empty = [0, 0]  # maps without a positive pixel, maps
         entry.update(evaluate(_count_empty(model_map_fn(model, device, amp), empty), eval_ds,
@@ -234,11 +287,15 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
                   f"{format_metrics(entry, ('point_mask', 'iou'))}  ({epoch_train_s:.1f}s train)")
         if on_epoch is not None:
             on_epoch(entry)
-    log.close()
+        barrier(world)
+    if log is not None:
+        log.close()
 
-    result = {**run_summary(history, train_s, t_start, device), "config_hash": stage1_hash(cfg)}
-    with open(out_dir / "result.json", "w") as f:
-        json.dump(result, f, indent=1)
+    result = {**run_summary(history, train_s, t_start, device), "world_size": world,
+              "config_hash": stage1_hash(cfg)}
+    if main_rank:
+        with open(out_dir / "result.json", "w") as f:
+            json.dump(result, f, indent=1)
     return result
 
 
@@ -264,28 +321,38 @@ def _count_empty(map_fn: Callable, counts: list[int]) -> Callable:
     return fn
 
 
-def _check_finite(total: torch.Tensor, terms: dict, step: int, epoch: int, kept: bool) -> None:
-    if torch.isfinite(total).item():
+def _check_finite(total: torch.Tensor, terms: dict, step: int, epoch: int, kept: bool, world: int = 1) -> None:
+    finite = bool(torch.isfinite(total).item())
+    # Under DDP every rank stops at the same step: one that went on would wait forever in backward.
+    if all_ranks(finite, world, total.device):
         return
-    terms = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()}
-    bad = [k for k, v in terms.items() if not math.isfinite(v)] or ["total"]
     tail = ("the last good checkpoint is kept" if kept else
             "no checkpoint was written (none exists before the first epoch ends)")
+    if finite:
+        raise NonFiniteLossError(f"non-finite loss on another rank at step {step} (epoch {epoch + 1}); {tail}")
+    terms = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()}
+    bad = [k for k, v in terms.items() if not math.isfinite(v)] or ["total"]
     raise NonFiniteLossError(
         f"non-finite loss at step {step} (epoch {epoch + 1}): term(s) {', '.join(bad)} = "
         f"{', '.join(str(terms.get(k, float(total.detach()))) for k in bad)}; {tail}"
     )
 
 
-@command(also=(NonFiniteLossError,))
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ehin.train_stage1", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(p, "model.alpha=0.2")
+    return p
+
+
+@command(also=(NonFiniteLossError,))
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
     args = p.parse_args(argv)
     out = Path(args.out)
     cfg = config_for_run(p, args)
-    if args.resume and not (out / "checkpoints" / "last.pt").exists():
+    main_rank = dist_env()[0] == 0
+    if args.resume and not (out / "checkpoints" / "last.pt").exists() and main_rank:
         print(f"{out} holds no checkpoint (checkpoints/last.pt): --resume starts from scratch")
     try:
         result = run(cfg, out, resume=args.resume)
@@ -294,7 +361,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\ninterrupted; continue with: python -m ehin.train_stage1 --out {shlex.quote(str(out))} --resume",
               file=sys.stderr)
         raise SystemExit(130) from None
-    print(json.dumps(result["metrics"], indent=1))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if main_rank:
+        print(json.dumps(result["metrics"], indent=1))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,15 @@ BCE + Dice on every head (ignore pixels excluded), optional EMA teacher with MSE
 the finest head. Evaluation: ehin.evaluate.evaluate with stage=2 (foreground = logit > 0) on the
 student network.
 
-Under torchrun (WORLD_SIZE > 1) the process group is initialised from the environment (NCCL on
-GPUs, gloo on CPU); stage2.batch_size is the global batch, split evenly over the ranks; a
-DistributedSampler shards each epoch's permutation. Rank 0 evaluates and writes; the others wait.
+Under torchrun (WORLD_SIZE > 1; or a SLURM job, bench.launch_ddp --stage 2) the process group is
+initialised from the environment (NCCL on GPUs, gloo on CPU); stage2.batch_size is the global batch,
+split evenly over the ranks; a DistributedSampler shards each epoch's permutation. Rank 0 evaluates
+and writes; the others wait.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,6 +34,7 @@ from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
 from ehin.cli import UserError, command
 from ehin.config import add_run_args, config_for_run, config_hash, save_config
+from ehin.distributed import barrier, data_parallel, dist_env, init_distributed, mean_over_ranks
 from ehin.metrics import format_metrics
 from ehin.training_log import TrainingLog, run_summary
 
@@ -97,36 +98,6 @@ def collate(batch: list[dict]) -> dict:
     return out
 
 
-# ---- distributed helpers ------------------------------------------------------------------------------
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def init_distributed(cfg: dict) -> tuple[int, int, torch.device]:
-    """Initialise the process group if torchrun started us; returns (rank, world, device)."""
-    from ehin.train_stage1 import resolve_device
-
-    rank, world, local = dist_env()
-    device = resolve_device(cfg)
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(local)
-            device = torch.device("cuda", local)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
 def check_pseudo_labels(labels, refer, cfg: dict) -> None:
     """Refuse pseudo-labels made for another dataset, split or image size than the config trains on."""
     from ehin.pseudo_labels.pipeline import split_digest
@@ -166,11 +137,11 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
     from ehin.pseudo_labels.pipeline import load_pseudo_labels
     from ehin.stage2.losses import EMATeacher, Stage2Loss, consistency
     from ehin.stage2.model import build_stage2
-    from ehin.train_stage1 import prepare, seed_everything
+    from ehin.train_stage1 import prepare, resolve_device, seed_everything
 
     out_dir = Path(out_dir)
     s2, t, d = cfg["stage2"], cfg["train"], cfg["data"]
-    rank, world, device = init_distributed(cfg)
+    rank, world, device = init_distributed(resolve_device(cfg))
     main_rank = rank == 0
     progress = progress and main_rank
     if main_rank:
@@ -222,10 +193,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
             print(f"resuming {out_dir} from epoch {start_epoch}")
 
     log = TrainingLog(out_dir, fresh=start_epoch == 0) if main_rank else None  # metrics.jsonl and tb/
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = data_parallel(model, device, world)
     eval_ds = None
     if main_rank:
         eval_ds = EvalDataset(refer, cfg["eval"]["split"], model.backbone.tokenize, d["image_size"],
@@ -278,11 +246,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
                 bar.set_postfix({k: f"{float(v):.3f}" for k, v in {"loss": total.detach(), **terms}.items()})
         epoch_train_s = time.time() - t0
         train_s += epoch_train_s
-        if world > 1:  # log the global batch's losses, not rank 0's half
-            keys = sorted(sums)
-            vec = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
-            dist.all_reduce(vec)
-            sums = {k: float(v) / world for k, v in zip(keys, vec)}
+        sums = mean_over_ranks(sums, world, device)  # log the global batch's losses, not rank 0's share
         entry = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()},
                  "train_s": round(epoch_train_s, 2), "lr": optimizer.param_groups[-1]["lr"]}
         if main_rank:
@@ -322,12 +286,17 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
     return result
 
 
-@command
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ehin.train_stage2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pseudo", required=True, help="pseudo-label file from python -m ehin.pseudo_labels")
     add_run_args(p, "stage2.epochs=5")
+    return p
+
+
+@command
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
     args = p.parse_args(argv)
     out = Path(args.out)
     cfg = config_for_run(p, args)

@@ -133,6 +133,47 @@ class StubScorer(nn.Module):
         return self.table.expand(len(maps), -1) + 0 * maps.sum()
 
 
+class MapScorer(nn.Module):
+    """S[b, m] = sigmoid(mean of map b) * len(sentence m) / 40: depends on which map and which text."""
+
+    def encode_texts(self, tokens, keys):
+        return torch.tensor([[len(k) / 40] for k in keys])
+
+    def score_masked(self, images01, maps, text_feats):
+        return torch.sigmoid(maps.mean((1, 2)))[:, None] * text_feats[..., 0]
+
+
+@pytest.mark.parametrize("variant", ["early", "late"])
+def test_rank_rows_of_the_loss_average_to_the_global_loss(variant):
+    """DDP (docs/method.md D-DDP): rank r holds rows 2r, 2r+1 of the 4 x 4 maps, its own texts from
+    column text_offset = 2r and the global batch's sentences as the columns; the mean of the two
+    ranks' losses is the single-process loss, term by term (the same-sentence mask of L_FG across
+    ranks included: rows 0 and 3 share their sentence)."""
+    N = 4
+    sentences = ["red circle", "blue square", "green triangle", "red circle"]
+    negatives = [["blue square", "big circle"], ["red circle", "tiny square"], ["red circle", "blue square"],
+                 ["green triangle", "tiny square"]]
+    g = torch.Generator().manual_seed(0)
+    out = {"maps": torch.randn(N, N, 2, 2, generator=g), "raw_maps": torch.randn(N, N, 2, 2, generator=g)}
+    batch = {"image": torch.rand(N, 3, 8, 8, generator=g), "sentence": sentences, "neg_sentences": negatives}
+    loss = Stage1Loss(tiny_cfg(**{"loss.cl_variant": variant}), MapScorer())
+    total, terms = loss(out, batch)
+    parts = []
+    for r in range(2):
+        rows = slice(2 * r, 2 * r + 2)
+        part = {"image": batch["image"][rows], "sentence": sentences[rows], "neg_sentences": negatives[rows],
+                "text_offset": 2 * r, "text_sentences": sentences}
+        parts.append(loss({k: v[rows] for k, v in out.items()}, part))
+    torch.testing.assert_close((parts[0][0] + parts[1][0]) / 2, total)
+    for k in ("fg", "cl", "bg"):
+        torch.testing.assert_close((parts[0][1][k] + parts[1][1][k]) / 2, terms[k])
+    # the ranks' own 2 x 2 blocks (no gathered texts) give another loss
+    own = [loss({k: v[rows][:, rows] for k, v in out.items()},
+                {"image": batch["image"][rows], "sentence": sentences[rows], "neg_sentences": negatives[rows]})
+           for rows in (slice(0, 2), slice(2, 4))]
+    assert not torch.allclose((own[0][0] + own[1][0]) / 2, total, rtol=1e-3)
+
+
 @pytest.mark.parametrize("variant", ["early", "late"])
 def test_stage1_loss_total_and_mask_choice(variant):
     N, K = 3, 2

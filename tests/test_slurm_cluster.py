@@ -1,17 +1,20 @@
 """Real submitit jobs on the local SLURM cluster (fixture `slurm_cluster`, tests/slurm_fixture.py).
 
-Every job runs stdlib functions (pickled by reference) so the worker needs nothing from tests/.
+Every job runs stdlib functions (pickled by reference) so the worker needs nothing from tests/; the
+DDP job runs bench.jobs.DistributedTraining, imported from this repository (PYTHONPATH).
 Each wait has its own deadline (a thread around `job.result()`), so a job whose failure submitit
 could not see (no sacct record) fails the test instead of hanging the suite.
 """
 from __future__ import annotations
 
+import json
 import math
 import operator
 import os
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import submitit
@@ -29,14 +32,14 @@ def no_result_grace(job, seconds: int = 1):
     return job
 
 
-def result_within(job, timeout: float = DEADLINE_S):
-    """job.result() in a daemon thread; returns the value / re-raises its exception, or fails the
-    test if it has not returned after `timeout` seconds."""
+def result_within(job, timeout: float = DEADLINE_S, *, tasks: bool = False):
+    """job.result() (job.results(), every task's, with `tasks`) in a daemon thread; returns the value /
+    re-raises its exception, or fails the test if it has not returned after `timeout` seconds."""
     box: dict = {}
 
     def target():
         try:
-            box["value"] = job.result()
+            box["value"] = job.results() if tasks else job.result()
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             box["error"] = exc
 
@@ -157,3 +160,22 @@ def test_sacct_lists_the_jobs(executor, slurm_cluster):
         time.sleep(0.5)
     assert top and top[0][1:] == expected, out
     assert any(r[0].startswith(f"{job.job_id}.") for r in rows), out   # its steps too
+
+
+def test_ddp_training_as_one_job_of_two_tasks(slurm_cluster, tmp_path, monkeypatch):
+    """bench.executors.submit_distributed: one job of 1 node x 2 tasks (1 CPU each, gloo) trains the tiny
+    stage 1 of tests/test_ddp.py; each task is one DDP rank, from the environment submitit exports."""
+    from bench.executors import SlurmOptions, submit_distributed
+    from ehin.config import load_config
+    from tests.test_ddp import TINY
+
+    repo = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
+    cfg = load_config(profile="smoke", overrides=TINY)
+    opts = SlurmOptions(partition=slurm_cluster.partition, time_min=5, cpus_per_task=1, tasks_per_node=2)
+    job = no_result_grace(submit_distributed("1", cfg, tmp_path / "run", opts))
+    ranks = result_within(job, 300, tasks=True)  # one result per task, in rank order
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["metrics"]["n"] == 16 and ranks[1]["metrics"] == {}  # rank 0 alone evaluates
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["world_size"] == 2
+    assert sacct_states([job.job_id]).get(job.job_id) == "COMPLETED"

@@ -8,13 +8,15 @@
 
 `forward` fuses every (image i, text j) pair of the batch (D6) and returns the N x N response maps
 plus the "raw" maps logit_scale * <V_i[p], L_j> before HIPM (the early maps of L_CL, Fig. 7).
+Under DDP (docs/method.md, D-DDP) a rank holds n of the N images and texts; `gather_texts` brings
+in the other ranks' sentence features, so the rank computes its n rows of the N x N maps.
 `predict` fuses only the matched pairs (i, i): O(B), not O(B^2), and returns the raw R_ii; the ReLU
 comes after upsampling, in `ehin.metrics.stage1_map` (METHOD §3.6).
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -58,10 +60,16 @@ class EHIN(nn.Module):
         return self.logit_scale * torch.einsum("...chw,...c->...hw", v_f, l_f)
 
     # ---- public API -------------------------------------------------------------------------------
-    def forward(self, images01: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images01: torch.Tensor, tokens: torch.Tensor,
+                gather_texts: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """images01 [N,3,S,S] in [0,1], tokens [N,20] -> dict(maps [N,N,h,w] fused R_ij (image i, text j),
-        raw_maps [N,N,h,w] = logit_scale <V_i, L_j> before HIPM, logit_scale)."""
+        raw_maps [N,N,h,w] = logit_scale <V_i, L_j> before HIPM, logit_scale).
+
+        gather_texts (DDP): maps this rank's sentence features L [n, C_d] to the global batch's
+        [N, C_d] (`ehin.distributed.all_gather_with_grad`); the maps are then [n, N, h, w]."""
         vis, lan = self.features(images01, tokens)
+        if gather_texts is not None:
+            lan = gather_texts(lan)
         scale = self.logit_scale
         raw = scale * torch.einsum("ichw,jc->ijhw", vis, lan)  # early maps for L_CL (Fig. 7, METHOD §4)
         maps = self._fuse(vis, lan, pairwise=True)  # D6: every (image, text) pair

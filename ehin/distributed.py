@@ -1,0 +1,146 @@
+"""Data-parallel training helpers shared by both trainers (torchrun, or a SLURM job through submitit).
+
+Without a launcher's environment (WORLD_SIZE unset or 1) nothing here starts a process group and the
+trainers run their single-process code unchanged. Under torchrun each rank holds its slice of the
+global batch; rank 0 alone evaluates and writes, the others wait at barriers.
+
+Stage 1 needs more than DDP's gradient average (docs/method.md, D-DDP): EHIN fuses every image of the
+batch with every text and its losses couple them (L_FG's N x N matrix, the softmax over all N texts),
+so each rank fuses its own images with the texts of every rank (`all_gather_with_grad`), and the
+gradient DDP averages is the gradient of the single-process loss on the global batch.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import Sampler
+
+# Rank 0 evaluates while the others wait in a barrier: NCCL's default timeout (10 min) would kill a
+# long evaluation of the paper profile. Gloo's default is 30 min.
+TIMEOUT = datetime.timedelta(hours=2)
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's (or submitit's) environment; (0, 1, 0) without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Initialise the process group if a launcher started us (NCCL on GPUs, gloo on CPU);
+    returns (rank, world, this rank's device)."""
+    rank, world, local = dist_env()
+    if world > 1:
+        if device.type == "cuda":
+            # One GPU per rank; a SLURM task may be shown only its own GPU (then local % 1 = 0).
+            device = torch.device("cuda", local % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    return rank, world, device
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def data_parallel(model: nn.Module, device: torch.device, world: int, *, find_unused: bool = False) -> nn.Module:
+    """`model` itself in a single process, else wrapped in DistributedDataParallel (which averages
+    the gradients over the ranks in backward)."""
+    if world <= 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=find_unused)
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """Under DDP, BatchNorm layers in training mode (the RN trunks) normalise with the statistics of the
+    global batch, as the single process does: SyncBatchNorm. torch runs it on GPUs only, so a CPU run
+    keeps per-rank statistics (it then differs from the single-process run) and says so."""
+    if world <= 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters, optimiser unaffected
+    if dist_env()[0] == 0:
+        print("warning: BatchNorm on CPU under DDP uses each rank's own batch statistics (torch's "
+              "SyncBatchNorm needs GPUs)", file=sys.stderr)
+    return model
+
+
+def mean_over_ranks(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """The mean over the ranks of each value (the global batch's losses, not rank 0's share)."""
+    if world <= 1:
+        return values
+    keys = sorted(values)  # the same order on every rank
+    vec = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(vec)
+    mean = {k: float(v) / world for k, v in zip(keys, vec)}
+    return {k: mean[k] for k in values}
+
+
+def all_ranks(flag: bool, world: int, device: torch.device) -> bool:
+    """True when `flag` holds on every rank (so that all ranks stop together, none waits forever)."""
+    if world <= 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's x [n, ...] into [world * n, ...] (rank order), keeping the gradient.
+
+    Rank r's loss L_r depends on every rank's rows, so the gradient reaching this rank's x is the
+    sum over ranks of dL_r/dx: backward all-reduces (sums) the gradient of the whole concatenation
+    and keeps this rank's rows. DDP then averages the parameter gradients over the ranks, which
+    gives the gradient of mean_r L_r, the global batch's loss (docs/method.md, D-DDP)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()  # all_reduce works in place; autograd's tensor is not ours
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x, concatenated in rank order, differentiable (see `_GatherWithGrad`)."""
+    return _GatherWithGrad.apply(x)
+
+
+def all_gather_list(items: Sequence) -> list:
+    """Every rank's list of picklable items, concatenated in rank order."""
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+class RankBatches(Sampler[list[int]]):
+    """Rank `rank`'s slice of each batch that `batches` yields: the ranks together see exactly those
+    batches (e.g. the single-process BatchSampler's), each rank len(batch) / world items of each."""
+
+    def __init__(self, batches: Iterable[list[int]], rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            n = len(batch) // self.world
+            yield batch[self.rank * n:(self.rank + 1) * n]
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
