@@ -4,6 +4,9 @@ All three go through `dispatch`, which keeps a live view (done / running / faile
 an ETA) and never lets one failed cell stop the others: a failure is reported with its log path
 and the last line of its error, and the sweep goes on.
 
+A job is a `Runner` called with one spec: `bench.jobs.CellRunner` for the cells of a sweep (the
+default), `bench.search.worker.SearchWorker` for the workers of a hyper-parameter search.
+
 `submit_distributed` submits one training as one SLURM job of nodes x tasks_per_node DDP ranks
 (`python -m bench.launch_ddp`).
 """
@@ -15,11 +18,11 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import submitit
 
-from bench.jobs import CellRunner, CellSpec, DistributedTraining
+from bench.jobs import CellRunner, DistributedTraining
 
 EXECUTORS = ("inline", "local", "slurm")
 
@@ -37,14 +40,15 @@ class SlurmOptions:
     tasks_per_node: int = 1                          # DDP ranks per node (one per GPU)
 
 
-def add_slurm_args(p: argparse.ArgumentParser) -> None:
-    """The SLURM options of bench.run and bench.launch_ddp (`slurm_options` reads them back)."""
+def add_slurm_args(p: argparse.ArgumentParser, *, time_min: int = 60, job: str = "job") -> None:
+    """The SLURM options of bench.run, bench.search and bench.launch_ddp (`slurm_options` reads them
+    back); `job` names what one SLURM job is in the help ("worker" for a search)."""
     g = p.add_argument_group("slurm")
-    g.add_argument("--slurm-partition")
-    g.add_argument("--slurm-time", type=int, default=60, help="minutes per job")
-    g.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per job (per node for bench.launch_ddp)")
-    g.add_argument("--slurm-cpus", type=int, default=2, help="CPUs per job (per task for bench.launch_ddp)")
-    g.add_argument("--slurm-mem-gb", type=float)
+    g.add_argument("--slurm-partition", help="partition to submit to (default: the cluster's default)")
+    g.add_argument("--slurm-time", type=int, default=time_min, help=f"minutes per {job} (default {time_min})")
+    g.add_argument("--slurm-gpus", type=int, default=0, help=f"GPUs per {job} (per node for bench.launch_ddp)")
+    g.add_argument("--slurm-cpus", type=int, default=2, help=f"CPUs per {job} (per task for bench.launch_ddp)")
+    g.add_argument("--slurm-mem-gb", type=float, help=f"memory per {job} in GB (default: the partition's)")
     g.add_argument("--slurm-setup", action="append", default=[], help="a shell line run before the job")
 
 
@@ -65,18 +69,36 @@ def slurm_params(opts: SlurmOptions) -> dict:
     return params
 
 
+class Runner(Protocol):
+    """A job: picklable (submitit sends it to the job's process) and called there with one spec."""
+
+    def __call__(self, spec: Any) -> Any: ...
+
+    def label(self, spec: Any) -> str:
+        """The job's name in the live view and in a failure's line."""
+
+    def error_log(self, spec: Any) -> str | None:
+        """Where an inline (in-process) run that raised left its traceback; None: on stderr only."""
+
+
 @dataclass
 class Outcome:
-    spec: CellSpec
+    spec: Any                       # a CellSpec, or the spec of another Runner
     ok: bool
     seconds: float
     record: dict | None = None
     error: str | None = None
     log: str | None = None
 
+    def summary(self, label: str) -> str:
+        """`label: error`, and the log's path on a second line where there is one."""
+        return f"{label}: {self.error}" + (f"\n         log: {self.log}" if self.log else "")
+
 
 class LiveView:
     """One status line, rewritten in place on a terminal and printed on change otherwise."""
+
+    prefix = "[sweep]"
 
     def __init__(self, total: int, parallel: int, stream=None):
         self.total, self.parallel, self.stream = total, max(1, parallel), stream or sys.stderr
@@ -90,9 +112,9 @@ class LiveView:
         if self.durations:
             mean = sum(self.durations) / len(self.durations)
             remaining = (pending + running) * mean / min(self.parallel, max(1, pending + running))
-            eta = f" | ETA {_fmt(remaining)}"
-        line = (f"[sweep] {done}/{self.total} done, {running} running, {failed} failed, {pending} pending"
-                f" | {_fmt(time.time() - self.start)} elapsed{eta}")
+            eta = f" | ETA {hms(remaining)}"
+        line = (f"{self.prefix} {done}/{self.total} done, {running} running, {failed} failed, {pending} pending"
+                f" | {hms(time.time() - self.start)} elapsed{eta}")
         if line == self._last:
             return
         self._last = line
@@ -109,9 +131,15 @@ class LiveView:
         self.stream.flush()
         self._last = ""
 
+    def submitted(self, job: submitit.Job, label: str) -> None:
+        """A job was handed to submitit (local or SLURM). Nothing to say: the line counts it as running."""
+
+    def failed(self, label: str, outcome: Outcome) -> None:
+        self.note(f"{self.prefix} FAILED {outcome.summary(label)}")
+
 
 def dispatch(
-    specs: Sequence[CellSpec],
+    specs: Sequence[Any],
     executor: str = "inline",
     *,
     jobs: int = 1,
@@ -119,24 +147,32 @@ def dispatch(
     slurm: SlurmOptions | None = None,
     poll_s: float = 1.0,
     on_outcome: Callable[[Outcome], None] | None = None,
+    runner: Runner | None = None,
+    view: LiveView | None = None,
+    local_timeout_min: int = 24 * 60,
 ) -> list[Outcome]:
+    """Run `runner(spec)` for every spec (default: `CellRunner`, specs are `CellSpec`s) on `executor`,
+    at most `jobs` at a time locally. `view` replaces the sweep's status line (a search shows its
+    study's progress instead); `local_timeout_min` is a local job's time limit (SLURM's is `slurm`'s)."""
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
     if not specs:
         return []
+    runner = runner or CellRunner()
     if executor == "inline":
-        return _run_inline(specs, on_outcome)
+        return _run_inline(specs, runner, view or LiveView(len(specs), 1), on_outcome)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if executor == "local":
-        return _run_local(specs, jobs, folder, poll_s, on_outcome)
-    return _run_slurm(specs, slurm or SlurmOptions(), folder, poll_s, on_outcome)
+        return _run_local(specs, runner, view or LiveView(len(specs), jobs), jobs, folder, poll_s, on_outcome,
+                          local_timeout_min)
+    opts = slurm or SlurmOptions()
+    return _run_slurm(specs, runner, view or LiveView(len(specs), opts.array_parallelism), opts, folder, poll_s,
+                      on_outcome)
 
 
-def _run_inline(specs, on_outcome) -> list[Outcome]:
-    view = LiveView(len(specs), 1)
+def _run_inline(specs, runner: Runner, view: LiveView, on_outcome) -> list[Outcome]:
     outcomes: list[Outcome] = []
-    runner = CellRunner()
     for spec in specs:
         view.update(sum(o.ok for o in outcomes), 1, sum(not o.ok for o in outcomes))
         t0 = time.time()
@@ -144,9 +180,8 @@ def _run_inline(specs, on_outcome) -> list[Outcome]:
             record = runner(spec)
             outcome = Outcome(spec, True, time.time() - t0, record=record)
         except Exception as e:  # one failed cell never stops the sweep
-            log = str(Path(spec.run_dir) / "error.txt")
-            outcome = Outcome(spec, False, time.time() - t0, error=_last_line(e), log=log)
-            view.note(f"[sweep] FAILED {spec.cell_id}: {outcome.error}\n         log: {log}")
+            outcome = Outcome(spec, False, time.time() - t0, error=last_line(e), log=runner.error_log(spec))
+            view.failed(runner.label(spec), outcome)
             traceback.print_exc(limit=3)
         view.durations.append(outcome.seconds)
         outcomes.append(outcome)
@@ -171,23 +206,25 @@ def gpu_slot(index: int, n_gpus: int) -> dict:
     return dict(gpus_per_node=1, visible_gpus=(index % n_gpus,)) if n_gpus else {}
 
 
-def _run_local(specs, jobs, folder, poll_s, on_outcome) -> list[Outcome]:
+def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_outcome,
+               timeout_min: int) -> list[Outcome]:
     ex = submitit.LocalExecutor(folder=str(folder / "%j"))
-    ex.update_parameters(timeout_min=24 * 60)
+    ex.update_parameters(timeout_min=timeout_min)
     n_gpus = local_gpus()
     submitted = 0
     queue = list(specs)
-    running: list[tuple[submitit.Job, CellSpec, float]] = []
+    running: list[tuple[submitit.Job, Any, float]] = []
     outcomes: list[Outcome] = []
-    view = LiveView(len(specs), jobs)
     # LocalExecutor starts every submitted job at once, so keep at most `jobs` in flight.
     while queue or running:
         while queue and len(running) < max(1, jobs):
             spec = queue.pop(0)
             ex.update_parameters(**gpu_slot(submitted, n_gpus))
-            running.append((ex.submit(CellRunner(), spec), spec, time.time()))
+            job = ex.submit(runner, spec)
+            view.submitted(job, runner.label(spec))
+            running.append((job, spec, time.time()))
             submitted += 1
-        running = _harvest(running, outcomes, view, on_outcome)
+        running = _harvest(running, outcomes, runner, view, on_outcome)
         view.update(sum(o.ok for o in outcomes), len(running), sum(not o.ok for o in outcomes))
         if running:
             time.sleep(poll_s)
@@ -195,18 +232,20 @@ def _run_local(specs, jobs, folder, poll_s, on_outcome) -> list[Outcome]:
     return outcomes
 
 
-def _run_slurm(specs, opts: SlurmOptions, folder, poll_s, on_outcome) -> list[Outcome]:
+def _run_slurm(specs, runner: Runner, view: LiveView, opts: SlurmOptions, folder, poll_s,
+               on_outcome) -> list[Outcome]:
     if opts.nodes != 1 or opts.tasks_per_node != 1:
         raise ValueError("a sweep cell runs as one SLURM task; nodes / tasks_per_node are for submit_distributed")
     ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")
     ex.update_parameters(**slurm_params(opts), slurm_array_parallelism=opts.array_parallelism)
     t0 = time.time()
-    submitted = ex.map_array(CellRunner(), list(specs))  # one job array for the whole sweep
+    submitted = ex.map_array(runner, list(specs))  # one job array for the whole sweep
+    for job, spec in zip(submitted, specs):
+        view.submitted(job, runner.label(spec))
     pending = [(job, spec, t0) for job, spec in zip(submitted, specs)]
     outcomes: list[Outcome] = []
-    view = LiveView(len(specs), opts.array_parallelism)
     while pending:
-        pending = _harvest(pending, outcomes, view, on_outcome)
+        pending = _harvest(pending, outcomes, runner, view, on_outcome)
         running = sum(1 for job, _, _ in pending if job.state in ("RUNNING", "COMPLETING"))
         view.update(sum(o.ok for o in outcomes), running, sum(not o.ok for o in outcomes))
         if pending:
@@ -240,7 +279,7 @@ def submit_distributed(stage: str, cfg: dict, out_dir: str | Path, opts: SlurmOp
     return ex.submit(DistributedTraining(), stage, cfg, str(out_dir), None if pseudo is None else str(pseudo))
 
 
-def _harvest(in_flight: list, outcomes: list[Outcome], view: LiveView, on_outcome) -> list:
+def _harvest(in_flight: list, outcomes: list[Outcome], runner: Runner, view: LiveView, on_outcome) -> list:
     """Collect the finished (job, spec, t0) of `in_flight` into `outcomes`; return those still running."""
     still = []
     for job, spec, t0 in in_flight:
@@ -251,28 +290,30 @@ def _harvest(in_flight: list, outcomes: list[Outcome], view: LiveView, on_outcom
         outcomes.append(outcome)
         view.durations.append(outcome.seconds)
         if not outcome.ok:
-            view.note(f"[sweep] FAILED {spec.cell_id}: {outcome.error}\n         log: {outcome.log}")
+            view.failed(runner.label(spec), outcome)
         if on_outcome:
             on_outcome(outcome)
     return still
 
 
-def _collect(job: submitit.Job, spec: CellSpec, t0: float) -> Outcome:
+def _collect(job: submitit.Job, spec: Any, t0: float) -> Outcome:
     seconds = time.time() - t0
     log = str(job.paths.stderr)
     try:
         record = job.result()
         return Outcome(spec, True, seconds, record=record, log=log)
     except Exception as e:
-        return Outcome(spec, False, seconds, error=_last_line(e), log=log)
+        return Outcome(spec, False, seconds, error=last_line(e), log=log)
 
 
-def _last_line(e: BaseException) -> str:
+def last_line(e: BaseException) -> str:
+    """`TypeName: the last line of its message`: an error in one line of a report."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[-1] if text else ''}"
 
 
-def _fmt(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """A duration as m:ss, or h:mm:ss from an hour."""
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
         f"{seconds // 60}:{seconds % 60:02d}"

@@ -93,6 +93,12 @@ class CellRunner(submitit.helpers.Checkpointable):
         # Requeue the same cell; the trainer resumes from <run_dir>/checkpoints/last.pt.
         return submitit.helpers.DelayedSubmission(CellRunner(), spec)
 
+    def label(self, spec: CellSpec) -> str:
+        return spec.cell_id
+
+    def error_log(self, spec: CellSpec) -> str:
+        return str(Path(spec.run_dir) / "error.txt")  # written by __call__ before it re-raises
+
 
 def _nested(flat: dict[str, Any]) -> dict:
     from ehin.config import dotted_to_nested
