@@ -63,7 +63,7 @@ def region_means(values: torch.Tensor, weights: dict[str, torch.Tensor]) -> dict
 def cl_pull(scorer, image: torch.Tensor, m: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For one map [h, w] under the frozen scorer (Eq. 15-16, as in training): S for each text [M]
     and the pull -dL_CL/dR [h, w], from one pass."""
-    from ehin.losses import cl_loss
+    from ehin.model.eclm import cl_loss
 
     with torch.enable_grad():
         m = m.detach().clone().requires_grad_(True)
@@ -83,7 +83,7 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
 
     from ehin.backbones import tokenize
     from ehin.data.datasets import EvalDataset, resize_mask
-    from ehin.losses import cl_loss
+    from ehin.model.eclm import cl_loss
     from ehin.model.scorer import build_frozen_scorer
     from ehin.train_stage1 import prepare
 
