@@ -88,12 +88,12 @@ def _pseudo_matches(path: Path, ckpt: Path, cfg: dict) -> bool:
 
 @command
 def main(argv: list[str] | None = None) -> None:
-    """python -m ehin.pipeline --profile smoke [--set KEY=VALUE ...] --out runs/two-stage"""
+    """python -m ehin.two_stage --profile smoke [--set KEY=VALUE ...] --out runs/two-stage"""
     import argparse
 
     from ehin.config import load_config
 
-    p = argparse.ArgumentParser(prog="python -m ehin.pipeline", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ehin.two_stage", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config merged over the base (and profile)")
     p.add_argument("--profile", help="smoke | synthetic | paper")
