@@ -1,9 +1,9 @@
 """What the frozen scorer of L_CL / L_BG rewards: S (Eq. 16) of an image under ground-truth masks,
 and, with --run, under a trained model's own maps.
 
-    python -m bench.scorer_probe                      # synthetic profile, 400 val expressions
-    python -m bench.scorer_probe --profile smoke --set scorer.arch=clip-tiny-rn
-    python -m bench.scorer_probe --run results/synthetic/runs/table5/bg+fg+cl/seed0-...
+    python -m ehin.diagnostics.scorer_probe                      # synthetic profile, 400 val expressions
+    python -m ehin.diagnostics.scorer_probe --profile smoke --set scorer.arch=clip-tiny-rn
+    python -m ehin.diagnostics.scorer_probe --run results/synthetic/runs/table5/bg+fg+cl/seed0-...
 
 L_CL (Eq. 15) pulls the mask of the referred object towards the masks the scorer likes best for the
 positive sentence and worst for the same-image negatives. This probe puts the ground-truth masks
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ehin.cli import command
-from ehin.model.scorer_criteria import same_image_negatives, variant_masks  # noqa: F401  (re-exported)
+from ehin.model.scorer_criteria import same_image_negatives, variant_masks
 
 VARIANTS = ("full", "ref_only", "ref+bg", "bg_only", "hide_ref", "objects")
 MODEL_ROWS = ("early", "fused")
@@ -138,7 +138,7 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
 def main(argv: list[str] | None = None) -> None:
     from ehin.config import load_config
 
-    p = argparse.ArgumentParser(prog="python -m bench.scorer_probe", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ehin.diagnostics.scorer_probe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="synthetic")
     p.add_argument("--config")
