@@ -6,6 +6,7 @@ and the last line of its error, and the sweep goes on.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import traceback
@@ -29,6 +30,25 @@ class SlurmOptions:
     mem_gb: float | None = None
     setup: list[str] = field(default_factory=list)   # e.g. ["module load cuda/12.4"]
     array_parallelism: int = 64
+
+
+def add_slurm_args(p: argparse.ArgumentParser, per: str, time_min: int) -> None:
+    """The --slurm-* options of bench.run and bench.search; `per` names what one SLURM job runs."""
+    g = p.add_argument_group("slurm")
+    g.add_argument("--slurm-partition", help="partition (default: the cluster's default partition)")
+    g.add_argument("--slurm-time", type=int, default=time_min, help=f"minutes per {per} (default: {time_min})")
+    g.add_argument("--slurm-gpus", type=int, default=0, help=f"GPUs per {per} (default: 0)")
+    g.add_argument("--slurm-cpus", type=int, default=2, help=f"CPUs per {per} (default: 2)")
+    g.add_argument("--slurm-mem-gb", type=float, help=f"memory per {per} in GB (default: the partition's)")
+    g.add_argument("--slurm-setup", action="append", default=[],
+                   help="a shell line run before the job (repeatable; default: none)")
+
+
+def slurm_options(args: argparse.Namespace, array_parallelism: int) -> SlurmOptions:
+    """SlurmOptions from the options `add_slurm_args` declared."""
+    return SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time, gpus_per_node=args.slurm_gpus,
+                        cpus_per_task=args.slurm_cpus, mem_gb=args.slurm_mem_gb, setup=args.slurm_setup,
+                        array_parallelism=array_parallelism)
 
 
 @dataclass

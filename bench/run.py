@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench.executors import EXECUTORS, SlurmOptions, dispatch
+from bench.executors import EXECUTORS, add_slurm_args, dispatch, slurm_options
 from bench.jobs import CellSpec
 from bench.store import ResultStore, cell_id
 from ehin.cli import command
@@ -129,21 +129,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="local (default): submitit local processes, --jobs at once, the cores shared "
                         "between them; inline: this process, one cell after another; slurm: SLURM job arrays")
     p.add_argument("--seeds", type=positive_int, help="seeds per row (default: 1 smoke, 3 synthetic, 1 paper)")
-    p.add_argument("--jobs", type=int, default=2, help="cells at once with --executor local / slurm array")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="cells at once with --executor local, array tasks at once with slurm (default: 2)")
     p.add_argument("--results", help="results folder holding store.jsonl (default results/<profile>)")
-    p.add_argument("--reports", default="reports", help="where rendered tables and plots go")
-    p.add_argument("--rows", help="comma-separated subset of rows")
+    p.add_argument("--reports", default="reports", help="where rendered tables and plots go (default: reports)")
+    p.add_argument("--rows", help="comma-separated subset of rows (default: every row)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every cell (changes the cells' config hash)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
-    p.add_argument("--no-render", action="store_true")
-    g = p.add_argument_group("slurm")
-    g.add_argument("--slurm-partition")
-    g.add_argument("--slurm-time", type=int, default=60, help="minutes per job")
-    g.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per job")
-    g.add_argument("--slurm-cpus", type=int, default=2, help="CPUs per job")
-    g.add_argument("--slurm-mem-gb", type=float)
-    g.add_argument("--slurm-setup", action="append", default=[], help="a shell line run before the job")
+    p.add_argument("--no-render", action="store_true", help="run the cells without rendering the tables")
+    add_slurm_args(p, "job", 60)
     args = p.parse_args(argv)
 
     names = list_sweeps() if args.table == "all" else [t for t in args.table.split(",") if t]
@@ -182,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         if todo:
             prepare_prerequisites(todo)
             outcomes = dispatch(todo, args.executor, jobs=args.jobs, folder=root / "submitit",
-                                slurm=SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time,
-                                                   gpus_per_node=args.slurm_gpus, cpus_per_task=args.slurm_cpus,
-                                                   mem_gb=args.slurm_mem_gb, setup=args.slurm_setup,
-                                                   array_parallelism=args.jobs))
+                                slurm=slurm_options(args, array_parallelism=args.jobs))
             failed += sum(not o.ok for o in outcomes)
         if not args.no_render:
             out = render(sweep, args.profile, root, args.reports, seeds, failed_rows(specs, store, outcomes), extra)

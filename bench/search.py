@@ -47,7 +47,7 @@ import yaml
 from filelock import FileLock
 from optuna.trial import FrozenTrial, TrialState
 
-from bench.executors import EXECUTORS, SlurmOptions
+from bench.executors import EXECUTORS, SlurmOptions, add_slurm_args, slurm_options
 from ehin.config import PROFILES, ConfigError, config_hash, dotted_to_nested, get, load_config
 from ehin.cli import UserError, command
 from ehin.metrics import METRIC_KEYS, PAPER_COLUMNS
@@ -956,7 +956,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="parallel workers (jobs), each running trials until "
                                                           "the budget is used (default 1)")
     p.add_argument("--executor", default="inline", choices=EXECUTORS,
-                   help="inline: this process; local: submitit processes; slurm: a SLURM job array")
+                   help="inline: this process; local: submitit processes; slurm: a SLURM job array "
+                        "(default: inline)")
     p.add_argument("--storage", help="RDB URL (sqlite:///x.db, postgresql://...) or journal file path "
                                      "(default: RESULTS/<study>/journal.log)")
     p.add_argument("--study", help="study name (default: <space>-<profile>); an existing study is continued")
@@ -967,21 +968,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="results/search", help="study folders go here (default results/search)")
     p.add_argument("--reports", default="reports", help="reports go to REPORTS/search/<study>/ (default reports)")
     g = p.add_argument_group("fault tolerance")
-    g.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
+    g.add_argument("--heartbeat", type=int, default=30,
+                   help="seconds between a running trial's heartbeats (default 30)")
     g.add_argument("--grace", type=int, default=120, help="seconds without a heartbeat before a trial is "
-                                                          "failed and retried")
+                                                          "failed and retried (default 120)")
     g.add_argument("--max-retry", type=int, default=3, help="retries of one killed trial (default 3)")
     g = p.add_argument_group("final re-evaluation on the test split")
     g.add_argument("--final-seeds", type=int, default=3, help="seeds for best vs default (default 3)")
     g.add_argument("--final-split", help="test split (default: the space's final_split, else test/testA)")
     g.add_argument("--no-final", action="store_true", help="skip the final re-evaluation")
-    g = p.add_argument_group("slurm")
-    g.add_argument("--slurm-partition")
-    g.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per worker job")
-    g.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per worker")
-    g.add_argument("--slurm-cpus", type=int, default=2, help="CPUs per worker")
-    g.add_argument("--slurm-mem-gb", type=float)
-    g.add_argument("--slurm-setup", action="append", default=[], help="a shell line run before the job")
+    add_slurm_args(p, "worker job", 24 * 60)
     args = p.parse_args(argv)
 
     try:
@@ -1014,9 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
     study_dir.mkdir(parents=True, exist_ok=True)
     storage_url = args.storage or str(study_dir / "journal.log")
     out = Path(args.reports) / "search" / study_name
-    slurm = SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time, gpus_per_node=args.slurm_gpus,
-                         cpus_per_task=args.slurm_cpus, mem_gb=args.slurm_mem_gb, setup=args.slurm_setup,
-                         array_parallelism=args.workers)
+    slurm = slurm_options(args, array_parallelism=args.workers)
 
     refer = prepare(base_cfg)  # the dataset and the small CLIP once, before any worker starts
     final_split = None

@@ -224,14 +224,14 @@ def _out_path(out_dir: Path, name, index: int) -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m ehin.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="stage-1 or stage-2 checkpoint")
-    p.add_argument("--image", help="one image")
-    p.add_argument("--text", help="the referring expression")
+    p.add_argument("--checkpoint", required=True, help="stage-1 or stage-2 checkpoint (required)")
+    p.add_argument("--image", help="one image (or --batch / --images-dir)")
+    p.add_argument("--text", help="the referring expression (with --image or --images-dir)")
     p.add_argument("--out", help="overlay path for --image (default overlay.png)")
-    p.add_argument("--batch", help="JSON list of {image, text[, name]}")
+    p.add_argument("--batch", help="JSON list of {image, text[, name]} (or --image / --images-dir)")
     p.add_argument("--images-dir", help="every image of a folder with one --text")
     p.add_argument("--out-dir", help="output folder for batch modes (default predictions/)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     args = p.parse_args(argv)
     requests = _requests(args)  # argument mistakes before the (slow) model load
     predictor = Predictor(args.checkpoint, args.device)

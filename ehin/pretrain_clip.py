@@ -52,7 +52,7 @@ import ehin  # noqa: F401
 from ehin import numerics
 from ehin.clip_model import CUSTOM_ARCHS, ClipBackbone, untrained_clip
 from ehin.cli import UserError, command
-from ehin.config import SCENE_RECIPES, cache_dir, load_config
+from ehin.config import CACHE_NOTE, DEFAULT_PROFILE, SCENE_RECIPES, cache_dir, load_config
 from ehin.training_log import TrainingLog
 
 __all__ = ["CLIP_STREAM", "RECIPES", "PretrainRecipe", "caption_relation", "checkpoint_path",
@@ -466,11 +466,14 @@ def read_report(path: str | Path) -> dict[str, Any]:
 
 @command
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profile", default="synthetic", help="config profile naming backbone.arch (smoke | synthetic)")
+    ap = argparse.ArgumentParser(prog="python -m ehin.pretrain_clip", description=__doc__.split("\n\n")[0],
+                                 epilog=CACHE_NOTE)
+    ap.add_argument("--profile", default=DEFAULT_PROFILE,
+                    help=f"config profile naming backbone.arch: smoke | synthetic (default: {DEFAULT_PROFILE})")
     ap.add_argument("--force", action="store_true", help="retrain even if the cached checkpoint exists")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the profile's train.threads)")
-    ap.add_argument("--steps", type=int, default=None, help="override the recipe's steps (changes the hash)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="override the recipe's steps (changes the hash; default: the recipe's)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides, e.g. backbone.pretrained=synthetic:scenes=cluttered")
     args = ap.parse_args(argv)

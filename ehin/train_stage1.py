@@ -32,7 +32,7 @@ from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
 from ehin.cli import UserError, command
 from ehin.config import add_run_args, config_for_run, config_hash, save_config, stage1_hash
-from ehin.metrics import format_metrics
+from ehin.metrics import format_metrics, format_result
 from ehin.training_log import TrainingLog, run_summary
 
 
@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\ninterrupted; continue with: python -m ehin.train_stage1 --out {shlex.quote(str(out))} --resume",
               file=sys.stderr)
         raise SystemExit(130) from None
-    print(json.dumps(result["metrics"], indent=1))
+    # the paper's column names (the metric registry); result.json keeps the code's keys for programs
+    print(format_result(f"final {cfg['eval']['split']}", result["metrics"]) + f"; {out / 'result.json'}")
 
 
 if __name__ == "__main__":

@@ -136,17 +136,15 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
 
 @command
 def main(argv: list[str] | None = None) -> None:
-    from ehin.config import load_config
+    from ehin.config import add_config_args, config_from_args
 
     p = argparse.ArgumentParser(prog="python -m ehin.diagnostics.scorer_probe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="synthetic")
-    p.add_argument("--config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config overrides (with --run: applied to the run's own config)")
-    p.add_argument("--run", help="a stage-1 run folder or checkpoint: also score its maps, with its config")
-    p.add_argument("--max-items", type=int, default=400, help="val expressions to probe")
-    p.add_argument("--json", help="also write the figures here")
+    add_config_args(p, "scorer.arch=clip-tiny-rn")  # with --run, --set applies to the run's own config
+    p.add_argument("--run", help="a stage-1 run folder or checkpoint: also score its maps, with its own config "
+                   "and --set on top (--profile/--config are not read; default: none)")
+    p.add_argument("--max-items", type=int, default=400, help="val expressions to probe (default: 400)")
+    p.add_argument("--json", help="also write the figures here (default: not written)")
     args = p.parse_args(argv)
     model = None
     if args.run:
@@ -160,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = merge(cfg, parse_overrides(args.overrides))
         validate(cfg)
     else:
-        cfg = load_config(args.config, profile=args.profile, overrides=args.overrides)
+        cfg = config_from_args(args)
     res = probe(cfg, args.max_items, model=model)
     print(f"scorer {cfg['scorer']['arch']} ({cfg['scorer']['pretrained'] or cfg['backbone']['pretrained']}), "
           f"{cfg['data']['dataset']} {cfg['eval']['split']}, {res['full']['n']} expressions with same-image negatives")
