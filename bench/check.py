@@ -330,11 +330,11 @@ the standard error of the difference over seeds.</p><table><tr><th>table</th><th
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="smoke")
+    p.add_argument("--profile", default="smoke", help="whose results and baselines (default: smoke)")
     p.add_argument("--results", help="results folder (default results/<profile>)")
-    p.add_argument("--reports", default="reports")
+    p.add_argument("--reports", default="reports", help="reports folder, for --claims (default: reports)")
     p.add_argument("--baselines", help="baseline JSON (default reports/baselines/<profile>.json)")
-    p.add_argument("--tables", default=",".join(DEFAULT_TABLES), help="tables to check or update")
+    p.add_argument("--tables", default=",".join(DEFAULT_TABLES), help="tables to check or update (default: %(default)s)")
     p.add_argument("--update", action="store_true", help="rewrite the baselines from the store (on purpose only)")
     p.add_argument("--spread", help="with --update: a results folder holding several seeds of the same cells")
     p.add_argument("--rerun", help="with --update: a results folder holding a repeated run (run-to-run spread)")

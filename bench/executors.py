@@ -41,15 +41,18 @@ class SlurmOptions:
 
 
 def add_slurm_args(p: argparse.ArgumentParser, *, time_min: int = 60, job: str = "job") -> None:
-    """The SLURM options of bench.run, bench.search and bench.launch_ddp (`slurm_options` reads them
-    back); `job` names what one SLURM job is in the help ("worker" for a search)."""
+    """The --slurm-* options of bench.run, bench.search and bench.launch_ddp (`slurm_options` reads
+    them back); `job` names what one SLURM job runs in the help ("worker job" for a search)."""
     g = p.add_argument_group("slurm")
-    g.add_argument("--slurm-partition", help="partition to submit to (default: the cluster's default)")
-    g.add_argument("--slurm-time", type=int, default=time_min, help=f"minutes per {job} (default {time_min})")
-    g.add_argument("--slurm-gpus", type=int, default=0, help=f"GPUs per {job} (per node for bench.launch_ddp)")
-    g.add_argument("--slurm-cpus", type=int, default=2, help=f"CPUs per {job} (per task for bench.launch_ddp)")
+    g.add_argument("--slurm-partition", help="partition (default: the cluster's default partition)")
+    g.add_argument("--slurm-time", type=int, default=time_min, help=f"minutes per {job} (default: {time_min})")
+    g.add_argument("--slurm-gpus", type=int, default=0,
+                   help=f"GPUs per {job}, per node for bench.launch_ddp (default: 0)")
+    g.add_argument("--slurm-cpus", type=int, default=2,
+                   help=f"CPUs per {job}, per task for bench.launch_ddp (default: 2)")
     g.add_argument("--slurm-mem-gb", type=float, help=f"memory per {job} in GB (default: the partition's)")
-    g.add_argument("--slurm-setup", action="append", default=[], help="a shell line run before the job")
+    g.add_argument("--slurm-setup", action="append", default=[],
+                   help="a shell line run before the job (repeatable; default: none)")
 
 
 def slurm_options(args: argparse.Namespace, **extra) -> SlurmOptions:

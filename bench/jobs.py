@@ -50,7 +50,7 @@ def run_cell(spec: CellSpec) -> dict:
 
         return run(cfg, run_dir, resume=True)
     if spec.stage == "2":
-        from ehin.pipeline import run_two_stage
+        from ehin.two_stage import run_two_stage
 
         return run_two_stage(cfg, run_dir, resume=True)
     if spec.stage == "inference":

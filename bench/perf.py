@@ -280,22 +280,23 @@ def inference_time_cell(cfg: dict, run_dir: Path, **_: object) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--size", default="paper", choices=sorted(SIZES))
-    p.add_argument("--configs", default="ehin,tris", help="comma-separated: ehin, tris")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="default: cuda when there is a GPU, else cpu")
+    p.add_argument("--size", default="paper", choices=sorted(SIZES), help="model and input sizes (default: paper)")
+    p.add_argument("--configs", default="ehin,tris", help="comma-separated: ehin, tris (default: both)")
     p.add_argument("--out", help="write the JSON here")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format for the model and images")
     p.add_argument("--compile", action="store_true", help="torch.compile the inference forward")
     p.add_argument("--compile-train", action="store_true",
                    help="torch.compile the training forward (EHIN and the frozen scorer's image tower)")
-    p.add_argument("--fused-adamw", action="store_true")
+    p.add_argument("--fused-adamw", action="store_true", help="AdamW's fused kernel (CUDA only)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the inference forward as a CUDA graph")
     p.add_argument("--trace", help="folder for torch.profiler tables and Chrome traces of a step")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 small, 5 paper)")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps (default: 5 small, 20 paper)")
     p.add_argument("--batch", type=int, default=None, help="override N (train.batch_size)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: train, infer, stage2")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: train, infer, stage2 (default: none)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)

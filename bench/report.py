@@ -168,7 +168,7 @@ def update_readme(readme: str | Path, reports: str | Path = "reports") -> bool:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reports", default="reports")
+    p.add_argument("--reports", default="reports", help="the reports folder to index (default: reports)")
     p.add_argument("--readme", help="also rewrite this README's results block (README.md in the repository)")
     args = p.parse_args(argv)
     print(f"wrote {write_index(args.reports)}")

@@ -151,14 +151,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="local (default): submitit local processes, --jobs at once, the cores shared "
                         "between them; inline: this process, one cell after another; slurm: SLURM job arrays")
     p.add_argument("--seeds", type=positive_int, help="seeds per row (default: 1 smoke, 3 synthetic, 1 paper)")
-    p.add_argument("--jobs", type=int, default=2, help="cells at once with --executor local / slurm array")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="cells at once with --executor local, array tasks at once with slurm (default: 2)")
     p.add_argument("--results", help="results folder holding store.jsonl (default results/<profile>)")
-    p.add_argument("--reports", default="reports", help="where rendered tables and plots go")
-    p.add_argument("--rows", help="comma-separated subset of rows")
+    p.add_argument("--reports", default="reports", help="where rendered tables and plots go (default: reports)")
+    p.add_argument("--rows", help="comma-separated subset of rows (default: every row)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every cell (changes the cells' config hash)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
-    p.add_argument("--no-render", action="store_true")
+    p.add_argument("--no-render", action="store_true", help="run the cells without rendering the tables")
     add_slurm_args(p)
     args = p.parse_args(argv)
 

@@ -6,6 +6,7 @@ typo in a sweep or on the command line never silently trains the default.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -19,6 +20,12 @@ from ehin.cli import UserError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PROFILES = ("smoke", "synthetic", "paper")
+# What a command uses without --profile and --config: the embedded synthetic data and small CLIP, the
+# only setting that runs on a fresh machine (base.yaml alone names RefCOCO+, which must be supplied).
+# Library calls (load_config, bench) are unaffected: they name their profile or take base.yaml alone.
+DEFAULT_PROFILE = "synthetic"
+CACHE_NOTE = ("Generated synth-* datasets and the pretrained small CLIP are cached in $EHIN_CACHE "
+              "(default ~/.cache/ehin-bench).")
 
 
 class ConfigError(UserError):
@@ -201,22 +208,46 @@ def get(cfg: Mapping, dotted: str) -> Any:
     return node
 
 
-def add_run_args(p, example: str = "model.alpha=0.2") -> None:
-    """The config and run-folder options every training command shares."""
-    p.add_argument("--config", help="YAML config merged over the base (and profile)")
-    p.add_argument("--profile", help="smoke | synthetic | paper")
+def add_config_args(p: argparse.ArgumentParser, example: str = "model.alpha=0.2", scope: str = "") -> None:
+    """--config, --profile and --set, as every command that builds a config has them; `scope` ends each
+    help (e.g. " (with --baselines-only)"). Resolve them with `profile_for` / `config_from_args`."""
+    p.add_argument("--config", help="YAML config merged over base.yaml (and over --profile when given); "
+                   f"default: none{scope}")
+    p.add_argument("--profile", help=f"{' | '.join(PROFILES)} (default: {DEFAULT_PROFILE}; "
+                   f"with --config and no --profile: base.yaml and that file){scope}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"override a config key, e.g. --set {example} (repeatable)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+                   help=f"override a config key, e.g. --set {example} (repeatable; default: none){scope}")
+    if not p.epilog:
+        p.epilog = CACHE_NOTE
 
 
-def config_for_run(p, args) -> dict:
+def profile_for(args: argparse.Namespace) -> str | None:
+    """The profile a command's --profile / --config ask for: --profile, else DEFAULT_PROFILE unless a
+    --config file is given (the file then goes over base.yaml alone, as it always did)."""
+    if args.profile:
+        return args.profile
+    return None if args.config else DEFAULT_PROFILE
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    """base.yaml <- the profile (`profile_for`) <- --config <- --set."""
+    return load_config(args.config, profile=profile_for(args), overrides=args.overrides)
+
+
+def add_run_args(p: argparse.ArgumentParser, example: str = "model.alpha=0.2") -> None:
+    """The config and run-folder options every training command shares."""
+    add_config_args(p, example)
+    p.add_argument("--out", required=True, help="run folder (required)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoints/last.pt (alone: with OUT/config.yaml)")
+
+
+def config_for_run(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     """--resume alone reuses OUT/config.yaml; otherwise build the config and refuse to overwrite a run."""
     out = Path(args.out)
     if args.resume and (out / "config.yaml").exists() and not (args.config or args.profile or args.overrides):
         return load_config(out / "config.yaml")
-    cfg = load_config(args.config, profile=args.profile, overrides=args.overrides)
+    cfg = config_from_args(args)
     if not args.resume and (out / "checkpoints" / "last.pt").exists():
         p.error(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     return cfg

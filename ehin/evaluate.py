@@ -115,21 +115,21 @@ def format_metrics(name: str, m: dict) -> str:
 
 @command
 def main(argv: list[str] | None = None) -> None:
-    from ehin.config import load_config
+    from ehin.config import add_config_args, config_from_args
     from ehin.data import prepare_dataset
     from ehin.data.datasets import EvalDataset
 
     p = argparse.ArgumentParser(prog="python -m ehin.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="a stage-1 checkpoint (RUN/checkpoints/last.pt)")
-    p.add_argument("--profile", help="profile for --baselines-only (smoke, synthetic, paper)")
-    p.add_argument("--config", help="config file for --baselines-only")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--checkpoint", help="a stage-1 checkpoint (RUN/checkpoints/last.pt); default: none, "
+                   "then --baselines-only")
+    add_config_args(p, "eval.max_items=200", scope=" (with --baselines-only; a checkpoint brings its own config)")
     p.add_argument("--split", help="REFER split to evaluate (default: the config's eval.split)")
     p.add_argument("--baselines", action="store_true", help="also print centre, language-blind, untrained")
     p.add_argument("--baselines-only", action="store_true", help="no checkpoint: baselines of a config")
-    p.add_argument("--per-expression", help="write per-expression results to this JSON-lines file")
-    p.add_argument("--max-items", type=int, help="evaluate at most this many expressions")
+    p.add_argument("--per-expression", help="write per-expression results to this JSON-lines file (default: none)")
+    p.add_argument("--max-items", type=int, help="evaluate at most this many expressions (default: the config's "
+                   "eval.max_items)")
     args = p.parse_args(argv)
 
     from ehin.checkpoint import load_stage1
@@ -137,10 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.checkpoint:
         model, cfg = load_stage1(args.checkpoint)
     elif args.baselines_only:
-        cfg = load_config(args.config, profile=args.profile, overrides=args.overrides)
+        cfg = config_from_args(args)
         model = None
     else:
-        p.error("give --checkpoint, or --baselines-only with --profile/--config")
+        p.error("give --checkpoint, or --baselines-only (with --profile/--config; default profile synthetic)")
     split = args.split or cfg["eval"]["split"]
     refer = prepare_dataset(cfg)
     tokenize = _tokenizer(cfg, model)

@@ -14,8 +14,8 @@
   whose sentence is the same string as the image's own sentence is not a negative and is masked out.
 * L_BG (Eq. 19, D7): -(1/K) sum_k log(1 - S(I_i, R_ii, Q_ik)) with the frozen scorer, the fused map
   R_ii and the K same-image negatives.
-* L_CL (Eq. 15-16, D8): -[log S(I, R_p, Q_p) + (1/K) sum_k log(1 - S(I, R_p, Q_k))], S clamped into
-  (1e-4, 1 - 1e-4); R_p = the raw (pre-HIPM) diagonal map ("early", EHIN) or the fused one ("late").
+* L_CL (Eq. 15-16, D8): ECLM's loss, `ehin.model.eclm.cl_loss`, on the image masked by R_p = the
+  early (pre-HIPM) diagonal map ("early", EHIN) or the fused one ("late"); see ehin/model/eclm.py.
 Every term is averaged over the N images. lambda = 0 switches a term off and skips its computation.
 
 Under DDP (docs/method.md, D-DDP) the maps are this rank's n rows of the global batch's N x N maps:
@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-S_EPS = 1e-4  # METHOD §4: clamp S into (1e-4, 1 - 1e-4) before the logs
+from ehin.model.eclm import CL_VARIANTS, cl_loss, clamp_scores
+
 FOCAL_POWER, FOCAL_OFFSET = 3, 0.01  # psi = (1 - m)^3 log(0.01 + m) (Eq. 14, TRIS's focal penalty)
 BACKGROUND_LOGIT = 1.0  # TRIS's constant background channel
 
@@ -73,24 +74,11 @@ def fg_loss(y: torch.Tensor, sentences: Sequence[str] | None = None, text_senten
     return (per.sum(1) / valid.sum(1)).mean()
 
 
-def _clamp(s: torch.Tensor) -> torch.Tensor:
-    return s.clamp(S_EPS, 1 - S_EPS)
-
-
-def cl_loss(s: torch.Tensor) -> torch.Tensor:
-    """s [N, 1 + K]: column 0 = S with the positive sentence, columns 1.. = the K negatives (D8: mean)."""
-    s = _clamp(s)
-    loss = -torch.log(s[:, 0])
-    if s.shape[1] > 1:
-        loss = loss - torch.log(1 - s[:, 1:]).mean(1)
-    return loss.mean()
-
-
 def bg_loss(s_neg: torch.Tensor) -> torch.Tensor:
     """s_neg [N, K]: S of the image masked by R_ii against its K same-image negatives (Eq. 19, D7)."""
     if s_neg.shape[1] == 0:
         return s_neg.new_zeros(())
-    return -torch.log(1 - _clamp(s_neg)).mean(1).mean()
+    return -torch.log(1 - clamp_scores(s_neg)).mean(1).mean()  # clamped as in L_CL (METHOD §10)
 
 
 def diagonal(maps: torch.Tensor, text_offset: int = 0) -> torch.Tensor:
@@ -111,7 +99,7 @@ class Stage1Loss(nn.Module):
         l = cfg["loss"]
         self.w_fg, self.w_cl, self.w_bg = float(l["fg"]), float(l["cl"]), float(l["bg"])
         self.cl_variant = l["cl_variant"]
-        if self.cl_variant not in ("early", "late"):
+        if self.cl_variant not in CL_VARIANTS:
             raise ValueError(f"loss.cl_variant must be early or late, got {self.cl_variant!r}")
         if (self.w_cl > 0 or self.w_bg > 0) and scorer is None:
             raise ValueError("L_CL and L_BG need the frozen scorer (loss.cl > 0 or loss.bg > 0)")

@@ -87,6 +87,12 @@ def format_metrics(values: dict, keys: Sequence[str] = METRIC_KEYS) -> str:
     return "  ".join(f"{BY_KEY[k].column} {values[k]:{BY_KEY[k].fmt}}" for k in keys if k in values)
 
 
+def format_result(label: str, values: dict, keys: Sequence[str] = METRIC_KEYS) -> str:
+    """'<label>: IoU 12.34  mIoU 11.02 ...  (n=400)': a command's closing line, by the paper's column names."""
+    n = f"  (n={values['n']})" if "n" in values else ""
+    return f"{label}: {format_metrics(values, keys)}{n}"
+
+
 # What these metrics compute, recorded in every result (bench.jobs) and shown by every rendered table.
 # Records without it were scored by the earlier protocol (ReLU on the grid, BoxAcc at 0.5 of the max).
 PROTOCOL = "tris-validate"

@@ -2,7 +2,7 @@
 
 Real CLIP weights cannot be downloaded here, and METHOD §9 found a from-scratch backbone useless for
 the weak stage, so the synthetic profiles start from a small open_clip CLIP (`clip-tiny`,
-`clip-small`, see ehin/backbones.py) trained CLIP-style on pairs from
+`clip-small`, see ehin/clip_model.py) trained CLIP-style on pairs from
 `ehin.data.synthetic.sample_caption_pairs`: single objects, masked scenes and stuff bands with
 their descriptions ("big red circle", "sky").
 
@@ -50,9 +50,9 @@ from tqdm import tqdm
 
 import ehin  # noqa: F401
 from ehin import numerics
-from ehin.backbones import CUSTOM_ARCHS, ClipBackbone, build_clip
+from ehin.clip_model import CUSTOM_ARCHS, ClipBackbone, untrained_clip
 from ehin.cli import UserError, command
-from ehin.config import SCENE_RECIPES, cache_dir, load_config
+from ehin.config import CACHE_NOTE, DEFAULT_PROFILE, SCENE_RECIPES, cache_dir, load_config
 from ehin.training_log import TrainingLog
 
 __all__ = ["CLIP_STREAM", "RECIPES", "PretrainRecipe", "caption_relation", "checkpoint_path",
@@ -373,7 +373,7 @@ def _pretrain(recipe: PretrainRecipe, progress: bool, eval_every: int,
     # A GPU when there is one (the pairs stay on the host, a batch moves per step); the cache key does
     # not name the device, as it does not name the thread count: both change only the rounding.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_clip(recipe.arch, None, recipe.image_size).to(device).train()
+    model = untrained_clip(recipe.arch, recipe.image_size).to(device).train()
     opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _one_cycle(s, recipe.steps, recipe.warmup))
     batches = _batches(recipe, len(train_caps))
@@ -466,11 +466,14 @@ def read_report(path: str | Path) -> dict[str, Any]:
 
 @command
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profile", default="synthetic", help="config profile naming backbone.arch (smoke | synthetic)")
+    ap = argparse.ArgumentParser(prog="python -m ehin.pretrain_clip", description=__doc__.split("\n\n")[0],
+                                 epilog=CACHE_NOTE)
+    ap.add_argument("--profile", default=DEFAULT_PROFILE,
+                    help=f"config profile naming backbone.arch: smoke | synthetic (default: {DEFAULT_PROFILE})")
     ap.add_argument("--force", action="store_true", help="retrain even if the cached checkpoint exists")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the profile's train.threads)")
-    ap.add_argument("--steps", type=int, default=None, help="override the recipe's steps (changes the hash)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="override the recipe's steps (changes the hash; default: the recipe's)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides, e.g. backbone.pretrained=synthetic:scenes=cluttered")
     args = ap.parse_args(argv)

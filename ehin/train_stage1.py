@@ -43,7 +43,7 @@ from ehin.cli import UserError, command
 from ehin.config import add_run_args, config_for_run, config_hash, save_config, stage1_hash
 from ehin.distributed import (RankBatches, all_gather_list, all_gather_with_grad, all_ranks, barrier,
                               data_parallel, dist_env, init_distributed, mean_over_ranks, sync_batchnorm)
-from ehin.metrics import format_metrics
+from ehin.metrics import format_metrics, format_result
 from ehin.training_log import TrainingLog, run_summary
 
 
@@ -365,7 +365,8 @@ def main(argv: list[str] | None = None) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     if main_rank:
-        print(json.dumps(result["metrics"], indent=1))
+        # the paper's column names (the metric registry); result.json keeps the code's keys for programs
+        print(format_result(f"final {cfg['eval']['split']}", result["metrics"]) + f"; {out / 'result.json'}")
 
 
 if __name__ == "__main__":

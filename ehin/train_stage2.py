@@ -35,7 +35,7 @@ from ehin.checkpoint import save_atomic
 from ehin.cli import UserError, command
 from ehin.config import add_run_args, config_for_run, config_hash, save_config
 from ehin.distributed import barrier, data_parallel, dist_env, init_distributed, mean_over_ranks
-from ehin.metrics import format_metrics
+from ehin.metrics import format_metrics, format_result
 from ehin.training_log import TrainingLog, run_summary
 
 
@@ -289,7 +289,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ehin.train_stage2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pseudo", required=True, help="pseudo-label file from python -m ehin.pseudo_labels")
+    p.add_argument("--pseudo", required=True, help="pseudo-label file from python -m ehin.pseudo_labels (required)")
     add_run_args(p, "stage2.epochs=5")
     return p
 
@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     if dist_env()[0] == 0:
-        print(json.dumps(result["metrics"], indent=1))
+        # the paper's column names (the metric registry); result.json keeps the code's keys for programs
+        print(format_result(f"final {cfg['eval']['split']}", result["metrics"]) + f"; {out / 'result.json'}")
 
 
 if __name__ == "__main__":

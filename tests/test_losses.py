@@ -1,4 +1,4 @@
-"""Stage-1 losses (Eq. 14-19, METHOD §4, D7, D8) and the frozen scorer (Eq. 16)."""
+"""Stage-1 losses (Eq. 14-19, METHOD §4, D7, D8), ECLM's L_CL (ehin/model/eclm.py) and the frozen scorer (Eq. 16)."""
 from __future__ import annotations
 
 import math
@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from ehin.backbones import build_clip
 from ehin.config import load_config
-from ehin.losses import (Stage1Loss, bg_loss, cl_loss, diagonal, fg_loss, focal_penalty, foreground_share,
-                         pooled_scores)
+from ehin.losses import Stage1Loss, bg_loss, diagonal, fg_loss, focal_penalty, foreground_share, pooled_scores
 from ehin.model import FrozenScorer, build_model
+from ehin.model.eclm import cl_loss
 
 SENTENCES = ["red circle", "blue square", "green triangle"]
 NEGATIVES = [["blue square", "big circle"], ["red circle", "tiny square"], ["red circle", "blue square"]]

@@ -1,12 +1,12 @@
-"""bench.scorer_probe: the ground-truth mask variants and the probe's figures on a tiny dataset."""
+"""ehin.diagnostics.scorer_probe: the ground-truth mask variants and the probe's figures on a tiny dataset."""
 import math
 
 import torch
 
-from bench.scorer_probe import (MODEL_ROWS, REGIONS, VARIANTS, probe, region_means, region_weights,
-                                same_image_negatives, variant_masks)
 from ehin.config import load_config
+from ehin.diagnostics.scorer_probe import MODEL_ROWS, REGIONS, VARIANTS, probe, region_means, region_weights
 from ehin.model import build_model
+from ehin.model.scorer_criteria import same_image_negatives, variant_masks
 
 
 def test_variant_masks_by_hand():

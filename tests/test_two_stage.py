@@ -19,7 +19,7 @@ OVERRIDES = [
 
 @pytest.mark.slow
 def test_two_stage_chain_on_smoke(tmp_path):
-    from ehin.pipeline import run_two_stage
+    from ehin.two_stage import run_two_stage
     from ehin.pseudo_labels.pipeline import load_pseudo_labels
 
     cfg = load_config(profile="smoke", overrides=OVERRIDES)

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="parallel workers (jobs), each running trials until "
                                                           "the budget is used (default 1)")
     p.add_argument("--executor", default="inline", choices=EXECUTORS,
-                   help="inline: this process; local: submitit processes; slurm: a SLURM job array")
+                   help="inline: this process; local: submitit processes; slurm: a SLURM job array "
+                        "(default: inline)")
     p.add_argument("--storage", help="RDB URL (sqlite:///x.db, postgresql://...) or journal file path "
                                      "(default: RESULTS/<study>/journal.log)")
     p.add_argument("--study", help="study name (default: <space>-<profile>); an existing study is continued")
@@ -72,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="results/search", help="study folders go here (default results/search)")
     p.add_argument("--reports", default="reports", help="reports go to REPORTS/search/<study>/ (default reports)")
     g = p.add_argument_group("fault tolerance")
-    g.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
+    g.add_argument("--heartbeat", type=int, default=30,
+                   help="seconds between a running trial's heartbeats (default 30)")
     g.add_argument("--grace", type=int, default=120, help="seconds without a heartbeat before a trial is "
-                                                          "failed and retried")
+                                                          "failed and retried (default 120)")
     g.add_argument("--max-retry", type=int, default=3, help="retries of one killed trial (default 3)")
     g = p.add_argument_group("final re-evaluation on the test split")
     g.add_argument("--final-seeds", type=int, default=3, help="seeds for best vs default (default 3)")

@@ -85,7 +85,8 @@ def prepare_dataset(cfg: dict, progress: bool = True) -> ReferDataset:
         # else: the user's own copy (python -m ehin.data.synthetic --out ROOT), read as any REFER root
     elif not d.get("root"):
         raise UserError(f"data.root is null: {name!r} is a real dataset; point data.root at a REFER root "
-                        "holding refer/<dataset>/ (or use a synth-* dataset)")
+                        "holding refer/<dataset>/ (--set data.root=DIR), or use the synthetic data "
+                        "(--profile synthetic, the default without --config)")
     root = Path(d["root"]).expanduser()
     if not root.is_dir():
         hint = " (or null for the generated copy)" if name.startswith("synth-") else ""

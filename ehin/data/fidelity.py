@@ -42,6 +42,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ehin.cli import command
 from ehin.data.refer import ReferDataset
 
 # TESTBED.md §1: the real datasets' figures (from their papers and releases; None = not given there).
@@ -222,20 +223,19 @@ def markdown(rows: Sequence[dict], header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> None:
-    from ehin.config import load_config
+    from ehin.config import add_config_args, load_config, profile_for
     from ehin.data import prepare_dataset
 
     ap = argparse.ArgumentParser(prog="python -m ehin.data.fidelity", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profile", help="smoke | synthetic | paper (synth-* datasets are generated into the cache)")
-    ap.add_argument("--config")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(ap, "synthetic.images=200", scope=" (synth-* datasets are generated into the cache)")
     ap.add_argument("--variants", nargs="+", default=list(ALL_SYNTH),
                     help="datasets as NAME or NAME:SPLIT_BY (default: every synth-* variant and split_by)")
-    ap.add_argument("--root", help="a REFER root for real datasets (refer/<dataset>/...)")
-    ap.add_argument("--split", default="val")
-    ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--md", help="write the markdown table here")
+    ap.add_argument("--root", help="a REFER root for real datasets (refer/<dataset>/...); default: none")
+    ap.add_argument("--split", default="val", help="REFER split to measure (default: val)")
+    ap.add_argument("--json", help="write the rows here (default: not written)")
+    ap.add_argument("--md", help="write the markdown table here (default: not written)")
     ap.add_argument("--scorer", action="store_true",
                     help="also measure the config's frozen scorer (TESTBED §2.2; pretrains the small CLIP on first use)")
     args = ap.parse_args(argv)
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.root:  # an already written REFER root (real, or synth-* generated elsewhere)
             ds = ReferDataset(args.root, name, split_by)
         elif name.startswith("synth-"):
-            cfg = load_config(args.config, profile=args.profile, overrides=args.overrides
+            cfg = load_config(args.config, profile=profile_for(args), overrides=args.overrides
                               + [f"data.dataset={name}", f"data.split_by={split_by}"])
             ds = prepare_dataset(cfg, progress=False)
         else:
@@ -258,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             from ehin.model import scorer_criteria
             from ehin.model.scorer import build_frozen_scorer
 
-            scfg = cfg if cfg is not None else load_config(args.config, profile=args.profile, overrides=args.overrides)
+            scfg = cfg if cfg is not None else load_config(args.config, profile=profile_for(args),
+                                                           overrides=args.overrides)
             if scorer is None:  # the scorer sections do not depend on the variant
                 scorer = build_frozen_scorer(scfg)
             figures = scorer_criteria.measure(scorer, ds, args.split, scfg["data"]["image_size"])

@@ -1140,13 +1140,15 @@ def tree_digest(root: str | Path) -> str:
 @command
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ehin.data.synthetic", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", required=True, choices=VARIANTS)
-    ap.add_argument("--out", required=True, help="REFER root to write (refer/<variant>/, images/<variant>/)")
-    ap.add_argument("--size", type=int, default=96, help="scene size in px")
-    ap.add_argument("--images", type=int, default=2000, help="train scenes (val/test: 15%% each, >= 20)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variant", required=True, choices=VARIANTS, help="which synthetic mirror (required)")
+    ap.add_argument("--out", required=True, help="REFER root to write (refer/<variant>/, images/<variant>/; required)")
+    ap.add_argument("--size", type=int, default=96, help="scene size in px (default: 96)")
+    ap.add_argument("--images", type=int, default=2000,
+                    help="train scenes (val/test: 15%% each, >= 20; default: 2000)")
+    ap.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: 2 for large runs)")
-    ap.add_argument("--scenes", default="simple", choices=SCENE_RECIPES, help="scene recipe (TESTBED §2.1)")
+    ap.add_argument("--scenes", default="simple", choices=SCENE_RECIPES,
+                    help="scene recipe (TESTBED §2.1; default: simple)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     ann_dir = generate(args.variant, args.out, size=args.size, images=args.images, seed=args.seed,

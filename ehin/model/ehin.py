@@ -7,7 +7,8 @@
     R_ij[p] = logit_scale * <V_F(i,j)[p], L_F(i,j)>                                   Eq. 3, D6
 
 `forward` fuses every (image i, text j) pair of the batch (D6) and returns the N x N response maps
-plus the "raw" maps logit_scale * <V_i[p], L_j> before HIPM (the early maps of L_CL, Fig. 7).
+plus the "raw" maps logit_scale * <V_i[p], L_j> before HIPM (ECLM's early maps of L_CL, Fig. 7;
+ehin/model/eclm.py).
 Under DDP (docs/method.md, D-DDP) a rank holds n of the N images and texts; `gather_texts` brings
 in the other ranks' sentence features, so the rank computes its n rows of the N x N maps.
 `predict` fuses only the matched pairs (i, i): O(B), not O(B^2), and returns the raw R_ii; the ReLU
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ehin.model.eclm import early_maps
 from ehin.model.hipm import HIPM
 
 
@@ -71,7 +73,7 @@ class EHIN(nn.Module):
         if gather_texts is not None:
             lan = gather_texts(lan)
         scale = self.logit_scale
-        raw = scale * torch.einsum("ichw,jc->ijhw", vis, lan)  # early maps for L_CL (Fig. 7, METHOD §4)
+        raw = early_maps(vis, lan, scale)  # ECLM's maps for L_CL (Fig. 7, METHOD §4)
         maps = self._fuse(vis, lan, pairwise=True)  # D6: every (image, text) pair
         return {"maps": maps, "raw_maps": raw, "logit_scale": scale}
 

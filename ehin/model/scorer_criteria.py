@@ -22,7 +22,7 @@ b. background cost (`isolation_gain`, points): over the expressions whose image 
 Beside them their standard errors over expressions (`isolated_rec_se`, binomial; `isolation_gain_se`,
 paired: the standard deviation of win_alone - win_bg over sqrt(n)); the criteria read the figures.
 
-`bench.scorer_probe` reads the same masks and negatives from here (`variant_masks`,
+`ehin.diagnostics.scorer_probe` reads the same masks and negatives from here (`variant_masks`,
 `same_image_negatives`) for its wider table.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@
     python -m ehin.pseudo_labels --checkpoint C --out F --no-crf --no-random-walk # ablation: maps only
 
 A killed run resumes from its work folder (default: OUT.work/) when started again with the same
-arguments. Prints the pseudo-label quality after each step (IoU / overall IoU against the GT).
+arguments. Prints the pseudo-label quality after each step (IoU / mIoU, i.e. overall IoU, against the GT).
 """
 from __future__ import annotations
 
@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def format_quality(quality: dict) -> str:
-    lines = ["pseudo-label quality vs GT   IoU   overall IoU"]
+    """The quality table after each step, under the paper's column names (the metric registry)."""
+    from ehin.metrics import BY_KEY
+
+    iou, overall = BY_KEY["iou"].column, BY_KEY["overall_iou"].column
+    lines = [f"pseudo-label quality vs GT  {iou:>6}  {overall:>6}"]
     for step in ("maps", "crf", "seeds", "rw"):
         q = quality.get(step)
         if q:

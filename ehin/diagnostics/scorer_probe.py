@@ -1,9 +1,9 @@
 """What the frozen scorer of L_CL / L_BG rewards: S (Eq. 16) of an image under ground-truth masks,
 and, with --run, under a trained model's own maps.
 
-    python -m bench.scorer_probe                      # synthetic profile, 400 val expressions
-    python -m bench.scorer_probe --profile smoke --set scorer.arch=clip-tiny-rn
-    python -m bench.scorer_probe --run results/synthetic/runs/table5/bg+fg+cl/seed0-...
+    python -m ehin.diagnostics.scorer_probe                      # synthetic profile, 400 val expressions
+    python -m ehin.diagnostics.scorer_probe --profile smoke --set scorer.arch=clip-tiny-rn
+    python -m ehin.diagnostics.scorer_probe --run results/synthetic/runs/table5/bg+fg+cl/seed0-...
 
 L_CL (Eq. 15) pulls the mask of the referred object towards the masks the scorer likes best for the
 positive sentence and worst for the same-image negatives. This probe puts the ground-truth masks
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ehin.cli import command
-from ehin.model.scorer_criteria import same_image_negatives, variant_masks  # noqa: F401  (re-exported)
+from ehin.model.scorer_criteria import same_image_negatives, variant_masks
 
 VARIANTS = ("full", "ref_only", "ref+bg", "bg_only", "hide_ref", "objects")
 MODEL_ROWS = ("early", "fused")
@@ -63,7 +63,7 @@ def region_means(values: torch.Tensor, weights: dict[str, torch.Tensor]) -> dict
 def cl_pull(scorer, image: torch.Tensor, m: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For one map [h, w] under the frozen scorer (Eq. 15-16, as in training): S for each text [M]
     and the pull -dL_CL/dR [h, w], from one pass."""
-    from ehin.losses import cl_loss
+    from ehin.model.eclm import cl_loss
 
     with torch.enable_grad():
         m = m.detach().clone().requires_grad_(True)
@@ -83,7 +83,7 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
 
     from ehin.backbones import tokenize
     from ehin.data.datasets import EvalDataset, resize_mask
-    from ehin.losses import cl_loss
+    from ehin.model.eclm import cl_loss
     from ehin.model.scorer import build_frozen_scorer
     from ehin.train_stage1 import prepare
 
@@ -136,17 +136,15 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
 
 @command
 def main(argv: list[str] | None = None) -> None:
-    from ehin.config import load_config
+    from ehin.config import add_config_args, config_from_args
 
-    p = argparse.ArgumentParser(prog="python -m bench.scorer_probe", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ehin.diagnostics.scorer_probe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="synthetic")
-    p.add_argument("--config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config overrides (with --run: applied to the run's own config)")
-    p.add_argument("--run", help="a stage-1 run folder or checkpoint: also score its maps, with its config")
-    p.add_argument("--max-items", type=int, default=400, help="val expressions to probe")
-    p.add_argument("--json", help="also write the figures here")
+    add_config_args(p, "scorer.arch=clip-tiny-rn")  # with --run, --set applies to the run's own config
+    p.add_argument("--run", help="a stage-1 run folder or checkpoint: also score its maps, with its own config "
+                   "and --set on top (--profile/--config are not read; default: none)")
+    p.add_argument("--max-items", type=int, default=400, help="val expressions to probe (default: 400)")
+    p.add_argument("--json", help="also write the figures here (default: not written)")
     args = p.parse_args(argv)
     model = None
     if args.run:
@@ -160,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = merge(cfg, parse_overrides(args.overrides))
         validate(cfg)
     else:
-        cfg = load_config(args.config, profile=args.profile, overrides=args.overrides)
+        cfg = config_from_args(args)
     res = probe(cfg, args.max_items, model=model)
     print(f"scorer {cfg['scorer']['arch']} ({cfg['scorer']['pretrained'] or cfg['backbone']['pretrained']}), "
           f"{cfg['data']['dataset']} {cfg['eval']['split']}, {res['full']['n']} expressions with same-image negatives")

@@ -88,28 +88,26 @@ def _pseudo_matches(path: Path, ckpt: Path, cfg: dict) -> bool:
 
 @command
 def main(argv: list[str] | None = None) -> None:
-    """python -m ehin.pipeline --profile smoke [--set KEY=VALUE ...] --out runs/two-stage"""
+    """python -m ehin.two_stage [--profile smoke] [--set KEY=VALUE ...] --out runs/two-stage"""
     import argparse
 
-    from ehin.config import load_config
+    from ehin.config import add_config_args, config_from_args
 
-    p = argparse.ArgumentParser(prog="python -m ehin.pipeline", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ehin.two_stage", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config merged over the base (and profile)")
-    p.add_argument("--profile", help="smoke | synthetic | paper")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", required=True, help="run folder (stage1/, pseudo/, stage2/ inside)")
+    add_config_args(p, "stage2.epochs=5")
+    p.add_argument("--out", required=True, help="run folder (stage1/, pseudo/, stage2/ inside; required)")
     p.add_argument("--fresh", action="store_true", help="do not resume what OUT already holds")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, profile=args.profile, overrides=args.overrides)
+    cfg = config_from_args(args)
     res = run_two_stage(cfg, args.out, resume=not args.fresh)
     from ehin.pseudo_labels.__main__ import format_quality
 
     print(format_quality(res["pseudo_quality"]))
-    from ehin.metrics import QUALITY_KEYS, format_metrics
+    from ehin.metrics import QUALITY_KEYS, format_result
 
     for name, m in (("stage 1", res["stage1_metrics"]), ("stage 2", res["metrics"])):
-        print(f"{name} val: " + format_metrics(m, QUALITY_KEYS))
+        print(format_result(f"{name} {cfg['eval']['split']}", m, QUALITY_KEYS))
     print(json.dumps(res["timings"]))
 
 
