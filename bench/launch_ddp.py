@@ -28,9 +28,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(argv or [])
     p = argparse.ArgumentParser(prog="python -m bench.launch_ddp", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=("1", "2"), default="1")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--tasks-per-node", type=int, default=1, help="DDP ranks per node (one per GPU)")
+    p.add_argument("--stage", choices=("1", "2"), default="1", help="which trainer (default: 1)")
+    p.add_argument("--nodes", type=int, default=1, help="SLURM nodes (default: 1)")
+    p.add_argument("--tasks-per-node", type=int, default=1, help="DDP ranks per node, one per GPU (default: 1)")
     p.add_argument("--wait", action="store_true", help="wait for the job and print rank 0's metrics")
     add_slurm_args(p)
     split = argv.index("--") if "--" in argv else len(argv)

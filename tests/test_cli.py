@@ -104,7 +104,7 @@ def _parser(module: str, monkeypatch) -> argparse.ArgumentParser:
 
 def test_the_command_list_is_complete():
     assert {"ehin.train_stage1", "ehin.two_stage", "ehin.diagnostics.scorer_probe", "ehin.pseudo_labels.__main__",
-            "ehin.data.fidelity", "bench.run", "bench.search"} <= set(_commands())
+            "ehin.data.fidelity", "bench.run", "bench.search.__main__", "bench.launch_ddp"} <= set(_commands())
 
 
 @pytest.mark.parametrize("module", _commands())
