@@ -81,7 +81,9 @@ def test_requeued_cell_resumes_and_ends_bit_identical(jobs_env, uninterrupted, t
     spec = _spec(tmp_path, how)
     job = _executor(jobs_env, tmp_path).submit(CellRunner(), spec)
     deadline = time.monotonic() + START_S
-    while _epochs_done(Path(spec.run_dir)) < 1:
+    # The epoch's checkpoint, not its metrics line: the trainer writes the line first, and a requeue
+    # between the two would find nothing to resume from (atomic rename: existing means complete).
+    while not (Path(spec.run_dir) / "checkpoints" / "last.pt").exists():
         assert time.monotonic() < deadline, f"job {job.job_id} wrote no epoch in {START_S} s: {job.state}"
         time.sleep(0.2)
     assert _epochs_done(Path(spec.run_dir)) < EPOCHS, "the job finished before it could be requeued"
