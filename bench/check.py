@@ -70,8 +70,15 @@ def build_baselines(store: ResultStore, profile: str, tables, spread_store: Resu
     rerun_cells = _cells(rerun_store, profile, tables) if rerun_store else {}
     out: dict = {"profile": profile, "created": time.strftime("%Y-%m-%d %H:%M"),
                  "environment": environment([r for recs in cells.values() for r in recs]),
-                 "rule": f"tolerance = max({TOL_FLOOR}, {TOL_K} x max(seed std, run-to-run |diff|)); a cell "
-                         "without seed runs of its own takes the largest seed std measured on any cell",
+                 "rule": f"tolerance = max({TOL_FLOOR}, {TOL_K} x max(seed std, run-to-run |diff|)): seed std over "
+                         "this cell's seeds in the spread store; run-to-run = |this cell's value for the same "
+                         "seeds in the rerun store - expected| (a rerun in another environment measures what a "
+                         "change of environment does); a cell without seed runs of its own takes the largest "
+                         "seed std measured on any cell",
+                 # Where the spread and the repeated run were measured (bands from another environment
+                 # are what a run across environments is held to).
+                 "spread_environment": environment([r for recs in spread_cells.values() for r in recs]),
+                 "rerun_environment": environment([r for recs in rerun_cells.values() for r in recs]),
                  "tables": {}}
     # The largest measured seed std per metric stands in for cells whose seeds were not run.
     fallback: dict[str, float] = {}

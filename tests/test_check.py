@@ -6,6 +6,7 @@ import sys
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.check import build_baselines, compare, diff_table, evaluate_claim
@@ -35,6 +36,25 @@ def test_baselines_tolerance_comes_from_seed_spread(tmp_path):
     assert pm["tol"] == pytest.approx(4.0)          # 2 x seed std
     assert b["tables"]["table3"]["2"]["metrics"]["iou"]["tol"] == 1.0  # the floor
     assert all(r["ok"] for r in compare(ci, b))
+
+
+def test_each_cell_gets_its_own_band_from_its_seeds_and_a_rerun(tmp_path):
+    """Issue 18: two cells with different spreads get different bands; a rerun elsewhere widens a band
+    only where it moved more than the seeds did; the environments of both are written beside them."""
+    ci, spread = ResultStore(tmp_path / "ci"), ResultStore(tmp_path / "spread")
+    for row, seeds in {"fg": [30.0, 36.0, 42.0], "bg": [10.0, 10.5, 11.0]}.items():
+        ci.append({**rec("table5", row, 0, {"point_mask": seeds[0]}), "torch": "2.13", "numerics": "portable"})
+        for seed, v in enumerate(seeds):  # the spread store was run elsewhere: it is also the rerun
+            moved = v + (4.0 if (row, seed) == ("bg", 0) else 0.0)
+            spread.append({**rec("table5", row, seed, {"point_mask": moved}), "torch": "2.11", "numerics": "portable"})
+    b = build_baselines(ci, "smoke", ["table5"], spread, rerun_store=spread)
+    fg, bg = (b["tables"]["table5"][r]["metrics"]["point_mask"] for r in ("fg", "bg"))
+    assert fg["seed_std_from"] == bg["seed_std_from"] == "this cell"
+    assert (fg["seed_std"], fg["run_to_run"], fg["tol"]) == (pytest.approx(6.0), 0.0, pytest.approx(12.0))
+    assert bg["seed_std"] == pytest.approx(float(np.std([14.0, 10.5, 11.0], ddof=1)), abs=1e-3)
+    assert bg["run_to_run"] == 4.0 and bg["tol"] == pytest.approx(8.0)  # the rerun moved more than the seeds
+    assert b["environment"]["torch"] == ["2.13"] and b["spread_environment"]["torch"] == ["2.11"]
+    assert b["rerun_environment"]["torch"] == ["2.11"]
 
 
 def test_drift_is_reported_cell_by_cell(tmp_path):
