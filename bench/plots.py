@@ -8,6 +8,10 @@ Each sweep lists its plot kinds (`plots:` in sweeps/<name>.yaml):
 - `bars`    (Tables 4, 5, 6, 10): one bar per row with ± std and seed dots, the paper as a red tick.
 - `history` (Fig. 7): per-epoch metrics from each record's `history`, mean ± std band over seeds.
 Rows without records are left out of "ours" (the paper's values are still drawn).
+
+Figures are sized for a page about 1,100 px wide (reports/index.html scales them to its width): at
+most three panels a line and fonts large enough to stay legible after that scaling.
+`replot` redraws a rendered table's plots from its cells.json when the results store is not at hand.
 """
 from __future__ import annotations
 
@@ -23,39 +27,55 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from bench.render import header, render_cells, seed_values, select_records  # noqa: E402
+from bench.render import header, load_cells, render_cells, seed_values, select_records  # noqa: E402
 from bench.sweeps import Sweep  # noqa: E402
 
 OURS_NOTE = "no results yet"
+PANELS_PER_LINE = 3  # more panels a line shrink to unreadable text at page width
+DPI = 100
+# seaborn's "notebook" context scaled up: tick labels ~14 px, titles ~17 px at page width.
+FONT_SCALE = 1.35
 
 
 def write_plots(sweep: Sweep, records: Iterable[dict], out_dir: str | Path, *, profile: str | None = None) -> list[Path]:
     """Draw every plot the sweep declares into out_dir; return the PNG paths."""
     records = list(records)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     profile, _ = select_records(sweep, records, profile)
-    ctx = _Context(sweep, records, profile)
+    ctx = _Context(sweep, render_cells(sweep, records, profile=profile), seed_values(sweep, records, profile),
+                   header(sweep, records, profile=profile), records, profile)
+    return _draw_all(ctx, sweep.plots, Path(out_dir))
+
+
+def replot(sweep: Sweep, folder: str | Path) -> list[Path]:
+    """Redraw the plots of a rendered table from its cells.json. Per-epoch histories are not in
+    cells.json, so `history` plots are left as they are."""
+    info, cells, values = load_cells(folder)
+    ctx = _Context(sweep, cells, values, info, [], info.get("profile"))
+    return _draw_all(ctx, [s for s in sweep.plots if s["kind"] != "history"], Path(folder))
+
+
+def _draw_all(ctx: "_Context", specs: list[dict], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for spec in sweep.plots:
+    for spec in specs:
         draw = {"curve": plot_curve, "heatmap": plot_heatmap, "bars": plot_bars, "history": plot_history}[spec["kind"]]
-        name = f"{sweep.name}_{spec['kind']}" + (f"_{spec['name']}" if spec.get("name") else "") + ".png"
-        with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
+        name = f"{ctx.sweep.name}_{spec['kind']}" + (f"_{spec['name']}" if spec.get("name") else "") + ".png"
+        with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=FONT_SCALE):
             fig = draw(ctx, spec)
-            fig.savefig(out / name, dpi=120, bbox_inches="tight")
+            fig.savefig(out / name, dpi=DPI, bbox_inches="tight")
             plt.close(fig)
         paths.append(out / name)
     return paths
 
 
 class _Context:
-    """The numbers every plot needs, computed once."""
+    """The numbers every plot needs: cells (render_cells' frame), per-seed values, the header, and the
+    records themselves for per-epoch histories (empty when drawn from cells.json)."""
 
-    def __init__(self, sweep: Sweep, records: list[dict], profile: str | None):
+    def __init__(self, sweep: Sweep, cells: pd.DataFrame, values: pd.DataFrame, info: dict,
+                 records: list[dict], profile: str | None):
         self.sweep, self.records, self.profile = sweep, records, profile
-        self.cells = render_cells(sweep, records, profile=profile)
-        self.values = seed_values(sweep, records, profile)
-        info = header(sweep, records, profile=profile)
+        self.cells, self.values = cells, values
         seeds = len(info["seeds"])
         self.subtitle = ((f"ours: {info['profile']}, {seeds} seed{'s' if seeds != 1 else ''}, " if info["records"]
                           else "ours: no records yet; ") + "; ".join(info["datasets"]))
@@ -70,13 +90,21 @@ class _Context:
         return SimpleNamespace(**c[(c.row == row) & (c.metric == metric)].iloc[0].to_dict())
 
     def title(self, fig: plt.Figure) -> None:
+        # Once the panels are drawn, so rotated tick labels get room between the lines of panels.
+        fig.tight_layout(h_pad=2.0, w_pad=1.5)
         # Above the axes (bottom-anchored at the top edge) so it never covers panel titles.
-        fig.suptitle(f"{self.sweep.title}\n{self.subtitle}", fontsize=9, y=1.0, va="bottom")
+        fig.suptitle(f"{self.sweep.title}\n{self.subtitle}", fontsize="large", y=1.0, va="bottom")
 
 
-def _axes(n: int, rows: int = 1, size: float = 3.0) -> tuple[plt.Figure, list]:
-    fig, axes = plt.subplots(rows, n, figsize=(size * n + 0.5, size * rows + 0.6), squeeze=False)
-    return fig, axes
+def _axes(n: int, width: float = 4.5, height: float = 3.8, per_line: int = PANELS_PER_LINE) -> tuple[plt.Figure, list]:
+    """n panels, at most per_line a line; returns the figure and the n axes in reading order."""
+    cols = min(n, per_line)
+    lines = -(-n // cols)
+    fig, grid = plt.subplots(lines, cols, figsize=(width * cols, height * lines), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[n:]:
+        ax.remove()  # the unused slots of the last line
+    return fig, axes[:n]
 
 
 def _value(x: Any) -> Any:
@@ -94,7 +122,7 @@ def plot_curve(ctx: _Context, spec: dict) -> plt.Figure:
     metrics = ctx.metrics(spec)
     fig, axes = _axes(len(metrics))
     palette = sns.color_palette("deep", len(groups))
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes, metrics):
         any_ours = False
         for color, (group, members) in zip(palette, groups.items()):
             xs = [_value(sweep.resolved(r, spec["x"])) for r in members]
@@ -121,14 +149,15 @@ def plot_curve(ctx: _Context, spec: dict) -> plt.Figure:
 def plot_heatmap(ctx: _Context, spec: dict) -> plt.Figure:
     sweep = ctx.sweep
     metrics = ctx.metrics(spec)
-    fig, axes = _axes(len(metrics), rows=2, size=2.6)
+    # Per metric one line: ours beside the paper, so the two grids are compared at a glance.
+    fig, axes = _axes(2 * len(metrics), width=4.2, height=3.2, per_line=2)
     for j, metric in enumerate(metrics):
         frame = pd.DataFrame([{"x": sweep.resolved(r, spec["x"]), "y": sweep.resolved(r, spec["y"]),
                                "ours": ctx.cell(r, metric).mean, "paper": ctx.cell(r, metric).paper}
                               for r in sweep.rows])
         for i, source in enumerate(("ours", "paper")):
             grid = frame.pivot(index="y", columns="x", values=source).astype(float)
-            ax = axes[i][j]
+            ax = axes[2 * j + i]
             if grid.isna().all().all():
                 ax.text(0.5, 0.5, OURS_NOTE, transform=ax.transAxes, ha="center", color="grey")
                 ax.set_xticks([]), ax.set_yticks([])
@@ -137,7 +166,6 @@ def plot_heatmap(ctx: _Context, spec: dict) -> plt.Figure:
             ax.set_title(f"{ctx.label[metric]} ({source})")
             ax.set_xlabel(spec.get("xlabel", spec["x"]))
             ax.set_ylabel(spec.get("ylabel", spec["y"]))
-    fig.tight_layout()
     ctx.title(fig)
     return fig
 
@@ -146,21 +174,22 @@ def plot_bars(ctx: _Context, spec: dict) -> plt.Figure:
     sweep = ctx.sweep
     rows = list(spec.get("rows") or sweep.rows)
     metrics = ctx.metrics(spec)
-    fig, axes = _axes(len(metrics), size=max(3.0, 0.45 * len(rows) + 1))
+    fig, axes = _axes(len(metrics), width=max(4.5, 0.6 * len(rows) + 1), height=4.6)
     color = sns.color_palette("deep")[0]
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes, metrics):
         cells = [ctx.cell(r, metric) for r in rows]
         xs = range(len(rows))
         means = [c.mean if c.n else 0.0 for c in cells]
         errs = [c.std if c.n > 1 else 0.0 for c in cells]
         ax.bar(xs, means, yerr=errs, color=color, alpha=0.75, capsize=3, label="ours (± std)")
         v = ctx.values[(ctx.values.metric == metric) & ctx.values.row.isin(rows)]
-        ax.scatter([rows.index(r) for r in v.row], v.value, s=8, color="black", zorder=3, label="ours, per seed")
-        ax.scatter(list(xs), [c.paper for c in cells], marker="_", s=400, color="tab:red", zorder=4,
+        if not v.empty:  # a cells.json written before it kept per-seed values has none to draw
+            ax.scatter([rows.index(r) for r in v.row], v.value, s=14, color="black", zorder=3, label="ours, per seed")
+        ax.scatter(list(xs), [c.paper for c in cells], marker="_", s=500, color="tab:red", zorder=4,
                    linewidths=2, label="paper")
         for x, c in zip(xs, cells):
             if c.n == 0:
-                ax.text(x, 0, "pending", rotation=90, ha="center", va="bottom", color="grey", fontsize=7)
+                ax.text(x, 0, "pending", rotation=90, ha="center", va="bottom", color="grey", fontsize="small")
         ax.set_xticks(list(xs), rows, rotation=35, ha="right")
         ax.set_title(ctx.label[metric])
     _legend(fig, axes)
@@ -191,9 +220,9 @@ def plot_history(ctx: _Context, spec: dict) -> plt.Figure:
     wanted = ctx.metrics(spec)
     frame = history_frame(sweep, ctx.records, ctx.profile, wanted)
     present = [m for m in wanted if m in set(frame.metric)] or wanted[:1]
-    fig, axes = _axes(len(present), size=3.2)
+    fig, axes = _axes(len(present))
     palette = dict(zip(sweep.rows, sns.color_palette("deep", len(sweep.rows))))
-    for ax, metric in zip(axes[0], present):
+    for ax, metric in zip(axes, present):
         data = frame[frame.metric == metric]
         if data.empty:
             ax.text(0.5, 0.5, OURS_NOTE, transform=ax.transAxes, ha="center", color="grey")
@@ -206,17 +235,19 @@ def plot_history(ctx: _Context, spec: dict) -> plt.Figure:
     done = set(frame.row)
     handles = [plt.Line2D([], [], color=palette[r], marker="o", label=r if r in done else f"{r} ({OURS_NOTE})")
                for r in sweep.rows]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), bbox_to_anchor=(0.5, -0.08), frameon=False)
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 4), bbox_to_anchor=(0.5, 0.0),
+               frameon=False)
     ctx.title(fig)
     return fig
 
 
 def _legend(fig: plt.Figure, axes: list) -> None:
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:  # collect entries that only some panels have
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:  # collect entries that only some panels have
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), bbox_to_anchor=(0.5, -0.1),
+    # Hung below the figure (bbox_inches="tight" keeps it), whatever the number of panel lines.
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4), bbox_to_anchor=(0.5, 0.0),
                frameon=False)

@@ -325,9 +325,10 @@ def to_latex(title: str, lines: list[str], columns: list[str], rows: list[list[s
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 h3{margin-bottom:.3em} ul{color:#555;font-size:.9em;margin-top:0}
-table{border-collapse:collapse;font-size:.85em}
+.scroll{overflow-x:auto;max-width:100%} table{border-collapse:collapse;font-size:.85em}
 th,td{padding:.3em .6em;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}
 th{background:#f3f3f3;border-bottom:2px solid #999} td.name{text-align:left;font-weight:600}
+tr :first-child{position:sticky;left:0;background:#fff} th:first-child{background:#f3f3f3}
 tr.pending td{color:#999;font-style:italic} tr.partial td{color:#8a6d00} tr.failed td{color:#b00020}"""
 
 
@@ -336,12 +337,14 @@ def to_html(title: str, lines: list[str], columns: list[str], rows: list[list[st
     out = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
            f"<style>{_CSS}</style></head><body>", f"<h3>{html.escape(title)}</h3>", "<ul>"]
     out += [f"<li>{html.escape(x)}</li>" for x in lines]
-    out += ["</ul>", "<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"]
+    # The scroll box lets an 18-column table scroll sideways instead of running off the page.
+    out += ["</ul>", "<div class='scroll'><table>",
+            "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"]
     for r, state in zip(rows, states):
         tds = "".join(f"<td class='name'>{html.escape(c)}</td>" if i < n_names else f"<td>{html.escape(c)}</td>"
                       for i, c in enumerate(r))
         out.append(f"<tr class='{state}'>{tds}</tr>")
-    out += ["</table>", "</body></html>"]
+    out += ["</table></div>", "</body></html>"]
     return "\n".join(out) + "\n"
 
 
@@ -361,14 +364,39 @@ def write_tables(sweep: Sweep, records: Iterable[dict], out_dir: str | Path, *, 
     profile, _ = select_records(sweep, records, profile)
     cells = render_cells(sweep, records, profile=profile, seeds=seeds, failed=failed)
     info = header(sweep, records, profile=profile, left_out=left_out)
+    # The per-seed values let the plots be redrawn from cells.json alone (the store is not committed).
+    values = seed_values(sweep, records, profile)
+    payload = {"header": info,
+               "metrics": sweep.metrics,
+               "cells": [{k: _json_safe(v) for k, v in rec.items()} for rec in cells.to_dict("records")],
+               "values": values.to_dict("records")}
+    (out / "cells.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    return {**_write_formats(sweep, cells, info, out), "json": out / "cells.json"}
+
+
+def load_cells(folder: str | Path) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+    """(header, cells, per-seed values) of a rendered table's cells.json; values is empty for tables
+    rendered before cells.json kept them."""
+    payload = json.loads((Path(folder) / "cells.json").read_text())
+    cells = pd.DataFrame(payload["cells"], columns=["row", "metric", *CELL_FIELDS, "status"])
+    # JSON null is NaN again, so the display and plot code sees the numbers write_tables saw.
+    cells[["mean", "std", "paper", "diff"]] = cells[["mean", "std", "paper", "diff"]].astype(float)
+    values = pd.DataFrame(payload.get("values", []), columns=["row", "seed", "metric", "value"])
+    return payload["header"], cells, values
+
+
+def rewrite_tables(sweep: Sweep, folder: str | Path) -> dict[str, Path]:
+    """Rewrite table.md, table.tex and table.html from the folder's cells.json (no store needed),
+    e.g. after a change to how tables are drawn."""
+    info, cells, _ = load_cells(folder)
+    return _write_formats(sweep, cells, info, Path(folder))
+
+
+def _write_formats(sweep: Sweep, cells: pd.DataFrame, info: dict[str, Any], out: Path) -> dict[str, Path]:
     lines = header_lines(info)
     columns, rows, states = display(sweep, cells)
-    paths = {"md": out / "table.md", "tex": out / "table.tex", "html": out / "table.html", "json": out / "cells.json"}
+    paths = {"md": out / "table.md", "tex": out / "table.tex", "html": out / "table.html"}
     paths["md"].write_text(to_markdown(sweep.title, lines, columns, rows))
     paths["tex"].write_text(to_latex(sweep.title, lines, columns, rows, sweep.name))
     paths["html"].write_text(to_html(sweep.title, lines, columns, rows, states))
-    payload = {"header": info,
-               "metrics": sweep.metrics,
-               "cells": [{k: _json_safe(v) for k, v in rec.items()} for rec in cells.to_dict("records")]}
-    paths["json"].write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
     return paths

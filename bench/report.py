@@ -5,17 +5,24 @@ README's results summary (between its `results:begin` / `results:end` markers) f
 
 It links what `bench.run` rendered (reports/<table>/ for the synthetic profile,
 reports/<profile>/<table>/ for the others), the claims reports of `bench.check --claims`, and the
-GPU performance JSON under reports/perf/. Each table's line names its profile, data, code version
-and hardware, read from the table's cells.json.
+GPU performance JSON under reports/perf/. Per profile shown (synthetic, and every profile with a
+rendered table) it lists every sweep in sweeps/*.yaml: a rendered one with its provenance (profile,
+seeds, data, code version, config hashes, evaluation protocol, hardware: the header of its cells.json),
+the table itself and its plots; one without results as "not run yet: <command>".
+
+    python -m bench.report --rerender   # first redraw tables and plots from each cells.json
 """
 from __future__ import annotations
 
 import argparse
 import html
 import json
+import re
 import time
 from pathlib import Path
 
+from bench.render import header_lines, rewrite_tables
+from bench.sweeps import list_sweeps, load_sweep
 from ehin.cli import UserError, command
 
 
@@ -37,25 +44,49 @@ def _tables(reports: Path) -> list[tuple[Path, dict]]:
     return sorted(found, key=order)
 
 
-def _table_section(folder: Path, info: dict, reports: Path) -> str:
+def _table_section(folder: Path, info: dict, reports: Path, heading: str, anchor: str) -> str:
+    """A rendered table: its files, where its numbers came from, the table itself, its plots."""
     rel = folder.relative_to(reports)
-    links = " · ".join(f'<a href="{html.escape(str(rel / f))}">{f}</a>'
-                       for f in ("table.html", "table.md", "table.tex") if (folder / f).exists())
-    plots = sorted(folder.glob("*.png"))
-    imgs = "".join(f'<a href="{html.escape(str(rel / p.name))}"><img src="{html.escape(str(rel / p.name))}" '
-                   f'alt="{html.escape(p.stem)}"></a>' for p in plots)
-    claims = folder / "claims.html"
-    claims_link = f' · <a href="{html.escape(str(rel / "claims.html"))}">claims</a>' if claims.exists() else ""
-    meta = [
-        f"profile <b>{html.escape(str(info.get('profile')))}</b>, seeds {html.escape(str(info.get('seeds')))}",
-        "data: " + html.escape("; ".join(info.get("datasets", []))),
-        "code: " + html.escape(", ".join(info.get("code_versions", [])) or "-"),
-        "evaluation: " + html.escape(", ".join(info.get("metrics_protocols", [])) or "-"),
-        "hardware: " + html.escape(", ".join(info.get("hardware", [])) or "-"),
-    ]
-    return (f'<section><h2>{html.escape(info.get("title", folder.name))}</h2>'
-            f'<p class="links">{links}{claims_link}</p><ul>' + "".join(f"<li>{m}</li>" for m in meta) +
-            f'</ul><div class="plots">{imgs}</div></section>')
+    files = [f for f in ("table.html", "table.md", "table.tex", "cells.json", "claims.html") if (folder / f).exists()]
+    links = " · ".join(f'<a href="{_esc(rel / f)}">{f}</a>' for f in files)
+    provenance = "".join(f"<li>{html.escape(line)}</li>" for line in header_lines(_complete(info)))
+    hashes = info.get("config_hashes") or {}
+    if hashes:  # one hash per row and seed: folded, as a table can list dozens
+        provenance += ("<li><details><summary>config hashes by row</summary>" + "".join(
+            f"<div><b>{html.escape(row)}</b>: {html.escape(', '.join(hs))}</div>" for row, hs in hashes.items())
+            + "</details></li>")
+    plots = "".join(f'<a href="{_esc(rel / p.name)}"><img src="{_esc(rel / p.name)}" alt="{_esc(p.stem)}"></a>'
+                    for p in sorted(folder.glob("*.png")))
+    return (f'<section id="{anchor}"><h3>{html.escape(heading)}</h3><p class="links">{links}</p>'
+            f'<ul class="provenance">{provenance}</ul>{_embedded_table(folder)}'
+            f'<div class="plots">{plots}</div></section>')
+
+
+def _not_run_section(heading: str, command: str, anchor: str) -> str:
+    return (f'<section id="{anchor}" class="missing"><h3>{html.escape(heading)}</h3>'
+            f'<p>not run yet: <code>{html.escape(command)}</code></p></section>')
+
+
+def run_command(table: str, profile: str) -> str:
+    """The command that renders `table` for `profile` (synthetic is bench.run's default)."""
+    return f"python -m bench.run {table}" + ("" if profile == "synthetic" else f" --profile {profile}")
+
+
+def _embedded_table(folder: Path) -> str:
+    """The <table> of table.html, in a box that scrolls sideways: the numbers on the index itself,
+    and an 18-column table never cut off at the page edge."""
+    path = folder / "table.html"
+    found = re.search(r"<table>.*?</table>", path.read_text(), re.S) if path.exists() else None
+    return f'<div class="scroll">{found.group(0)}</div>' if found else ""
+
+
+def _complete(info: dict) -> dict:
+    # header_lines wants every header key; an older cells.json may lack a few.
+    return {"seeds": [], "records": 0, "datasets": [], "code_versions": [], "hardware": [], **info}
+
+
+def _esc(x: object) -> str:
+    return html.escape(str(x))
 
 
 def _perf_section(reports: Path) -> str:
@@ -71,50 +102,123 @@ def _perf_section(reports: Path) -> str:
                      f'{html.escape(str(device))}, torch {html.escape(str(env.get("torch")))}, size {data.get("size")}</li>')
     if not items:
         return ""
-    return "<section><h2>Performance (bench.perf)</h2><ul>" + "".join(items) + "</ul></section>"
+    return "<section><h3>Performance (bench.perf)</h3><ul>" + "".join(items) + "</ul></section>"
+
+
+def _profiles_shown(tables: list[tuple[Path, dict]]) -> list[str]:
+    """synthetic (the default profile) first, then every other profile with a rendered table."""
+    rendered = {str(info.get("profile")) for _, info in tables}
+    return ["synthetic"] + sorted(rendered - {"synthetic"})
+
+
+def _profile_sections(reports: Path, tables: list[tuple[Path, dict]]) -> tuple[list[str], list[str]]:
+    """(sections, contents lines): per profile shown, every sweep in sweeps/*.yaml, rendered or with
+    the command that would render it; then any rendered table no sweep declares any more."""
+    rendered = {(str(info.get("profile")), str(info.get("table", folder.name))): (folder, info)
+                for folder, info in tables}
+    sections, contents = [], []
+    for profile in _profiles_shown(tables):
+        sections.append(f'<h2 id="{profile}">Profile: {html.escape(profile)}</h2>')
+        links = []
+        names = list_sweeps() + sorted(t for p, t in rendered if p == profile and t not in list_sweeps())
+        for name in names:
+            anchor = f"{profile}-{name}"
+            title = _sweep_title(name, rendered.get((profile, name)))
+            # The profile in every heading: the same table under two profiles is two distinct sections.
+            heading = f"{title} [{profile}]"
+            if (profile, name) in rendered:
+                folder, info = rendered[(profile, name)]
+                sections.append(_table_section(folder, info, reports, heading, anchor))
+                links.append(f'<a href="#{anchor}">{html.escape(name)}</a>')
+            else:
+                sections.append(_not_run_section(heading, run_command(name, profile), anchor))
+                links.append(f'<a class="missing" href="#{anchor}">{html.escape(name)} (not run)</a>')
+        contents.append(f'<li><a href="#{profile}">{html.escape(profile)}</a>: {" · ".join(links)}</li>')
+    return sections, contents
+
+
+def _sweep_title(name: str, rendered: tuple[Path, dict] | None) -> str:
+    if rendered:
+        return str(rendered[1].get("title", name))
+    try:
+        return load_sweep(name, validate=False).title
+    except Exception:  # a broken sweep file still gets its line in the index
+        return name
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+h2 { font-size: 1.4em; margin-top: 1.5em; border-bottom: 2px solid #999; }
+h3 { font-size: 1.15em; margin-bottom: 0.2em; }
+section { border-top: 1px solid #ddd; padding: 0.5em 0 1em; }
+section.missing p { color: #8a6d00; }
+ul { margin: 0.3em 0; color: #444; font-size: 0.9em; }
+ul.provenance details div { font-family: monospace; font-size: 0.9em; }
+.contents a.missing { color: #8a6d00; }
+/* Plots drawn for this width (bench/plots.py) and shrunk to it, never enlarged past their pixels. */
+.plots img { display: block; max-width: 100%; height: auto; margin: 0.8em 0; border: 1px solid #eee; }
+/* Wide tables scroll sideways inside their box instead of running off the page. */
+.scroll { overflow-x: auto; max-width: 100%; margin: 0.6em 0; border: 1px solid #eee; }
+table { border-collapse: collapse; font-size: 0.85em; }
+th, td { padding: 0.3em 0.6em; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
+th { background: #f3f3f3; border-bottom: 2px solid #999; } td.name { text-align: left; font-weight: 600; }
+/* The row name stays in view while a wide table scrolls. */
+tr > :first-child { position: sticky; left: 0; background: #fff; } th:first-child { background: #f3f3f3; }
+tr.pending td { color: #999; font-style: italic; } tr.partial td { color: #8a6d00; } tr.failed td { color: #b00020; }
+.links a { margin-right: 0.3em; }
+"""
 
 
 def write_index(reports: str | Path = "reports") -> Path:
     reports = Path(reports)
     reports.mkdir(parents=True, exist_ok=True)
-    sections = [_table_section(folder, info, reports) for folder, info in _tables(reports)]
+    sections, contents = _profile_sections(reports, _tables(reports))
     claims = sorted(p for p in reports.glob("claims/*.html"))
     if claims:
-        sections.insert(0, "<section><h2>The paper's claims</h2><ul>" + "".join(
-            f'<li><a href="{html.escape(str(p.relative_to(reports)))}">{html.escape(p.stem)}</a></li>' for p in claims)
-            + "</ul></section>")
+        sections.insert(0, '<h2 id="claims">The paper\'s claims</h2><ul>' + "".join(
+            f'<li><a href="{_esc(p.relative_to(reports))}">{_esc(p.stem)}</a></li>' for p in claims) + "</ul>")
+    others = []
     searches = sorted(reports.glob("search/*/summary.md"))
     if searches:
-        sections.append("<section><h2>Hyper-parameter searches (bench.search)</h2><ul>" + "".join(
-            f'<li><a href="{html.escape(str(p.relative_to(reports)))}">{html.escape(p.parent.name)}</a> · '
-            f'<a href="{html.escape(str((p.parent / "history.png").relative_to(reports)))}">history</a> · '
-            f'<a href="{html.escape(str((p.parent / "importances.png").relative_to(reports)))}">importances</a></li>'
+        others.append("<section><h3>Hyper-parameter searches (bench.search)</h3><ul>" + "".join(
+            f'<li><a href="{_esc(p.relative_to(reports))}">{_esc(p.parent.name)}</a> · '
+            f'<a href="{_esc((p.parent / "history.png").relative_to(reports))}">history</a> · '
+            f'<a href="{_esc((p.parent / "importances.png").relative_to(reports))}">importances</a></li>'
             for p in searches) + "</ul></section>")
     perf = _perf_section(reports)
     if perf:
-        sections.append(perf)
-    if not sections:
-        sections = ["<p>Nothing rendered yet: run <code>python -m bench.run table5</code>.</p>"]
+        others.append(perf)
+    if others:
+        sections += ['<h2 id="other">Searches and performance</h2>', *others]
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ehin-bench reports</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-section {{ border-top: 1px solid #ddd; padding: 0.5em 0 1em; }}
-h2 {{ font-size: 1.15em; margin-bottom: 0.2em; }}
-ul {{ margin: 0.3em 0; color: #444; font-size: 0.9em; }}
-.plots img {{ max-height: 240px; margin: 4px; border: 1px solid #eee; }}
-.links a {{ margin-right: 0.3em; }}
-</style></head><body>
+<style>{_CSS}</style></head><body>
 <h1>ehin-bench: reproduced tables</h1>
 <p>Reproduced numbers beside the EHIN paper's. Synthetic-profile numbers come from synthetic referring
 datasets and a small self-pretrained CLIP, so they test the method's mechanics, not its RefCOCO scores.
-Generated {time.strftime('%Y-%m-%d %H:%M')} by <code>python -m bench.report</code>.</p>
+Each table lists its profile, seeds, data, code version, config hashes, evaluation protocol and hardware,
+read from its cells.json. Generated {time.strftime('%Y-%m-%d %H:%M')} by <code>python -m bench.report</code>.</p>
+<ul class="contents">{''.join(contents)}</ul>
 {''.join(sections)}
 </body></html>
 """
     out = reports / "index.html"
     out.write_text(page)
     return out
+
+
+def rerender(reports: str | Path = "reports") -> list[Path]:
+    """Redraw every rendered table's table.md/.tex/.html and plots from its cells.json: how the
+    committed reports follow a change in bench/render.py or bench/plots.py without the results store."""
+    from bench.plots import replot
+
+    done = []
+    for folder, info in _tables(Path(reports)):
+        sweep = load_sweep(str(info.get("table", folder.name)))
+        rewrite_tables(sweep, folder)
+        replot(sweep, folder)
+        done.append(folder)
+    return done
 
 
 README_BEGIN, README_END = "<!-- results:begin (python -m bench.report) -->", "<!-- results:end -->"
@@ -170,7 +274,13 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reports", default="reports", help="the reports folder to index (default: reports)")
     p.add_argument("--readme", help="also rewrite this README's results block (README.md in the repository)")
+    p.add_argument("--rerender", action="store_true",
+                   help="first redraw every table's table.md/.tex/.html and plots from its cells.json "
+                        "(no results store needed; default: off)")
     args = p.parse_args(argv)
+    if args.rerender:
+        for folder in rerender(args.reports):
+            print(f"re-rendered {folder}/ from its cells.json")
     print(f"wrote {write_index(args.reports)}")
     if args.readme:
         print(f"{args.readme}: results block {'updated' if update_readme(args.readme, args.reports) else 'unchanged'}")

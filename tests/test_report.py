@@ -1,0 +1,65 @@
+"""reports/index.html (python -m bench.report, issue 19): one section per (profile, sweep) with a
+distinct title, the table's provenance and numbers inline, "not run yet: <command>" for a sweep
+without results; and tables and plots redrawn from cells.json alone (--rerender)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from bench.plots import write_plots
+from bench.render import write_tables
+from bench.report import rerender, write_index
+from bench.sweeps import list_sweeps
+from tests.test_render import sweep, table5_records
+
+
+def _reports(tmp_path: Path) -> Path:
+    """table5 rendered for the synthetic profile (reports/table5/) and for smoke (reports/smoke/table5/)."""
+    reports = tmp_path / "reports"
+    recs = table5_records()
+    write_tables(sweep("table5"), recs, reports / "table5", seeds=[0, 1])
+    smoke = [{**r, "profile": "smoke"} for r in recs if r["seed"] == 0]
+    write_tables(sweep("table5"), smoke, reports / "smoke" / "table5", seeds=[0])
+    return reports
+
+
+def test_index_sections_have_distinct_titles_provenance_and_numbers(tmp_path):
+    reports = _reports(tmp_path)
+    page = write_index(reports).read_text()
+    headings = re.findall(r"<h[23][^>]*>(.*?)</h[23]>", page)
+    assert len(headings) == len(set(headings)), "repeated section titles"
+    assert "Table 5: loss components (RefCOCO+ val) [synthetic]" in headings
+    assert "Table 5: loss components (RefCOCO+ val) [smoke]" in headings
+    # Every sweep of every profile shown has a section, rendered or not.
+    for profile in ("synthetic", "smoke"):
+        for name in list_sweeps():
+            assert f'id="{profile}-{name}"' in page
+    for line in ("profile: synthetic; seeds: 0, 1", "profile: smoke; seeds: 0", "code: abc1234567",
+                 "configs: 0123456789ab", "evaluation: ", "dataset: ", "config hashes by row"):
+        assert line in page, line
+    # The numbers themselves, in a box that scrolls sideways.
+    assert "<div class=\"scroll\"><table>" in page and "<td class='name'>bg+fg+cl</td>" in page
+    assert "overflow-x: auto" in page and "width: 100%" in page
+
+
+def test_a_sweep_without_results_says_not_run_yet_with_its_command(tmp_path):
+    page = write_index(_reports(tmp_path)).read_text()
+    assert "not run yet: <code>python -m bench.run table8</code>" in page
+    assert "not run yet: <code>python -m bench.run table8 --profile smoke</code>" in page
+    assert "python -m bench.run table5</code>" not in page  # rendered for synthetic: no such line
+
+
+def test_rerender_from_cells_json_matches_the_store_render(tmp_path):
+    """--rerender redraws table.md/.tex/.html and the plots from cells.json (the store is not committed)."""
+    reports = tmp_path / "reports"
+    folder = reports / "table5"
+    write_tables(sweep("table5"), table5_records(), folder, seeds=[0, 1])
+    write_plots(sweep("table5"), table5_records(), folder)
+    before = {f: (folder / f).read_text() for f in ("table.md", "table.tex", "table.html")}
+    values = json.loads((folder / "cells.json").read_text())["values"]
+    assert {"row": "bg+fg+cl", "seed": 1, "metric": "iou", "value": 2.0} in values  # per-seed, for the plots
+    (folder / "table5_bars.png").unlink()
+    assert rerender(reports) == [folder]
+    assert {f: (folder / f).read_text() for f in before} == before
+    assert (folder / "table5_bars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
