@@ -48,6 +48,21 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def start_run(cfg: dict, out_dir, device: torch.device) -> tuple[int, int, torch.device, bool]:
+    """A trainer's start: the process group if torchrun started us, rank 0's run folder with the
+    resolved config beside it, the CPU thread count. Returns (rank, world, device, main_rank)."""
+    from ehin.config import save_config
+
+    rank, world, device = init_distributed(device)
+    main_rank = rank == 0
+    if main_rank:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    if cfg["train"]["threads"]:
+        torch.set_num_threads(int(cfg["train"]["threads"]))
+    return rank, world, device, main_rank
+
+
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()

@@ -40,9 +40,9 @@ from tqdm import tqdm
 from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
 from ehin.cli import UserError, command
-from ehin.config import add_run_args, config_for_run, config_hash, save_config, stage1_hash
+from ehin.config import add_run_args, config_for_run, config_hash, stage1_hash
 from ehin.distributed import (RankBatches, all_gather_list, all_gather_with_grad, all_ranks, barrier,
-                              data_parallel, dist_env, init_distributed, mean_over_ranks, sync_batchnorm)
+                              data_parallel, dist_env, mean_over_ranks, start_run, sync_batchnorm)
 from ehin.metrics import format_metrics, format_result
 from ehin.training_log import TrainingLog, run_summary
 
@@ -165,14 +165,8 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
     if ckpt is not None:
         check_resumable(ckpt, cfg, ckpt_path)
     t, d = cfg["train"], cfg["data"]
-    rank, world, device = init_distributed(resolve_device(cfg))
-    main_rank = rank == 0
+    rank, world, device, main_rank = start_run(cfg, out_dir, resolve_device(cfg))
     progress = progress and main_rank
-    if main_rank:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    if t["threads"]:
-        torch.set_num_threads(int(t["threads"]))
     t_start = time.time()
 
     if main_rank:  # generate the dataset / pretrained CLIP once, then let the other ranks read them
