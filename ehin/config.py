@@ -364,6 +364,14 @@ def _check(dotted: str, value: Any, hint: Any) -> Any:
     return value
 
 
+def section(cfg: Mapping, name: str):
+    """One section's typed view (e.g. ModelConfig), checked key by key. For readers of a single
+    section, such as build_model given a checkpoint's config written before later sections grew."""
+    if not isinstance(cfg.get(name), Mapping):
+        raise ConfigError(f"{name}: must be a section (a mapping), got {cfg.get(name)!r}")
+    return _section(_SECTIONS[name], name, cfg[name])
+
+
 def validate(cfg: Mapping) -> Config:
     """Raise ConfigError naming the first bad key; return the typed view."""
     return Config.from_dict(cfg)
