@@ -109,3 +109,31 @@ def test_a_checkpoint_config_of_an_older_layout_still_builds_the_model():
     assert isinstance(section(old, "model"), ModelConfig)
     with pytest.raises(ConfigError, match="model.alpha"):
         build_model({**old, "model": {**old["model"], "alpha": "0.1"}})
+
+
+def test_the_cell_spec_carries_its_config_and_the_job_does_not_resolve_it_again(tmp_path, monkeypatch):
+    """Resolved once (Sweep.cells), carried by the spec through pickling (local and SLURM executors),
+    run as is by run_cell and prepare_prerequisites; the store's records stay without it."""
+    import pickle
+
+    import ehin.config
+    import ehin.train_stage1
+    from bench.jobs import run_cell
+    from bench.run import build_specs, prepare_prerequisites
+    from bench.sweeps import load_sweep
+
+    (spec,) = build_specs(load_sweep("table7"), "smoke", 1, tmp_path, rows=["alpha=0.2 beta=0.1"])
+    assert spec.config["model"]["alpha"] == 0.2 and spec.config["model"]["beta"] == 0.1
+    spec = pickle.loads(pickle.dumps(spec))
+
+    def no_resolving(*args, **kwargs):
+        raise AssertionError("a job resolved its config again")
+
+    seen = []
+    monkeypatch.setattr(ehin.config, "load_config", no_resolving)
+    monkeypatch.setattr(ehin.train_stage1, "run", lambda cfg, out, resume: seen.append(cfg) or {"metrics": {}})
+    monkeypatch.setattr(ehin.train_stage1, "prepare", seen.append)
+    prepare_prerequisites([spec])
+    run_cell(spec)
+    assert seen == [spec.config, spec.config]
+    assert yaml.safe_load((Path(spec.run_dir) / "config.yaml").read_text()) == spec.config
