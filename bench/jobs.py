@@ -29,7 +29,8 @@ class CellSpec:
     seed: int
     profile: str
     stage: str                      # "1", "2" or "inference"
-    overrides: dict[str, Any]       # flat dotted keys, applied on top of the profile
+    overrides: dict[str, Any]       # flat dotted keys on top of the profile (kept in the records)
+    config: dict[str, Any]          # the resolved config (load_config(profile, overrides)): run as is
     config_hash: str
     run_dir: str
     store_root: str
@@ -39,9 +40,9 @@ class CellSpec:
 
 def run_cell(spec: CellSpec) -> dict:
     """Train/evaluate one cell in this process and return its metrics dict (no store write)."""
-    from ehin.config import load_config, save_config
+    from ehin.config import save_config
 
-    cfg = load_config(profile=spec.profile, overrides=_nested(spec.overrides))
+    cfg = spec.config  # resolved once, when the cell was declared (bench.sweeps.Sweep.cells)
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")  # the resolved config beside its results
@@ -77,7 +78,8 @@ class CellRunner(submitit.helpers.Checkpointable):
             (Path(spec.run_dir) / "error.txt").write_text(traceback.format_exc())
             raise
         record = {
-            **{k: v for k, v in asdict(spec).items() if k not in ("store_root", "extra")},
+            # The config itself stays out: RUN_DIR/config.yaml holds it and the hash names it.
+            **{k: v for k, v in asdict(spec).items() if k not in ("store_root", "extra", "config")},
             "metrics": result.get("metrics", {}),
             "history": result.get("history", []),
             "timings": {**result.get("timings", {}), "cell_s": round(time.time() - start, 2)},
@@ -98,12 +100,6 @@ class CellRunner(submitit.helpers.Checkpointable):
 
     def error_log(self, spec: CellSpec) -> str:
         return str(Path(spec.run_dir) / "error.txt")  # written by __call__ before it re-raises
-
-
-def _nested(flat: dict[str, Any]) -> dict:
-    from ehin.config import dotted_to_nested
-
-    return dotted_to_nested(flat)
 
 
 class DistributedTraining(submitit.helpers.Checkpointable):

@@ -107,10 +107,10 @@ def profile_step(fn: Callable[[], object], device: torch.device, out: Path, name
 
 
 def _cfg(size: str, name: str, extra: dict) -> dict:
-    from ehin.config import dotted_to_nested, load_config
+    from ehin.config import load_config
 
     spec = SIZES[size]
-    return load_config(profile=spec["profile"], overrides=dotted_to_nested({**spec["overrides"], **CONFIGS[name], **extra}))
+    return load_config(profile=spec["profile"], overrides={**spec["overrides"], **CONFIGS[name], **extra})
 
 
 def _fake_batch(cfg: dict, device: torch.device, tokenize) -> dict:

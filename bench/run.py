@@ -41,25 +41,19 @@ def reports_dir(table: str, profile: str, reports: str | Path = "reports") -> Pa
 
 def build_specs(sweep, profile: str, seeds: int, root: Path, rows: list[str] | None = None,
                 extra_overrides: dict | None = None) -> list[CellSpec]:
-    from ehin.config import config_hash, stage1_hash
-
+    """One CellSpec per cell, carrying the config `Sweep.cells` resolved (jobs never resolve it again)."""
     specs = []
-    for cell in sweep.cells(profile, list(range(seeds))):
-        if rows and cell.row not in rows:
-            continue
-        overrides = {**cell.overrides, **(extra_overrides or {})}
-        cfg = cell.config() if not extra_overrides else _config(profile, overrides)
-        stage = str(getattr(cell, "stage", sweep.stage))
+    for cell in sweep.cells(profile, list(range(seeds)), extra_overrides, rows):
         # A stage-1 cell's identity leaves out what only stage 2 reads, so changing a profile's stage-2
         # or pseudo-label settings does not invalidate stage-1 results; the trainer's resume guard
-        # compares the same hash (ehin.config.stage1_hash).
-        h = stage1_hash(cfg) if stage == "1" else config_hash(cfg)
+        # compares the same hash (ehin.config.config_hash(cfg, stage="1")).
+        h = cell.config_hash()
         cid = cell_id(sweep.name, cell.row, cell.seed, profile, h)
         run_dir = root / "runs" / sweep.name / _safe(cell.row) / f"seed{cell.seed}-{h}"
         specs.append(CellSpec(table=sweep.name, row=cell.row, seed=cell.seed, profile=profile,
-                              stage=stage, overrides=overrides,
+                              stage=cell.stage, overrides=cell.overrides, config=cell.config,
                               config_hash=h, run_dir=str(run_dir), store_root=str(root), cell_id=cid,
-                              extra=dict(getattr(cell, "extra", {}) or {})))
+                              extra=dict(cell.extra)))
     return specs
 
 
@@ -104,7 +98,7 @@ def prepare_prerequisites(specs: list[CellSpec]) -> None:
 
     seen = set()
     for spec in specs:
-        cfg = _config(spec.profile, spec.overrides)
+        cfg = spec.config
         key = repr((cfg["data"], cfg["synthetic"], cfg["backbone"], cfg["scorer"]))
         if key in seen:
             continue
@@ -141,6 +135,7 @@ def render(sweep, profile: str, root: Path, reports: str | Path = "reports", see
 @command
 def main(argv: list[str] | None = None) -> int:
     from bench.sweeps import list_sweeps, load_sweep
+    from ehin.config import parse_assignments
 
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[args.profile]
     root = results_root(args.profile, args.results)
     store = ResultStore(root)
-    extra = _flat_overrides(args.overrides)
+    extra = parse_assignments(args.overrides)
     if args.executor == "local":
         # Share the cores between the cells running at once (thread count is not part of the hash).
         extra.setdefault("train.threads", max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
@@ -234,28 +229,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
     return value
-
-
-def _flat_overrides(items: list[str]) -> dict:
-    from ehin.config import parse_overrides
-
-    flat: dict = {}
-
-    def walk(node, prefix=""):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk(parse_overrides(items))
-    return flat
-
-
-def _config(profile: str, flat: dict) -> dict:
-    from ehin.config import dotted_to_nested, load_config
-
-    return load_config(profile=profile, overrides=dotted_to_nested(flat))
 
 
 def _safe(name: str) -> str:

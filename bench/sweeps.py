@@ -2,7 +2,8 @@
 
 A sweep is base overrides + ordered rows of dotted-key overrides + the paper's numbers + metrics +
 claims + plot kinds (docs/architecture.md "Harness"; sweeps/README.md describes the YAML). A cell
-is one (table, row, seed, profile); its config is `ehin.config.load_config(profile, overrides)`.
+is one (table, row, seed, profile); its config is `ehin.config.load_config(profile, overrides)`,
+resolved once by `Sweep.cells` and carried by the cell (and then by bench.jobs.CellSpec) to the job.
 
 Every row is resolved through `load_config` for every profile when the sweep loads, so a typo in
 a sweep fails at once with the sweep and row named, never after hours of training a default.
@@ -20,7 +21,7 @@ import pandas as pd
 import yaml
 
 from ehin.cli import UserError
-from ehin.config import PROFILES, ConfigError, config_hash, dotted_to_nested, get, load_config
+from ehin.config import PROFILES, ConfigError, config_hash, get, load_config
 from ehin.metrics import REGISTRY
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,14 +44,15 @@ class SweepError(UserError):
 
 @dataclass
 class Cell:
-    """One (table, row, seed, profile): everything needed to build its config."""
+    """One (table, row, seed, profile) with its config, resolved once (`Sweep.cells`)."""
 
     table: str
     row: str
     seed: int
     profile: str
     stage: str                     # "1", "2" or "inference" (what bench.jobs.run_cell runs)
-    overrides: dict[str, Any]      # flat dotted keys on top of the profile, incl. train.seed
+    overrides: dict[str, Any]      # flat dotted keys on top of the profile, incl. train.seed (for records)
+    config: dict[str, Any]         # load_config(profile, overrides): resolved and validated
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -58,11 +60,9 @@ class Cell:
         """Stable id: independent of the code and of the base config (see config_hash for those)."""
         return f"{self.profile}/{self.table}/{self.row}/seed{self.seed}"
 
-    def config(self) -> dict:
-        return load_config(profile=self.profile, overrides=dotted_to_nested(self.overrides))
-
     def config_hash(self) -> str:
-        return config_hash(self.config())
+        """The cell's hash as bench names it: stage-1 cells leave out the stage-2 sections."""
+        return config_hash(self.config, stage="1" if self.stage == "1" else None)
 
 
 @dataclass
@@ -110,18 +110,27 @@ class Sweep:
             return flat[key]
         return get(_defaults(), key)
 
-    def cells(self, profile: str, seeds: list[int] | range | int) -> list[Cell]:
-        """Every (row, seed) in row order; synthetic profiles map each dataset to its synth-* mirror."""
+    def cells(self, profile: str, seeds: list[int] | range | int,
+              extra_overrides: dict[str, Any] | None = None, rows: list[str] | None = None) -> list[Cell]:
+        """Every (row, seed) in row order, its config resolved (the one place a cell's config is built);
+        synthetic profiles map each dataset to its synth-* mirror. `extra_overrides` (dotted keys, e.g.
+        bench.run's --set) go over every cell; `rows` picks a subset (default: every row)."""
         if isinstance(seeds, int):
             seeds = range(seeds)
         out = []
         for row in self.rows:
+            if rows and row not in rows:
+                continue
             base = self.row_overrides(row, profile)
             base["data.dataset"] = dataset_for_profile(base["data.dataset"], profile)
             for seed in seeds:
-                overrides = {**base, "train.seed": int(seed)}
+                overrides = {**base, "train.seed": int(seed), **(extra_overrides or {})}
+                try:
+                    cfg = load_config(profile=profile, overrides=overrides)
+                except ConfigError as e:
+                    raise ConfigError(f"sweep {self.name}, row {row!r}, profile {profile}: {e}") from None
                 out.append(Cell(table=self.name, row=row, seed=int(seed), profile=profile,
-                                stage=self.stages.get(row, self.stage), overrides=overrides))
+                                stage=self.stages.get(row, self.stage), overrides=overrides, config=cfg))
         return out
 
     def datasets_used(self, profile: str | None) -> dict[str, str]:
@@ -360,8 +369,4 @@ def validate_sweep(sweep: Sweep, profiles: tuple[str, ...] = PROFILES) -> None:
                 if isinstance(leaf, dict):
                     raise ConfigError(f"sweep {sweep.name}, row {row!r}: '{key}' is a section, not a key")
     for prof in profiles:
-        for cell in sweep.cells(prof, [0]):
-            try:
-                cell.config()
-            except ConfigError as e:
-                raise ConfigError(f"sweep {sweep.name}, row {cell.row!r}, profile {prof}: {e}") from None
+        sweep.cells(prof, [0])  # resolves every row's config; a ConfigError names the row

@@ -1,8 +1,11 @@
 """Configs: a base YAML, a profile, an optional file, and `key=value` overrides, merged in that order.
 
-A config is a plain nested dict (detectron2-style variants are small dicts of dotted keys).
-Unknown keys and out-of-range values fail at load time with a message that names the key, so a
-typo in a sweep or on the command line never silently trains the default.
+A config is resolved once (`load_config`) into a plain nested dict: picklable, what config.yaml and
+checkpoints hold, and what bench carries in each cell's spec. `Config` is its typed view: one
+dataclass per base.yaml section, field for field; `Config.from_dict` checks every key's type and
+range once, at load time, with a one-line ConfigError naming the key, so a typo in a sweep or on the
+command line never silently trains the default. Modules take the typed fields by keyword
+(`ehin.model.build_model`). `config_hash` is the one hash of a config.
 """
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ import copy
 import hashlib
 import json
 import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -77,7 +81,12 @@ def dotted_to_nested(flat: Mapping[str, Any]) -> dict:
 
 
 def parse_overrides(items: Iterable[str]) -> dict:
-    """Parse `a.b=value` strings; values are read as YAML scalars (1e-3, true, null, [1, 2])."""
+    """`parse_assignments`, nested: {'model': {'alpha': 0.2}}."""
+    return dotted_to_nested(parse_assignments(items))
+
+
+def parse_assignments(items: Iterable[str]) -> dict:
+    """Parse `a.b=value` strings into {'a.b': value}; values are read as YAML scalars (1e-3, true, null, [1, 2])."""
     flat = {}
     for item in items:
         if "=" not in item:
@@ -93,7 +102,7 @@ def parse_overrides(items: Iterable[str]) -> dict:
             except ValueError:
                 pass
         flat[key.strip()] = value
-    return dotted_to_nested(flat)
+    return flat
 
 
 def load_config(
@@ -102,7 +111,10 @@ def load_config(
     profile: str | None = None,
     overrides: Iterable[str] | Mapping | None = None,
 ) -> dict:
-    """base.yaml <- profiles/<profile>.yaml <- file <- overrides, then validated."""
+    """base.yaml <- profiles/<profile>.yaml <- file <- overrides, then validated (`Config.from_dict`).
+
+    `overrides`: `key=value` strings, or a mapping of dotted keys ({'model.alpha': 0.2}, as sweeps
+    declare them) and/or nested sections ({'model': {'alpha': 0.2}})."""
     cfg = _read_yaml(CONFIG_DIR / "base.yaml")
     if profile is not None:
         if profile not in PROFILES:
@@ -111,55 +123,258 @@ def load_config(
     if file is not None:
         cfg = merge(cfg, _read_yaml(Path(file)))
     if overrides:
-        extra = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+        extra = dotted_to_nested(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
         cfg = merge(cfg, extra)
     validate(cfg)
     return cfg
 
 
-_CHOICES = {
-    ("model", "residual"): ("once", "twice"),
-    ("model", "bp_attention"): ("pixels", "tokens"),
-    ("loss", "cl_variant"): ("early", "late"),
-    ("train", "device"): ("auto", "cpu", "cuda"),
-    ("stage2", "ema"): (None, "mse", "kl"),
-}
-_POSITIVE_INT = [("data", "image_size"), ("model", "hidden_dim"), ("model", "n_layers"),
-                 ("train", "batch_size"), ("train", "epochs"), ("eval", "batch_size")]
-_NON_NEGATIVE = [("data", "K"), ("loss", "fg"), ("loss", "cl"), ("loss", "bg"), ("train", "lr"),
-                 ("train", "weight_decay"), ("model", "alpha"), ("model", "beta"),
-                 ("model", "fusion_scale")]
-
-
 # The generator's scene recipes (ehin.data.synthetic.SCENE_RECIPES; a test keeps the two equal), named
 # here so that loading a config does not import the generator.
 SCENE_RECIPES = ("simple", "cluttered")
+DENSE_MODES = ("tokens", "values")  # ehin.clip_model.DENSE_MODES, named here for the same reason
 
 
-def validate(cfg: dict) -> None:
-    """Raise ConfigError naming the first bad key."""
-    scenes = cfg["synthetic"].get("scenes", "simple")
-    if scenes not in SCENE_RECIPES:
-        raise ConfigError(f"synthetic.scenes = {scenes!r}: must be one of {SCENE_RECIPES}")
-    for (section, key), choices in _CHOICES.items():
-        value = cfg[section][key]
-        if value not in choices:
-            raise ConfigError(f"{section}.{key} = {value!r}: must be one of {choices}")
-    for section, key in _POSITIVE_INT:
-        value = cfg[section][key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{section}.{key} = {value!r}: must be a positive integer")
-    for section, key in _NON_NEGATIVE:
-        value = cfg[section][key]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or value != value:
-            raise ConfigError(f"{section}.{key} = {value!r}: must be a non-negative number")
-    if cfg["train"]["batch_size"] < 2 and cfg["loss"]["fg"] > 0:
-        raise ConfigError("train.batch_size must be >= 2: L_FG needs in-batch negatives (Eq. 18)")
-    sel = cfg["eval"]["select_split"]
-    if sel is not None and sel == cfg["eval"]["split"]:
-        raise ConfigError(
-            f"eval.select_split = eval.split = {sel!r}: checkpoint selection must not use the split it reports"
-        )
+# ---- the typed config: one dataclass per base.yaml section, field for field ----------------------
+# A field's type is what `_check` enforces; `_RULES` adds ranges and choices. Values are checked, never
+# converted: the dict stays the stored form and config_hash hashes it, so 10 must stay 10 (not 10.0).
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str
+    split_by: str
+    root: Optional[str]
+    image_root: Optional[str]
+    image_size: int
+    train_split: str
+    K: int
+    num_workers: int
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    size: int
+    images: int
+    seed: int
+    scenes: str
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    arch: str
+    pretrained: Optional[str]
+    image_size: Optional[int]
+    dense: str
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    arch: str
+    pretrained: Optional[str]
+    image_size: Optional[int]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_dim: int
+    n_layers: int
+    alpha: float
+    beta: float
+    residual: str
+    fusion_scale: float
+    bp_attention: str
+    logit_scale_init: float
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    fg: float
+    cl: float
+    bg: float
+    cl_variant: str
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int
+    epochs: int
+    lr: float
+    backbone_lr_mult: float
+    weight_decay: float
+    poly_power: float
+    seed: int
+    device: str
+    amp: bool
+    threads: Optional[int]
+    log_every: int
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    split: str
+    select_split: Optional[str]
+    batch_size: int
+    max_items: Optional[int]
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    batch_size: int
+    epochs: int
+    lr: float
+    backbone_lr_mult: float
+    poly_power: float
+    hidden_dim: int
+    ema: Optional[str]
+    ema_decay: float
+    ema_weight: float
+    dice_weight: float
+
+
+@dataclass(frozen=True)
+class PseudoConfig:
+    prms: bool
+    crf: bool
+    random_walk: bool
+    map_threshold: float
+    fg_threshold: float
+    bg_threshold: float
+    crf_gt_prob: float
+    crf_iterations: int
+    irnet_epochs: int
+    irnet_batch_size: int
+    irnet_lr: float
+    irnet_weight_decay: float
+    irnet_radius: int
+    rw_radius: int
+    rw_beta: float
+    rw_exp_times: int
+    rw_threshold: float
+    chunk_size: int
+    workers: int
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    synthetic: SyntheticConfig
+    backbone: BackboneConfig
+    scorer: ScorerConfig
+    model: ModelConfig
+    loss: LossConfig
+    train: TrainConfig
+    eval: EvalConfig
+    stage2: Stage2Config
+    pseudo: PseudoConfig
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping) -> "Config":
+        """The typed view of a resolved config; raises ConfigError naming the first bad key."""
+        sections = {}
+        for sec in fields(cls):
+            node = cfg.get(sec.name)
+            if not isinstance(node, Mapping):
+                raise ConfigError(f"{sec.name}: must be a section (a mapping), got {node!r}")
+            sections[sec.name] = _section(_SECTIONS[sec.name], sec.name, node)
+        typed = cls(**sections)
+        typed._check_across()
+        return typed
+
+    def to_dict(self) -> dict:
+        """The plain nested dict (what config.yaml, checkpoints and config_hash use)."""
+        return asdict(self)
+
+    def _check_across(self) -> None:
+        """Rules that tie two keys together."""
+        if self.train.batch_size < 2 and self.loss.fg > 0:
+            raise ConfigError("train.batch_size must be >= 2: L_FG needs in-batch negatives (Eq. 18)")
+        sel = self.eval.select_split
+        if sel is not None and sel == self.eval.split:
+            raise ConfigError(f"eval.select_split = eval.split = {sel!r}: checkpoint selection must not use "
+                              "the split it reports")
+
+
+_SECTIONS = {name: hint for name, hint in get_type_hints(Config).items()}  # section -> its dataclass
+
+# Ranges and choices beyond the type: "pos" >= 1, "nonneg" >= 0, "unit" in [0, 1], or a tuple of choices.
+_RULES: dict[str, Any] = {
+    "data.image_size": "pos", "data.K": "nonneg", "data.num_workers": "nonneg",
+    "synthetic.size": "pos", "synthetic.images": "pos", "synthetic.scenes": SCENE_RECIPES,
+    "backbone.image_size": "pos", "backbone.dense": DENSE_MODES, "scorer.image_size": "pos",
+    "model.hidden_dim": "pos", "model.n_layers": "pos", "model.alpha": "nonneg", "model.beta": "nonneg",
+    "model.residual": ("once", "twice"), "model.fusion_scale": "nonneg",
+    "model.bp_attention": ("pixels", "tokens"), "model.logit_scale_init": "gt0",
+    "loss.fg": "nonneg", "loss.cl": "nonneg", "loss.bg": "nonneg", "loss.cl_variant": ("early", "late"),
+    "train.batch_size": "pos", "train.epochs": "pos", "train.lr": "nonneg", "train.backbone_lr_mult": "nonneg",
+    "train.weight_decay": "nonneg", "train.poly_power": "nonneg", "train.device": ("auto", "cpu", "cuda"),
+    "train.threads": "pos", "train.log_every": "pos",
+    "eval.batch_size": "pos", "eval.max_items": "pos",
+    "stage2.batch_size": "pos", "stage2.epochs": "nonneg", "stage2.lr": "nonneg",
+    "stage2.backbone_lr_mult": "nonneg", "stage2.poly_power": "nonneg", "stage2.hidden_dim": "pos",
+    "stage2.ema": (None, "mse", "kl"), "stage2.ema_decay": "unit", "stage2.ema_weight": "nonneg",
+    "stage2.dice_weight": "nonneg",
+    "pseudo.crf_gt_prob": "unit", "pseudo.crf_iterations": "nonneg", "pseudo.irnet_epochs": "nonneg",
+    "pseudo.irnet_batch_size": "pos", "pseudo.irnet_lr": "nonneg", "pseudo.irnet_weight_decay": "nonneg",
+    "pseudo.irnet_radius": "pos", "pseudo.rw_radius": "pos", "pseudo.rw_beta": "nonneg",
+    "pseudo.rw_exp_times": "nonneg", "pseudo.chunk_size": "pos", "pseudo.workers": "nonneg",
+}
+_RANGE_TEXT = {"pos": ">= 1", "nonneg": ">= 0", "gt0": "> 0", "unit": "in [0, 1]"}
+
+
+def _section(cls: type, name: str, node: Mapping):
+    hints = get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    unknown = [k for k in node if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown config key '{name}.{unknown[0]}' (known here: {', '.join(sorted(known))})")
+    values = {}
+    for key in known:
+        dotted = f"{name}.{key}"
+        if key not in node:
+            raise ConfigError(f"{dotted}: missing")
+        values[key] = _check(dotted, node[key], hints[key])
+    return cls(**values)
+
+
+def _check(dotted: str, value: Any, hint: Any) -> Any:
+    """`value` if it has the field's type and obeys its rule; else a ConfigError naming `dotted`."""
+    rule = _RULES.get(dotted)
+    if isinstance(rule, tuple):  # choices decide alone (None may be one of them)
+        if value not in rule:
+            raise ConfigError(f"{dotted} = {value!r}: must be one of {rule}")
+        return value
+    optional = get_origin(hint) is Union and type(None) in get_args(hint)
+    if value is None:
+        if optional:
+            return value
+        raise ConfigError(f"{dotted} = None: must be set (null is not allowed here)")
+    base = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
+    # bool is an int to Python: reject it for numbers, and accept ints for floats (lr: 1, say).
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v,
+          str: lambda v: isinstance(v, str)}[base](value)
+    if not ok:
+        what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
+        raise ConfigError(f"{dotted} = {value!r}: must be {what}{' or null' if optional else ''}")
+    if rule is not None:
+        low, high = {"pos": (1, None), "nonneg": (0, None), "gt0": (0, None), "unit": (0, 1)}[rule]
+        if value < low or (high is not None and value > high) or (rule == "gt0" and value == 0):
+            raise ConfigError(f"{dotted} = {value!r}: must be {_RANGE_TEXT[rule]}")
+    return value
+
+
+def section(cfg: Mapping, name: str):
+    """One section's typed view (e.g. ModelConfig), checked key by key. For readers of a single
+    section, such as build_model given a checkpoint's config written before later sections grew."""
+    if not isinstance(cfg.get(name), Mapping):
+        raise ConfigError(f"{name}: must be a section (a mapping), got {cfg.get(name)!r}")
+    return _section(_SECTIONS[name], name, cfg[name])
+
+
+def validate(cfg: Mapping) -> Config:
+    """Raise ConfigError naming the first bad key; return the typed view."""
+    return Config.from_dict(cfg)
 
 
 HASH_IGNORE = ("train.device", "train.threads", "data.num_workers")  # change speed, not results
@@ -169,14 +384,22 @@ STAGE2_KEYS = ("stage2", "pseudo")  # sections only pseudo-labels and stage 2 re
 HASH_OMIT_AT_DEFAULT = {"synthetic.scenes": "simple"}
 
 
-def config_hash(cfg: Mapping, *, ignore: Iterable[str] = HASH_IGNORE) -> str:
-    """A short stable hash of everything that changes results (devices and thread counts excluded)."""
+def config_hash(cfg: Mapping, *, stage: str | None = None) -> str:
+    """The one hash of a config: a short stable digest of everything that changes results.
+
+    Devices, thread counts and loader workers are left out (HASH_IGNORE). With stage="1" the sections
+    only stage 2 reads (STAGE2_KEYS) are left out too: bench names a stage-1 cell by that hash and the
+    trainer's resume guard compares it, so changing a profile's stage-2 or pseudo-label settings neither
+    invalidates nor blocks a stage-1 run. The values equal those committed in reports/ (bench.check
+    compares them exactly): the digest is of the plain dict, as it always was."""
+    if stage not in (None, "1"):
+        raise ValueError(f"stage must be None or '1', got {stage!r}")
     c = copy.deepcopy(dict(cfg))
     for dotted, default in HASH_OMIT_AT_DEFAULT.items():
         section, key = dotted.split(".")
         if isinstance(c.get(section), dict) and c[section].get(key, default) == default:
             c[section] = {k: v for k, v in c[section].items() if k != key}
-    for dotted in ignore:
+    for dotted in HASH_IGNORE + (STAGE2_KEYS if stage == "1" else ()):
         node = c
         parts = dotted.split(".")
         for part in parts[:-1]:
@@ -184,14 +407,6 @@ def config_hash(cfg: Mapping, *, ignore: Iterable[str] = HASH_IGNORE) -> str:
         node.pop(parts[-1], None)
     blob = json.dumps(c, sort_keys=True, default=str).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
-
-
-def stage1_hash(cfg: Mapping) -> str:
-    """The identity of a stage-1 run: config_hash without what only stage 2 reads (STAGE2_KEYS).
-
-    bench names a stage-1 cell by it and the trainer's resume guard compares it, so changing a
-    profile's stage-2 or pseudo-label settings neither invalidates nor blocks a stage-1 run."""
-    return config_hash(cfg, ignore=HASH_IGNORE + STAGE2_KEYS)
 
 
 def save_config(cfg: Mapping, path: str | Path) -> None:

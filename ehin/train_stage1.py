@@ -40,7 +40,7 @@ from tqdm import tqdm
 from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
 from ehin.cli import UserError, command
-from ehin.config import add_run_args, config_for_run, config_hash, stage1_hash
+from ehin.config import add_run_args, config_for_run, config_hash
 from ehin.distributed import (RankBatches, all_gather_list, all_gather_with_grad, all_ranks, barrier,
                               data_parallel, dist_env, mean_over_ranks, start_run, sync_batchnorm)
 from ehin.metrics import format_metrics, format_result
@@ -268,7 +268,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
         entry["eval_s"] = round(time.time() - t1, 2)
         history.append(entry)
         log.epoch(entry)
-        save_atomic({"kind": "stage1", "config": cfg, "config_hash": stage1_hash(cfg), "epoch": epoch,
+        save_atomic({"kind": "stage1", "config": cfg, "config_hash": config_hash(cfg, stage="1"), "epoch": epoch,
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                      "scorer_cache": scorer.cache_state() if scorer is not None else {},
@@ -286,7 +286,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
         log.close()
 
     result = {**run_summary(history, train_s, t_start, device), "world_size": world,
-              "config_hash": stage1_hash(cfg)}
+              "config_hash": config_hash(cfg, stage="1")}
     if main_rank:
         with open(out_dir / "result.json", "w") as f:
             json.dump(result, f, indent=1)
@@ -294,9 +294,9 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
 
 
 def check_resumable(ckpt: dict, cfg: dict, path: Path) -> None:
-    """Raise UserError unless `ckpt` was written by a stage-1 run of `cfg` (same stage1_hash)."""
-    # Checkpoints written before stage1_hash existed hold the full config_hash; accept it too.
-    if ckpt.get("kind") == "stage1" and ckpt.get("config_hash") in (stage1_hash(cfg), config_hash(cfg)):
+    """Raise UserError unless `ckpt` was written by a stage-1 run of `cfg` (same config_hash(stage="1"))."""
+    # Checkpoints written before the stage-1 hash existed hold the full config_hash; accept it too.
+    if ckpt.get("kind") == "stage1" and ckpt.get("config_hash") in (config_hash(cfg, stage="1"), config_hash(cfg)):
         return
     out = path.parent.parent
     raise UserError(f"{path} was written by another config; to continue that run pass --resume alone "

@@ -108,8 +108,8 @@ def test_hipm_residual_wiring_closed_form(residual):
 
 def test_once_and_twice_differ_by_alpha_x0():
     C = 4
-    twice = _randomise(HIPM(C, 2, ALPHA, BETA, "twice")).double()
-    once = HIPM(C, 2, ALPHA, BETA, "once").double()
+    twice = _randomise(HIPM(C, n_layers=2, alpha=ALPHA, beta=BETA, residual="twice")).double()
+    once = HIPM(C, n_layers=2, alpha=ALPHA, beta=BETA, residual="once").double()
     once.load_state_dict(twice.state_dict())
     V, L = _inputs(C=C)
     vt, lt = twice(V, L, pairwise=True)
@@ -198,5 +198,12 @@ def test_bad_arguments():
         HIPM(4, residual="thrice")
     with pytest.raises(ValueError, match="n_layers"):
         HIPM(4, n_layers=0)
+
+
+def test_hipm_takes_everything_but_dim_by_keyword():
+    """HIPM(dim, n_layers, alpha, beta, ...) positionally would let a swapped alpha/beta train silently."""
+    with pytest.raises(TypeError):
+        HIPM(4, 2, 0.1, 0.05)
+    assert HIPM(dim=4, n_layers=1, alpha=0.3, beta=0.02).alpha == 0.3
     with pytest.raises(ValueError, match="paired"):
         BilateralPrompt(4)(torch.randn(2, 4, 2, 2), torch.randn(3, 4), pairwise=False)

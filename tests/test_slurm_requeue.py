@@ -24,6 +24,7 @@ import submitit
 import torch
 
 from bench.jobs import CellRunner, CellSpec
+from ehin.config import load_config
 from tests.test_slurm_cluster import result_within, sacct_states
 
 pytestmark = pytest.mark.slurm
@@ -39,6 +40,7 @@ FINISH_S = 300      # until the requeued job has finished
 
 def _spec(root: Path, name: str) -> CellSpec:
     return CellSpec(table="requeue", row=name, seed=0, profile="smoke", stage="1", overrides=OVERRIDES,
+                    config=load_config(profile="smoke", overrides=OVERRIDES),
                     config_hash="-", run_dir=str(root / name / "run"), store_root=str(root / name / "store"),
                     cell_id=f"requeue-{name}")
 

@@ -40,7 +40,7 @@ def test_every_row_resolves_with_its_overrides(name, profile):
     cells = s.cells(profile, [0])
     assert [c.row for c in cells] == list(s.rows)
     for cell in cells:
-        cfg = cell.config()
+        cfg = cell.config
         for key, value in cell.overrides.items():
             assert get(cfg, key) == value, (cell.key, key)
         for key, value in s.rows[cell.row].items():  # the row's own knobs survive profile and base
@@ -53,10 +53,10 @@ def test_synthetic_profiles_map_datasets_to_their_mirrors():
     assert dataset_for_profile("refcoco+", "smoke") == "synth-refcoco+"
     assert dataset_for_profile("refcoco+", "paper") == "refcoco+"
     assert dataset_for_profile("synth-referit", "synthetic") == "synth-referit"
-    cfg = sweep("table3").cells("synthetic", [0])[0].config()
+    cfg = sweep("table3").cells("synthetic", [0])[0].config
     assert cfg["data"]["dataset"] == "synth-refcoco+" and cfg["eval"]["split"] == "val"
-    assert sweep("table3").cells("paper", [0])[0].config()["data"]["dataset"] == "refcoco+"
-    t9 = {c.row: c.config() for c in sweep("table9").cells("synthetic", [0])}
+    assert sweep("table3").cells("paper", [0])[0].config["data"]["dataset"] == "refcoco+"
+    t9 = {c.row: c.config for c in sweep("table9").cells("synthetic", [0])}
     assert t9["refcocog K=1"]["data"]["dataset"] == "synth-refcocog"
     assert t9["refcocog K=1"]["data"]["split_by"] == "umd"
     assert t9["referit K=9"]["data"]["dataset"] == "synth-referit" and t9["referit K=9"]["data"]["K"] == 9
@@ -97,9 +97,9 @@ def test_profile_section_overrides_base_but_not_rows(tmp_path):
     spec["profiles"] = {"smoke": {"train.epochs": 1, "model.n_layers": 3}}
     (tmp_path / "table3.yaml").write_text(yaml.safe_dump(spec))
     s = load_sweep("table3", sweeps_dir=tmp_path)
-    smoke = {c.row: c.config() for c in s.cells("smoke", [0])}
+    smoke = {c.row: c.config for c in s.cells("smoke", [0])}
     assert smoke["1"]["train"]["epochs"] == 1 and smoke["1"]["model"]["n_layers"] == 1
-    assert s.cells("synthetic", [0])[0].config()["train"]["epochs"] != 1
+    assert s.cells("synthetic", [0])[0].config["train"]["epochs"] != 1
 
 
 # ------------------------------------------------------------------------------------- paper join
@@ -135,7 +135,7 @@ def test_cl_alone_is_the_texts_remark():
     s = sweep("table5")
     assert s.paper.loc["cl", "overall_iou"] == 1.0 and ("cl", "overall_iou") in s.paper_approx
     assert math.isnan(s.paper.loc["cl", "iou"])
-    cfg = next(c for c in s.cells("paper", [0]) if c.row == "cl").config()
+    cfg = next(c for c in s.cells("paper", [0]) if c.row == "cl").config
     assert (cfg["loss"]["fg"], cfg["loss"]["bg"]) == (0, 0) and cfg["loss"]["cl"] > 0
 
 
@@ -160,7 +160,7 @@ def test_table2_cells_follow_the_paper_grid():
     assert len(s.rows) == len(methods) * len(split_columns)
     assert {s.stages[r] for r in s.rows if "Stage-2" in r} == {"2"}
     assert {s.stages[r] for r in s.rows if "Stage-1" in r} == {"1"}
-    cfg = {c.row: c.config() for c in s.cells("paper", [0])}
+    cfg = {c.row: c.config for c in s.cells("paper", [0])}
     tris = cfg["TRIS (Stage-1) | refcocog_val_google"]
     assert tris["model"]["n_layers"] == 1 and tris["model"]["bp_attention"] == "tokens"
     assert tris["loss"]["cl_variant"] == "late" and tris["loss"]["bg"] == 0 and tris["data"]["K"] == 3
@@ -170,18 +170,18 @@ def test_table2_cells_follow_the_paper_grid():
 
 
 def test_ablation_switches_follow_method_section_8():
-    t6 = {c.row: c.config() for c in sweep("table6").cells("paper", [0])}
+    t6 = {c.row: c.config for c in sweep("table6").cells("paper", [0])}
     assert t6["EHIN without HIPM"]["model"]["n_layers"] == 1 and t6["EHIN without HIPM"]["loss"]["cl"] > 0
     assert t6["EHIN without ECLM"]["loss"]["cl"] == 0 and t6["EHIN without ECLM"]["model"]["n_layers"] == 2
-    t8 = {c.row: c.config() for c in sweep("table8").cells("paper", [0])}
+    t8 = {c.row: c.config for c in sweep("table8").cells("paper", [0])}
     assert all(t8[f"N={n}"]["data"]["K"] == 6 and t8[f"N={n}"]["train"]["batch_size"] == n for n in (6, 12, 24, 48))
     assert all(t8[f"K={k}"]["train"]["batch_size"] == 24 and t8[f"K={k}"]["data"]["K"] == k for k in (1, 3, 6, 9))
-    f7 = {c.row: c.config() for c in sweep("fig7").cells("paper", [0])}
+    f7 = {c.row: c.config for c in sweep("fig7").cells("paper", [0])}
     assert f7["early"]["loss"]["cl_variant"] == "early" and f7["late"]["loss"]["cl_variant"] == "late"
     t10 = sweep("table10")
     assert t10.stage == "inference" and {c.stage for c in t10.cells("paper", [0])} == {"inference"}
-    assert t10.cells("paper", [0])[0].config()["eval"]["batch_size"] == 1
-    assert t10.cells("smoke", [0])[0].config()["data"]["image_size"] == 320
+    assert t10.cells("paper", [0])[0].config["eval"]["batch_size"] == 1
+    assert t10.cells("smoke", [0])[0].config["data"]["image_size"] == 320
 
 
 # ------------------------------------------------------------------------------------- cells

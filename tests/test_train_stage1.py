@@ -123,13 +123,14 @@ def test_refused_resume_leaves_the_run_as_it_was(tmp_path, capsys):
 def test_stage2_settings_do_not_block_a_stage1_resume(tmp_path):
     """bench names a stage-1 cell without the stage-2 keys; the trainer's guard uses the same hash,
     so an interrupted cell still resumes after the profile's stage-2 settings change."""
-    from bench.run import _config, _flat_overrides, build_specs
+    from bench.run import build_specs
+    from ehin.config import parse_assignments
     from bench.sweeps import load_sweep
 
     def spec_and_cfg(*extra: str):
         (spec,) = build_specs(load_sweep("table5"), "smoke", 1, tmp_path, rows=["bg+fg"],
-                              extra_overrides=_flat_overrides(TINY + list(extra)))
-        return spec, _config("smoke", spec.overrides)
+                              extra_overrides=parse_assignments(TINY + list(extra)))
+        return spec, spec.config  # the config the cell's job runs
 
     class Stop(Exception):
         pass

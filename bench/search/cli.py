@@ -43,14 +43,12 @@ from bench.search.space import SearchError, list_spaces, load_space, validate_sp
 from bench.search.study import budget_used, create_or_continue, enqueue_defaults, open_storage
 from bench.search.worker import WorkerSpec
 from ehin.cli import command
-from ehin.config import PROFILES, ConfigError, config_hash
+from ehin.config import PROFILES, ConfigError, config_hash, parse_assignments
 from ehin.metrics import METRIC_KEYS
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    from bench.run import _flat_overrides
-
     p = argparse.ArgumentParser(prog="python -m bench.search", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("space", help=f"a space in sweeps/search/ ({', '.join(list_spaces()) or 'none'}) or a YAML path")
@@ -93,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = args.trials or space.trials
         if budget < 1 or args.workers < 1:
             p.error("--trials and --workers must be positive")
-        fixed = {**space.fixed, **_flat_overrides(args.overrides)}
+        fixed = {**space.fixed, **parse_assignments(args.overrides)}
         if "data.dataset" in fixed:
             from bench.sweeps import dataset_for_profile
 

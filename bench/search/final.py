@@ -18,7 +18,7 @@ from bench.executors import SlurmOptions, dispatch
 from bench.jobs import CellSpec
 from bench.search.report import LABELS, md_table
 from bench.search.space import SearchError, is_test_split
-from ehin.config import config_hash, dotted_to_nested, get, load_config
+from ehin.config import config_hash, get, load_config
 from ehin.metrics import PAPER_COLUMNS
 
 if TYPE_CHECKING:
@@ -56,9 +56,9 @@ def final_evaluation(study: optuna.Study, *, profile: str, fixed: dict[str, Any]
     for row, overrides in rows.items():
         for seed in range(seeds):
             o = {**overrides, "eval.split": split, "train.seed": seed}
-            cfg = load_config(profile=profile, overrides=dotted_to_nested(o))
+            cfg = load_config(profile=profile, overrides=o)
             h = config_hash(cfg)
-            specs.append(CellSpec(table=table, row=row, seed=seed, profile=profile, stage="1", overrides=o,
+            specs.append(CellSpec(table=table, row=row, seed=seed, profile=profile, stage="1", overrides=o, config=cfg,
                                   config_hash=h, run_dir=str(root / "runs" / row / f"seed{seed}-{h}"),
                                   store_root=str(root), cell_id=cell_id(table, row, seed, profile, h)))
     store = ResultStore(root)
@@ -71,7 +71,7 @@ def final_evaluation(study: optuna.Study, *, profile: str, fixed: dict[str, Any]
         ok = all(o.ok for o in outcomes)
     by_id = {r["cell_id"]: r for r in store.read() if "cell_id" in r}
     space = study.user_attrs.get("space") or {}
-    base_cfg = load_config(profile=profile, overrides=dotted_to_nested(fixed))
+    base_cfg = load_config(profile=profile, overrides=fixed)
     summary: dict[str, Any] = {"split": split, "seeds": list(range(seeds)), "rows": {}}
     md_rows = []
     for row in rows:

@@ -14,7 +14,7 @@ import optuna
 import yaml
 
 from ehin.cli import UserError
-from ehin.config import PROFILES, ConfigError, dotted_to_nested, get, load_config
+from ehin.config import PROFILES, ConfigError, get, load_config
 from ehin.metrics import METRIC_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -220,7 +220,7 @@ def validate_space(space: SearchSpace, profile: str, fixed: dict[str, Any]) -> d
     base config (profile <- fixed overrides)."""
     where = space._where()
     try:
-        base = load_config(profile=profile, overrides=dotted_to_nested(fixed))
+        base = load_config(profile=profile, overrides=fixed)
     except ConfigError as e:
         raise SearchError(f"{where}: fixed overrides under profile {profile!r}: {e}") from None
     check_selection_split(base)
@@ -233,7 +233,7 @@ def validate_space(space: SearchSpace, profile: str, fixed: dict[str, Any]) -> d
             raise SearchError(f"{where}: param {p.name!r} names a config section, not a key")
         for value in p.extremes():
             try:
-                load_config(profile=profile, overrides=dotted_to_nested({**fixed, p.name: value}))
+                load_config(profile=profile, overrides={**fixed, p.name: value})
             except ConfigError as e:
                 raise SearchError(f"{where}: param {p.name!r} = {value!r} under profile {profile!r}: {e}") from None
     return base

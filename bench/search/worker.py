@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from bench.executors import last_line
 from bench.search.space import Param, check_selection_split
 from bench.search.study import FileHeartbeat, Heartbeat, budget_used, is_rdb_url, open_storage
-from ehin.config import config_hash, dotted_to_nested, load_config
+from ehin.config import config_hash, load_config
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def make_pruner(pruner: dict | None) -> optuna.pruners.BasePruner:
 
 def trial_config(profile: str, fixed: dict[str, Any], params: dict[str, Any]) -> dict:
     """The trial's config through the sweeps' mechanism: profile <- fixed overrides <- params."""
-    return load_config(profile=profile, overrides=dotted_to_nested({**fixed, **params}))
+    return load_config(profile=profile, overrides={**fixed, **params})
 
 
 class Objective:

@@ -28,17 +28,18 @@ from ehin.model.hipm import HIPM
 
 
 class EHIN(nn.Module):
-    def __init__(self, backbone: nn.Module, cfg: dict) -> None:
+    """Composes its parts; `build_model` builds them from a config (model.* by keyword)."""
+
+    def __init__(self, backbone: nn.Module, vis_proj: nn.Module, lan_proj: nn.Module, hipm: HIPM, *,
+                 fusion_scale: float, logit_scale_init: float) -> None:
         super().__init__()
-        m = cfg["model"]
         self.backbone = backbone
-        dim = int(m["hidden_dim"])
-        self.vis_proj = nn.Conv2d(backbone.visual_channels, dim, 1)  # §3.1: C_v -> C_d
-        self.lan_proj = nn.Linear(backbone.text_dim, dim)  # §3.1: C_l -> C_d
-        self.hipm = HIPM(dim, int(m["n_layers"]), m["alpha"], m["beta"], m["residual"], m["bp_attention"])
-        self.fusion_scale = float(m["fusion_scale"])  # s of D5
+        self.vis_proj = vis_proj  # §3.1: C_v -> C_d
+        self.lan_proj = lan_proj  # §3.1: C_l -> C_d
+        self.hipm = hipm
+        self.fusion_scale = float(fusion_scale)  # s of D5
         # D6: learnable temperature, kept in log space as CLIP/TRIS do; exp(.) = 1/0.07 at init.
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(float(m["logit_scale_init"]))))
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(float(logit_scale_init))))
 
     # ---- features ---------------------------------------------------------------------------------
     def features(self, images01: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +95,13 @@ class EHIN(nn.Module):
 
 
 def build_model(cfg: dict, backbone: nn.Module | None = None) -> EHIN:
-    """EHIN on `backbone`, or on `build_clip(backbone.arch, backbone.pretrained, image size)`."""
+    """EHIN on `backbone`, or on `build_clip(backbone.arch, backbone.pretrained, image size)`.
+
+    `cfg` is a resolved config dict (load_config, a checkpoint's "config"); its model section is read
+    through the typed `ModelConfig` (checked key by key) and passed on by keyword."""
+    from ehin.config import ModelConfig, section
+
+    m: ModelConfig = section(cfg, "model")
     if backbone is None:
         from ehin.backbones import build_clip  # late import: open_clip is slow to import
 
@@ -106,4 +113,11 @@ def build_model(cfg: dict, backbone: nn.Module | None = None) -> EHIN:
     if dense not in DENSE_MODES:
         raise ValueError(f"backbone.dense must be one of {DENSE_MODES}, got {dense!r}")
     backbone.dense = dense
-    return EHIN(backbone, cfg)
+    # Built in this order because it is the order their weights draw from the RNG: the committed
+    # results (reports/, bench.check) were trained with projections first, then HIPM.
+    vis_proj = nn.Conv2d(backbone.visual_channels, m.hidden_dim, 1)
+    lan_proj = nn.Linear(backbone.text_dim, m.hidden_dim)
+    hipm = HIPM(dim=m.hidden_dim, n_layers=m.n_layers, alpha=m.alpha, beta=m.beta, residual=m.residual,
+                attention=m.bp_attention)
+    return EHIN(backbone, vis_proj, lan_proj, hipm, fusion_scale=m.fusion_scale,
+                logit_scale_init=m.logit_scale_init)

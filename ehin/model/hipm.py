@@ -22,7 +22,9 @@ RESIDUALS = ("twice", "once")
 
 
 class HIPM(nn.Module):
-    def __init__(self, dim: int, n_layers: int = 2, alpha: float = 0.1, beta: float = 0.05,
+    # Keyword-only after dim: alpha and beta are both floats, so a swapped positional pair would
+    # train silently with the wrong residual weights.
+    def __init__(self, dim: int, *, n_layers: int = 2, alpha: float = 0.1, beta: float = 0.05,
                  residual: str = "twice", attention: str = "pixels") -> None:
         super().__init__()
         if n_layers < 1:
