@@ -51,6 +51,21 @@ def _executor(cluster, folder: Path) -> submitit.AutoExecutor:
     return ex
 
 
+def _release_when_pending(job_id: str, timeout_s: float) -> None:
+    """Start the requeued job now: slurmctld holds a requeued job back (BeginTime about two minutes
+    ahead), which would only make this test wait."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"],
+                               capture_output=True, text=True).stdout.strip()
+        if state == "PENDING":
+            subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True)
+            return
+        if state in ("", "COMPLETED", "FAILED", "CANCELLED"):
+            return
+        time.sleep(0.2)
+
+
 def _epochs_done(run_dir: Path) -> int:
     log = run_dir / "metrics.jsonl"
     return len(log.read_text().splitlines()) if log.exists() else 0
@@ -94,6 +109,7 @@ def test_requeued_cell_resumes_and_ends_bit_identical(jobs_env, uninterrupted, t
         job._interrupt()        # SIGTERM, then USR2: CellRunner.checkpoint, then submitit's scontrol requeue
     else:
         subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True)
+    _release_when_pending(job.job_id, START_S)
     record = result_within(job, FINISH_S)
 
     # it was requeued (sacct --duplicates lists the first attempt as REQUEUED) ...
