@@ -150,15 +150,19 @@ def environment_matches(store: ResultStore, baselines: dict) -> bool:
     return all(here[k] == base.get(k) for k in keys)
 
 
-def compare(store: ResultStore, baselines: dict, tables=None, exact: bool = False) -> list[dict]:
+def compare(store: ResultStore, baselines: dict, tables=None, exact: bool = False,
+            rows_wanted: list[str] | None = None) -> list[dict]:
     """One row per (table, cell, metric) checked; `ok` False for drift, missing cells or config changes.
-    `exact` (same environment as the baseline's): any difference in the stored precision fails."""
+    `exact` (same environment as the baseline's): any difference in the stored precision fails.
+    `rows_wanted`: check only these cells (row names) of the tables."""
     profile = baselines["profile"]
     tables = tables or list(baselines["tables"])
     cells = _cells(store, profile, tables)
     rows = []
     for table in tables:
         for row, entry in baselines["tables"].get(table, {}).items():
+            if rows_wanted and row not in rows_wanted:
+                continue
             recs = cells.get((table, row), [])
             if not recs:
                 rows.append(dict(table=table, cell=row, metric="-", expected=None, got=None, tol=None, ok=False,
@@ -342,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reports", default="reports", help="reports folder, for --claims (default: reports)")
     p.add_argument("--baselines", help="baseline JSON (default reports/baselines/<profile>.json)")
     p.add_argument("--tables", default=",".join(DEFAULT_TABLES), help="tables to check or update (default: %(default)s)")
+    p.add_argument("--rows", help="comma-separated cells (row names) of those tables to check (default: every "
+                                  "cell of the baseline; as bench.run --rows)")
     p.add_argument("--update", action="store_true", help="rewrite the baselines from the store (on purpose only)")
     p.add_argument("--spread", help="with --update: a results folder holding several seeds of the same cells")
     p.add_argument("--rerun", help="with --update: a results folder holding a repeated run (run-to-run spread)")
@@ -370,7 +376,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     baselines = json.loads(path.read_text())
     same_env = environment_matches(store, baselines)
-    rows = compare(store, baselines, tables, exact=same_env)
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+    if wanted:
+        known = {row for t in tables for row in baselines["tables"].get(t, {})}
+        bad = [r for r in wanted if r not in known]
+        if bad:
+            raise UserError(f"--rows: no cell {bad[0]!r} in the baseline's {', '.join(tables)} "
+                            f"(cells: {', '.join(sorted(known))})")
+    rows = compare(store, baselines, tables, exact=same_env, rows_wanted=wanted)
     failures = [r for r in rows if not r["ok"]]
     print(diff_table(rows, only_failures=not args.all))
     exact = sum(r["ok"] and isinstance(r["got"], float) and round(r["got"], 3) == r["expected"] for r in rows)

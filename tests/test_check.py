@@ -240,3 +240,25 @@ def test_a_missing_results_folder_is_one_error(tmp_path, capsys):
         assert f"--results {tmp_path / 'nope'}: no such folder" in err
         assert "missing from the results store" not in out + err and len(err.strip().splitlines()) <= 2
     assert not (tmp_path / "b.json").exists()
+
+
+def test_rows_checks_only_the_cells_named(tmp_path, capsys):
+    """CI checks two cells of a table (.ci/run): --rows leaves the others out instead of reporting
+    them missing, still fails a named cell that drifted, and refuses a cell the baseline lacks."""
+    base, now = ResultStore(tmp_path / "base"), ResultStore(tmp_path / "now")
+    for row, v in (("EHIN", 30.0), ("EHIN without HIPM", 20.0), ("EHIN without ECLM", 10.0)):
+        base.append(rec("table6", row, 0, {"point_mask": v}))
+    now.append(rec("table6", "EHIN", 0, {"point_mask": 30.0}))
+    now.append(rec("table6", "EHIN without ECLM", 0, {"point_mask": 14.0}))
+    path = tmp_path / "smoke.json"
+    path.write_text(json.dumps(build_baselines(base, "smoke", ["table6"], None)))
+    args = ["--tables", "table6", "--results", str(tmp_path / "now"), "--baselines", str(path)]
+    assert check_main(args + ["--rows", "EHIN"]) == 0
+    assert "1 of 1 checks pass" in capsys.readouterr().out
+    assert check_main(args + ["--rows", "EHIN,EHIN without ECLM"]) == 1
+    assert "EHIN without ECLM" in capsys.readouterr().out
+    assert check_main(args) == 1                             # every cell: one is missing
+    assert "missing from the results store" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        check_main(args + ["--rows", "EHIN with both"])
+    assert "no cell 'EHIN with both'" in capsys.readouterr().err
