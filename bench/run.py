@@ -28,7 +28,7 @@ from bench.jobs import CellSpec
 from bench.store import ResultStore, cell_id
 from ehin.cli import command
 
-DEFAULT_SEEDS = {"smoke": 1, "synthetic": 3, "paper": 1}
+DEFAULT_SEEDS = {"smoke": 1, "synthetic": 3, "gpu": 5, "paper": 1}
 
 
 def results_root(profile: str, results: str | None) -> Path:
@@ -170,30 +170,41 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             p.error(f"unknown row {bad[0]!r} in --rows for {', '.join(names)}; rows: {', '.join(known)}")
     seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[args.profile]
-    root = results_root(args.profile, args.results)
-    store = ResultStore(root)
     extra = parse_assignments(args.overrides)
-    if args.executor == "local":
+    return run_tables([load_sweep(name) for name in names], args.profile, seeds,
+                      results_root(args.profile, args.results), executor=args.executor, jobs=args.jobs,
+                      rows=rows, extra=extra, slurm=slurm_options(args, array_parallelism=args.jobs),
+                      reports=args.reports, render_tables=not args.no_render, dry_run=args.dry_run)
+
+
+def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: str = "local",
+               jobs: int = 2, rows: list[str] | None = None, extra: dict | None = None,
+               slurm: dict | None = None, reports: str | Path = "reports", render_tables: bool = True,
+               dry_run: bool = False) -> int:
+    """Run the cells of `sweeps` missing from ROOT/store.jsonl as one queue, then render each table;
+    returns the exit status (1 when a cell failed)."""
+    store = ResultStore(root)
+    extra = dict(extra or {})
+    if executor == "local":
         # Share the cores between the cells running at once (thread count is not part of the hash).
-        extra.setdefault("train.threads", max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
+        extra.setdefault("train.threads", max(1, (os.cpu_count() or 1) // max(1, jobs)))
     # One queue for every table named (`all` included): the executor keeps its --jobs slots busy
     # across tables, and a cell that several tables declare (Table 6's EHIN is Table 5's full loss)
     # trains once; the tables are rendered when the queue is empty.
-    sweeps = [load_sweep(name) for name in names]
     done = store.finished_ids()
     all_specs, queue = {}, []
     for sweep in sweeps:
-        specs = all_specs[sweep.name] = build_specs(sweep, args.profile, seeds, root, rows, extra)
+        specs = all_specs[sweep.name] = build_specs(sweep, profile, seeds, root, rows, extra)
         todo = reuse_identical_cells([s for s in specs if s.cell_id not in done], store)
         queue += todo
         print(f"{sweep.name}: {sweep.title}\n  {len(specs)} cells ({len(specs) - len(todo)} already in "
-              f"{store.path}, {len(todo)} to run), profile {args.profile}, executor {args.executor}")
-        if args.dry_run:
+              f"{store.path}, {len(todo)} to run), profile {profile}, executor {executor}")
+        if dry_run:
             for s in specs:
                 state = ("done" if s.cell_id in done else
                          "failed" if (Path(s.run_dir) / "error.txt").exists() else "todo")
                 print(f"  [{state}] {s.cell_id}")
-    if args.dry_run:
+    if dry_run:
         return 0
     to_run, copies = one_queue(queue)
     outcomes = []
@@ -202,14 +213,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"one queue: {len(to_run)} cells to run for {len(sweeps)} tables"
                   f" ({len(copies)} more are the same computation as one of them)")
         prepare_prerequisites(to_run)
-        outcomes = dispatch(to_run, args.executor, jobs=args.jobs, folder=root / "submitit",
-                            slurm=slurm_options(args, array_parallelism=args.jobs))
+        outcomes = dispatch(to_run, executor, jobs=jobs, folder=root / "submitit", slurm=slurm)
     reuse_identical_cells(copies, store)  # a copy whose cell failed stays missing, as that cell
     failed = sum(not o.ok for o in outcomes)
-    if not args.no_render:
+    if render_tables:
         for sweep in sweeps:
-            out = render(sweep, args.profile, root, args.reports, seeds,
-                         failed_rows(all_specs[sweep.name], store, outcomes), extra)
+            out = render(sweep, profile, root, reports, seeds, failed_rows(all_specs[sweep.name], store, outcomes), extra)
             md = out / "table.md"
             if md.exists():
                 print(md.read_text())

@@ -23,7 +23,7 @@ import yaml
 from ehin.cli import UserError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-PROFILES = ("smoke", "synthetic", "paper")
+PROFILES = ("smoke", "synthetic", "gpu", "paper")
 # What a command uses without --profile and --config: the embedded synthetic data and small CLIP, the
 # only setting that runs on a fresh machine (base.yaml alone names RefCOCO+, which must be supplied).
 # Library calls (load_config, bench) are unaffected: they name their profile or take base.yaml alone.

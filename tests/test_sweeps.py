@@ -13,7 +13,7 @@ from bench.sweeps import PAPER_DIR, SWEEPS_DIR, Sweep, SweepError, dataset_for_p
 from ehin.config import ConfigError, get
 
 ALL = ["table2", "table3", "table4", "table5", "table6", "table7", "table8", "table9", "table10", "fig7"]
-PROFILES = ["smoke", "synthetic", "paper"]
+PROFILES = ["smoke", "synthetic", "gpu", "paper"]
 
 
 @lru_cache(maxsize=None)

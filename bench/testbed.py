@@ -1,0 +1,203 @@
+"""TESTBED.md §2.3-2.4 on a profile: the positive control against the language-blind guess, and its power.
+
+    python -m bench.testbed --profile gpu --seeds 10 --jobs 10      # run the control, write the verdicts
+    python -m bench.testbed --profile gpu --seeds 10 --rerun results/gpu-rerun   # + run-to-run spread
+    python -m bench.testbed --profile gpu --seeds 10 --report-only  # verdicts from the stored records
+
+The control is `sweeps/testbed/control.yaml` (the TRIS-like configuration, METHOD §8, on every variant's
+val), run through the same queue, executors and results store as the paper's tables (bench.run). The
+language-blind guess is measured on the very dataset each control cell evaluates (ehin.data.fidelity).
+Writes reports/testbed/control-<profile>.{json,md}; every figure there comes from the stored records.
+
+- §2.3: per variant, the control's mean PointM over the seeds >= language-blind + 15, and the
+  language-blind guess <= 30.
+- §2.4 (power): the pooled seed-to-seed std of PointM (root of the mean of the variants' variances)
+  <= 3 and every variant's <= 4, over >= 2,000 evaluated expressions per split; TESTBED asks for 10
+  seeds. With --rerun, the same cells run a second time (another results folder) give the run-to-run
+  spread: per cell |PointM of run 1 - PointM of run 2|, its mean and maximum.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from bench.executors import EXECUTORS
+from bench.run import DEFAULT_SEEDS, build_specs, positive_int, results_root, run_tables
+from bench.store import ResultStore
+from bench.sweeps import SWEEPS_DIR, load_sweep
+from ehin.cli import command
+from ehin.config import parse_assignments
+
+CONTROL = "control"
+TESTBED_SWEEPS = SWEEPS_DIR / "testbed"
+MARGIN = 15.0            # §2.3: control >= language-blind + 15 PointM
+BLIND_MAX = 30.0         # §2.3: language-blind <= 30 PointM
+POOLED_STD_MAX = 3.0     # §2.4
+VARIANT_STD_MAX = 4.0    # §2.4
+MIN_EXPRESSIONS = 2000   # §2.4
+POWER_SEEDS = 10         # §2.4
+
+
+def control_sweep():
+    return load_sweep(CONTROL, sweeps_dir=TESTBED_SWEEPS)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def language_blind(cfg: dict) -> dict:
+    """The language-blind PointM and the size of the split a control cell evaluates."""
+    from ehin.data import prepare_dataset
+    from ehin.data.fidelity import measure
+
+    row = measure(prepare_dataset(cfg, progress=False), cfg["eval"]["split"])
+    return {"language_blind_pointm": row["language_blind_pointm"], "expressions": row["expressions"],
+            "random_object_rate": row["random_object_rate"]}
+
+
+def verdicts(profile: str, seeds: int, root: Path, rerun: Path | None = None, blind=language_blind,
+             extra: dict | None = None) -> dict:
+    """Per variant: the control's PointM by seed, mean, std, the language-blind guess and the checks.
+    `blind(cfg)` measures the language-blind guess on a cell's dataset (`language_blind`)."""
+    sweep = control_sweep()
+    specs = build_specs(sweep, profile, seeds, root, None, extra)
+    by_id = {r["cell_id"]: r for r in ResultStore(root).read() if "cell_id" in r}
+    again = {r["cell_id"]: r for r in ResultStore(rerun).read() if "cell_id" in r} if rerun else {}
+    rows = []
+    for row in sweep.rows:
+        cells = [s for s in specs if s.row == row]
+        recs = [by_id.get(s.cell_id) for s in cells]
+        values = [r["metrics"]["point_mask"] for r in recs if r]
+        n_eval = [r["metrics"].get("n") for r in recs if r and r["metrics"].get("n") is not None]
+        out = {"variant": row, "dataset": cells[0].config["data"]["dataset"],
+               "split_by": cells[0].config["data"]["split_by"], "split": cells[0].config["eval"]["split"],
+               "seeds_run": len(values), "seeds_declared": len(cells),
+               "pointm_by_seed": {s.seed: r["metrics"]["point_mask"] for s, r in zip(cells, recs) if r},
+               **blind(cells[0].config)}
+        out["evaluated"] = min(n_eval) if n_eval else None
+        if values:
+            out["mean"], out["std"] = _mean_std(values)
+            out["margin"] = out["mean"] - out["language_blind_pointm"]
+            out["control_met"] = out["margin"] >= MARGIN and out["language_blind_pointm"] <= BLIND_MAX
+            out["std_met"] = None if out["std"] is None else out["std"] <= VARIANT_STD_MAX
+        if again:
+            moves = [abs(again[s.cell_id]["metrics"]["point_mask"] - by_id[s.cell_id]["metrics"]["point_mask"])
+                     for s in cells if s.cell_id in again and s.cell_id in by_id]
+            out["run_to_run"] = {"cells": len(moves), "mean_abs": sum(moves) / len(moves) if moves else None,
+                                 "max_abs": max(moves) if moves else None}
+        rows.append(out)
+    variances = [r["std"] ** 2 for r in rows if r.get("std") is not None]
+    pooled = math.sqrt(sum(variances) / len(variances)) if len(variances) == len(rows) else None
+    complete = all(r["seeds_run"] == r["seeds_declared"] for r in rows)
+    power = {
+        "pooled_std": pooled, "seeds": seeds,
+        "pooled_met": None if pooled is None else pooled <= POOLED_STD_MAX,
+        "expressions_met": all((r["evaluated"] or 0) >= MIN_EXPRESSIONS for r in rows),
+        "enough_seeds": seeds >= POWER_SEEDS,
+    }
+    power["met"] = bool(complete and power["enough_seeds"] and power["pooled_met"] and power["expressions_met"]
+                        and all(r.get("std_met") for r in rows))
+    return {"profile": profile, "overrides": dict(extra or {}), "results": str(root),
+            "rerun": str(rerun) if rerun else None,
+            "complete": complete, "control_met": complete and all(r.get("control_met") for r in rows),
+            "power": power, "variants": rows, "environment": _environment(by_id, specs)}
+
+
+def _environment(by_id: dict, specs) -> dict:
+    """Where the records were made (device, torch, checkpoints), from the first stored cell."""
+    for s in specs:
+        r = by_id.get(s.cell_id)
+        if r:
+            return {k: r.get(k) for k in ("device", "torch", "numerics", "code_version") if r.get(k) is not None}
+    return {}
+
+
+def _fmt(x, spec: str = ".1f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _yes(flag) -> str:
+    return "—" if flag is None else ("yes" if flag else "no")
+
+
+def markdown(v: dict) -> str:
+    p = v["power"]
+    rerun = v["rerun"] is not None
+    lines = [
+        f"# Positive control (TESTBED.md §2.3-2.4), profile `{v['profile']}`",
+        "",
+        f"Generated by `python -m bench.testbed --profile {v['profile']} --seeds {p['seeds']}"
+        + "".join(f" --set {k}={val}" for k, val in v.get("overrides", {}).items())
+        + (f" --rerun {v['rerun']}" if rerun else "") + f" --report-only` from `{v['results']}/store.jsonl`. "
+        "The control is `sweeps/testbed/control.yaml` (TRIS-like, METHOD §8); the language-blind guess "
+        "is measured on the same val split (`ehin.data.fidelity`).",
+        "",
+        "| variant | expressions evaluated | language-blind PointM | control PointM by seed | mean | std |"
+        f" margin | ≥ LB + {MARGIN:.0f} and LB ≤ {BLIND_MAX:.0f} | std ≤ {VARIANT_STD_MAX:.0f} |"
+        + (" run-to-run mean / max abs |" if rerun else ""),
+        "|---|---:|---:|---|---:|---:|---:|---|---|" + ("---|" if rerun else ""),
+    ]
+    for r in v["variants"]:
+        seeds = " / ".join(f"{x:.1f}" for x in r["pointm_by_seed"].values()) or "not run"
+        line = (f"| {r['dataset']} ({r['split_by']}, {r['split']}) | {_fmt(r['evaluated'], 'd')} | "
+                f"{r['language_blind_pointm']:.1f} | {seeds} | {_fmt(r.get('mean'))} | {_fmt(r.get('std'))} | "
+                f"{_fmt(r.get('margin'), '+.1f')} | {_yes(r.get('control_met'))} | {_yes(r.get('std_met'))} |")
+        if rerun:
+            rr = r.get("run_to_run") or {}
+            line += f" {_fmt(rr.get('mean_abs'), '.2f')} / {_fmt(rr.get('max_abs'), '.2f')} ({rr.get('cells', 0)} cells) |"
+        lines.append(line)
+    lines += [
+        "",
+        f"- §2.3 (every variant): {_yes(v['control_met'])}" + ("" if v["complete"] else " (not every cell has run)"),
+        f"- §2.4: pooled seed std {_fmt(p['pooled_std'], '.2f')} (≤ {POOLED_STD_MAX:.0f}: {_yes(p['pooled_met'])}); "
+        f"≥ {MIN_EXPRESSIONS} expressions evaluated on every split: {_yes(p['expressions_met'])}; "
+        f"{p['seeds']} seeds (TESTBED asks for {POWER_SEEDS}): {'met' if p['met'] else 'not met'}",
+    ]
+    if v["environment"]:
+        lines.append("- made on: " + ", ".join(f"{k} {val}" for k, val in v["environment"].items()))
+    return "\n".join(lines) + "\n"
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.testbed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="gpu", choices=sorted(DEFAULT_SEEDS),
+                   help="the profile whose testbed is measured (default: gpu)")
+    p.add_argument("--seeds", type=positive_int, default=5, help="seeds per variant (default: 5; §2.4 asks for 10)")
+    p.add_argument("--executor", default="local", choices=EXECUTORS, help="as bench.run (default: local)")
+    p.add_argument("--jobs", type=int, default=2, help="cells at once, as bench.run (default: 2)")
+    p.add_argument("--results", help="results folder (default results/<profile>)")
+    p.add_argument("--rerun", help="a second results folder holding the same cells run again (default: none)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every control cell (changes their hash; default: none)")
+    p.add_argument("--report-only", action="store_true", help="write the verdicts without running any cell")
+    p.add_argument("--out", default="reports/testbed", help="where control-<profile>.{json,md} go (default: reports/testbed)")
+    p.add_argument("--name", help="file name stem of the verdicts (default: control-<profile>)")
+    args = p.parse_args(argv)
+    root = results_root(args.profile, args.results)
+    extra = parse_assignments(args.overrides)
+    rc = 0
+    if not args.report_only:
+        rc = run_tables([control_sweep()], args.profile, args.seeds, root, executor=args.executor,
+                        jobs=args.jobs, extra=extra, render_tables=False)
+    v = verdicts(args.profile, args.seeds, root, Path(args.rerun) if args.rerun else None, extra=extra)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.name or f"control-{args.profile}"
+    (out / f"{name}.json").write_text(json.dumps(v, indent=1) + "\n")
+    md = markdown(v)
+    (out / f"{name}.md").write_text(md)
+    print(md)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""bench.testbed: the positive control's verdicts (TESTBED §2.3-2.4) from stored records, on figures
+whose answers are worked out by hand; the control sweep resolves on every profile."""
+import json
+import math
+
+import pytest
+
+from bench.run import build_specs
+from bench.store import ResultStore
+from bench.testbed import control_sweep, markdown, verdicts
+from ehin.config import PROFILES
+
+# PointM by variant row and seed (3 seeds), and a fake language-blind guess of 15 on every variant
+POINTM = {"refcoco": [30.0, 32.0, 34.0], "refcoco+": [40.0, 40.0, 40.0], "refcocog (google)": [16.0, 18.0, 20.0],
+          "refcocog (umd)": [31.0, 29.0, 30.0], "referit": [50.0, 46.0, 48.0]}
+
+
+def _blind(cfg):
+    return {"language_blind_pointm": 15.0, "expressions": 2500, "random_object_rate": 0.14}
+
+
+def _store(root, shift=0.0, n_eval=2500):
+    specs = build_specs(control_sweep(), "smoke", 3, root)
+    store = ResultStore(root)
+    for s in specs:
+        store.append({"cell_id": s.cell_id, "table": s.table, "row": s.row, "seed": s.seed, "profile": "smoke",
+                      "config_hash": s.config_hash, "device": "cpu",
+                      "metrics": {"point_mask": POINTM[s.row][s.seed] + shift, "n": n_eval}})
+    return specs
+
+
+def test_control_resolves_every_variant_on_every_profile():
+    sweep = control_sweep()
+    for profile in PROFILES:
+        cells = sweep.cells(profile, [0])
+        assert [c.config["data"]["K"] for c in cells] == [3] * 5          # TRIS-like (METHOD §8)
+        assert all(c.config["loss"]["bg"] == 0 and c.config["model"]["n_layers"] == 1 for c in cells)
+        assert [(c.config["data"]["split_by"], c.config["eval"]["split"]) for c in cells] == [
+            ("unc", "val"), ("unc", "val"), ("google", "val"), ("umd", "val"), ("berkeley", "val")]
+
+
+def test_verdicts_from_the_store(tmp_path):
+    _store(tmp_path / "a")
+    v = verdicts("smoke", 3, tmp_path / "a", blind=_blind)
+    rows = {r["variant"]: r for r in v["variants"]}
+    assert rows["refcoco"]["mean"] == pytest.approx(32.0) and rows["refcoco"]["std"] == pytest.approx(2.0)
+    assert rows["refcoco"]["margin"] == pytest.approx(17.0) and rows["refcoco"]["control_met"]
+    assert rows["refcocog (google)"]["margin"] == pytest.approx(3.0) and not rows["refcocog (google)"]["control_met"]
+    assert rows["refcoco+"]["std"] == 0.0 and rows["refcoco+"]["std_met"]
+    assert not v["control_met"]                      # one variant below language-blind + 15
+    # pooled std: root of the mean of the five variances (4, 0, 4, 1, 4) / 5 = 2.6
+    assert v["power"]["pooled_std"] == pytest.approx(math.sqrt(13 / 5))
+    assert v["power"]["pooled_met"] and not v["power"]["enough_seeds"] and not v["power"]["met"]
+    md = markdown(v)
+    assert "| synth-refcoco (unc, val) | 2500 | 15.0 | 30.0 / 32.0 / 34.0 | 32.0 | 2.0 | +17.0 | yes | yes |" in md
+    assert "§2.3 (every variant): no" in md
+
+
+def test_missing_cells_and_small_splits_are_not_passed(tmp_path):
+    specs = _store(tmp_path / "a", n_eval=1990)
+    lines = (tmp_path / "a" / "store.jsonl").read_text().splitlines()
+    (tmp_path / "a" / "store.jsonl").write_text("\n".join(lines[1:]) + "\n")  # one cell never ran
+    v = verdicts("smoke", 3, tmp_path / "a", blind=_blind)
+    assert not v["complete"] and not v["control_met"]
+    assert v["power"]["pooled_std"] is not None and not v["power"]["expressions_met"]
+    missing = json.loads(lines[0])["row"]
+    assert next(r for r in v["variants"] if r["variant"] == missing)["seeds_run"] == 2
+    assert len(specs) == 15
+
+
+def test_run_to_run_spread_pairs_the_same_cells(tmp_path):
+    _store(tmp_path / "a")
+    _store(tmp_path / "b", shift=0.5)
+    v = verdicts("smoke", 3, tmp_path / "a", rerun=tmp_path / "b", blind=_blind)
+    for r in v["variants"]:
+        assert r["run_to_run"] == {"cells": 3, "mean_abs": pytest.approx(0.5), "max_abs": pytest.approx(0.5)}
+    assert "run-to-run" in markdown(v)
