@@ -23,6 +23,8 @@ Per dataset and split_by, over the refs of one split (default val):
   sides, as the language-blind guess picks among every annotation), distractor_size_ratio = their
   quotient, and the referents' 10th and 90th area percentiles;
 - mean_words: mean expression length in words;
+- category_named_share: expressions that contain the referent's category name as a word (the head
+  noun a weakly supervised grounder can first tie to pixels; "right one" or "bottom" has none);
 - random_object_rate: mean over expressions of 1 / (annotations in the image);
 - language_blind_pointm: PointM (%) of the language-blind guess (ehin.evaluate.language_blind_fn: the
   map is one annotated object of the image, picked per expression with the same rng), scored by
@@ -112,7 +114,7 @@ def measure(ds: ReferDataset, split: str = "val", seed: int = 0) -> dict:
             clutter_px += int(_decode_rle(clutter[str(image_id)]).sum())
 
     same_cat, touching, referent_area = [], [], []
-    lengths, random_rate, blind_hits = [], [], []
+    lengths, random_rate, blind_hits, named = [], [], [], []
     for r in refs:
         image_id, target = r["image_id"], r["ann_id"]
         info = ds.image_info(image_id)
@@ -127,8 +129,11 @@ def measure(ds: ReferDataset, split: str = "val", seed: int = 0) -> dict:
         stack = np.stack([masks[a] for a in ann_ids])
         gt, objects = masks[target], stack.any(0)
         box = xywh_to_xyxy(ds.ann_box(target))
+        cat_words = str(ds.categories[cat]["name"]).lower().split()
         for k, sent in enumerate(r["sentences"]):
-            lengths.append(len(ReferDataset.sentence(sent).split()))
+            words = ReferDataset.sentence(sent).lower().split()
+            lengths.append(len(words))
+            named.append(all(w in words for w in cat_words))
             random_rate.append(1.0 / len(ann_ids))
             # ehin.evaluate.language_blind_fn's pick, scored as evaluation scores it
             rng = np.random.default_rng([seed, int(r["ref_id"]), int(sent.get("sent_id", k))])
@@ -152,6 +157,7 @@ def measure(ds: ReferDataset, split: str = "val", seed: int = 0) -> dict:
         "distractors": len(distractor_area),
         "distractor_size_ratio": med_dis / med_ref,
         "mean_words": float(np.mean(lengths)),
+        "category_named_share": float(np.mean(named)),
         "random_object_rate": float(np.mean(random_rate)),
         "language_blind_pointm": 100.0 * float(np.mean(blind_hits)),
     }
@@ -181,8 +187,8 @@ def markdown(rows: Sequence[dict], header: str = "") -> str:
     lines = [header] if header else []
     lines += ["| dataset (split_by, split) | images | refs | expr | same category | median objects (things) | "
               "clutter | occluded/touching | referent area median [p10-p90] | distractor area median | ratio | "
-              "words | random-object rate | language-blind PointM | all thresholds |",
-              "|---|" + "---|" * 14]
+              "words | category named | random-object rate | language-blind PointM | all thresholds |",
+              "|---|" + "---|" * 15]
     for r in rows:
         ok = passes(r)
         flag = "yes" if all(v for v in ok.values() if v is not None) else \
@@ -193,7 +199,7 @@ def markdown(rows: Sequence[dict], header: str = "") -> str:
             f"{pct(r['clutter_share'])} | {pct(r['occluded_share'])} | "
             f"{100 * r['referent_area_median']:.1f} % [{100 * r['referent_area_p10']:.1f}-{100 * r['referent_area_p90']:.1f}] | "
             f"{100 * r['distractor_area_median']:.1f} % | {r['distractor_size_ratio']:.2f} | {r['mean_words']:.2f} | "
-            f"{100 * r['random_object_rate']:.1f} % | {r['language_blind_pointm']:.1f} | {flag} |")
+            f"{pct(r.get('category_named_share'))} | {100 * r['random_object_rate']:.1f} % | {r['language_blind_pointm']:.1f} | {flag} |")
     scored = [r for r in rows if "isolated_rec" in r]
     if scored:
         lines += ["", f"Frozen scorer (TESTBED.md §2.2), `{scored[0]['scorer']}`, ground-truth masks:", "",
