@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
-from ehin.cli import UserError, command
+from ehin.cli import command, command_parser, UserError
 from ehin.config import add_run_args, config_for_run, config_hash
 from ehin.distributed import (RankBatches, all_gather_list, all_gather_with_grad, all_ranks, barrier,
                               data_parallel, dist_env, mean_over_ranks, start_run, sync_batchnorm)
@@ -83,6 +83,17 @@ def prepare(cfg: dict):
         if overrides is not None:
             size = cfg[section]["image_size"] or cfg["data"]["image_size"]
             ensure_pretrained(cfg[section]["arch"], size, **overrides)
+    return refer
+
+
+def prepare_once(cfg: dict, main_rank: bool, world: int):
+    """`prepare` under DDP: the main rank generates the dataset and pretrains the small CLIP, then the
+    other ranks (after the barrier) only read them from the cache."""
+    if main_rank:
+        refer = prepare(cfg)
+    barrier(world)
+    if not main_rank:
+        refer = prepare(cfg)
     return refer
 
 
@@ -169,11 +180,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
     progress = progress and main_rank
     t_start = time.time()
 
-    if main_rank:  # generate the dataset / pretrained CLIP once, then let the other ranks read them
-        refer = prepare(cfg)
-    barrier(world)
-    if not main_rank:
-        refer = prepare(cfg)
+    refer = prepare_once(cfg, main_rank, world)
     seed_everything(t["seed"])
     model = sync_batchnorm(build_model(cfg), device, world).to(device)
     scorer = build_scorer(cfg)
@@ -333,8 +340,7 @@ def _check_finite(total: torch.Tensor, terms: dict, step: int, epoch: int, kept:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ehin.train_stage1", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m ehin.train_stage1", __doc__)
     add_run_args(p, "model.alpha=0.2")
     return p
 

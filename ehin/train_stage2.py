@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
-from ehin.cli import UserError, command
+from ehin.cli import command, command_parser, UserError
 from ehin.config import add_run_args, config_for_run, config_hash
 from ehin.distributed import barrier, data_parallel, dist_env, mean_over_ranks, start_run
 from ehin.metrics import format_metrics, format_result
@@ -137,7 +137,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
     from ehin.pseudo_labels.pipeline import load_pseudo_labels
     from ehin.stage2.losses import EMATeacher, Stage2Loss, consistency
     from ehin.stage2.model import build_stage2
-    from ehin.train_stage1 import prepare, resolve_device, seed_everything
+    from ehin.train_stage1 import prepare_once, resolve_device, seed_everything
 
     out_dir = Path(out_dir)
     s2, t, d = cfg["stage2"], cfg["train"], cfg["data"]
@@ -145,11 +145,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
     progress = progress and main_rank
     t_start = time.time()
 
-    if main_rank:  # generate the dataset / pretrained CLIP once, then let the other ranks read them
-        refer = prepare(cfg)
-    barrier(world)
-    if not main_rank:
-        refer = prepare(cfg)
+    refer = prepare_once(cfg, main_rank, world)
     labels = load_pseudo_labels(pseudo)
     check_pseudo_labels(labels, refer, cfg)
     meta = labels.meta
@@ -281,8 +277,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ehin.train_stage2", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m ehin.train_stage2", __doc__)
     p.add_argument("--pseudo", required=True, help="pseudo-label file from python -m ehin.pseudo_labels (required)")
     add_run_args(p, "stage2.epochs=5")
     return p

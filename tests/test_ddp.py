@@ -109,30 +109,42 @@ def _global_batch(tokenize):
     return images, tokens, labels
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _grad_worker(rank: int, port: int, out: str, step) -> None:
+    """One rank: join the group, `step(rank, device)` -> (loss of this rank's rows, the model, its DDP
+    wrapper), backward through that wrapper, and rank 0 saves the model's gradients to `out`. The wrapper
+    is held until backward is done: its reducer's hooks are what average the gradients."""
+    device = _join(rank, port)
+    loss, model, wrapper = step(rank, device)
+    loss.backward()
+    if rank == 0:
+        torch.save(_grads(model), out)
+    _leave()
+
+
+def _ddp_grads(tmp_path, step) -> dict[str, torch.Tensor]:
+    """Rank 0's gradients after `step` on WORLD ranks; this process then computes with one thread."""
+    out = str(tmp_path / "grads.pt")
+    _spawn(_grad_worker, out, step)
+    torch.set_num_threads(1)
+    return torch.load(out)
+
+
+def _stage2_step(rank: int, device: torch.device):
     from ehin.distributed import data_parallel
     from ehin.stage2.losses import Stage2Loss
 
-    device = _join(rank, port)
     net = _net().train()
     ddp = data_parallel(net, device, WORLD)  # the trainer's own wrapping
     images, tokens, labels = _global_batch(net.backbone.tokenize)
     part = slice(rank * 2, rank * 2 + 2)
     loss, _ = Stage2Loss()(ddp(images[part], tokens[part]), labels[part])
-    loss.backward()
-    if rank == 0:
-        torch.save(_grads(net), out)
-    _leave()
+    return loss, net, ddp
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):
     from ehin.stage2.losses import Stage2Loss
 
-    out = str(tmp_path / "grads.pt")
-    _spawn(_worker, out)
-    ddp_grads = torch.load(out)
-
-    torch.set_num_threads(1)
+    ddp_grads = _ddp_grads(tmp_path, _stage2_step)
     net = _net().train()
     images, tokens, labels = _global_batch(net.backbone.tokenize)
     loss, _ = Stage2Loss()(net(images, tokens), labels)
@@ -175,29 +187,21 @@ def _stage1_batch(tokenize, rows: slice = slice(None)) -> dict:
             "neg_sentences": NEGATIVES[rows]}
 
 
-def _stage1_worker(rank: int, port: int, out: str) -> None:
+def _stage1_step(rank: int, device: torch.device):
     from ehin.distributed import data_parallel
     from ehin.train_stage1 import forward_loss
 
-    device = _join(rank, port)
     model, loss_fn = _stage1_parts()
     net = data_parallel(model, device, WORLD, find_unused=True)  # as train_stage1 wraps it
     batch = _stage1_batch(model.backbone.tokenize, slice(rank * 2, rank * 2 + 2))
-    total, terms = forward_loss(net, loss_fn, batch, WORLD)
-    total.backward()
-    if rank == 0:
-        torch.save(_grads(model), out)
-    _leave()
+    total, _ = forward_loss(net, loss_fn, batch, WORLD)
+    return total, model, net
 
 
 def test_stage1_ddp_gradients_equal_single_process_global_batch(tmp_path):
     from ehin.train_stage1 import forward_loss
 
-    out = str(tmp_path / "grads.pt")
-    _spawn(_stage1_worker, out)
-    ddp_grads = torch.load(out)
-
-    torch.set_num_threads(1)
+    ddp_grads = _ddp_grads(tmp_path, _stage1_step)
     model, loss_fn = _stage1_parts()
     tokenize = model.backbone.tokenize
     total, terms = forward_loss(model, loss_fn, _stage1_batch(tokenize))
