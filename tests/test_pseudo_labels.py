@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ehin.config import load_config
 from ehin.pseudo_labels import prms
 from ehin.pseudo_labels.crf import BG, FG, IGNORE, crf_label
 from ehin.pseudo_labels.pipeline import (Interrupted, ModelMaps, PseudoLabels, RefItem, Settings, run_pipeline,
@@ -251,8 +252,13 @@ def _digest(path) -> str:
 SETTINGS = dict(chunk_size=2, workers=1, irnet_epochs=2, irnet_batch_size=4, irnet_lr=0.05)
 
 
+def _settings(**changes) -> Settings:
+    """base.yaml's pseudo-label settings with the small run's changes (Settings has no defaults of its own)."""
+    return Settings.from_config(load_config(), **{**SETTINGS, **changes})
+
+
 def test_pipeline_steps_and_quality_report(tmp_path):
-    res = _run(tmp_path / "all.npz", Settings(**SETTINGS))
+    res = _run(tmp_path / "all.npz", _settings())
     q = res["quality"]
     assert set(q) >= {"maps", "crf", "rw"} and q["final"] == "rw" and q["maps"]["n"] == 5
     assert q["crf"]["iou"] > q["maps"]["iou"]  # the CRF snaps the blurry map to the disc
@@ -261,14 +267,14 @@ def test_pipeline_steps_and_quality_report(tmp_path):
     assert pl.ref_ids.tolist() == [1000 - 7 * i for i in range(5)]  # the source's order
     assert pl.sent_ids.tolist() == [2 * i + 1 for i in range(5)]  # PRMS's pick
 
-    res = _run(tmp_path / "crf.npz", Settings(**SETTINGS, random_walk=False))
+    res = _run(tmp_path / "crf.npz", _settings(random_walk=False))
     assert "rw" not in res["quality"] and res["quality"]["final"] == "crf"
     crf = PseudoLabels(tmp_path / "crf.npz")
     for rid in crf.ref_ids:  # maps + CRF only: the CRF labels themselves
         i = (1000 - int(rid)) // 7
         assert iou(crf.label(rid) == FG, FakeSource(5).gt(i)) > 0.8
 
-    res = _run(tmp_path / "maps.npz", Settings(**SETTINGS, crf=False, random_walk=False))
+    res = _run(tmp_path / "maps.npz", _settings(crf=False, random_walk=False))
     maps = PseudoLabels(tmp_path / "maps.npz")
     assert res["quality"]["final"] == "maps" and "seeds" in res["quality"]
     assert all(set(np.unique(maps.label(r))) <= {BG, FG} for r in maps.ref_ids)  # no ignore: map > 0
@@ -276,7 +282,7 @@ def test_pipeline_steps_and_quality_report(tmp_path):
 
 @pytest.mark.parametrize("stop_after", [1, 3, 4, 5])  # in phase A, after chunks, in IRNet, in the walk
 def test_pipeline_resumes_to_the_same_bytes(tmp_path, stop_after):
-    st = Settings(**SETTINGS)
+    st = _settings()
     _run(tmp_path / "ref" / "out.npz", st)
     with pytest.raises(Interrupted):
         _run(tmp_path / "cut" / "out.npz", st, stop_after=stop_after)
@@ -287,14 +293,14 @@ def test_pipeline_resumes_to_the_same_bytes(tmp_path, stop_after):
 
 def test_pipeline_refuses_a_work_dir_of_other_settings(tmp_path):
     with pytest.raises(Interrupted):
-        _run(tmp_path / "out.npz", Settings(**SETTINGS), stop_after=1)
+        _run(tmp_path / "out.npz", _settings(), stop_after=1)
     with pytest.raises(ValueError, match="other inputs or settings"):
-        _run(tmp_path / "out.npz", Settings(**{**SETTINGS, "fg_threshold": 0.5}))
+        _run(tmp_path / "out.npz", _settings(fg_threshold=0.5))
 
 
 def test_crf_pool_gives_the_same_labels(tmp_path):
-    _run(tmp_path / "a.npz", Settings(**SETTINGS, random_walk=False))
-    _run(tmp_path / "b.npz", Settings(**{**SETTINGS, "workers": 2}, random_walk=False))
+    _run(tmp_path / "a.npz", _settings(random_walk=False))
+    _run(tmp_path / "b.npz", _settings(workers=2, random_walk=False))
     assert _digest(tmp_path / "a.npz") == _digest(tmp_path / "b.npz")
 
 
@@ -346,7 +352,7 @@ def test_refer_source_pipeline_and_stage2_dataset(tmp_path):
     assert item.image.shape == (32, 32, 3) and item.gt.shape == (HEIGHT, WIDTH)
     assert len(item.sentences) == len(item.sent_ids) >= 1
 
-    res = run_pipeline(src, FakeMaps(), None, Settings(**SETTINGS, random_walk=False), out=tmp_path / "p.npz",
+    res = run_pipeline(src, FakeMaps(), None, _settings(random_walk=False), out=tmp_path / "p.npz",
                        meta={"dataset": "refcoco", "split": "train", "split_digest": split_digest(refer, "train")},
                        progress=False)
     assert res["quality"]["maps"]["n"] == res["quality"]["crf"]["n"] == len(src)

@@ -299,28 +299,29 @@ def write_pseudo_labels(path: Path, ref_ids: Sequence[int], sent_ids: Sequence[i
 
 @dataclass
 class Settings:
-    """The `pseudo` config section, resolved (see ehin/configs/base.yaml)."""
+    """The `pseudo` config section, resolved, and the run's seed: built by `from_config` from a loaded
+    config, so its defaults are base.yaml's (no second copy here)."""
 
-    crf: bool = True
-    random_walk: bool = True
-    prms: bool = True
-    map_threshold: float = 0.0
-    fg_threshold: float = 0.3
-    bg_threshold: float = 0.1
-    crf_gt_prob: float = 0.7
-    crf_iterations: int = 10
-    rw_threshold: float = 0.25
-    rw_radius: int = 5
-    rw_beta: float = 10.0
-    rw_exp_times: int = 8
-    irnet_radius: int = 10
-    irnet_epochs: int = 3
-    irnet_batch_size: int = 32
-    irnet_lr: float = 0.1
-    irnet_weight_decay: float = 1e-4
-    chunk_size: int = 256
-    workers: int = 2
-    seed: int = 0
+    crf: bool
+    random_walk: bool
+    prms: bool
+    map_threshold: float
+    fg_threshold: float
+    bg_threshold: float
+    crf_gt_prob: float
+    crf_iterations: int
+    rw_threshold: float
+    rw_radius: int
+    rw_beta: float
+    rw_exp_times: int
+    irnet_radius: int
+    irnet_epochs: int
+    irnet_batch_size: int
+    irnet_lr: float
+    irnet_weight_decay: float
+    chunk_size: int
+    workers: int
+    seed: int  # train.seed
 
     @classmethod
     def from_config(cls, cfg: dict, **overrides: Any) -> "Settings":
