@@ -26,7 +26,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from bench.store import ResultStore
-from ehin.cli import UserError, command
+from ehin.cli import command, command_parser, UserError
 
 DEFAULT_TABLES = ("table3", "table5", "table6")
 from ehin.metrics import QUALITY_KEYS as METRICS  # the paper's five columns (the metric registry)
@@ -339,8 +338,7 @@ the standard error of the difference over seeds.</p><table><tr><th>table</th><th
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.check", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m bench.check", __doc__)
     p.add_argument("--profile", default="smoke", help="whose results and baselines (default: smoke)")
     p.add_argument("--results", help="results folder (default results/<profile>)")
     p.add_argument("--reports", default="reports", help="reports folder, for --claims (default: reports)")

@@ -14,11 +14,10 @@ prints its metrics.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Sequence
 
-from ehin.cli import UserError, command
+from ehin.cli import command, command_parser, UserError
 
 
 @command
@@ -26,8 +25,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from bench.executors import add_slurm_args, slurm_options, submit_distributed
 
     argv = list(argv or [])
-    p = argparse.ArgumentParser(prog="python -m bench.launch_ddp", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m bench.launch_ddp", __doc__)
     p.add_argument("--stage", choices=("1", "2"), default="1", help="which trainer (default: 1)")
     p.add_argument("--nodes", type=int, default=1, help="SLURM nodes (default: 1)")
     p.add_argument("--tasks-per-node", type=int, default=1, help="DDP ranks per node, one per GPU (default: 1)")

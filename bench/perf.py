@@ -10,7 +10,6 @@ device and library versions. Levers are flags so each can be measured on its own
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import platform
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 import ehin  # noqa: F401  (the torchvision shim must run before open_clip is imported)
-from ehin.cli import command
+from ehin.cli import command, command_parser
 
 CONFIGS = {
     "ehin": {},
@@ -278,8 +277,7 @@ def inference_time_cell(cfg: dict, run_dir: Path, **_: object) -> dict:
 
 @command
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m bench.perf", __doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                    help="default: cuda when there is a GPU, else cpu")
     p.add_argument("--size", default="paper", choices=sorted(SIZES), help="model and input sizes (default: paper)")

@@ -14,7 +14,6 @@ the table itself and its plots; one without results as "not run yet: <command>".
 """
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from bench.render import header_lines, rewrite_tables
 from bench.sweeps import list_sweeps, load_sweep
-from ehin.cli import UserError, command
+from ehin.cli import command, command_parser, UserError
 
 
 def _tables(reports: Path) -> list[tuple[Path, dict]]:
@@ -270,8 +269,7 @@ def update_readme(readme: str | Path, reports: str | Path = "reports") -> bool:
 
 @command
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m bench.report", __doc__)
     p.add_argument("--reports", default="reports", help="the reports folder to index (default: reports)")
     p.add_argument("--readme", help="also rewrite this README's results block (README.md in the repository)")
     p.add_argument("--rerender", action="store_true",

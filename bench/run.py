@@ -26,7 +26,7 @@ from pathlib import Path
 from bench.executors import EXECUTORS, add_slurm_args, dispatch, slurm_options
 from bench.jobs import CellSpec
 from bench.store import ResultStore, cell_id
-from ehin.cli import command
+from ehin.cli import command, command_parser
 
 DEFAULT_SEEDS = {"smoke": 1, "synthetic": 3, "gpu": 5, "paper": 1}
 
@@ -137,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.sweeps import list_sweeps, load_sweep
     from ehin.config import parse_assignments
 
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m bench.run", __doc__)
     p.add_argument("table", help=f"a sweep name ({', '.join(list_sweeps())}), several joined by commas, or 'all'")
     p.add_argument("--profile", default="synthetic", choices=sorted(DEFAULT_SEEDS),
                    help="smoke (CI-sized), synthetic (default), paper (real data, GPU)")

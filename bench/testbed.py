@@ -18,7 +18,6 @@ Writes reports/testbed/control-<profile>.{json,md}; every figure there comes fro
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -28,7 +27,7 @@ from bench.executors import EXECUTORS
 from bench.run import DEFAULT_SEEDS, build_specs, positive_int, results_root, run_tables
 from bench.store import ResultStore
 from bench.sweeps import SWEEPS_DIR, load_sweep
-from ehin.cli import command
+from ehin.cli import command, command_parser
 from ehin.config import parse_assignments
 
 CONTROL = "control"
@@ -167,8 +166,7 @@ def markdown(v: dict) -> str:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.testbed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m bench.testbed", __doc__)
     p.add_argument("--profile", default="gpu", choices=sorted(DEFAULT_SEEDS),
                    help="the profile whose testbed is measured (default: gpu)")
     p.add_argument("--seeds", type=positive_int, default=5, help="seeds per variant (default: 5; §2.4 asks for 10)")

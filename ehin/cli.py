@@ -13,6 +13,7 @@ This module imports nothing heavy: bench's entry points use it too (ehin never i
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -33,6 +34,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, No
                                                 IsADirectoryError, PermissionError)
 
 F = TypeVar("F", bound=Callable)
+
+
+def command_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser of a `python -m` command: its module docstring as the description, kept as
+    written (usage examples stay on their lines)."""
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def debug_requested(argv: Sequence[str]) -> bool:

@@ -9,7 +9,6 @@ object of the image: how much PointM comes from finding objects at all).
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -20,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ehin import metrics as M
-from ehin.cli import command
+from ehin.cli import command, command_parser
 
 MapFn = Callable[[dict], list[np.ndarray]]   # a collated eval batch -> maps at original size
 
@@ -119,8 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     from ehin.data import prepare_dataset
     from ehin.data.datasets import EvalDataset
 
-    p = argparse.ArgumentParser(prog="python -m ehin.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m ehin.evaluate", __doc__)
     p.add_argument("--checkpoint", help="a stage-1 checkpoint (RUN/checkpoints/last.pt); default: none, "
                    "then --baselines-only")
     add_config_args(p, "eval.max_items=200", scope=" (with --baselines-only; a checkpoint brings its own config)")

@@ -14,7 +14,6 @@ stage 1: foreground = map > 0 after ReLU; stage 2: logit > 0 (METHOD §5).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from ehin import metrics as M
-from ehin.cli import UserError, command
+from ehin.cli import command, command_parser, UserError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -222,8 +221,7 @@ def _out_path(out_dir: Path, name, index: int) -> Path:
 
 @command
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ehin.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m ehin.predict", __doc__)
     p.add_argument("--checkpoint", required=True, help="stage-1 or stage-2 checkpoint (required)")
     p.add_argument("--image", help="one image (or --batch / --images-dir)")
     p.add_argument("--text", help="the referring expression (with --image or --images-dir)")

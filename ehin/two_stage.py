@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from ehin.cli import command
+from ehin.cli import command, command_parser
 
 
 def run_two_stage(cfg: dict, run_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:
@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from ehin.config import add_config_args, config_from_args
 
-    p = argparse.ArgumentParser(prog="python -m ehin.two_stage", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m ehin.two_stage", __doc__)
     add_config_args(p, "stage2.epochs=5")
     p.add_argument("--out", required=True, help="run folder (stage1/, pseudo/, stage2/ inside; required)")
     p.add_argument("--fresh", action="store_true", help="do not resume what OUT already holds")

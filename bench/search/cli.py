@@ -26,7 +26,6 @@ and evaluated on the test split.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -42,15 +41,14 @@ from bench.search.report import write_reports, write_summary
 from bench.search.space import SearchError, list_spaces, load_space, validate_space
 from bench.search.study import budget_used, create_or_continue, enqueue_defaults, open_storage
 from bench.search.worker import WorkerSpec
-from ehin.cli import command
+from ehin.cli import command, command_parser
 from ehin.config import PROFILES, ConfigError, config_hash, parse_assignments
 from ehin.metrics import METRIC_KEYS
 
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.search", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m bench.search", __doc__)
     p.add_argument("space", help=f"a space in sweeps/search/ ({', '.join(list_spaces()) or 'none'}) or a YAML path")
     p.add_argument("--profile", choices=PROFILES,
                    help="smoke | synthetic | paper (default: the space's, else synthetic)")

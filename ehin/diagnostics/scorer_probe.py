@@ -30,7 +30,6 @@ saturated (`saturated`: cells with |R| > 4.6, where sigmoid' < 0.01).
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ehin.cli import command
+from ehin.cli import command, command_parser
 from ehin.model.scorer_criteria import same_image_negatives, variant_masks
 
 VARIANTS = ("full", "ref_only", "ref+bg", "bg_only", "hide_ref", "objects")
@@ -138,8 +137,7 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
 def main(argv: list[str] | None = None) -> None:
     from ehin.config import add_config_args, config_from_args
 
-    p = argparse.ArgumentParser(prog="python -m ehin.diagnostics.scorer_probe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m ehin.diagnostics.scorer_probe", __doc__)
     add_config_args(p, "scorer.arch=clip-tiny-rn")  # with --run, --set applies to the run's own config
     p.add_argument("--run", help="a stage-1 run folder or checkpoint: also score its maps, with its own config "
                    "and --set on top (--profile/--config are not read; default: none)")

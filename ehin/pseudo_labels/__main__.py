@@ -9,18 +9,16 @@ arguments. Prints the pseudo-label quality after each step (IoU / mIoU, i.e. ove
 """
 from __future__ import annotations
 
-import argparse
 import json
 
-from ehin.cli import command
+from ehin.cli import command, command_parser
 
 
 @command
 def main(argv: list[str] | None = None) -> None:
     from ehin.config import parse_overrides
 
-    p = argparse.ArgumentParser(prog="python -m ehin.pseudo_labels", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m ehin.pseudo_labels", __doc__)
     p.add_argument("--checkpoint", required=True, help="stage-1 checkpoint (RUN/checkpoints/last.pt)")
     p.add_argument("--out", required=True, help="output .npz (one file for the split, keyed by ref id)")
     p.add_argument("--split", help="REFER split (default: the config's data.train_split)")
