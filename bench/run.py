@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p = command_parser("python -m bench.run", __doc__)
     p.add_argument("table", help=f"a sweep name ({', '.join(list_sweeps())}), several joined by commas, or 'all'")
     p.add_argument("--profile", default="synthetic", choices=sorted(DEFAULT_SEEDS),
-                   help="smoke (CI-sized), synthetic (default), paper (real data, GPU)")
+                   help="smoke (CI-sized), synthetic (default), gpu (the testbed at TESTBED.md's size), paper (real data, GPU)")
     p.add_argument("--executor", default="local", choices=EXECUTORS,
                    help="local (default): submitit local processes, --jobs at once, the cores shared "
                         "between them; inline: this process, one cell after another; slurm: SLURM job arrays")
