@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import Sampler
 
+from ehin.cli import UserError
+
 # Rank 0 evaluates while the others wait in a barrier: NCCL's default timeout (10 min) would kill a
 # long evaluation of the paper profile. Gloo's default is 30 min.
 TIMEOUT = datetime.timedelta(hours=2)
@@ -32,6 +34,16 @@ def dist_env() -> tuple[int, int, int]:
     if world <= 1:
         return 0, 1, 0
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(cfg: dict) -> torch.device:
+    """The device of a run from train.device: auto (CUDA where there is one), cpu or cuda."""
+    want = cfg["train"]["device"]
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is available; use --set train.device=auto or cpu")
+    return torch.device(want)
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:

@@ -146,7 +146,12 @@ def main(argv: list[str] | None = None) -> None:
                      max_items=args.max_items or cfg["eval"]["max_items"])
     results = {}
     if model is not None:
-        results["model"] = evaluate(model_map_fn(model, "cpu"), ds, batch_size=cfg["eval"]["batch_size"],
+        from ehin.distributed import resolve_device
+
+        # the training's device rule (train.device; auto: CUDA where there is one): on a GPU machine
+        # evaluating on the CPU took minutes for what the GPU does in seconds
+        device = resolve_device(cfg)
+        results["model"] = evaluate(model_map_fn(model.to(device), device), ds, batch_size=cfg["eval"]["batch_size"],
                                     per_expression=args.per_expression)
     if args.baselines or args.baselines_only:
         from ehin.model import build_model

@@ -41,7 +41,7 @@ from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
 from ehin.cli import command, command_parser, UserError
 from ehin.config import add_run_args, config_for_run, config_hash
-from ehin.distributed import (RankBatches, all_gather_list, all_gather_with_grad, all_ranks, barrier,
+from ehin.distributed import (RankBatches, all_gather_list, all_gather_with_grad, all_ranks, barrier, resolve_device,
                               data_parallel, dist_env, mean_over_ranks, start_run, sync_batchnorm)
 from ehin.metrics import format_metrics, format_result
 from ehin.training_log import TrainingLog, run_summary
@@ -53,15 +53,6 @@ class NonFiniteLossError(RuntimeError):
 
 # Share of val expressions with an empty map (no pixel > 0) above which the run is called collapsed.
 COLLAPSED_PCT = 95.0
-
-
-def resolve_device(cfg: dict) -> torch.device:
-    want = cfg["train"]["device"]
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA device is available; use --set train.device=auto or cpu")
-    return torch.device(want)
 
 
 def seed_everything(seed: int) -> None:

@@ -137,7 +137,8 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
     from ehin.pseudo_labels.pipeline import load_pseudo_labels
     from ehin.stage2.losses import EMATeacher, Stage2Loss, consistency
     from ehin.stage2.model import build_stage2
-    from ehin.train_stage1 import prepare_once, resolve_device, seed_everything
+    from ehin.distributed import resolve_device
+    from ehin.train_stage1 import prepare_once, seed_everything
 
     out_dir = Path(out_dir)
     s2, t, d = cfg["stage2"], cfg["train"], cfg["data"]

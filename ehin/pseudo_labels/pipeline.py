@@ -613,7 +613,8 @@ def generate(checkpoint: str | Path, out: str | Path, *, split: str | None = Non
     from ehin.checkpoint import load_stage1
     from ehin.config import config_hash, merge
     from ehin.model.scorer import build_frozen_scorer
-    from ehin.train_stage1 import prepare, resolve_device
+    from ehin.distributed import resolve_device
+    from ehin.train_stage1 import prepare
 
     model, cfg = load_stage1(checkpoint)
     if overrides:
