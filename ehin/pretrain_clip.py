@@ -10,10 +10,12 @@ their descriptions ("big red circle", "sky").
 
 `synthetic:scenes=cluttered` draws the masked-scene pairs from the cluttered scene recipe (TESTBED
 §2.2: a scorer for the scenes it will score), `scene_on_black` the share of them masked to the kept
-object alone; see reports/testbed/README.md for what each does to the §2.2 figures.
+object alone, `captions=referring` words them as the benchmark's referring expressions (location
+words, relations) instead of appearance words alone; see reports/testbed/README.md for what each does
+to the §2.2 figures.
 
 Recipe: symmetric InfoNCE with a learnable logit scale (CLIP), AdamW, one-cycle schedule (linear
-warm-up, cosine decay), horizontal flips (captions hold no left/right words). Pairs come from a seed
+warm-up, cosine decay), horizontal flips (a flipped image's caption swaps left and right). Pairs come from a seed
 stream of their own (`CLIP_STREAM`), never the benchmark's dataset seeds or splits.
 
 Captions repeat within a batch ("red circle" twice) and are partial: an image captioned "big red
@@ -85,6 +87,7 @@ class PretrainRecipe:
     # scorer of the cluttered benchmark scenes (TESTBED §2.2); drawn from CLIP_STREAM like every pair
     scenes: str = "simple"
     scene_on_black: float = 0.6  # scenes=cluttered: share of its masked-scene pairs masked to the object alone
+    captions: str = "appearance"  # scenes=cluttered: "referring" words those pairs as the benchmark's expressions
     version: int = RECIPE_VERSION
 
 
@@ -129,6 +132,10 @@ def recipe_for(arch: str, image_size: int, **overrides: Any) -> PretrainRecipe:
     if recipe.scenes not in SCENE_RECIPES:
         raise UserError(f"unknown scene recipe {recipe.scenes!r} for the small CLIP's pairs "
                         f"(choose from {', '.join(SCENE_RECIPES)})")
+    if recipe.captions not in ("appearance", "referring"):
+        raise UserError(f"unknown caption kind {recipe.captions!r} for the small CLIP's pairs (choose from appearance, referring)")
+    if recipe.captions != "appearance" and recipe.scenes != "cluttered":
+        raise UserError("synthetic:captions=referring words the cluttered pairs: give scenes=cluttered with it")
     return recipe
 
 
@@ -149,7 +156,7 @@ def _generator_fingerprint(size: int, scenes: str = "simple") -> str:
 
 # Fields added after RECIPE_VERSION 1 leave the hash alone at their default (which reproduces the
 # older recipe exactly), so that existing caches stay valid.
-_HASH_DEFAULTS = {"object_on_black": 0.0, "scenes": "simple", "scene_on_black": 0.6}
+_HASH_DEFAULTS = {"object_on_black": 0.0, "scenes": "simple", "scene_on_black": 0.6, "captions": "appearance"}
 
 
 def _recipe_hash(recipe: PretrainRecipe) -> str:
@@ -202,6 +209,14 @@ def _codes(caption: str) -> tuple[int, ...] | None:
         code[slot] = value
     code[0] = 1 if any(w in STUFF for w in caption.split()) else 0
     return tuple(code)
+
+
+_MIRROR = {"left": "right", "right": "left"}
+
+
+def mirrored(caption: str) -> str:
+    """The caption of the horizontally flipped image: 'left' and 'right' swapped, word for word."""
+    return " ".join(_MIRROR.get(w, w) for w in caption.split())
 
 
 def caption_relation(captions: Sequence[str], texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,12 +314,12 @@ def _to01(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _pair_chunk(args: tuple[int, int, int, int, int, float, str, float]) -> tuple[np.ndarray, list[str]]:
+def _pair_chunk(args: tuple[int, int, int, int, int, float, str, float, str]) -> tuple[np.ndarray, list[str]]:
     from ehin.data.synthetic import sample_caption_pairs
 
-    seed, part, index, size, n, object_on_black, scenes, scene_on_black = args
+    seed, part, index, size, n, object_on_black, scenes, scene_on_black, captions = args
     return sample_caption_pairs(np.random.default_rng([CLIP_STREAM, seed, part, index]), size, n, object_on_black,
-                                scenes=scenes, scene_on_black=scene_on_black)
+                                scenes=scenes, scene_on_black=scene_on_black, captions=captions)
 
 
 def _pairs(recipe: PretrainRecipe, part: int, n: int, desc: str, progress: bool) -> tuple[torch.Tensor, list[str]]:
@@ -313,7 +328,7 @@ def _pairs(recipe: PretrainRecipe, part: int, n: int, desc: str, progress: bool)
     pools, or spawn, which re-imports the caller's unguarded __main__.)"""
     chunk = 500
     jobs = [(recipe.seed, part, k, recipe.image_size, min(chunk, n - k * chunk), recipe.object_on_black, recipe.scenes,
-             recipe.scene_on_black)
+             recipe.scene_on_black, recipe.captions)
             for k in range(math.ceil(n / chunk))]
     results = [_pair_chunk(j) for j in tqdm(jobs, desc=desc, disable=not progress, leave=False)]
     return torch.from_numpy(np.concatenate([r[0] for r in results])), [c for r in results for c in r[1]]
@@ -389,7 +404,8 @@ def _pretrain(recipe: PretrainRecipe, progress: bool, eval_every: int,
         images = _to01(train_imgs[idx].to(device))
         flip = torch.from_numpy(order_rng.random(len(idx)) < 0.5).to(device)
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        caps = [train_caps[i] for i in idx.tolist()]
+        # a flipped image's caption says left for right (referring captions; appearance ones never do)
+        caps = [mirrored(train_caps[i]) if f else train_caps[i] for i, f in zip(idx.tolist(), flip.tolist())]
         texts = sorted(set(caps))  # dedupe: identical captions are one text with several images
         for t in texts:
             if t not in tokens_of:

@@ -257,3 +257,21 @@ def test_cluttered_pairs_come_from_the_pretraining_stream() -> None:
 
     want, caps = sample_caption_pairs(np.random.default_rng([pc.CLIP_STREAM, 0, 0, 0]), 64, 40, scenes="cluttered")
     assert captions == caps and np.array_equal(images.numpy(), want)
+
+
+def test_referring_captions_enter_the_hash_and_need_cluttered_scenes() -> None:
+    cluttered = pc.recipe_for("clip-tiny-rn", 64, scenes="cluttered")
+    referring = pc.recipe_for("clip-tiny-rn", 64, **pc.synthetic_overrides("synthetic:scenes=cluttered,captions=referring"))
+    assert referring == replace(cluttered, captions="referring")
+    assert pc._recipe_hash(replace(cluttered, captions="appearance")) == pc._recipe_hash(cluttered)
+    assert pc._recipe_hash(referring) != pc._recipe_hash(cluttered)
+    with pytest.raises(ValueError, match="needs|give scenes=cluttered"):
+        pc.recipe_for("clip-tiny-rn", 64, captions="referring")
+    with pytest.raises(ValueError, match="unknown caption kind"):
+        pc.recipe_for("clip-tiny-rn", 64, scenes="cluttered", captions="poetic")
+
+
+def test_a_flipped_image_gets_the_mirrored_caption() -> None:
+    assert pc.mirrored("the red circle to the left of the big star") == "the red circle to the right of the big star"
+    assert pc.mirrored("right") == "left" and pc.mirrored("top small one") == "top small one"
+    assert pc.mirrored("big red circle") == "big red circle"  # appearance captions are unchanged

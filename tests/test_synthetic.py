@@ -391,3 +391,29 @@ def test_caption_pairs_of_cluttered_scenes():
         img, _ = syn._cluttered_pair(np.random.default_rng(9), 64, share)
         assert ((img == 0).all(-1).mean() > 0.5) == (share == 1.0)  # a kept object covers < 17 % at most
     assert np.array_equal(syn.sample_caption_pairs(rng(), 64, 40, scenes="cluttered", scene_on_black=0.6)[0], clut[:40])
+
+
+def test_referring_captions_of_cluttered_pairs():
+    """captions="referring" words the cluttered pairs as the benchmark's expressions (location words,
+    relations), each picking its kept object out of its scene; "appearance" is the stream it was."""
+    rng = lambda: np.random.default_rng(5)  # noqa: E731
+    clut, capc = syn.sample_caption_pairs(rng(), 64, 120, scenes="cluttered")
+    same, caps = syn.sample_caption_pairs(rng(), 64, 120, scenes="cluttered", captions="appearance")
+    assert caps == capc and np.array_equal(same, clut)
+    ref, capr = syn.sample_caption_pairs(rng(), 64, 120, scenes="cluttered", captions="referring")
+    again, capr2 = syn.sample_caption_pairs(rng(), 64, 120, scenes="cluttered", captions="referring")
+    assert capr == capr2 and np.array_equal(ref, again)
+    words = {w for c in capr for w in c.split()}
+    assert {"left", "right"} & words and {"above", "below", "of"} & words  # location words and relations
+    with pytest.raises(ValueError, match="needs scenes='cluttered'"):
+        syn.sample_caption_pairs(rng(), 64, 4, captions="referring")
+    # each referring caption resolves to exactly the kept object in its own scene
+    for seed in range(20):
+        r = np.random.default_rng(seed)
+        scene = syn.compose_cluttered_scene(r, 64, syn._cluttered_attrs(r, None))
+        for target in range(len(scene.objects)):
+            caption = syn._referring_caption(np.random.default_rng([seed, target]), scene, target, 64)
+            if caption is None:
+                continue
+            assert caption.split()[-1] != "" and any(w in caption.split() for w in (scene.objects[target].shape, "one", "left",
+                                                                                  "right", "top", "bottom", "middle"))

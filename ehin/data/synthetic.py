@@ -406,7 +406,8 @@ def _keep_only(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray) -> n
 
 
 def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_black: float = 0.0,
-                         scenes: str = "simple", scene_on_black: float = 0.6) -> tuple[np.ndarray, list[str]]:
+                         scenes: str = "simple", scene_on_black: float = 0.6,
+                         captions: str = "appearance") -> tuple[np.ndarray, list[str]]:
     """n image-caption pairs for contrastive pretraining of the small CLIP (METHOD §2).
 
     Mixes single objects on a textured background ("red circle", "big blue star"), scenes where one
@@ -422,9 +423,18 @@ def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_
     it, so that the scorer sees at pretraining the kind of scene it scores (`_cluttered_pair`);
     `scene_on_black` is the share of those pairs masked to the kept object alone (the rest keep the
     background and its clutter, the other objects greyed).
+    `captions` words the cluttered pairs: "appearance" (the kept object's colour, size and shape
+    words, `_random_caption`) or "referring": a referring expression of one of the four variants'
+    grammars that picks the kept object out of its scene (`_referring_caption`), so that the scorer
+    has met location words and relations before it scores them (docs/method.md §10).
     Returns uint8 [n, size, size, 3] and n captions."""
     if scenes not in SCENE_RECIPES:
         raise ValueError(f"unknown scene recipe {scenes!r} (choose from {', '.join(SCENE_RECIPES)})")
+    if captions not in CAPTION_KINDS:
+        raise ValueError(f"unknown caption kind {captions!r} (choose from {', '.join(CAPTION_KINDS)})")
+    if captions != "appearance" and scenes != "cluttered":
+        raise ValueError(f"captions={captions!r} words the cluttered pairs: it needs scenes='cluttered'")
+    wording = captions
     images = np.empty((n, size, size, 3), np.uint8)
     captions: list[str] = []
     for i in range(n):
@@ -439,7 +449,7 @@ def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_
                 img = _keep_only(rng, img, scene.objects[0].mask)
             captions.append(_random_caption(rng, scene.objects[0]))
         elif u < 0.9 and scenes == "cluttered":
-            img, caption = _cluttered_pair(rng, size, scene_on_black)
+            img, caption = _cluttered_pair(rng, size, scene_on_black, wording)
             captions.append(caption)
         elif u < 0.9:  # one object of a scene kept, the rest masked out or greyed
             scene = sample_scene(rng, size, stuff=rng.random() < 0.2)
@@ -459,19 +469,36 @@ def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_
     return images, captions
 
 
-def _cluttered_pair(rng: np.random.Generator, size: int, on_black: float = 0.6) -> tuple[np.ndarray, str]:
+CAPTION_KINDS: tuple[str, ...] = ("appearance", "referring")
+
+
+def _cluttered_pair(rng: np.random.Generator, size: int, on_black: float = 0.6,
+                    captions: str = "appearance") -> tuple[np.ndarray, str]:
     """A masked-scene pair from a cluttered scene (`compose_cluttered_scene`, a stuff background one
-    time in five): one object kept, captioned with its words, and, as in the simple pairs, either
-    everything else masked to black (a share `on_black`, 60 % as in the simple pairs) or the other
-    objects greyed out with the background and its clutter left as they are. The kept object is what
-    shows of it after occlusion."""
+    time in five): one object kept, captioned with its words (`captions`, see sample_caption_pairs),
+    and, as in the simple pairs, either everything else masked to black (a share `on_black`, 60 % as
+    in the simple pairs) or the other objects greyed out with the background and its clutter left as
+    they are. The kept object is what shows of it after occlusion."""
     scene = compose_cluttered_scene(rng, size, _cluttered_attrs(rng, None), stuff=rng.random() < 0.2)
     while not scene.objects:
         scene = compose_cluttered_scene(rng, size, _cluttered_attrs(rng, None))
     img = render_scene(rng, scene)
-    keep = scene.objects[rng.integers(len(scene.objects))]
+    k = int(rng.integers(len(scene.objects)))
+    keep = scene.objects[k]
     img = _keep_one(rng, img, scene, keep, on_black)
-    return img, _random_caption(rng, keep)
+    # "appearance" draws nothing more: its stream is exactly the one before `captions` existed
+    caption = _referring_caption(rng, scene, k, size) if captions == "referring" else None
+    return img, caption or _random_caption(rng, keep)
+
+
+def _referring_caption(rng: np.random.Generator, scene: Scene, target: int, size: int) -> str | None:
+    """One referring expression for thing `target` of `scene`, in the grammar of a variant drawn
+    uniformly (location words, relations, short ReferIt forms, appearance only), checked by `resolve`
+    to pick exactly that object as the benchmark's are; None when the variant's grammar has none.
+    The pretraining's own scenes and rng: never a benchmark scene (METHOD §2)."""
+    variant = VARIANTS[int(rng.integers(len(VARIANTS)))]
+    sentences = referring_sentences(variant, scene, target, rng, size)
+    return sentences[int(rng.integers(len(sentences)))] if sentences else None
 
 
 def _keep_one(rng: np.random.Generator, img: np.ndarray, scene: Scene, keep: SceneObject, on_black: float) -> np.ndarray:
