@@ -223,3 +223,14 @@ def test_fidelity_simple_recipe_fails_the_thresholds(tmp_path):
     row = fidelity.measure(ReferDataset(tmp_path, "synth-refcoco", "unc"))
     assert row["clutter_share"] is None and row["median_objects"] < 6 and row["occluded_share"] == 0
     assert fidelity.passes(row)["clutter_share"] is None and not fidelity.passes(row)["median_objects"]
+
+
+def test_fidelity_pointable_gives_the_maps_resolution_ceiling(cluttered, tmp_path):
+    """--pointable: the config's map size and the share of expressions it can point at, written beside
+    the scene figures (the cap is below 100 % at an 8 x 8 map: some referents sit between its nodes)."""
+    fidelity.main(["--root", str(cluttered), "--variants", "synth-referit", "--profile", "synthetic",
+                   "--pointable", "--json", str(tmp_path / "f.json"), "--md", str(tmp_path / "f.md")])
+    (row,) = json.loads((tmp_path / "f.json").read_text())
+    assert row["map_size"] == [8, 8] and row["input_size"] == 64
+    assert 0.5 < row["pointable_share"] < 1.0
+    assert "Resolution ceiling" in (tmp_path / "f.md").read_text()

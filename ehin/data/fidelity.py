@@ -30,6 +30,10 @@ Per dataset and split_by, over the refs of one split (default val):
   map is one annotated object of the image, picked per expression with the same rng), scored by
   ehin.metrics.score_expression like any model.
 
+With --pointable, also the resolution ceiling (ehin.diagnostics.resolution): pointable_share, the
+expressions whose referent holds a pixel where the config's stage-1 map (map_size) can peak, a cap on
+any model's PointM at that map size.
+
 With --scorer, also TESTBED.md §2.2 (the frozen scorer of the config, ground-truth masks only; see
 ehin.model.scorer_criteria): isolated_rec (%) beside random_object_rate, pos_wins_alone / pos_wins_bg
 (%) and isolation_gain (points), with the scorer's checkpoint in `scorer`.
@@ -217,6 +221,16 @@ def markdown(rows: Sequence[dict], header: str = "") -> str:
                 f"{r['pos_wins_alone']:.1f} % | {r['pos_wins_bg']:.1f} % | "
                 f"{r['isolation_gain']:+.1f} ± {r['isolation_gain_se']:.1f} | "
                 f"{'yes' if ok['isolated_rec'] else 'no'} | {'yes' if ok['isolation_gain'] else 'no'} |")
+    ceiling = [r for r in rows if "pointable_share" in r]
+    if ceiling:
+        h, w = ceiling[0]["map_size"]
+        lines += ["", f"Resolution ceiling (ehin.diagnostics.resolution): the config's stage-1 map is {h} x {w} at "
+                  f"{ceiling[0]['input_size']} px; the share of expressions whose referent holds a pixel where "
+                  "such a map can peak caps every model's PointM:", "",
+                  "| dataset (split_by, split) | expr | pointable | language-blind PointM |", "|---|---|---|---|"]
+        for r in ceiling:
+            lines.append(f"| {r['dataset']} ({r['split_by']}, {r['split']}) | {r['expressions']} | "
+                         f"{100 * r['pointable_share']:.1f} % | {r['language_blind_pointm']:.1f} |")
     lines += ["", "Real datasets (TESTBED.md §1):", "",
               "| dataset | refs with >= 2 of the referent's category | annotated objects per image | mean words | what the words carry |",
               "|---|---|---|---|---|"]
@@ -242,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--split", default="val", help="REFER split to measure (default: val)")
     ap.add_argument("--json", help="write the rows here (default: not written)")
     ap.add_argument("--md", help="write the markdown table here (default: not written)")
+    ap.add_argument("--pointable", action="store_true",
+                    help="also the resolution ceiling: the share of expressions the config's map size can point at")
     ap.add_argument("--scorer", action="store_true",
                     help="also measure the config's frozen scorer (TESTBED §2.2; pretrains the small CLIP on first use)")
     args = ap.parse_args(argv)
@@ -260,6 +276,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             ap.error(f"{name} is a real dataset: pass --root")
         row = measure(ds, args.split)
+        if args.pointable:
+            from ehin.diagnostics import resolution
+
+            pcfg = cfg if cfg is not None else load_config(args.config, profile=profile_for(args),
+                                                           overrides=args.overrides)
+            side = int(pcfg["data"]["image_size"])
+            hw = resolution.map_size(pcfg)
+            row.update(map_size=list(hw), input_size=side,
+                       pointable_share=resolution.pointable_share(ds, args.split, hw, side))
         if args.scorer:
             from ehin.model import scorer_criteria
             from ehin.model.scorer import build_frozen_scorer
