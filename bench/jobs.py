@@ -46,6 +46,8 @@ def run_cell(spec: CellSpec) -> dict:
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")  # the resolved config beside its results
+    if "trained" in spec.extra:
+        return _run_shared(spec)
     if spec.stage == "1":
         from ehin.train_stage1 import run
 
@@ -59,6 +61,66 @@ def run_cell(spec: CellSpec) -> dict:
 
         return inference_time_cell(cfg, run_dir, **spec.extra)
     raise ValueError(f"unknown stage {spec.stage!r} for cell {spec.cell_id}")
+
+
+def _run_shared(spec: CellSpec) -> dict:
+    """A cell whose model is trained once for several splits (bench.run.share_trainings): train in the
+    shared folder unless done (under a lock: the group's cells may start together), with the config
+    evaluating the group's first split per epoch, then evaluate the final model on this cell's split."""
+    from filelock import FileLock
+
+    from ehin.config import save_config
+
+    trained = spec.extra["trained"]
+    train_dir, split = Path(trained["dir"]), spec.config["eval"]["split"]
+    train_cfg = {**spec.config, "eval": {**spec.config["eval"], "split": trained["split"]}}
+    train_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(train_dir) + ".lock"):
+        save_config(train_cfg, train_dir / "config.yaml")
+        if spec.stage == "1":
+            from ehin.train_stage1 import run
+
+            result = run(train_cfg, train_dir, resume=True)
+        else:
+            from ehin.two_stage import run_two_stage
+
+            result = run_two_stage(train_cfg, train_dir, resume=True)
+    result = {**result, "trained_in": str(train_dir), "history_split": trained["split"]}
+    if split == trained["split"]:
+        return result
+    if spec.stage == "1":
+        return {**result, "metrics": evaluate_checkpoint(spec.config, train_dir / "checkpoints" / "last.pt", stage=1)}
+    return {**result, "metrics": evaluate_checkpoint(spec.config, train_dir / "stage2" / "checkpoints" / "last.pt", stage=2),
+            "stage1_metrics": evaluate_checkpoint(spec.config, train_dir / "stage1" / "checkpoints" / "last.pt", stage=1)}
+
+
+def evaluate_checkpoint(cfg: dict, path: Path, stage: int) -> dict:
+    """The metrics (the registry's keys and n) of a trained stage-1 or stage-2 checkpoint on cfg's
+    eval.split, evaluated as the trainers evaluate their last epoch."""
+    from ehin.checkpoint import load, load_stage1
+    from ehin.data import prepare_dataset
+    from ehin.data.datasets import EvalDataset
+    from ehin.distributed import resolve_device
+    from ehin.evaluate import evaluate, model_map_fn
+    from ehin.metrics import METRIC_KEYS
+
+    device = resolve_device(cfg)
+    if stage == 1:
+        model, _ = load_stage1(path, device=str(device))
+    else:
+        from ehin.stage2.model import build_stage2
+
+        ckpt = load(path)
+        # every weight is in the checkpoint: build the backbone empty instead of loading pretrained ones
+        model = build_stage2({**cfg, "backbone": {**cfg["backbone"], "pretrained": None}})
+        model.load_state_dict(ckpt["model"])
+        model = model.to(device).eval()
+    amp = bool(cfg["train"]["amp"]) and device.type == "cuda"
+    ds = EvalDataset(prepare_dataset(cfg, progress=False), cfg["eval"]["split"], model.backbone.tokenize,
+                     cfg["data"]["image_size"], max_items=cfg["eval"]["max_items"])
+    m = evaluate(model_map_fn(model, device, amp, stage=stage), ds, batch_size=cfg["eval"]["batch_size"],
+                 stage=stage, progress=False)
+    return {k: m[k] for k in (*METRIC_KEYS, "n") if k in m}
 
 
 class CellRunner(submitit.helpers.Checkpointable):
@@ -85,6 +147,9 @@ class CellRunner(submitit.helpers.Checkpointable):
             "timings": {**result.get("timings", {}), "cell_s": round(time.time() - start, 2)},
             "code_version": code_version(),
             "metrics_protocol": PROTOCOL,  # how the metrics were computed (ehin.metrics)
+            # a model trained once for several splits (bench.run.share_trainings): where, and which
+            # split its history evaluates
+            **{k: result[k] for k in ("trained_in", "history_split") if k in result},
             **host_info(),
             "device": result.get("device", "cpu"),
         }

@@ -27,6 +27,7 @@ from bench.executors import EXECUTORS, add_slurm_args, dispatch, slurm_options
 from bench.jobs import CellSpec
 from bench.store import ResultStore, cell_id
 from ehin.cli import command, command_parser
+from ehin.config import config_hash
 
 DEFAULT_SEEDS = {"smoke": 1, "synthetic": 3, "gpu": 5, "paper": 1}
 
@@ -54,7 +55,42 @@ def build_specs(sweep, profile: str, seeds: int, root: Path, rows: list[str] | N
                               stage=cell.stage, overrides=cell.overrides, config=cell.config,
                               config_hash=h, run_dir=str(run_dir), store_root=str(root), cell_id=cid,
                               extra=dict(cell.extra)))
+    share_trainings(specs, root)
     return specs
+
+
+def training_hash(spec: CellSpec) -> str:
+    """The hash of what a cell trains: its config with the evaluated split left out."""
+    cfg = {**spec.config, "eval": {**spec.config["eval"], "split": None}}
+    return config_hash(cfg, stage="1" if spec.stage == "1" else None)
+
+
+def share_trainings(specs: list[CellSpec], root: Path) -> None:
+    """Cells of one table that differ only in the split they evaluate (Table 2's columns of one
+    dataset) train one model and evaluate it on each split, as the paper does: each gets
+    extra["trained"] = {dir, split}, the shared run folder and the split that training evaluates
+    per epoch (the group's first); bench.jobs.run_cell trains there once and evaluates its own split."""
+    groups: dict[tuple, list[CellSpec]] = {}
+    for spec in specs:
+        if spec.stage in ("1", "2"):
+            groups.setdefault((spec.table, spec.stage, spec.seed, training_hash(spec)), []).append(spec)
+    for (table, stage, seed, h), group in groups.items():
+        if len({s.config["eval"]["split"] for s in group}) < 2:
+            continue
+        trained = {"dir": str(root / "runs" / table / f"_stage{stage}" / f"seed{seed}-{h}"),
+                   "split": group[0].config["eval"]["split"]}
+        for spec in group:
+            spec.extra["trained"] = trained
+
+
+def leaders_first(specs: list[CellSpec]) -> list[CellSpec]:
+    """The queue with the cells that train a shared model first and those that only evaluate it after
+    (stable otherwise): the later ones then mostly find the model trained instead of waiting for it."""
+    def waits(spec: CellSpec) -> bool:
+        trained = spec.extra.get("trained")
+        return trained is not None and trained["split"] != spec.config["eval"]["split"]
+
+    return sorted(specs, key=waits)
 
 
 def _identity(spec_or_record) -> tuple:
@@ -206,6 +242,7 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
     if dry_run:
         return 0
     to_run, copies = one_queue(queue)
+    to_run = leaders_first(to_run)
     outcomes = []
     if to_run:
         if len(sweeps) > 1:
