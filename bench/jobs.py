@@ -97,7 +97,7 @@ def _run_shared(spec: CellSpec) -> dict:
 def evaluate_checkpoint(cfg: dict, path: Path, stage: int) -> dict:
     """The metrics (the registry's keys and n) of a trained stage-1 or stage-2 checkpoint on cfg's
     eval.split, evaluated as the trainers evaluate their last epoch."""
-    from ehin.checkpoint import load, load_stage1
+    from ehin.checkpoint import load_stage1
     from ehin.data import prepare_dataset
     from ehin.data.datasets import EvalDataset
     from ehin.distributed import resolve_device
@@ -108,13 +108,9 @@ def evaluate_checkpoint(cfg: dict, path: Path, stage: int) -> dict:
     if stage == 1:
         model, _ = load_stage1(path, device=str(device))
     else:
-        from ehin.stage2.model import build_stage2
+        from ehin.stage2.model import load_stage2
 
-        ckpt = load(path)
-        # every weight is in the checkpoint: build the backbone empty instead of loading pretrained ones
-        model = build_stage2({**cfg, "backbone": {**cfg["backbone"], "pretrained": None}})
-        model.load_state_dict(ckpt["model"])
-        model = model.to(device).eval()
+        model, _ = load_stage2(path, device=device)
     amp = bool(cfg["train"]["amp"]) and device.type == "cuda"
     ds = EvalDataset(prepare_dataset(cfg, progress=False), cfg["eval"]["split"], model.backbone.tokenize,
                      cfg["data"]["image_size"], max_items=cfg["eval"]["max_items"])
