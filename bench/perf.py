@@ -138,7 +138,7 @@ def stage1_training(cfg: dict, device: torch.device, *, amp: bool, channels_last
     scorer = scorer.to(device) if scorer is not None else None
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = Stage1Loss(cfg, scorer)
+    loss_fn = Stage1Loss.from_config(cfg, scorer)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused and device.type == "cuda")
     forward = model
     if compile_:

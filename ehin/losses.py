@@ -87,23 +87,31 @@ def diagonal(maps: torch.Tensor, text_offset: int = 0) -> torch.Tensor:
 
 
 class Stage1Loss(nn.Module):
-    """`Stage1Loss(cfg, scorer)(out, batch) -> (total, dict(fg=..., cl=..., bg=...))`.
+    """`Stage1Loss(scorer, fg=, cl=, bg=, cl_variant=)(out, batch) -> (total, dict(fg=..., cl=..., bg=...))`;
+    `Stage1Loss.from_config(cfg, scorer)` reads the loss section (Eq. 21's weights λ).
 
     out: EHIN.forward's dict. batch: image [N,3,S,S] in [0,1], sentence list[str] (N),
     neg_sentences (N lists of K strings). Terms that are switched off are reported as 0.0.
     Under DDP the trainer adds text_offset and text_sentences (see the module docstring).
     """
 
-    def __init__(self, cfg: dict, scorer: nn.Module | None = None) -> None:
+    def __init__(self, scorer: nn.Module | None = None, *, fg: float, cl: float, bg: float, cl_variant: str) -> None:
         super().__init__()
-        l = cfg["loss"]
-        self.w_fg, self.w_cl, self.w_bg = float(l["fg"]), float(l["cl"]), float(l["bg"])
-        self.cl_variant = l["cl_variant"]
+        self.w_fg, self.w_cl, self.w_bg = float(fg), float(cl), float(bg)
+        self.cl_variant = cl_variant
         if self.cl_variant not in CL_VARIANTS:
             raise ValueError(f"loss.cl_variant must be early or late, got {self.cl_variant!r}")
         if (self.w_cl > 0 or self.w_bg > 0) and scorer is None:
             raise ValueError("L_CL and L_BG need the frozen scorer (loss.cl > 0 or loss.bg > 0)")
         self.scorer = scorer
+
+    @classmethod
+    def from_config(cls, cfg: dict, scorer: nn.Module | None = None) -> "Stage1Loss":
+        """The loss a resolved config asks for (its loss section, checked key by key)."""
+        from ehin.config import LossConfig, section
+
+        loss: LossConfig = section(cfg, "loss")
+        return cls(scorer, fg=loss.fg, cl=loss.cl, bg=loss.bg, cl_variant=loss.cl_variant)
 
     def _texts(self, batch: dict, N: int) -> torch.Tensor:
         """Scorer text features [N, 1 + K, E]: the positive sentence then the K negatives.

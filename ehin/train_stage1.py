@@ -177,7 +177,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
     scorer = build_scorer(cfg)
     if scorer is not None:
         scorer = scorer.to(device)
-    loss_fn = Stage1Loss(cfg, scorer)
+    loss_fn = Stage1Loss.from_config(cfg, scorer)
     train_ds = TrainDataset(refer, d["train_split"], model.backbone.tokenize, d["image_size"], d["K"], t["seed"])
     eval_ds = select_ds = None
     if main_rank:

@@ -40,7 +40,7 @@ def test_ablation_config_reaches_model_loss_batch_and_data(overrides, cfg):
     refer = prepare(cfg)
     torch.manual_seed(0)
     model = build_model(cfg)
-    loss_fn = Stage1Loss(cfg, build_scorer(cfg))
+    loss_fn = Stage1Loss.from_config(cfg, build_scorer(cfg))
     m, lam, d, t = cfg["model"], cfg["loss"], cfg["data"], cfg["train"]
 
     # What each row sets, where it must arrive.

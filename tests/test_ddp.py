@@ -177,7 +177,7 @@ def _stage1_parts():
                                  f"train.batch_size={2 * WORLD}"])
     torch.manual_seed(0)
     model = build_model(cfg).double().train()  # float64: see the module docstring
-    return model, Stage1Loss(cfg, build_frozen_scorer(cfg))
+    return model, Stage1Loss.from_config(cfg, build_frozen_scorer(cfg))
 
 
 def _stage1_batch(tokenize, rows: slice = slice(None)) -> dict:

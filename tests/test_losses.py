@@ -156,7 +156,7 @@ def test_rank_rows_of_the_loss_average_to_the_global_loss(variant):
     g = torch.Generator().manual_seed(0)
     out = {"maps": torch.randn(N, N, 2, 2, generator=g), "raw_maps": torch.randn(N, N, 2, 2, generator=g)}
     batch = {"image": torch.rand(N, 3, 8, 8, generator=g), "sentence": sentences, "neg_sentences": negatives}
-    loss = Stage1Loss(tiny_cfg(**{"loss.cl_variant": variant}), MapScorer())
+    loss = Stage1Loss.from_config(tiny_cfg(**{"loss.cl_variant": variant}), MapScorer())
     total, terms = loss(out, batch)
     parts = []
     for r in range(2):
@@ -181,7 +181,7 @@ def test_stage1_loss_total_and_mask_choice(variant):
     out = {"maps": torch.randn(N, N, 2, 2, generator=g), "raw_maps": torch.randn(N, N, 2, 2, generator=g)}
     batch = {"image": torch.rand(N, 3, 8, 8), "sentence": SENTENCES, "neg_sentences": NEGATIVES}
     scorer = StubScorer([0.6, 0.3, 0.2])
-    loss = Stage1Loss(tiny_cfg(**{"loss.cl_variant": variant}), scorer)
+    loss = Stage1Loss.from_config(tiny_cfg(**{"loss.cl_variant": variant}), scorer)
     total, terms = loss(out, batch)
     fg = fg_loss(pooled_scores(out["maps"]), SENTENCES)
     cl = -(math.log(0.6) + (math.log(0.7) + math.log(0.8)) / 2)
@@ -230,7 +230,7 @@ def test_gradients_reach_the_model_never_the_frozen_scorer(clip_tiny):
     before = {k: v.clone() for k, v in scorer.state_dict().items()}
     opt = torch.optim.AdamW(list(model.parameters()) + list(scorer.parameters()), lr=1e-2, weight_decay=0.1)
     batch = _batch(model.backbone.tokenize)
-    total, terms = Stage1Loss(cfg, scorer)(model(batch["image"], batch["tokens"]), batch)
+    total, terms = Stage1Loss.from_config(cfg, scorer)(model(batch["image"], batch["tokens"]), batch)
     total.backward()
     assert all(p.grad is None for p in scorer.parameters())
     assert model.vis_proj.weight.grad.abs().sum() > 0
@@ -280,7 +280,7 @@ def test_table5_subsets_build_and_step(row, clip_tiny):
     torch.manual_seed(0)
     model = build_model(cfg, backbone=build_clip("clip-tiny", None, 64))
     scorer = FrozenScorer(clip_tiny, 64) if (cl or bg) else None
-    loss_fn = Stage1Loss(cfg, scorer)
+    loss_fn = Stage1Loss.from_config(cfg, scorer)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = _batch(model.backbone.tokenize)
     w0 = model.vis_proj.weight.detach().clone()
@@ -309,11 +309,11 @@ def test_switched_off_terms_skip_the_scorer():
         score_masked = encode_texts
 
     out = {"maps": torch.randn(3, 3, 2, 2), "raw_maps": torch.randn(3, 3, 2, 2)}
-    total, terms = Stage1Loss(cfg, Exploding())(out, {"image": torch.rand(3, 3, 8, 8), "sentence": SENTENCES,
+    total, terms = Stage1Loss.from_config(cfg, Exploding())(out, {"image": torch.rand(3, 3, 8, 8), "sentence": SENTENCES,
                                                      "neg_sentences": NEGATIVES})
     assert terms["cl"] == 0.0 and terms["bg"] == 0.0 and torch.isfinite(total)
     with pytest.raises(ValueError, match="scorer"):
-        Stage1Loss(tiny_cfg(), None)
+        Stage1Loss.from_config(tiny_cfg(), None)
 
 
 def test_text_features_are_cached_across_steps(clip_tiny):
@@ -322,7 +322,7 @@ def test_text_features_are_cached_across_steps(clip_tiny):
     model = build_model(cfg, backbone=build_clip("clip-tiny", None, 64))
     scorer = FrozenScorer(clip_tiny, 64)
     sizes = _count_text_calls(scorer)
-    loss_fn = Stage1Loss(cfg, scorer)
+    loss_fn = Stage1Loss.from_config(cfg, scorer)
     batch = _batch(model.backbone.tokenize)
     loss_fn(model(batch["image"], batch["tokens"]), batch)
     # step 1: ONE encoder call for the 5 distinct strings among 3 positives + 6 negatives
