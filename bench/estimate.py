@@ -126,15 +126,9 @@ def markdown(rows: list[dict], perf: dict, perf_path: str, profile: str, seeds: 
 
 def update_readme(readme: str | Path, block: str) -> bool:
     """Rewrite the README's estimate block; True when it changed."""
-    readme = Path(readme)
-    text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise UserError(f"{readme}: no estimate markers ({README_BEGIN} ... {README_END})")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    new = f"{head}{README_BEGIN}\n{block}{README_END}{tail}"
-    readme.write_text(new)
-    return new != text
+    from bench.report import replace_block
+
+    return replace_block(readme, README_BEGIN, README_END, block)
 
 
 @command

@@ -254,17 +254,23 @@ def results_summary(reports: str | Path = "reports") -> str:
     return "\n".join(parts) if parts else "Nothing rendered yet: run `python -m bench.run table5`.\n"
 
 
-def update_readme(readme: str | Path, reports: str | Path = "reports") -> bool:
-    """Rewrite the block between the README's markers; True when it changed."""
-    readme = Path(readme)
-    text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise UserError(f"{readme}: no results markers ({README_BEGIN} ... {README_END})")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    new = f"{head}{README_BEGIN}\n{results_summary(reports)}{README_END}{tail}"
-    readme.write_text(new)
+def replace_block(path: str | Path, begin: str, end: str, block: str) -> bool:
+    """Rewrite the text between a file's `begin` and `end` markers with `block` (a generated section
+    of the README); True when it changed."""
+    path = Path(path)
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise UserError(f"{path}: no markers ({begin} ... {end})")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{begin}\n{block}{end}{tail}"
+    path.write_text(new)
     return new != text
+
+
+def update_readme(readme: str | Path, reports: str | Path = "reports") -> bool:
+    """Rewrite the block between the README's results markers; True when it changed."""
+    return replace_block(readme, README_BEGIN, README_END, results_summary(reports))
 
 
 @command
