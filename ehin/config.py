@@ -132,6 +132,10 @@ def load_config(
 # The generator's scene recipes (ehin.data.synthetic.SCENE_RECIPES; a test keeps the two equal), named
 # here so that loading a config does not import the generator.
 SCENE_RECIPES = ("simple", "cluttered")
+# The cluttered recipe's version: its datasets' cache folder ends -cluttered<N> from 2 on, and config_hash
+# hashes it, so results of another version never resume or pass for these. 2: synth-referit names the
+# category in every expression (TESTBED §1: ReferIt's words carry a category or stuff name).
+CLUTTERED_VERSION = 2
 DENSE_MODES = ("tokens", "values")  # ehin.clip_model.DENSE_MODES, named here for the same reason
 
 
@@ -399,6 +403,11 @@ def config_hash(cfg: Mapping, *, stage: str | None = None) -> str:
         section, key = dotted.split(".")
         if isinstance(c.get(section), dict) and c[section].get(key, default) == default:
             c[section] = {k: v for k, v in c[section].items() if k != key}
+    syn = c.get("synthetic")
+    if isinstance(syn, dict) and syn.get("scenes") == "cluttered":
+        # the cluttered recipe's datasets changed with its version: results of another version differ
+        if CLUTTERED_VERSION > 1:
+            c["synthetic"] = {**syn, "scenes": f"cluttered{CLUTTERED_VERSION}"}
     for dotted in HASH_IGNORE + (STAGE2_KEYS if stage == "1" else ()):
         node = c
         parts = dotted.split(".")

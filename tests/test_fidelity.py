@@ -74,8 +74,11 @@ def test_cluttered_expressions_length_and_content(figures, cluttered, variant):
         assert 2.0 <= row["mean_words"] <= 4.0 and location == 0
     if variant == "synth-refcocog":  # longer, relations (9 words)
         assert row["mean_words"] >= 7 and words["above"] + words["below"] + words["of"] > 0.5 * n
-    if variant == "synth-referit":  # one or two words, stuff included (1.7)
-        assert row["mean_words"] <= 2 and sum(words[w] for w in syn.STUFF) > 0.05 * n
+    if variant == "synth-referit":  # one or two words, stuff included (1.7), the category always named
+        assert row["mean_words"] <= 2.5 and sum(words[w] for w in syn.STUFF) > 0.05 * n
+        names = set(syn.SHAPES) | set(syn.STUFF)
+        assert all(names & set(s["sent"].split()) for r in ds.refs("train") for s in r["sentences"])
+        assert row["category_named_share"] == 1.0
 
 
 @pytest.mark.parametrize("variant", syn.VARIANTS)
@@ -193,7 +196,7 @@ def test_recipe_in_config_cache_and_hash(tmp_path, monkeypatch):
     assert simple["synthetic"]["scenes"] == "simple"
     cl = load_config(profile="synthetic", overrides=["synthetic.scenes=cluttered"])
     assert synthetic_root(simple).name == "synth-refcoco+-s64-n500-seed0-v2"  # unchanged: caches stay valid
-    assert synthetic_root(cl).name == "synth-refcoco+-s64-n500-seed0-v2-cluttered"
+    assert synthetic_root(cl).name == "synth-refcoco+-s64-n500-seed0-v2-cluttered2"
     # the default leaves the hash as it was before the key existed (bench.check's committed cells)
     without = {k: v for k, v in simple.items()}
     without["synthetic"] = {k: v for k, v in simple["synthetic"].items() if k != "scenes"}

@@ -626,9 +626,12 @@ def _appearance_queries(o: SceneObject, subsets=_SUBSETS) -> list[Query]:
             for c, z, s in subsets]
 
 
-def candidate_queries(variant: str, scene: Scene, target: int, rng: np.random.Generator) -> tuple[list[Query], list[Query]]:
+def candidate_queries(variant: str, scene: Scene, target: int, rng: np.random.Generator,
+                      recipe: str = "simple") -> tuple[list[Query], list[Query]]:
     """All queries of the variant's grammar for object `target` (index into things, then stuff),
-    split into (preferred, other): location forms for refcoco, relations for refcocog."""
+    split into (preferred, other): location forms for refcoco, relations for refcocog. `recipe`
+    "cluttered" names the category in every synth-referit expression (TESTBED §1: ReferIt's words
+    carry a category or stuff name): no bare location ("left") or colour ("red") there."""
     n = len(scene.objects)
     if target >= n:
         return [Query(stuff=scene.stuff[target - n].shape)], []
@@ -639,6 +642,9 @@ def candidate_queries(variant: str, scene: Scene, target: int, rng: np.random.Ge
         return loc, app
     if variant == "synth-refcoco+":  # METHOD §1: appearance only, no location words
         return [], _appearance_queries(o)
+    if variant == "synth-referit" and recipe == "cluttered":  # one or two words, the category always named
+        app = _appearance_queries(o, [(False, False, True), (True, False, True), (False, True, True)])
+        return [], app + [Query(shape=o.shape, loc=w) for w in LOCATION_WORDS]
     if variant == "synth-referit":  # one or two words
         app = _appearance_queries(o, [(False, False, True), (True, False, False), (True, False, True), (False, True, True)])
         loc = [Query(loc=w) for w in LOCATION_WORDS] + [Query(shape=o.shape, loc=w) for w in LOCATION_WORDS]
@@ -659,10 +665,12 @@ def candidate_queries(variant: str, scene: Scene, target: int, rng: np.random.Ge
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def referring_sentences(variant: str, scene: Scene, target: int, rng: np.random.Generator, size: int) -> list[str]:
-    """1-3 distinct sentences that each resolve to exactly `target` in the scene ([] if none)."""
+def referring_sentences(variant: str, scene: Scene, target: int, rng: np.random.Generator, size: int,
+                        recipe: str = "simple") -> list[str]:
+    """1-3 distinct sentences that each resolve to exactly `target` in the scene ([] if none), in the
+    variant's grammar as the scene recipe words it (`candidate_queries`)."""
     margin = 0.08 * size
-    preferred, other = candidate_queries(variant, scene, target, rng)
+    preferred, other = candidate_queries(variant, scene, target, rng, recipe)
     preferred = [q for q in preferred if resolve(q, scene, margin) == [target]]
     other = [q for q in other if resolve(q, scene, margin) == [target]]
     k = int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
@@ -1000,7 +1008,7 @@ def build_cluttered_image(variant: str, group: str, index: int, seed: int, size:
         # targets: a uniform random subset of the candidates that can be named, so that referents and
         # distractors (the rest) have one size distribution
         for t in rng.permutation(candidates):
-            sents = referring_sentences(variant, scene, int(t), rng, size)
+            sents = referring_sentences(variant, scene, int(t), rng, size, "cluttered")
             if sents:
                 targets.append(int(t))
                 sentences.append(sents)
