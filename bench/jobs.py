@@ -11,6 +11,8 @@ rank each, on one or several nodes; `bench.executors.submit_distributed`, `pytho
 """
 from __future__ import annotations
 
+import hashlib
+import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -46,16 +48,19 @@ def run_cell(spec: CellSpec) -> dict:
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")  # the resolved config beside its results
+    from ehin.train_stage1 import PER_EXPRESSION
+
     if "trained" in spec.extra:
         return _run_shared(spec)
     if spec.stage == "1":
         from ehin.train_stage1 import run
 
-        return run(cfg, run_dir, resume=True)
+        return {**run(cfg, run_dir, resume=True), "per_expression_file": str(run_dir / PER_EXPRESSION)}
     if spec.stage == "2":
         from ehin.two_stage import run_two_stage
 
-        return run_two_stage(cfg, run_dir, resume=True)
+        return {**run_two_stage(cfg, run_dir, resume=True),
+                "per_expression_file": str(run_dir / "stage2" / PER_EXPRESSION)}
     if spec.stage == "inference":
         from bench.perf import inference_time_cell
 
@@ -85,18 +90,37 @@ def _run_shared(spec: CellSpec) -> dict:
             from ehin.two_stage import run_two_stage
 
             result = run_two_stage(train_cfg, train_dir, resume=True)
+    from ehin.train_stage1 import PER_EXPRESSION
+
+    final = train_dir if spec.stage == "1" else train_dir / "stage2"  # the folder of the model evaluated
     result = {**result, "trained_in": str(train_dir), "history_split": trained["split"]}
     if split == trained["split"]:
-        return result
-    if spec.stage == "1":
-        return {**result, "metrics": evaluate_checkpoint(spec.config, train_dir / "checkpoints" / "last.pt", stage=1)}
-    return {**result, "metrics": evaluate_checkpoint(spec.config, train_dir / "stage2" / "checkpoints" / "last.pt", stage=2),
-            "stage1_metrics": evaluate_checkpoint(spec.config, train_dir / "stage1" / "checkpoints" / "last.pt", stage=1)}
+        return {**result, "per_expression_file": str(final / PER_EXPRESSION)}
+    own = Path(spec.run_dir) / PER_EXPRESSION
+    result.update(metrics=evaluate_checkpoint(spec.config, final / "checkpoints" / "last.pt", stage=int(spec.stage),
+                                              per_expression=own), per_expression_file=str(own))
+    if spec.stage == "2":
+        result["stage1_metrics"] = evaluate_checkpoint(spec.config, train_dir / "stage1" / "checkpoints" / "last.pt", stage=1)
+    return result
 
 
-def evaluate_checkpoint(cfg: dict, path: Path, stage: int) -> dict:
+def keep_per_expression(spec: CellSpec, result: dict) -> str | None:
+    """Copy the cell's per-expression scores (if its trainer wrote them) beside the store, where
+    claims read them paired over expressions (bench.check); returns the path relative to the store."""
+    src = Path(result.get("per_expression_file") or "")
+    if not src.is_file():
+        return None
+    rel = Path("per_expression") / f"{hashlib.sha1(spec.cell_id.encode()).hexdigest()[:16]}.npz"
+    dst = Path(spec.store_root) / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return str(rel)
+
+
+def evaluate_checkpoint(cfg: dict, path: Path, stage: int, per_expression: str | Path | None = None) -> dict:
     """The metrics (the registry's keys and n) of a trained stage-1 or stage-2 checkpoint on cfg's
-    eval.split, evaluated as the trainers evaluate their last epoch."""
+    eval.split, evaluated as the trainers evaluate their last epoch (scores per expression written to
+    `per_expression` when given)."""
     from ehin.checkpoint import load_stage1
     from ehin.data import prepare_dataset
     from ehin.data.datasets import EvalDataset
@@ -115,7 +139,7 @@ def evaluate_checkpoint(cfg: dict, path: Path, stage: int) -> dict:
     ds = EvalDataset(prepare_dataset(cfg, progress=False), cfg["eval"]["split"], model.backbone.tokenize,
                      cfg["data"]["image_size"], max_items=cfg["eval"]["max_items"])
     m = evaluate(model_map_fn(model, device, amp, stage=stage), ds, batch_size=cfg["eval"]["batch_size"],
-                 stage=stage, progress=False)
+                 stage=stage, progress=False, per_expression=per_expression)
     return {k: m[k] for k in (*METRIC_KEYS, "n") if k in m}
 
 
@@ -146,6 +170,8 @@ class CellRunner(submitit.helpers.Checkpointable):
             # a model trained once for several splits (bench.run.share_trainings): where, and which
             # split its history evaluates
             **{k: result[k] for k in ("trained_in", "history_split") if k in result},
+            # the final evaluation's scores per expression, relative to the store (paired claims)
+            **({"per_expression": rel} if (rel := keep_per_expression(spec, result)) else {}),
             **host_info(),
             "device": result.get("device", "cpu"),
         }

@@ -84,8 +84,33 @@ def evaluate(map_fn: MapFn, dataset, *, batch_size: int = 32, stage: int = 1,
                      sentence=batch["sentence"][i])
             rows.append(r)
     if per_expression:
-        _write_jsonl(per_expression, rows)
+        write_per_expression(per_expression, rows)
     return M.aggregate(rows)
+
+
+PER_EXPRESSION_FIELDS = {"ref_id": np.int64, "sent_id": np.int64, "point_mask": np.uint8, "point_box": np.uint8,
+                         "box_acc": np.uint8, "point_any_object": np.uint8, "iou": np.float32,
+                         "inter": np.int64, "union": np.int64}
+
+
+def write_per_expression(path: str | Path, rows: list[dict]) -> None:
+    """Each expression's scores: JSON lines (with the sentence), or, for a path ending .npz, compact
+    arrays in evaluation order (`PER_EXPRESSION_FIELDS`; what training cells keep for paired claims)."""
+    if str(path).endswith(".npz"):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **{k: np.asarray([r[k] for r in rows], dtype=t)
+                                     for k, t in PER_EXPRESSION_FIELDS.items()})
+    else:
+        _write_jsonl(path, rows)
+
+
+def read_per_expression(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of a per-expression file written by `write_per_expression` (either format)."""
+    if str(path).endswith(".npz"):
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return {k: np.asarray([r[k] for r in rows], dtype=t) for k, t in PER_EXPRESSION_FIELDS.items()}
 
 
 def baselines(cfg: dict, dataset, untrained_model=None, device: str = "cpu") -> dict[str, dict]:

@@ -53,6 +53,7 @@ class NonFiniteLossError(RuntimeError):
 
 # Share of val expressions with an empty map (no pixel > 0) above which the run is called collapsed.
 COLLAPSED_PCT = 95.0
+PER_EXPRESSION = "per_expression.npz"  # the final evaluation's scores per expression, in the run folder
 
 
 def seed_everything(seed: int) -> None:
@@ -252,8 +253,11 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
             continue
         t1 = time.time()
         empty = [0, 0]  # maps without a positive pixel, maps
+        # the last epoch's scores per expression, for claims paired over expressions (bench.check)
+        last = epoch == t["epochs"] - 1
         entry.update(evaluate(_count_empty(model_map_fn(model, device, amp), empty), eval_ds,
-                              batch_size=cfg["eval"]["batch_size"], desc="val", progress=progress))
+                              batch_size=cfg["eval"]["batch_size"], desc="val", progress=progress,
+                              per_expression=out_dir / PER_EXPRESSION if last else None))
         entry["empty_maps"] = round(100 * empty[0] / max(1, empty[1]), 2)
         if entry["empty_maps"] >= COLLAPSED_PCT:
             print(f"warning: epoch {epoch + 1}: {entry['empty_maps']:.0f}% of the val expressions get an empty map "

@@ -138,7 +138,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
     from ehin.stage2.losses import EMATeacher, Stage2Loss, consistency
     from ehin.stage2.model import build_stage2
     from ehin.distributed import resolve_device
-    from ehin.train_stage1 import prepare_once, seed_everything
+    from ehin.train_stage1 import PER_EXPRESSION, prepare_once, seed_everything
 
     out_dir = Path(out_dir)
     s2, t, d = cfg["stage2"], cfg["train"], cfg["data"]
@@ -242,8 +242,10 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
                  "train_s": round(epoch_train_s, 2), "lr": optimizer.param_groups[-1]["lr"]}
         if main_rank:
             t1 = time.time()
+            last = epoch == s2["epochs"] - 1  # its scores per expression, for paired claims (bench.check)
             entry.update(evaluate(model_map_fn(model, device, amp, stage=2), eval_ds, batch_size=cfg["eval"]["batch_size"],
-                                  stage=2, desc="val", progress=progress))
+                                  stage=2, desc="val", progress=progress,
+                                  per_expression=out_dir / PER_EXPRESSION if last else None))
             entry["eval_s"] = round(time.time() - t1, 2)
             history.append(entry)
             log.epoch(entry)

@@ -3,6 +3,7 @@ its dataset, as the paper does (bench.run.share_trainings, bench.jobs._run_share
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from bench.jobs import evaluate_checkpoint
@@ -52,6 +53,13 @@ def test_split_cells_share_one_training_and_evaluate_their_own_split(tmp_path):
     ckpt = shared / "checkpoints" / "last.pt"
     assert evaluate_checkpoint(specs["TRIS (Stage-1) | refcoco_testA"].config, ckpt, stage=1) == test_a["metrics"]
     assert evaluate_checkpoint(specs["TRIS (Stage-1) | refcoco_val"].config, ckpt, stage=1) == val["metrics"]
+    # each cell's scores per expression are kept beside the store, and they are the cell's own split's
+    from ehin.evaluate import read_per_expression
+
+    for rec in (val, test_a):
+        z = read_per_expression(tmp_path / "res" / rec["per_expression"])
+        assert len(z["point_mask"]) == rec["metrics"]["n"]
+        assert 100 * z["point_mask"].mean() == pytest.approx(rec["metrics"]["point_mask"])
 
 
 def test_stage2_split_cells_share_the_two_stage_chain(tmp_path):
