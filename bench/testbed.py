@@ -61,6 +61,34 @@ def language_blind(cfg: dict) -> dict:
             "random_object_rate": row["random_object_rate"]}
 
 
+def kinds_of(dataset, split: str, records: list[dict], root: Path) -> dict | None:
+    """The control's PointM and any-object rate per kind of expression (ehin.diagnostics.expression_kinds),
+    pooled over the seeds whose records kept per-expression scores; None when none did. The sentences
+    come from the dataset by sent_id (the scores files hold ids only)."""
+    from ehin.diagnostics.expression_kinds import breakdown
+    from ehin.evaluate import read_per_expression
+
+    files = [Path(root) / r["per_expression"] for r in records
+             if r and r.get("per_expression") and (Path(root) / r["per_expression"]).is_file()]
+    if not files:
+        return None
+    text = {int(s["sent_id"]): dataset.sentence(s) for ref in dataset.refs(split) for s in ref["sentences"]}
+    rows = []
+    for f in files:
+        z = read_per_expression(f)
+        rows += [{"sentence": text[int(i)], "point_mask": pm, "point_any_object": pa}
+                 for i, pm, pa in zip(z["sent_id"], z["point_mask"], z["point_any_object"])]
+    return breakdown(rows)
+
+
+def _kinds(cfg: dict, records: list[dict], root: Path) -> dict | None:
+    if not any(r and r.get("per_expression") for r in records):
+        return None
+    from ehin.data import prepare_dataset
+
+    return kinds_of(prepare_dataset(cfg, progress=False), cfg["eval"]["split"], records, root)
+
+
 def verdicts(profile: str, seeds: int, root: Path, rerun: Path | None = None, blind=language_blind,
              extra: dict | None = None) -> dict:
     """Per variant: the control's PointM by seed, mean, std, the language-blind guess and the checks.
@@ -81,6 +109,7 @@ def verdicts(profile: str, seeds: int, root: Path, rerun: Path | None = None, bl
                "pointm_by_seed": {s.seed: r["metrics"]["point_mask"] for s, r in zip(cells, recs) if r},
                **blind(cells[0].config)}
         out["evaluated"] = min(n_eval) if n_eval else None
+        out["by_kind"] = _kinds(cells[0].config, recs, root)
         if values:
             out["mean"], out["std"] = _mean_std(values)
             out["margin"] = out["mean"] - out["language_blind_pointm"]
@@ -161,6 +190,15 @@ def markdown(v: dict) -> str:
     ]
     if v["environment"]:
         lines.append("- made on: " + ", ".join(f"{k} {val}" for k, val in v["environment"].items()))
+    kinds = [r for r in v["variants"] if r.get("by_kind")]
+    if kinds:
+        lines += ["", "By kind of expression (`ehin.diagnostics.expression_kinds`), pooled over the seeds whose "
+                  "cells kept per-expression scores:", "",
+                  "| variant | kind | expressions | share | PointM | any object |", "|---|---|---:|---:|---:|---:|"]
+        for r in kinds:
+            for k, x in r["by_kind"].items():
+                lines.append(f"| {r['dataset']} ({r['split_by']}) | {k} | {x['n']} | {x['share']:.0f} % | "
+                             f"{x['point_mask']:.1f} | {x['point_any_object']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

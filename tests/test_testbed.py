@@ -75,3 +75,29 @@ def test_run_to_run_spread_pairs_the_same_cells(tmp_path):
     for r in v["variants"]:
         assert r["run_to_run"] == {"cells": 3, "mean_abs": pytest.approx(0.5), "max_abs": pytest.approx(0.5)}
     assert "run-to-run" in markdown(v)
+
+
+def test_kinds_of_pools_the_seeds_per_expression_scores_by_kind(tmp_path):
+    """The report's by-kind table: sentences looked up by sent_id, scores pooled over the seeds' files."""
+    from bench.testbed import kinds_of
+    from ehin.data.refer import ReferDataset
+    from ehin.evaluate import write_per_expression
+
+    class Split:
+        sentence = staticmethod(ReferDataset.sentence)
+
+        def refs(self, split):
+            return [{"sentences": [{"sent_id": 1, "sent": "left red one"}, {"sent_id": 2, "sent": "red circle"}]},
+                    {"sentences": [{"sent_id": 3, "sent": "circle"}]}]
+
+    def scores(hits):
+        return [dict(ref_id=0, sent_id=i, point_mask=h, point_box=h, box_acc=h, point_any_object=True, iou=0.0,
+                     inter=0, union=1) for i, h in hits]
+
+    write_per_expression(tmp_path / "s0.npz", scores([(1, False), (2, True), (3, True)]))
+    write_per_expression(tmp_path / "s1.npz", scores([(1, True), (2, True), (3, False)]))
+    records = [{"per_expression": "s0.npz"}, {"per_expression": "s1.npz"}, None, {"metrics": {}}]
+    kinds = kinds_of(Split(), "val", records, tmp_path)
+    assert kinds["location"]["n"] == 2 and kinds["location"]["point_mask"] == 50.0
+    assert kinds["colour"]["point_mask"] == 100.0 and kinds["category only"]["point_mask"] == 50.0
+    assert kinds_of(Split(), "val", [{"metrics": {}}], tmp_path) is None
