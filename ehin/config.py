@@ -136,6 +136,12 @@ SCENE_RECIPES = ("simple", "cluttered")
 # hashes it, so results of another version never resume or pass for these. 2: synth-referit names the
 # category in every expression (TESTBED §1: ReferIt's words carry a category or stuff name).
 CLUTTERED_VERSION = 2
+
+
+def recipe_tag(scenes: str) -> str:
+    """A scene recipe's name with its version where it has one ("cluttered2"): how its datasets' cache
+    folder and config_hash tell one version's results from another's."""
+    return f"{scenes}{CLUTTERED_VERSION}" if scenes == "cluttered" and CLUTTERED_VERSION > 1 else scenes
 DENSE_MODES = ("tokens", "values")  # ehin.clip_model.DENSE_MODES, named here for the same reason
 
 
@@ -404,10 +410,8 @@ def config_hash(cfg: Mapping, *, stage: str | None = None) -> str:
         if isinstance(c.get(section), dict) and c[section].get(key, default) == default:
             c[section] = {k: v for k, v in c[section].items() if k != key}
     syn = c.get("synthetic")
-    if isinstance(syn, dict) and syn.get("scenes") == "cluttered":
-        # the cluttered recipe's datasets changed with its version: results of another version differ
-        if CLUTTERED_VERSION > 1:
-            c["synthetic"] = {**syn, "scenes": f"cluttered{CLUTTERED_VERSION}"}
+    if isinstance(syn, dict) and "scenes" in syn:  # a recipe's versions give different datasets
+        c["synthetic"] = {**syn, "scenes": recipe_tag(syn["scenes"])}
     for dotted in HASH_IGNORE + (STAGE2_KEYS if stage == "1" else ()):
         node = c
         parts = dotted.split(".")

@@ -132,8 +132,11 @@ def recipe_for(arch: str, image_size: int, **overrides: Any) -> PretrainRecipe:
     if recipe.scenes not in SCENE_RECIPES:
         raise UserError(f"unknown scene recipe {recipe.scenes!r} for the small CLIP's pairs "
                         f"(choose from {', '.join(SCENE_RECIPES)})")
-    if recipe.captions not in ("appearance", "referring"):
-        raise UserError(f"unknown caption kind {recipe.captions!r} for the small CLIP's pairs (choose from appearance, referring)")
+    from ehin.data.synthetic import CAPTION_KINDS
+
+    if recipe.captions not in CAPTION_KINDS:
+        raise UserError(f"unknown caption kind {recipe.captions!r} for the small CLIP's pairs "
+                        f"(choose from {', '.join(CAPTION_KINDS)})")
     if recipe.captions != "appearance" and recipe.scenes != "cluttered":
         raise UserError("synthetic:captions=referring words the cluttered pairs: give scenes=cluttered with it")
     return recipe

@@ -34,7 +34,7 @@ from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
 from ehin.cli import command, command_parser, UserError
 from ehin.config import add_run_args, config_for_run, config_hash
-from ehin.distributed import barrier, data_parallel, dist_env, mean_over_ranks, start_run
+from ehin.distributed import barrier, data_parallel, dist_env, mean_over_ranks, resolve_device, start_run
 from ehin.metrics import format_metrics, format_result
 from ehin.training_log import TrainingLog, run_summary
 
@@ -137,7 +137,6 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
     from ehin.pseudo_labels.pipeline import load_pseudo_labels
     from ehin.stage2.losses import EMATeacher, Stage2Loss, consistency
     from ehin.stage2.model import build_stage2
-    from ehin.distributed import resolve_device
     from ehin.train_stage1 import PER_EXPRESSION, prepare_once, seed_everything
 
     out_dir = Path(out_dir)

@@ -18,7 +18,6 @@ __all__ = ["ReferDataset", "ReferFormatError", "prepare_dataset", "resolve_split
 # Bump when a generator change alters its output: cached datasets of older versions are not reused.
 GENERATOR_VERSION = 2  # 2: RLE segmentations wrapped in a list, as the REFER API reads them
 
-
 # The config's default split_by is "unc" (RefCOCO/+). For datasets that do not ship a unc split,
 # "unc" means that dataset's usual one: umd for RefCOCOg (it has train/val/test; google has no
 # test), berkeley for ReferIt. Any other value is taken as given.
@@ -40,9 +39,9 @@ def synthetic_root(cfg: dict) -> Path:
     tag = f"{name}-s{syn['size']}-n{syn['images']}-seed{syn['seed']}-v{GENERATOR_VERSION}"
     scenes = syn.get("scenes", "simple")
     if scenes != "simple":  # the default recipe keeps its folder name (existing caches stay valid)
-        from ehin.config import CLUTTERED_VERSION
+        from ehin.config import recipe_tag
 
-        tag += f"-{scenes}" + (str(CLUTTERED_VERSION) if scenes == "cluttered" and CLUTTERED_VERSION > 1 else "")
+        tag += f"-{recipe_tag(scenes)}"
     return cache_dir() / "datasets" / tag
 
 

@@ -434,9 +434,8 @@ def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_
         raise ValueError(f"unknown caption kind {captions!r} (choose from {', '.join(CAPTION_KINDS)})")
     if captions != "appearance" and scenes != "cluttered":
         raise ValueError(f"captions={captions!r} words the cluttered pairs: it needs scenes='cluttered'")
-    wording = captions
     images = np.empty((n, size, size, 3), np.uint8)
-    captions: list[str] = []
+    texts: list[str] = []
     for i in range(n):
         u = rng.random()
         if u < 0.45:  # a single object
@@ -447,10 +446,10 @@ def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_
             # no draw at 0: the stream (and the default CLIP's cache key) stays as it was
             if object_on_black > 0 and rng.random() < object_on_black:
                 img = _keep_only(rng, img, scene.objects[0].mask)
-            captions.append(_random_caption(rng, scene.objects[0]))
+            texts.append(_random_caption(rng, scene.objects[0]))
         elif u < 0.9 and scenes == "cluttered":
-            img, caption = _cluttered_pair(rng, size, scene_on_black, wording)
-            captions.append(caption)
+            img, caption = _cluttered_pair(rng, size, scene_on_black, captions)
+            texts.append(caption)
         elif u < 0.9:  # one object of a scene kept, the rest masked out or greyed
             scene = sample_scene(rng, size, stuff=rng.random() < 0.2)
             while not scene.objects:
@@ -458,15 +457,15 @@ def sample_caption_pairs(rng: np.random.Generator, size: int, n: int, object_on_
             img = render_scene(rng, scene)
             keep = scene.objects[rng.integers(len(scene.objects))]
             img = _keep_one(rng, img, scene, keep, on_black=0.6)
-            captions.append(_random_caption(rng, keep))
+            texts.append(_random_caption(rng, keep))
         else:  # a stuff band, the rest masked out
             scene = sample_scene(rng, size, int(rng.integers(0, 3)), stuff=True)
             img = render_scene(rng, scene)
             region = scene.stuff[rng.integers(len(scene.stuff))]
             img = _keep_only(rng, img, region.mask)
-            captions.append(region.shape)
+            texts.append(region.shape)
         images[i] = img
-    return images, captions
+    return images, texts
 
 
 CAPTION_KINDS: tuple[str, ...] = ("appearance", "referring")
