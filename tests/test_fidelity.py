@@ -237,3 +237,21 @@ def test_fidelity_pointable_gives_the_maps_resolution_ceiling(cluttered, tmp_pat
     assert row["map_size"] == [8, 8] and row["input_size"] == 64
     assert 0.5 < row["pointable_share"] < 1.0
     assert "Resolution ceiling" in (tmp_path / "f.md").read_text()
+
+
+@pytest.mark.parametrize("variant,split_by", ROWS)
+def test_word_ceilings_on_the_cluttered_scenes(cluttered, variant, split_by):
+    """The generator writes only expressions that pick their referent out, so a guesser reading every
+    appearance word is always right where no location word or relation is needed (refcoco+), and each
+    guesser that reads more words does at least as well (ehin.diagnostics.word_ceilings)."""
+    from ehin.diagnostics import word_ceilings
+
+    c = word_ceilings.ceilings(ReferDataset(cluttered, variant, split_by), "val")
+    assert c["language_blind"] <= c["category_aware"] <= c["location_blind"] <= 100.0
+    if variant == "synth-refcoco+":
+        assert c["location_blind"] == pytest.approx(100.0)
+    else:  # location words or relations are needed for some referents
+        assert c["location_blind"] < 100.0
+    # the language-blind expectation is the random-object rate that fidelity measures
+    assert c["language_blind"] == pytest.approx(100 * fidelity.measure(
+        ReferDataset(cluttered, variant, split_by), "val")["random_object_rate"])

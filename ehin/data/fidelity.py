@@ -34,6 +34,11 @@ With --pointable, also the resolution ceiling (ehin.diagnostics.resolution): poi
 expressions whose referent holds a pixel where the config's stage-1 map (map_size) can peak, a cap on
 any model's PointM at that map size.
 
+With --ceilings, also what reading some of the words is worth (ehin.diagnostics.word_ceilings;
+synthetic datasets): PointM of guessers that pick a random object among those the expression's
+category (category_aware_pointm) or every appearance word (location_blind_pointm) allows, the
+latter the ceiling of a model that has not learnt location words and relations.
+
 With --scorer, also TESTBED.md §2.2 (the frozen scorer of the config, ground-truth masks only; see
 ehin.model.scorer_criteria): isolated_rec (%) beside random_object_rate, pos_wins_alone / pos_wins_bg
 (%) and isolation_gain (points), with the scorer's checkpoint in `scorer`.
@@ -231,6 +236,19 @@ def markdown(rows: Sequence[dict], header: str = "") -> str:
         for r in ceiling:
             lines.append(f"| {r['dataset']} ({r['split_by']}, {r['split']}) | {r['expressions']} | "
                          f"{100 * r['pointable_share']:.1f} % | {r['language_blind_pointm']:.1f} |")
+    read = [r for r in rows if "location_blind_pointm" in r]
+    if read:
+        lines += ["", "What reading some of the words is worth (ehin.diagnostics.word_ceilings): PointM of a random "
+                  "object among those the words read allow; the location-blind guess reads every appearance word "
+                  "of the referent but no location word or relation (TESTBED §2.3 asks the control for "
+                  "language-blind + 15):", "",
+                  "| dataset (split_by, split) | expr | language-blind | category-aware | location-blind "
+                  "| location-blind - language-blind |", "|---|---|---|---|---|---|"]
+        for r in read:
+            lines.append(f"| {r['dataset']} ({r['split_by']}, {r['split']}) | {r['expressions']} | "
+                         f"{r['language_blind_expected']:.1f} | {r['category_aware_pointm']:.1f} | "
+                         f"{r['location_blind_pointm']:.1f} | "
+                         f"{r['location_blind_pointm'] - r['language_blind_expected']:+.1f} |")
     lines += ["", "Real datasets (TESTBED.md §1):", "",
               "| dataset | refs with >= 2 of the referent's category | annotated objects per image | mean words | what the words carry |",
               "|---|---|---|---|---|"]
@@ -258,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--md", help="write the markdown table here (default: not written)")
     ap.add_argument("--pointable", action="store_true",
                     help="also the resolution ceiling: the share of expressions the config's map size can point at")
+    ap.add_argument("--ceilings", action="store_true",
+                    help="also PointM of guessers that read only the category or only the appearance words (synthetic)")
     ap.add_argument("--scorer", action="store_true",
                     help="also measure the config's frozen scorer (TESTBED §2.2; pretrains the small CLIP on first use)")
     args = ap.parse_args(argv)
@@ -285,6 +305,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             hw = resolution.map_size(pcfg)
             row.update(map_size=list(hw), input_size=side,
                        pointable_share=resolution.pointable_share(ds, args.split, hw, side))
+        if args.ceilings:
+            from ehin.diagnostics import word_ceilings
+
+            c = word_ceilings.ceilings(ds, args.split)
+            row.update(language_blind_expected=c["language_blind"], category_aware_pointm=c["category_aware"],
+                       location_blind_pointm=c["location_blind"])
         if args.scorer:
             from ehin.model import scorer_criteria
             from ehin.model.scorer import build_frozen_scorer
