@@ -52,13 +52,21 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
 
 
 def language_blind(cfg: dict) -> dict:
-    """The language-blind PointM and the size of the split a control cell evaluates."""
+    """The language-blind PointM and the size of the split a control cell evaluates; on a synthetic
+    dataset also what reading some of the words is worth (ehin.diagnostics.word_ceilings)."""
     from ehin.data import prepare_dataset
     from ehin.data.fidelity import measure
 
-    row = measure(prepare_dataset(cfg, progress=False), cfg["eval"]["split"])
-    return {"language_blind_pointm": row["language_blind_pointm"], "expressions": row["expressions"],
-            "random_object_rate": row["random_object_rate"]}
+    ds = prepare_dataset(cfg, progress=False)
+    row = measure(ds, cfg["eval"]["split"])
+    out = {"language_blind_pointm": row["language_blind_pointm"], "expressions": row["expressions"],
+           "random_object_rate": row["random_object_rate"]}
+    if cfg["data"]["dataset"].startswith("synth-"):  # its annotations keep each thing's appearance
+        from ehin.diagnostics.word_ceilings import ceilings
+
+        c = ceilings(ds, cfg["eval"]["split"])
+        out.update(category_aware_pointm=c["category_aware"], location_blind_pointm=c["location_blind"])
+    return out
 
 
 def kinds_of(dataset, split: str, records: list[dict], root: Path) -> dict | None:
@@ -190,6 +198,15 @@ def markdown(v: dict) -> str:
     ]
     if v["environment"]:
         lines.append("- made on: " + ", ".join(f"{k} {val}" for k, val in v["environment"].items()))
+    read = [r for r in v["variants"] if r.get("location_blind_pointm") is not None]
+    if read:
+        lines += ["", "What reading some of the words is worth (`ehin.diagnostics.word_ceilings`): PointM of a random "
+                  "annotated object among those the words allow, the category alone or every appearance word of the "
+                  "referent (no location word, no relation: the ceiling of a model that has not learnt them):", "",
+                  "| variant | language-blind | category-aware | location-blind | control |", "|---|---:|---:|---:|---:|"]
+        for r in read:
+            lines.append(f"| {r['dataset']} ({r['split_by']}) | {r['language_blind_pointm']:.1f} | "
+                         f"{r['category_aware_pointm']:.1f} | {r['location_blind_pointm']:.1f} | {_fmt(r.get('mean'))} |")
     kinds = [r for r in v["variants"] if r.get("by_kind")]
     if kinds:
         lines += ["", "By kind of expression (`ehin.diagnostics.expression_kinds`), pooled over the seeds whose "

@@ -101,3 +101,24 @@ def test_kinds_of_pools_the_seeds_per_expression_scores_by_kind(tmp_path):
     assert kinds["location"]["n"] == 2 and kinds["location"]["point_mask"] == 50.0
     assert kinds["colour"]["point_mask"] == 100.0 and kinds["category only"]["point_mask"] == 50.0
     assert kinds_of(Split(), "val", [{"metrics": {}}], tmp_path) is None
+
+
+def test_the_report_sets_the_control_beside_what_reading_the_words_is_worth(tmp_path):
+    _store(tmp_path / "a")
+    v = verdicts("smoke", 3, tmp_path / "a", blind=lambda cfg: {**_blind(cfg), "category_aware_pointm": 27.0,
+                                                                 "location_blind_pointm": 51.0})
+    md = markdown(v)
+    assert "| synth-refcoco (unc) | 15.0 | 27.0 | 51.0 | 32.0 |" in md
+    assert "category-aware | location-blind | control" in md
+    assert "category-aware" not in markdown(verdicts("smoke", 3, tmp_path / "a", blind=_blind))  # none measured
+
+
+def test_the_language_blind_measurement_carries_the_word_ceilings_on_synthetic_data():
+    from bench.testbed import language_blind
+
+    cfg = control_sweep().cells("smoke", [0])[1].config                     # synth-refcoco+ at smoke size
+    row = language_blind(cfg)
+    assert row["language_blind_pointm"] >= 0 and row["expressions"] > 0
+    # refcoco+'s expressions are appearance words that pick the referent out (the generator checks)
+    assert row["location_blind_pointm"] == pytest.approx(100.0)
+    assert row["language_blind_pointm"] < row["category_aware_pointm"] <= 100.0
