@@ -1,0 +1,47 @@
+"""docs/findings.md is written from the committed records (bench.findings) and kept current."""
+import json
+from pathlib import Path
+
+from bench.findings import FINDINGS, findings, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_findings_file_is_what_the_records_give():
+    assert (ROOT / FINDINGS).read_text() == findings(ROOT / "reports", ROOT), \
+        "docs/findings.md is stale: run python -m bench.findings"
+
+
+def _control(margins, seeds=3):
+    return {"profile": "gpu", "overrides": {"synthetic.size": 128}, "power": {"seeds": seeds, "pooled_std": 2.5},
+            "environment": {"device": "NVIDIA H200", "code_version": "abc"},
+            "variants": [{"margin": m} for m in margins]}
+
+
+def test_each_section_reads_its_records(tmp_path):
+    reports = tmp_path / "reports"
+    (reports / "testbed").mkdir(parents=True)
+    (reports / "perf").mkdir()
+    (reports / "testbed" / "control-x.json").write_text(json.dumps(_control([13.0, 30.0, 4.0, 2.6, -0.5])))
+    (reports / "testbed" / "scenes-x.json").write_text(json.dumps([{
+        "dataset": "synth-refcoco", "split_by": "unc", "size": 128, "map_size": [16, 16], "pointable_share": 0.999,
+        "language_blind_expected": 14.1, "category_aware_pointm": 27.3, "location_blind_pointm": 50.8}]))
+    (reports / "perf" / "h200.json").write_text(json.dumps({
+        "size": "paper", "levers": {"amp": True, "cuda_graph": False}, "environment": {"gpu": "NVIDIA H200"},
+        "results": {"ehin": {"stage1_train": {"images_per_s": 209.09, "peak_mem_gb": 7.36},
+                             "stage1_infer": {"forward_ms_bs1": 2.311, "images_per_s_bs64": 3607.4}}}}))
+    text = findings(reports, tmp_path)
+    assert ("| `reports/testbed/control-x.json` | gpu: synthetic.size=128 | 3 | NVIDIA H200, code abc | "
+            "+13.0 | +30.0 | +4.0 | +2.6 | -0.5 | 2.50 |") in text
+    assert "| `reports/testbed/scenes-x.json` | synth-refcoco (unc) | 128 px | 16×16 | 99.9 % | 14.1 | 27.3 | 50.8 |" in text
+    assert "| `reports/perf/h200.json` | paper | NVIDIA H200 | amp | ehin | 209.1 | 7.4 | 2.31 | 3607 | — |" in text
+    assert "Nothing rendered yet" in text                       # no paper table in this reports folder
+
+
+def test_check_says_when_the_file_is_stale(tmp_path, capsys):
+    out = tmp_path / "findings.md"
+    out.write_text("old\n")
+    assert main(["--reports", str(ROOT / "reports"), "--out", str(out), "--check"]) == 1
+    assert "stale" in capsys.readouterr().out
+    assert main(["--reports", str(ROOT / "reports"), "--out", str(out)]) == 0
+    assert main(["--reports", str(ROOT / "reports"), "--out", str(out), "--check"]) == 0
