@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="torch.compile the training forward (EHIN and the frozen scorer's image tower)")
     p.add_argument("--fused-adamw", action="store_true", help="AdamW's fused kernel (CUDA only)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the inference forward as a CUDA graph")
+    p.add_argument("--fast-norm", action="store_true",
+                   help="HIPM's InstanceNorms in closed form and as plain ops (model.pair_norm=fast)")
     p.add_argument("--trace", help="folder for torch.profiler tables and Chrome traces of a step")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 small, 5 paper)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default: 5 small, 20 paper)")
@@ -303,10 +305,12 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats if args.repeats is not None else (5 if small else 20)
     skip = set(filter(None, args.skip.split(",")))
     extra = {"train.batch_size": args.batch} if args.batch else {}
+    if args.fast_norm:
+        extra["model.pair_norm"] = "fast"
     trace = Path(args.trace) if args.trace else None
     report = {"size": args.size, "device": str(device), "levers": {"amp": args.amp, "channels_last": args.channels_last,
               "compile": args.compile, "compile_train": args.compile_train, "fused_adamw": args.fused_adamw,
-              "cuda_graph": args.cuda_graph}, "environment": environment(device),
+              "cuda_graph": args.cuda_graph, "fast_norm": args.fast_norm}, "environment": environment(device),
               "results": {}}
     for name in args.configs.split(","):
         cfg = _cfg(args.size, name, extra)

@@ -27,6 +27,14 @@ The visual output is computed without ever applying the 1x1 conv to an [N_img, N
 W_out^v (a_v[p] V_t) + b = a_v[p] (W_out^v V_t) + b, since the conv is linear per pixel, so the conv
 weight is applied to V_t once per sentence and then broadcast against A_v (same numbers, C times fewer
 FLOPs). InstanceNorm then normalises each (pair, channel) over the pixels, as per-pair fusion would.
+
+`norm="fast"` (`model.pair_norm`, a speed lever; default "module"): the same normalisations computed
+another way, equal up to float rounding. The output norm has a closed form: per (pair, channel) the
+pre-norm map is a_v[p] u[c] + b[c], so its mean over pixels is u[c] mean(a_v) + b[c] and its variance
+u[c]^2 var(a_v), and IN(.)[c, p] = gamma[c] u[c] (a_v[p] - mean(a_v)) / sqrt(u[c]^2 var(a_v) + eps) + beta[c]:
+one statistic per pair instead of a reduction over every (pair, channel) (the bias b cancels). The
+projections' InstanceNorms run as one fp32 var_mean and an affine map (`instance_norm`) instead of
+the per-channel kernel that a profile found slow on 576 pairs x C channels of few pixels.
 """
 from __future__ import annotations
 
@@ -37,11 +45,47 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ATTENTIONS = ("pixels", "tokens")
+PAIR_NORMS = ("module", "fast")
 
 
-def _visual_proj(dim: int) -> nn.Sequential:
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """InstanceNorm2d(affine=True) of x [N, C, H, W] as plain ops, statistics in at least fp32 (as
+    autocast runs the module); returns that precision under autocast, else x's dtype."""
+    xf = _at_least_fp32(x)
+    var, mean = torch.var_mean(xf, dim=(-2, -1), keepdim=True, correction=0)
+    y = torch.addcmul(bias.to(xf.dtype).view(-1, 1, 1), (xf - mean) * torch.rsqrt(var + eps),
+                      weight.to(xf.dtype).view(-1, 1, 1))
+    return y if torch.is_autocast_enabled() else y.to(x.dtype)
+
+
+class InstanceNorm(nn.InstanceNorm2d):
+    """nn.InstanceNorm2d(affine=True) whose `fast` flag switches to `instance_norm` (same parameters and
+    state-dict names, so checkpoints load either way)."""
+
+    def __init__(self, dim: int, fast: bool = False) -> None:
+        super().__init__(dim, affine=True)
+        self.fast = fast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return instance_norm(x, self.weight, self.bias, self.eps) if self.fast else super().forward(x)
+
+
+def closed_form_output_norm(a_v: torch.Tensor, u: torch.Tensor, norm: nn.InstanceNorm2d) -> torch.Tensor:
+    """IN over pixels of (a_v[..., p] u[..., c] + b[c]) without forming it (module docstring):
+    a_v [..., P] and u [..., C] broadcast over their leading dims -> [..., C, P] (at least fp32)."""
+    a, uf = _at_least_fp32(a_v), _at_least_fp32(u)
+    var, mean = torch.var_mean(a, dim=-1, keepdim=True, correction=0)               # [..., 1]
+    scale = uf * norm.weight.to(uf.dtype) * torch.rsqrt(uf * uf * var + norm.eps)  # [..., C]
+    return torch.addcmul(norm.bias.to(uf.dtype)[:, None], scale[..., None], (a - mean)[..., None, :])
+
+
+def _visual_proj(dim: int, fast: bool = False) -> nn.Sequential:
     # METHOD D3 ("Prompt1 module", TRIS's block): 1x1 conv + InstanceNorm + ReLU
-    return nn.Sequential(nn.Conv2d(dim, dim, 1), nn.InstanceNorm2d(dim, affine=True), nn.ReLU())
+    return nn.Sequential(nn.Conv2d(dim, dim, 1), InstanceNorm(dim, fast), nn.ReLU())
 
 
 def _text_proj(dim: int) -> nn.Sequential:
@@ -52,20 +96,23 @@ def _text_proj(dim: int) -> nn.Sequential:
 class BilateralPrompt(nn.Module):
     """One BP layer (Eq. 4-7) on C = `dim` channels; see the module docstring for shapes."""
 
-    def __init__(self, dim: int, attention: str = "pixels") -> None:
+    def __init__(self, dim: int, attention: str = "pixels", norm: str = "module") -> None:
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if norm not in PAIR_NORMS:
+            raise ValueError(f"norm must be one of {PAIR_NORMS}, got {norm!r}")
         self.dim = dim
         self.attention = attention
+        self.fast_norm = norm == "fast"
         # Paper naming: A_l uses (W_1^v, W_2^l), A_v uses (W_1^l, W_2^v); W_3 are the values.
-        self.q_v = _visual_proj(dim)  # W_1^v
-        self.v_v = _visual_proj(dim)  # W_3^v
+        self.q_v = _visual_proj(dim, self.fast_norm)  # W_1^v
+        self.v_v = _visual_proj(dim, self.fast_norm)  # W_3^v
         self.k_t = _text_proj(dim)  # W_2^l
         self.v_t = _text_proj(dim)  # W_3^l
         if attention == "pixels":
             # With "tokens" A_v is identically 1 (softmax over one token): these would get no gradient.
-            self.k_v = _visual_proj(dim)  # W_2^v
+            self.k_v = _visual_proj(dim, self.fast_norm)  # W_2^v
             self.q_t = _text_proj(dim)  # W_1^l
         self.v_out = nn.Conv2d(dim, dim, 1)  # output W^v: 1x1 conv ...
         self.v_out_norm = nn.InstanceNorm2d(dim, affine=True)  # ... + InstanceNorm
@@ -103,6 +150,11 @@ class BilateralPrompt(nn.Module):
             a_v = vis.new_ones(shape)
         # Eq. 7 + output conv, factorised: conv(a_v (x) V_t) = a_v (x) (W V_t) + b (linear per pixel).
         u = F.linear(v_t, self.v_out.weight.view(C, C))  # [n_t, C] (conv weight applied once per text)
+        if self.fast_norm:  # + InstanceNorm, in closed form (module docstring)
+            v_new = closed_form_output_norm(a_v, u[None] if pairwise else u, self.v_out_norm)
+            if not torch.is_autocast_enabled():
+                v_new = v_new.to(vis.dtype)
+            return v_new.reshape(*v_new.shape[:-1], H, W), lan_new
         if pairwise:
             v_new = a_v[:, :, None, :] * u[None, :, :, None]  # [Ni, Nj, C, P]
         else:

@@ -118,6 +118,6 @@ def build_model(cfg: dict, backbone: nn.Module | None = None) -> EHIN:
     vis_proj = nn.Conv2d(backbone.visual_channels, m.hidden_dim, 1)
     lan_proj = nn.Linear(backbone.text_dim, m.hidden_dim)
     hipm = HIPM(dim=m.hidden_dim, n_layers=m.n_layers, alpha=m.alpha, beta=m.beta, residual=m.residual,
-                attention=m.bp_attention)
+                attention=m.bp_attention, norm=m.pair_norm)
     return EHIN(backbone, vis_proj, lan_proj, hipm, fusion_scale=m.fusion_scale,
                 logit_scale_init=m.logit_scale_init)

@@ -25,14 +25,14 @@ class HIPM(nn.Module):
     # Keyword-only after dim: alpha and beta are both floats, so a swapped positional pair would
     # train silently with the wrong residual weights.
     def __init__(self, dim: int, *, n_layers: int = 2, alpha: float = 0.1, beta: float = 0.05,
-                 residual: str = "twice", attention: str = "pixels") -> None:
+                 residual: str = "twice", attention: str = "pixels", norm: str = "module") -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         if residual not in RESIDUALS:
             raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
         self.alpha, self.beta, self.residual = float(alpha), float(beta), residual
-        self.layers = nn.ModuleList(BilateralPrompt(dim, attention) for _ in range(n_layers))
+        self.layers = nn.ModuleList(BilateralPrompt(dim, attention, norm) for _ in range(n_layers))
 
     def forward(self, vis: torch.Tensor, lan: torch.Tensor,
                 pairwise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
