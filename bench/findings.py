@@ -76,6 +76,14 @@ def _f(x, spec: str = ".1f") -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _header(title: str, intro: str, columns: str) -> list[str]:
+    """A section's heading, its intro and a table header; `columns` is "name|name:|..." with a trailing
+    ':' on the right-aligned (numeric) ones."""
+    cols = columns.split("|")
+    return [f"## {title}", "", intro, "", "| " + " | ".join(c.rstrip(":") for c in cols) + " |",
+            "|" + "|".join("---:" if c.endswith(":") else "---" for c in cols) + "|"]
+
+
 def tables_section(reports: Path, root: Path) -> str:
     from bench.report import results_summary
 
@@ -88,12 +96,12 @@ def control_section(reports: Path, root: Path) -> str:
     files = sorted((reports / "testbed").glob("control-*.json"))
     if not files:
         return "## The positive control (TESTBED §2.3-2.4)\n\nNot run yet: `python -m bench.testbed --profile gpu`.\n"
-    lines = ["## The positive control (TESTBED §2.3-2.4)", "",
-             "The TRIS-like configuration on every variant's val (`sweeps/testbed/control.yaml`), against the "
-             "language-blind guess; margin = control - language-blind (the bar is +15). One row per verdicts "
-             "file, with its settings; the records are in the folder of the same name.", "",
-             "| verdicts | profile, settings | seeds | made on | refcoco | refcoco+ | refcocog google | "
-             "refcocog umd | referit | pooled std |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = _header("The positive control (TESTBED §2.3-2.4)",
+                    "The TRIS-like configuration on every variant's val (`sweeps/testbed/control.yaml`), against the "
+                    "language-blind guess; margin = control - language-blind (the bar is +15). One row per verdicts "
+                    "file, with its settings; the records are in the folder of the same name.",
+                    "verdicts|profile, settings|seeds:|made on|refcoco:|refcoco+:|refcocog google:|refcocog umd:|"
+                    "referit:|pooled std:")
     previews = []
     for f in files:
         v = json.loads(f.read_text())
@@ -123,14 +131,13 @@ def ceilings_section(reports: Path, root: Path) -> str:
                 rows.append((f, r))
     if not rows:
         return ""
-    lines = ["## What reading the words is worth", "",
-             "PointM of a guesser that points at a random annotated object among those the words it reads allow "
-             "(`ehin.diagnostics.word_ceilings`): none (language-blind), the category, or every appearance word "
-             "of the referent but no location word or relation (the ceiling of a model that has not learnt "
-             "them); beside it the share of expressions a map of the config's size can point at "
-             "(`ehin.diagnostics.resolution`).", "",
-             "| scenes file | dataset (split_by) | size | map | pointable | language-blind | category-aware | "
-             "location-blind |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    lines = _header("What reading the words is worth",
+                    "PointM of a guesser that points at a random annotated object among those the words it reads "
+                    "allow (`ehin.diagnostics.word_ceilings`): none (language-blind), the category, or every "
+                    "appearance word of the referent but no location word or relation (the ceiling of a model that "
+                    "has not learnt them); beside it the share of expressions a map of the config's size can point "
+                    "at (`ehin.diagnostics.resolution`).",
+                    "scenes file|dataset (split_by)|size:|map|pointable:|language-blind:|category-aware:|location-blind:")
     for f, r in rows:
         hw = "×".join(map(str, r["map_size"])) if r.get("map_size") else "—"
         pointable = _f(100 * r["pointable_share"]) + " %" if r.get("pointable_share") is not None else "—"
@@ -144,11 +151,11 @@ def perf_section(reports: Path, root: Path) -> str:
     files = sorted((reports / "perf").glob("*.json"))
     if not files:
         return ""
-    lines = ["## Throughput", "",
-             "`python -m bench.perf` runs (random weights at the size named; TRIS's stage-1 model as its repository "
-             "builds it where `tris` was measured too):", "",
-             "| run | size | GPU | levers | model | stage-1 train img/s | peak GB | batch-1 forward ms | "
-             "batch-64 img/s | stage-2 train img/s |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = _header("Throughput",
+                    "`python -m bench.perf` runs (random weights at the size named; TRIS's stage-1 model as its "
+                    "repository builds it where `tris` was measured too):",
+                    "run|size|GPU|levers|model|stage-1 train img/s:|peak GB:|batch-1 forward ms:|batch-64 img/s:|"
+                    "stage-2 train img/s:")
     for f in files:
         d = json.loads(f.read_text())
         levers = ", ".join(k for k, on in d.get("levers", {}).items() if on) or "none (fp32 eager)"
