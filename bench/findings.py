@@ -5,7 +5,8 @@
 
 Every figure in that file is read from a record under reports/ and the record is named beside it: the
 rendered paper tables (cells.json), the positive control's verdicts (reports/testbed/control-*.json),
-the scene and word-ceiling measurements (reports/testbed/scenes-*.json) and the throughput runs
+the scene and word-ceiling measurements (reports/testbed/scenes-*.json), the frozen scorer's criteria
+(reports/testbed/scorer-*.json) and the throughput runs
 (reports/perf/*.json). The prose around them holds no figure (a test checks that the file is current).
 """
 from __future__ import annotations
@@ -147,6 +148,28 @@ def ceilings_section(reports: Path, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scorer_section(reports: Path, root: Path) -> str:
+    from ehin.data.fidelity import passes
+
+    rows = [(f, r) for f in sorted((reports / "testbed").glob("scorer-*.json"))
+            for r in json.loads(f.read_text()) if "isolated_rec" in r]
+    if not rows:
+        return ""
+    lines = _header("The frozen scorer (TESTBED §2.2)",
+                    "With ground-truth masks (`python -m ehin.data.fidelity --scorer`): isolated-region comprehension "
+                    "against the random-object rate (the bar is 2x), and how much more often the positive expression "
+                    "beats every same-image negative for the referent alone than with the background kept (the bar "
+                    "is +10 points). The scorer's checkpoint and the scenes are in each file.",
+                    "file|scorer|scenes|dataset (split_by)|isolated REC:|random-object rate:|ratio:|gain:|meets both")
+    for f, r in rows:
+        ok = passes(r)
+        lines.append(f"| `{_rel(f, root)}` | `{r.get('scorer', '—')}` | {r.get('scenes', '—')}, {r.get('size', '—')} px | "
+                     f"{r['dataset']} ({r['split_by']}) | {r['isolated_rec']:.1f} | {100 * r['random_object_rate']:.1f} | "
+                     f"{r['isolated_rec_ratio']:.2f} | {r['isolation_gain']:+.1f} | "
+                     f"{'yes' if ok['isolated_rec'] and ok['isolation_gain'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def perf_section(reports: Path, root: Path) -> str:
     files = sorted((reports / "perf").glob("*.json"))
     if not files:
@@ -172,7 +195,7 @@ def findings(reports: str | Path = "reports", root: str | Path = ".") -> str:
     """The text of docs/findings.md from the records under `reports`."""
     reports, root = Path(reports), Path(root)
     parts = [INTRO, tables_section(reports, root), control_section(reports, root), ceilings_section(reports, root),
-             perf_section(reports, root), LESSONS]
+             scorer_section(reports, root), perf_section(reports, root), LESSONS]
     return "\n".join(p for p in parts if p)
 
 

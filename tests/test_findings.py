@@ -26,6 +26,11 @@ def test_each_section_reads_its_records(tmp_path):
     (reports / "testbed" / "scenes-x.json").write_text(json.dumps([{
         "dataset": "synth-refcoco", "split_by": "unc", "size": 128, "map_size": [16, 16], "pointable_share": 0.999,
         "language_blind_expected": 14.1, "category_aware_pointm": 27.3, "location_blind_pointm": 50.8}]))
+    (reports / "testbed" / "scorer-x.json").write_text(json.dumps([{
+        "dataset": "synth-refcoco", "split_by": "unc", "scorer": "clip.pt", "scenes": "cluttered", "size": 128,
+        "isolated_rec": 48.6, "random_object_rate": 0.141, "isolated_rec_ratio": 3.45, "isolation_gain": 12.0,
+        "clutter_share": 0.3, "same_category_share": 0.9, "median_objects": 7, "occluded_share": 0.5,
+        "distractor_size_ratio": 1.0}]))
     (reports / "perf" / "h200.json").write_text(json.dumps({
         "size": "paper", "levers": {"amp": True, "cuda_graph": False}, "environment": {"gpu": "NVIDIA H200"},
         "results": {"ehin": {"stage1_train": {"images_per_s": 209.09, "peak_mem_gb": 7.36},
@@ -35,6 +40,8 @@ def test_each_section_reads_its_records(tmp_path):
             "+13.0 | +30.0 | +4.0 | +2.6 | -0.5 | 2.50 |") in text
     assert "| `reports/testbed/scenes-x.json` | synth-refcoco (unc) | 128 px | 16×16 | 99.9 % | 14.1 | 27.3 | 50.8 |" in text
     assert "| `reports/perf/h200.json` | paper | NVIDIA H200 | amp | ehin | 209.1 | 7.4 | 2.31 | 3607 | — |" in text
+    assert ("| `reports/testbed/scorer-x.json` | `clip.pt` | cluttered, 128 px | synth-refcoco (unc) | 48.6 | 14.1 | "
+            "3.45 | +12.0 | yes |") in text
     assert "Nothing rendered yet" in text                       # no paper table in this reports folder
 
 
