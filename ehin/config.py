@@ -392,7 +392,6 @@ HASH_IGNORE = ("train.device", "train.threads", "data.num_workers")  # change sp
 STAGE2_KEYS = ("stage2", "pseudo")  # sections only pseudo-labels and stage 2 read
 # Keys added after results were committed: left out of the hash while at this value, so that the hashes
 # of the committed cells (bench.check) stay valid; any other value is hashed as usual.
-# Keys added after results were stored: at their default they leave the hash as it was.
 HASH_OMIT_AT_DEFAULT = {"synthetic.scenes": "simple", "model.pair_norm": "module"}
 
 
