@@ -209,13 +209,11 @@ def markdown(v: dict) -> str:
                          f"{r['category_aware_pointm']:.1f} | {r['location_blind_pointm']:.1f} | {_fmt(r.get('mean'))} |")
     kinds = [r for r in v["variants"] if r.get("by_kind")]
     if kinds:
+        from ehin.diagnostics.expression_kinds import markdown as kinds_markdown
+
         lines += ["", "By kind of expression (`ehin.diagnostics.expression_kinds`), pooled over the seeds whose "
                   "cells kept per-expression scores:", "",
-                  "| variant | kind | expressions | share | PointM | any object |", "|---|---|---:|---:|---:|---:|"]
-        for r in kinds:
-            for k, x in r["by_kind"].items():
-                lines.append(f"| {r['dataset']} ({r['split_by']}) | {k} | {x['n']} | {x['share']:.0f} % | "
-                             f"{x['point_mask']:.1f} | {x['point_any_object']:.1f} |")
+                  kinds_markdown({f"{r['dataset']} ({r['split_by']})": r["by_kind"] for r in kinds}, first="variant")]
     return "\n".join(lines) + "\n"
 
 

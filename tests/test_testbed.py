@@ -101,6 +101,12 @@ def test_kinds_of_pools_the_seeds_per_expression_scores_by_kind(tmp_path):
     assert kinds["location"]["n"] == 2 and kinds["location"]["point_mask"] == 50.0
     assert kinds["colour"]["point_mask"] == 100.0 and kinds["category only"]["point_mask"] == 50.0
     assert kinds_of(Split(), "val", [{"metrics": {}}], tmp_path) is None
+    _store(tmp_path / "a")
+    v = verdicts("smoke", 3, tmp_path / "a", blind=_blind)
+    v["variants"][0]["by_kind"] = kinds
+    md = markdown(v)
+    assert "| variant | kind | expressions | share | PointM | any object |" in md
+    assert "| synth-refcoco (unc) | location | 2 | 33 % | 50.0 | 100.0 |" in md
 
 
 def test_the_report_sets_the_control_beside_what_reading_the_words_is_worth(tmp_path):

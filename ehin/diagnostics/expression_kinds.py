@@ -72,8 +72,9 @@ def breakdown(rows: Sequence[dict]) -> dict[str, dict]:
     return out
 
 
-def markdown(tables: dict[str, dict[str, dict]]) -> str:
-    lines = ["| file | kind | expressions | share | PointM | any object |", "|---|---|---:|---:|---:|---:|"]
+def markdown(tables: dict[str, dict[str, dict]], first: str = "file") -> str:
+    """One row per (table, kind): `tables` maps a name (the `first` column) to a `breakdown`."""
+    lines = [f"| {first} | kind | expressions | share | PointM | any object |", "|---|---|---:|---:|---:|---:|"]
     for name, table in tables.items():
         for k, v in table.items():
             lines.append(f"| {name} | {k} | {v['n']} | {v['share']:.0f} % | {v['point_mask']:.1f} | "
