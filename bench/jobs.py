@@ -143,6 +143,17 @@ def evaluate_checkpoint(cfg: dict, path: Path, stage: int, per_expression: str |
     return {k: m[k] for k in (*METRIC_KEYS, "n") if k in m}
 
 
+def _inputs(cfg: dict) -> dict:
+    """The sha256 of the checkpoints and the dataset a trained cell read (ehin.provenance, TESTBED §3);
+    a digest that cannot be taken is recorded as the error, not raised after a finished training."""
+    from ehin.provenance import input_digests
+
+    try:
+        return input_digests(cfg)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 class CellRunner(submitit.helpers.Checkpointable):
     """`runner(spec)` runs a cell and appends its record; used with `map_array` on SLURM."""
 
@@ -174,6 +185,7 @@ class CellRunner(submitit.helpers.Checkpointable):
             **({"per_expression": rel} if (rel := keep_per_expression(spec, result)) else {}),
             **host_info(),
             "device": result.get("device", "cpu"),
+            **({"inputs": _inputs(spec.config)} if spec.stage in ("1", "2") else {}),
         }
         ResultStore(spec.store_root).append(record)
         return record

@@ -147,12 +147,17 @@ def verdicts(profile: str, seeds: int, root: Path, rerun: Path | None = None, bl
 
 
 def _environment(by_id: dict, specs) -> dict:
-    """Where the records were made (device, torch, checkpoints), from the first stored cell."""
-    for s in specs:
-        r = by_id.get(s.cell_id)
-        if r:
-            return {k: r.get(k) for k in ("device", "torch", "numerics", "code_version") if r.get(k) is not None}
-    return {}
+    """Where the records were made (device, torch, code), from the first stored cell, and the small
+    CLIP checkpoints the cells loaded, by content (every distinct one: a frozen testbed has one)."""
+    recs = [by_id[s.cell_id] for s in specs if s.cell_id in by_id]
+    if not recs:
+        return {}
+    env = {k: recs[0].get(k) for k in ("device", "torch", "numerics", "code_version") if recs[0].get(k) is not None}
+    weights = sorted({f"{w['file']} sha256 {w['sha256'][:16]}" for r in recs for role in ("backbone", "scorer")
+                      if (w := (r.get("inputs") or {}).get(role))})
+    if weights:
+        env["checkpoints"] = "; ".join(weights)
+    return env
 
 
 def _fmt(x, spec: str = ".1f") -> str:

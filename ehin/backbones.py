@@ -185,6 +185,28 @@ def _load_into(model: CLIP, state: dict[str, torch.Tensor], source: str, arch: s
     model.load_state_dict(state, strict=True)
 
 
+def weights_file(arch: str, pretrained: str | os.PathLike | None, image_size: int) -> tuple[str | None, bool]:
+    """The local checkpoint file that `pretrained` names for (arch, image_size), and whether its tag
+    wants QuickGELU: None for random weights; a "synthetic" small CLIP is pretrained on first use."""
+    if pretrained is None:
+        return None, False
+    if str(pretrained) == "synthetic" or str(pretrained).startswith("synthetic:"):
+        return str(ensure_pretrained(arch, int(image_size), **synthetic_overrides(pretrained))), False
+    if arch not in CUSTOM_ARCHS and open_clip.get_pretrained_cfg(arch, str(pretrained)):
+        return _tag_checkpoint(arch, str(pretrained))
+    if Path(pretrained).expanduser().is_file():
+        return str(Path(pretrained).expanduser()), False
+    p = str(pretrained)
+    tags = [] if arch in CUSTOM_ARCHS else open_clip.list_pretrained_tags_by_model(arch)
+    looks_like_path = os.sep in p or Path(p).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+    what = "no CLIP checkpoint file at" if looks_like_path else "neither a local file nor an open_clip tag:"
+    raise ClipWeightsError(
+        f"backbone.pretrained for '{arch}': {what} '{p}'. Use a checkpoint path, "
+        + (f"an open_clip tag ({', '.join(tags)}), " if tags else "")
+        + "'synthetic' (the project's pretrained small CLIP) or null (random weights)."
+    )
+
+
 def build_clip(arch: str, pretrained: str | os.PathLike | None, image_size: int) -> ClipBackbone:
     """A CLIP backbone at `image_size` px.
 
@@ -194,31 +216,11 @@ def build_clip(arch: str, pretrained: str | os.PathLike | None, image_size: int)
     """
     image_size = int(image_size)
     model_config(arch, image_size)  # fail on a bad arch/size before touching any file
+    source, quick_gelu = weights_file(arch, pretrained, image_size)
     state: dict[str, torch.Tensor] | None = None
     meta: dict[str, Any] = {}
-    quick_gelu = False
-    source = ""
-    if pretrained is None:
-        pass
-    elif str(pretrained) == "synthetic" or str(pretrained).startswith("synthetic:"):
-        source = str(ensure_pretrained(arch, image_size, **synthetic_overrides(pretrained)))
+    if source is not None:
         state, meta = _read_checkpoint(source)
-    elif arch not in CUSTOM_ARCHS and open_clip.get_pretrained_cfg(arch, str(pretrained)):
-        source, quick_gelu = _tag_checkpoint(arch, str(pretrained))
-        state, meta = _read_checkpoint(source)
-    elif Path(pretrained).expanduser().is_file():
-        source = str(Path(pretrained).expanduser())
-        state, meta = _read_checkpoint(source)
-    else:
-        p = str(pretrained)
-        tags = [] if arch in CUSTOM_ARCHS else open_clip.list_pretrained_tags_by_model(arch)
-        looks_like_path = os.sep in p or Path(p).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-        what = "no CLIP checkpoint file at" if looks_like_path else "neither a local file nor an open_clip tag:"
-        raise ClipWeightsError(
-            f"backbone.pretrained for '{arch}': {what} '{p}'. Use a checkpoint path, "
-            + (f"an open_clip tag ({', '.join(tags)}), " if tags else "")
-            + "'synthetic' (the project's pretrained small CLIP) or null (random weights)."
-        )
     quick_gelu = quick_gelu or bool(meta.get("quick_gelu", False))
     backbone = untrained_clip(arch, image_size, quick_gelu)
     if state is not None:

@@ -60,6 +60,9 @@ def test_split_cells_share_one_training_and_evaluate_their_own_split(tmp_path):
         z = read_per_expression(tmp_path / "res" / rec["per_expression"])
         assert len(z["point_mask"]) == rec["metrics"]["n"]
         assert 100 * z["point_mask"].mean() == pytest.approx(rec["metrics"]["point_mask"])
+    # and each record names its inputs by content (ehin.provenance): the same checkpoint and dataset
+    assert val["inputs"] == test_a["inputs"] and "error" not in val["inputs"]
+    assert len(val["inputs"]["dataset"]["sha256"]) == 64
 
 
 def test_stage2_split_cells_share_the_two_stage_chain(tmp_path):

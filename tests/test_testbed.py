@@ -128,3 +128,16 @@ def test_the_language_blind_measurement_carries_the_word_ceilings_on_synthetic_d
     # refcoco+'s expressions are appearance words that pick the referent out (the generator checks)
     assert row["location_blind_pointm"] == pytest.approx(100.0)
     assert row["language_blind_pointm"] < row["category_aware_pointm"] <= 100.0
+
+
+def test_the_report_names_the_checkpoints_the_cells_loaded(tmp_path):
+    specs = _store(tmp_path / "a")
+    store = ResultStore(tmp_path / "a")
+    recs = list(store.read())
+    w = {"file": "clip-tiny-rn-abc.pt", "sha256": "0123456789abcdef" * 4}
+    (tmp_path / "a" / "store.jsonl").write_text("".join(
+        json.dumps({**r, "inputs": {"backbone": w, "scorer": w, "dataset": {"sha256": "f" * 64}}}) + "\n" for r in recs))
+    v = verdicts("smoke", 3, tmp_path / "a", blind=_blind)
+    assert v["environment"]["checkpoints"] == "clip-tiny-rn-abc.pt sha256 0123456789abcdef"
+    assert "checkpoints clip-tiny-rn-abc.pt sha256 0123456789abcdef" in markdown(v)
+    assert len(specs) == 15

@@ -1,0 +1,62 @@
+"""What a result was made from, by content: the CLIP checkpoints and the dataset (TESTBED §3).
+
+A config names its inputs by recipe ("synthetic:captions=referring", a generator version, a REFER
+root), and the same recipe gives other weights on a GPU than on a CPU. So every cell's record also
+carries the sha256 of the checkpoint files its backbone and frozen scorer loaded and of its dataset:
+two results with equal digests were made from identical inputs, whatever machine made them.
+
+- backbone / scorer: {"file": the checkpoint's file name, "sha256": of its bytes}; None for random
+  weights; the scorer only where a loss uses it (L_CL or L_BG on).
+- dataset: {"name", "split_by", "sha256"}: a generated synthetic dataset hashes every file it wrote
+  (annotations and images, `ehin.data.synthetic.tree_digest`); a REFER root hashes its annotation
+  folder (instances.json and the refs files), not the image collection.
+"""
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+
+@lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (cached per path, size and modification time)."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _weights(arch: str, pretrained: Any, image_size: int) -> dict | None:
+    from ehin.backbones import weights_file
+
+    path, _ = weights_file(arch, pretrained, image_size)
+    return None if path is None else {"file": Path(path).name, "sha256": file_sha256(path)}
+
+
+def dataset_digest(cfg: dict) -> dict:
+    from ehin.data import prepare_dataset
+    from ehin.data.synthetic import tree_digest
+
+    d = cfg["data"]
+    ds = prepare_dataset(cfg, progress=False)
+    generated = d["dataset"].startswith("synth-") and not d.get("root")
+    digest = tree_digest(ds.root) if generated else tree_digest(ds.ann_dir)
+    return {"name": d["dataset"], "split_by": ds.split_by, "sha256": digest}
+
+
+def input_digests(cfg: dict) -> dict:
+    """The digests of a resolved config's inputs (module docstring)."""
+    b, sc = cfg["backbone"], cfg["scorer"]
+    out = {"backbone": _weights(b["arch"], b["pretrained"], b["image_size"] or cfg["data"]["image_size"])}
+    if cfg["loss"]["cl"] or cfg["loss"]["bg"]:  # ehin.train_stage1.build_scorer builds it only then
+        out["scorer"] = _weights(sc["arch"], sc["pretrained"] or b["pretrained"], sc["image_size"])
+    out["dataset"] = dataset_digest(cfg)
+    return out

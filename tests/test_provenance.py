@@ -1,0 +1,38 @@
+"""Every trained cell records what it was made from by content (ehin.provenance, TESTBED §3)."""
+import hashlib
+
+import torch
+
+import ehin  # noqa: F401  (torchvision shim first)
+from ehin.config import load_config
+from ehin.provenance import file_sha256, input_digests
+
+
+def _cfg(tmp_path, **loss):
+    from ehin.backbones import build_clip
+
+    ckpt = tmp_path / "clip.pt"
+    torch.save(build_clip("clip-tiny", None, 64).clip.state_dict(), ckpt)   # a local checkpoint file
+    over = [f"backbone.pretrained={ckpt}", "backbone.arch=clip-tiny", "scorer.arch=clip-tiny",
+            "scorer.image_size=64", "data.image_size=64"] + [f"loss.{k}={v}" for k, v in loss.items()]
+    return load_config(None, profile="smoke", overrides=over), ckpt
+
+
+def test_digests_name_the_checkpoint_and_the_dataset_by_content(tmp_path):
+    cfg, ckpt = _cfg(tmp_path)
+    d = input_digests(cfg)
+    expected = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert d["backbone"] == {"file": "clip.pt", "sha256": expected}
+    assert d["scorer"] == d["backbone"]                  # scorer.pretrained null: the backbone's weights
+    assert d["dataset"]["name"] == cfg["data"]["dataset"] and len(d["dataset"]["sha256"]) == 64
+    assert input_digests(cfg)["dataset"] == d["dataset"]  # the generated dataset hashes the same twice
+    # other weights, other digest
+    torch.save({"other": torch.zeros(1)}, ckpt)
+    assert file_sha256(ckpt) != expected and input_digests(cfg)["backbone"]["sha256"] == file_sha256(ckpt)
+
+
+def test_no_scorer_digest_where_no_loss_uses_it_and_none_for_random_weights(tmp_path):
+    cfg, _ = _cfg(tmp_path, cl=0, bg=0)
+    assert "scorer" not in input_digests(cfg)
+    cfg = {**cfg, "backbone": {**cfg["backbone"], "pretrained": None}}
+    assert input_digests(cfg)["backbone"] is None
