@@ -218,7 +218,7 @@ def markdown(v: dict) -> str:
 
         lines += ["", "By kind of expression (`ehin.diagnostics.expression_kinds`), pooled over the seeds whose "
                   "cells kept per-expression scores:", "",
-                  kinds_markdown({f"{r['dataset']} ({r['split_by']})": r["by_kind"] for r in kinds}, first="variant")]
+                  kinds_markdown({f"{r['dataset']} ({r['split_by']})": r["by_kind"] for r in kinds}, first="variant").rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
