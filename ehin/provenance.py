@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 
 @lru_cache(maxsize=64)
@@ -34,10 +33,10 @@ def file_sha256(path: str | Path) -> str:
     return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
-def _weights(arch: str, pretrained: Any, image_size: int) -> dict | None:
-    from ehin.backbones import weights_file
+def _weights(cfg: dict, role: str) -> dict | None:
+    from ehin.backbones import clip_spec, weights_file
 
-    path, _ = weights_file(arch, pretrained, image_size)
+    path, _ = weights_file(*clip_spec(cfg, role))
     return None if path is None else {"file": Path(path).name, "sha256": file_sha256(path)}
 
 
@@ -54,9 +53,10 @@ def dataset_digest(cfg: dict) -> dict:
 
 def input_digests(cfg: dict) -> dict:
     """The digests of a resolved config's inputs (module docstring)."""
-    b, sc = cfg["backbone"], cfg["scorer"]
-    out = {"backbone": _weights(b["arch"], b["pretrained"], b["image_size"] or cfg["data"]["image_size"])}
-    if cfg["loss"]["cl"] or cfg["loss"]["bg"]:  # ehin.train_stage1.build_scorer builds it only then
-        out["scorer"] = _weights(sc["arch"], sc["pretrained"] or b["pretrained"], sc["image_size"])
+    from ehin.model.scorer import uses_scorer
+
+    out = {"backbone": _weights(cfg, "backbone")}
+    if uses_scorer(cfg):  # the scorer is built only then (ehin.train_stage1.build_scorer)
+        out["scorer"] = _weights(cfg, "scorer")
     out["dataset"] = dataset_digest(cfg)
     return out

@@ -66,15 +66,15 @@ def prepare(cfg: dict):
     """Build the shared prerequisites once (generated dataset, pretrained small CLIP); cached on disk."""
     from ehin.data import prepare_dataset
 
+    from ehin.backbones import clip_spec
     from ehin.pretrain_clip import ensure_pretrained, synthetic_overrides
 
     refer = prepare_dataset(cfg)
-    for section in ("backbone", "scorer"):
-        source = cfg[section]["pretrained"] or cfg["backbone"]["pretrained"]
+    for role in ("backbone", "scorer"):
+        arch, source, size = clip_spec(cfg, role)
         overrides = synthetic_overrides(source)
         if overrides is not None:
-            size = cfg[section]["image_size"] or cfg["data"]["image_size"]
-            ensure_pretrained(cfg[section]["arch"], size, **overrides)
+            ensure_pretrained(arch, size, **overrides)
     return refer
 
 
@@ -91,11 +91,9 @@ def prepare_once(cfg: dict, main_rank: bool, world: int):
 
 def build_scorer(cfg: dict):
     """The frozen CLIP of L_CL/L_BG (METHOD §2); None when neither term is on."""
-    if cfg["loss"]["cl"] == 0 and cfg["loss"]["bg"] == 0:
-        return None
-    from ehin.model.scorer import build_frozen_scorer
+    from ehin.model.scorer import build_frozen_scorer, uses_scorer
 
-    return build_frozen_scorer(cfg)
+    return build_frozen_scorer(cfg) if uses_scorer(cfg) else None
 
 
 def poly_lambda(total_iters: int, power: float):

@@ -125,10 +125,14 @@ class FrozenScorer(nn.Module):
         return self.embed_images(img * mask)  # [0,1]-space masking (METHOD §4); already at the scorer's size
 
 
+def uses_scorer(cfg: dict) -> bool:
+    """Whether a config's stage-1 loss needs the frozen scorer (L_CL or L_BG on)."""
+    return bool(cfg["loss"]["cl"] or cfg["loss"]["bg"])
+
+
 def build_frozen_scorer(cfg: dict) -> FrozenScorer:
     """The frozen CLIP of a config's `scorer` section (METHOD §2); its weights default to the backbone's."""
-    from ehin.backbones import build_clip
+    from ehin.backbones import build_clip, clip_spec
 
-    sc = cfg["scorer"]
-    clip = build_clip(sc["arch"], sc["pretrained"] or cfg["backbone"]["pretrained"], sc["image_size"])
-    return FrozenScorer(clip, sc["image_size"], copy_backbone=False)  # built for it alone: no copy
+    arch, pretrained, size = clip_spec(cfg, "scorer")
+    return FrozenScorer(build_clip(arch, pretrained, size), size, copy_backbone=False)  # built for it alone: no copy

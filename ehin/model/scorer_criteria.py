@@ -145,12 +145,11 @@ def measure(scorer, refer, split: str = "val", image_size: int | None = None, pr
 def scorer_source(cfg: dict) -> str:
     """What the config's frozen scorer is: the cached checkpoint's file name for the project's small
     CLIP ("clip-tiny-rn-<hash>.pt", the hash naming its recipe), else the pretrained value."""
-    sc = cfg["scorer"]
-    pretrained = sc["pretrained"] or cfg["backbone"]["pretrained"]
+    from ehin.backbones import clip_spec
     from ehin.pretrain_clip import RECIPES, checkpoint_path, recipe_for, synthetic_overrides
 
+    arch, pretrained, size = clip_spec(cfg, "scorer")
     overrides = synthetic_overrides(pretrained)
-    if overrides is not None and sc["arch"] in RECIPES:
-        size = sc["image_size"] or cfg["data"]["image_size"]
-        return checkpoint_path(recipe_for(sc["arch"], size, **overrides)).name
-    return f"{sc['arch']}:{pretrained or 'random weights'}"
+    if overrides is not None and arch in RECIPES:
+        return checkpoint_path(recipe_for(arch, size, **overrides)).name
+    return f"{arch}:{pretrained or 'random weights'}"

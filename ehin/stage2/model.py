@@ -162,10 +162,9 @@ class Stage2Net(nn.Module):
 def build_stage2(cfg: dict, backbone: nn.Module | None = None) -> Stage2Net:
     """Stage2Net on `backbone`, or on build_clip(backbone.arch, backbone.pretrained, data.image_size)."""
     if backbone is None:
-        from ehin.backbones import build_clip
+        from ehin.backbones import build_clip, clip_spec
 
-        b = cfg["backbone"]
-        backbone = build_clip(b["arch"], b["pretrained"], b["image_size"] or cfg["data"]["image_size"])
+        backbone = build_clip(*clip_spec(cfg, "backbone"))
     return Stage2Net(backbone, cfg["stage2"]["hidden_dim"])
 
 
