@@ -8,7 +8,8 @@ import torch
 import ehin  # noqa: F401  (torchvision shim before open_clip)
 import open_clip
 from ehin.data import synthetic as syn
-from ehin.data.datasets import EvalDataset, TrainDataset, eval_collate, resize_mask, train_collate
+from ehin.data import datasets
+from ehin.data.datasets import EvalDataset, TokenCache, TrainDataset, eval_collate, resize_mask, train_collate
 from ehin.data.refer import ReferDataset
 from tests.fixtures import HEIGHT, WIDTH, write_refer_fixture
 
@@ -166,6 +167,31 @@ def test_eval_dataset_one_item_per_sentence(fixture_ds, tokenize):
     assert batch["image"].shape == (3, 3, S, S) and batch["tokens"].shape == (3, 20)
     assert isinstance(batch["mask"], list) and len(batch["mask"]) == 3
     assert batch["orig_size"] == [(HEIGHT, WIDTH)] * 3 and batch["sentence"] == [i["sentence"] for i in items[:3]]
+
+
+def test_token_cache_rows_equal_batch_tokenization(tokenize):
+    cache = TokenCache(tokenize)
+    sentences = ["red box", "the small blue circle on the left", "red box", "a " * 40]
+    assert torch.equal(cache(sentences), tokenize(sentences).long())
+    assert torch.equal(cache(["a " * 40, "green"]), tokenize(["a " * 40, "green"]).long())  # some rows remembered
+
+
+def test_in_memory_pixels_give_the_items_of_decoding_every_access(synth, tokenize, monkeypatch):
+    """The caches of decoded images, masks and tokens are a speed-up only: the items are the same."""
+    cached_train, cached_eval = TrainDataset(synth, "train", tokenize, S, K=3, seed=1), EvalDataset(synth, "val", tokenize, S)
+    monkeypatch.setattr(datasets, "CACHE_BYTES", 0)
+    plain_train, plain_eval = TrainDataset(synth, "train", tokenize, S, K=3, seed=1), EvalDataset(synth, "val", tokenize, S)
+    assert cached_train._cache and not plain_train._cache and cached_eval._cache and not plain_eval._cache
+    for cached, plain in ((cached_train, plain_train), (cached_eval, plain_eval)):
+        for _ in range(2):  # the second pass reads the cache
+            for i in range(len(plain)):
+                a, b = cached[i], plain[i]
+                assert a.keys() == b.keys()
+                for k in a:
+                    if torch.is_tensor(a[k]):
+                        assert torch.equal(a[k], b[k]), k
+                    else:
+                        assert a[k] == b[k], k
 
 
 def test_eval_max_items(synth, tokenize):

@@ -23,9 +23,11 @@ from ehin.data.refer import ReferDataset
 
 Tokenize = Callable[[list[str]], torch.Tensor]  # list[str] -> int64 [B, 20] (the backbone's, D1)
 
-# Resized images/masks are kept in memory when the whole split fits in this budget (synthetic
-# data at 64-96 px does; RefCOCO at 320 px does not and is decoded on every access).
-CACHE_BYTES = 256 * 2**20
+# Resized images/masks are kept in memory when the whole split fits in this budget: synthetic data
+# does (the gpu profile's 128-px train split of synth-refcoco+ takes 343 MB; decoding its PNGs again on
+# every access was most of a GPU step's time); RefCOCO at 320 px (5 GB) does not and is decoded on
+# every access.
+CACHE_BYTES = 2**30
 
 
 def resize_image_uint8(image: np.ndarray, size: int) -> np.ndarray:
@@ -58,12 +60,28 @@ def _sentences(ref: dict) -> list[str]:
     return [ReferDataset.sentence(s) for s in ref["sentences"]]
 
 
+class TokenCache:
+    """`tokenize`, one sentence at a time and remembered: a sentence's row does not depend on the
+    others it is tokenized with, and a split repeats its expressions every epoch (CLIP's BPE with
+    ftfy cost a GPU step more than the model did)."""
+
+    def __init__(self, tokenize: Tokenize) -> None:
+        self.tokenize = tokenize
+        self._rows: dict[str, torch.Tensor] = {}
+
+    def __call__(self, sentences: list[str]) -> torch.Tensor:
+        missing = [s for s in dict.fromkeys(sentences) if s not in self._rows]
+        if missing:
+            self._rows.update(zip(missing, self.tokenize(missing).long()))
+        return torch.stack([self._rows[s] for s in sentences])
+
+
 class TrainDataset(Dataset):
     """Item: image [3,S,S] float in [0,1], tokens [20], neg_tokens [K,20], sentence, neg_sentences,
     mask [S,S] float, box [4] xyxy in S-pixel coords, ref_id, image_id."""
 
     def __init__(self, refer: ReferDataset, split: str, tokenize: Tokenize, image_size: int, K: int, seed: int) -> None:
-        self.refer, self.split, self.tokenize = refer, split, tokenize
+        self.refer, self.split, self.tokenize = refer, split, TokenCache(tokenize)
         self.image_size, self.K, self.seed = int(image_size), int(K), int(seed)
         self.items = refer.refs(split)
         if not self.items:
@@ -137,7 +155,7 @@ class TrainDataset(Dataset):
         sents = _sentences(ref)
         sentence = sents[rng.integers(len(sents))]
         negs = self.negatives(index, sentence, rng)
-        tokens = self.tokenize([sentence] + negs).long()
+        tokens = self.tokenize([sentence] + negs)
         info = self.refer.image_info(ref["image_id"])
         s = self.image_size
         box = xywh_to_xyxy(self.refer.ann_box(ref["ann_id"]), s / info["width"], s / info["height"])
@@ -161,27 +179,44 @@ class EvalDataset(Dataset):
 
     def __init__(self, refer: ReferDataset, split: str, tokenize: Tokenize, image_size: int,
                  max_items: int | None = None) -> None:
-        self.refer, self.split, self.tokenize, self.image_size = refer, split, tokenize, int(image_size)
+        self.refer, self.split, self.tokenize, self.image_size = refer, split, TokenCache(tokenize), int(image_size)
         items = [(ref, sent) for ref in refer.refs(split) for sent in ref["sentences"]]
         if max_items is not None and max_items < len(items):
             # a fixed random subset (not the first images only), kept in file order
             keep = np.sort(np.random.default_rng(0).choice(len(items), size=int(max_items), replace=False))
             items = [items[i] for i in keep]
         self.items = items
+        # Each image's decoded pixels and object masks are kept when the split's images fit the budget
+        # (training evaluates every epoch; the images are read once per expression, not once per image).
+        images = {ref["image_id"]: refer.image_info(ref["image_id"]) for ref, _ in items}
+        n_bytes = sum(12 * self.image_size**2 + len(refer.image_ann_ids(k)) * i["height"] * i["width"]
+                      for k, i in images.items())
+        self._cache = n_bytes <= CACHE_BYTES
+        self._pixels: dict[int, tuple] = {}
+
+    def _image_and_masks(self, image_id: int) -> tuple[tuple[int, int], torch.Tensor, np.ndarray]:
+        """(original (H0, W0), resized float image [3, S, S], bool object masks [M, H0, W0])."""
+        hit = self._pixels.get(image_id)
+        if hit is not None:
+            return hit
+        image = self.refer.load_image(image_id)
+        out = (image.shape[:2], resize_image(image, self.image_size),
+               np.stack([self.refer.ann_mask(a) for a in self.refer.image_ann_ids(image_id)]))
+        if self._cache:
+            self._pixels[image_id] = out
+        return out
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
         ref, sent = self.items[index]
-        image = self.refer.load_image(ref["image_id"])
-        h0, w0 = image.shape[:2]
+        (h0, w0), resized, object_masks = self._image_and_masks(ref["image_id"])
         ann_ids = self.refer.image_ann_ids(ref["image_id"])
-        object_masks = np.stack([self.refer.ann_mask(a) for a in ann_ids])
         sentence = ReferDataset.sentence(sent)
         return {
-            "image": resize_image(image, self.image_size),
-            "tokens": self.tokenize([sentence]).long()[0],
+            "image": resized,
+            "tokens": self.tokenize([sentence])[0],
             "sentence": sentence,
             "mask": torch.from_numpy(object_masks[ann_ids.index(ref["ann_id"])]),
             "box": torch.from_numpy(xywh_to_xyxy(self.refer.ann_box(ref["ann_id"]))),
