@@ -2,19 +2,27 @@
 
     python -m bench.perf --device cuda --size paper --out reports/perf/h100.json
     python -m bench.perf --device cpu --size small             # CI's smoke check of this script
+    python -m bench.perf --size gpu --configs tris --skip infer,stage2 --procs 16   # cells packed on one GPU
 
 `paper` size: RN50 architecture (random weights: timing does not need trained ones), 320 px,
-N 24, K 6, frozen ViT-B-32 scorer at 224. `small`: the synthetic profile's models at 64 px.
+N 24, K 6, frozen ViT-B-32 scorer at 224. `small`: the synthetic profile's models at 64 px; `gpu`:
+the gpu profile's (the small CLIP at 128 px).
 Every figure is a median over repeated runs after warm-up, CUDA synchronised; the JSON names the
 device and library versions. Levers are flags so each can be measured on its own.
+
+`--procs N` runs N copies of the measurement at once, each its own process on the one device, as
+`bench.run --jobs N` packs cells: they start timing together (a barrier after the warm-up) and the JSON
+gives each process's figures and, under `results`, the throughputs summed and the latencies' median.
 """
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +44,10 @@ SIZES = {
     "paper": {"profile": "paper", "overrides": {"backbone.pretrained": None, "scorer.pretrained": None,
                                                  "data.dataset": "refcoco+"}},
     "small": {"profile": "synthetic", "overrides": {"backbone.pretrained": None, "scorer.pretrained": None}},
+    "gpu": {"profile": "gpu", "overrides": {"backbone.pretrained": None, "scorer.pretrained": None}},
 }
+# Set by --barrier (the children of --procs): called between a measurement's warm-up and its timing.
+_barrier: Callable[[], None] | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -48,6 +59,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
     for _ in range(warmup):
         fn()
     _sync(device)
+    if _barrier is not None:
+        _barrier()
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -254,6 +267,46 @@ def stage2_speed(cfg: dict, device: torch.device, *, amp: bool, warmup: int, rep
     return {"train_images_per_s": n / statistics.median(tr), "forward_ms_bs1": 1000 * statistics.median(lat)}
 
 
+def file_barrier(folder: Path, rank: int, procs: int, timeout_s: float = 600.0) -> Callable[[], None]:
+    """A barrier of `procs` processes through files in `folder`: the k-th call of every process returns
+    once all of them have made their k-th call."""
+    count = [0]
+
+    def wait() -> None:
+        count[0] += 1
+        (folder / f"{count[0]}.{rank}").touch()
+        t0 = time.monotonic()
+        while len(list(folder.glob(f"{count[0]}.*"))) < procs:
+            if time.monotonic() - t0 > timeout_s:
+                raise RuntimeError(f"bench.perf --procs: process {rank} waited {timeout_s:.0f} s at barrier {count[0]}")
+            time.sleep(0.01)
+
+    return wait
+
+
+def packed(argv: list[str], procs: int) -> dict:
+    """Run this command (`argv`, without --procs/--out) as `procs` processes at once; their reports,
+    combined: throughputs (keys ending `_per_s`) summed, everything else the median over processes."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [Path(tmp) / f"proc{i}.json" for i in range(procs)]
+        children = [subprocess.Popen([sys.executable, "-m", "bench.perf", *argv, "--out", str(out),
+                                      "--barrier", f"{tmp}:{i}:{procs}"], stdout=subprocess.DEVNULL)
+                    for i, out in enumerate(outs)]
+        failed = [i for i, c in enumerate(children) if c.wait() != 0]
+        if failed:
+            raise SystemExit(f"bench.perf --procs: process(es) {failed} failed")
+        reports = [json.loads(out.read_text()) for out in outs]
+    combined = {**reports[0], "procs": procs, "per_process": [r["results"] for r in reports], "results": {}}
+    for name, parts in reports[0]["results"].items():
+        combined["results"][name] = {
+            part: {k: (sum if k.endswith("_per_s") else statistics.median)([r["results"][name][part][k] for r in reports])
+                   for k in figures}
+            for part, figures in parts.items()}
+    return combined
+
+
 def environment(device: torch.device) -> dict:
     import open_clip
 
@@ -297,7 +350,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default: 5 small, 20 paper)")
     p.add_argument("--batch", type=int, default=None, help="override N (train.batch_size)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: train, infer, stage2 (default: none)")
+    p.add_argument("--procs", type=int, default=1,
+                   help="run N copies at once, each its own process on the device (default: 1)")
+    p.add_argument("--barrier", help=argparse.SUPPRESS)  # FOLDER:RANK:PROCS, set by --procs for its children
     args = p.parse_args(argv)
+    global _barrier
+    if args.procs > 1:
+        if args.trace:
+            raise SystemExit("bench.perf: --trace profiles one process; leave out --procs")
+        own = list(argv if argv is not None else sys.argv[1:])
+        report = packed(_without(own, ("--procs", "--out")), args.procs)
+        print(json.dumps(report["results"], indent=1))
+        _write(report, args.out)
+        return
+    if args.barrier:
+        folder, rank, procs = args.barrier.rsplit(":", 2)
+        _barrier = file_barrier(Path(folder), int(rank), int(procs))
 
     device = torch.device(args.device)
     small = args.size == "small"
@@ -329,10 +397,27 @@ def main(argv: list[str] | None = None) -> None:
             r["stage2"] = stage2_speed(cfg, device, amp=args.amp, warmup=warmup, repeats=repeats)
         report["results"][name] = r
         print(name, json.dumps(r, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.out}")
+    _write(report, args.out)
+
+
+def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """`argv` less each of `options` and its value (`--opt V` or `--opt=V`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif not a.startswith(tuple(o + "=" for o in options)):
+            out.append(a)
+    return out
+
+
+def _write(report: dict, out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from bench.perf import cuda_graphed, main, time_fn
+from bench.perf import _without, cuda_graphed, main, time_fn
 
 
 def test_perf_small_cpu_writes_json_and_profile(tmp_path):
@@ -26,6 +26,25 @@ def test_perf_small_cpu_writes_json_and_profile(tmp_path):
     table = (tmp_path / "trace" / "ehin_train.txt").read_text()
     assert "self_cpu_time_total" in table and "aten::" in table
     assert (tmp_path / "trace" / "ehin_train.trace.json.gz").stat().st_size > 0
+
+
+def test_procs_packs_processes_and_sums_their_throughput(tmp_path):
+    """--procs 2: two processes time the same training step at once (after a common barrier); the
+    report keeps each one's figures and sums the throughputs."""
+    out = tmp_path / "packed.json"
+    main(["--device", "cpu", "--size", "small", "--configs", "tris", "--skip", "infer,stage2", "--warmup", "0",
+          "--repeats", "1", "--procs", "2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["procs"] == 2 and len(report["per_process"]) == 2
+    each = [r["tris"]["stage1_train"] for r in report["per_process"]]
+    assert all(e["images_per_s"] > 0 for e in each)
+    assert report["results"]["tris"]["stage1_train"]["images_per_s"] == pytest.approx(sum(e["images_per_s"] for e in each))
+    assert report["results"]["tris"]["stage1_train"]["step_s"] == pytest.approx(sorted(e["step_s"] for e in each)[0] / 2
+                                                                             + sorted(e["step_s"] for e in each)[1] / 2)
+
+
+def test_without_drops_options_and_their_values():
+    assert _without(["--size", "gpu", "--procs", "4", "--out=x.json", "--amp"], ("--procs", "--out")) == ["--size", "gpu", "--amp"]
 
 
 def test_time_fn_measures_what_it_times():
