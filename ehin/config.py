@@ -216,6 +216,8 @@ class TrainConfig:
     seed: int
     device: str
     amp: bool
+    channels_last: bool
+    fused_adamw: bool
     threads: Optional[int]
     log_every: int
 
@@ -388,7 +390,8 @@ def validate(cfg: Mapping) -> Config:
     return Config.from_dict(cfg)
 
 
-HASH_IGNORE = ("train.device", "train.threads", "data.num_workers")  # change speed, not results
+# Change speed, not results (beyond float rounding, as the device and thread count do).
+HASH_IGNORE = ("train.device", "train.threads", "train.channels_last", "train.fused_adamw", "data.num_workers")
 STAGE2_KEYS = ("stage2", "pseudo")  # sections only pseudo-labels and stage 2 read
 # Keys added after results were committed: left out of the hash while at this value, so that the hashes
 # of the committed cells (bench.check) stay valid; any other value is hashed as usual.

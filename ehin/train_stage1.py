@@ -100,13 +100,15 @@ def poly_lambda(total_iters: int, power: float):
     return lambda it: max(0.0, 1.0 - it / max(1, total_iters)) ** power
 
 
-def build_optimizer(model, cfg: dict) -> torch.optim.Optimizer:
+def build_optimizer(model, cfg: dict, device: torch.device | None = None) -> torch.optim.Optimizer:
     t = cfg["train"]
     groups = [
         {"params": [p for p in model.backbone_parameters() if p.requires_grad], "lr": t["lr"] * t["backbone_lr_mult"]},
         {"params": [p for p in model.head_parameters() if p.requires_grad], "lr": t["lr"]},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t["lr"], weight_decay=t["weight_decay"])
+    fused = bool(t.get("fused_adamw")) and device is not None and device.type == "cuda"
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t["lr"], weight_decay=t["weight_decay"],
+                             **({"fused": True} if fused else {}))
 
 
 def _learning_rates(scheduler) -> dict[str, float]:
@@ -192,7 +194,11 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
     if steps_per_epoch == 0:
         raise UserError(f"train split has {len(train_ds)} refs, fewer than one batch of {t['batch_size']}; "
                         "lower train.batch_size")
-    optimizer = build_optimizer(model, cfg)
+    # train.channels_last / train.fused_adamw: speed levers on CUDA (bench.perf measures them), not hashed
+    channels_last = bool(t["channels_last"]) and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(steps_per_epoch * t["epochs"], t["poly_power"]))
 
     history: list[dict] = []
@@ -226,6 +232,8 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=not progress)
         for step, batch in enumerate(bar):
             batch = _to_device(batch, device)
+            if channels_last:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 total, terms = forward_loss(net, loss_fn, batch, world)
             global_step = epoch * steps_per_epoch + step
