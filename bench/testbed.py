@@ -3,6 +3,12 @@
     python -m bench.testbed --profile gpu --seeds 10 --jobs 10      # run the control, write the verdicts
     python -m bench.testbed --profile gpu --seeds 10 --rerun results/gpu-rerun   # + run-to-run spread
     python -m bench.testbed --profile gpu --seeds 10 --report-only  # verdicts from the stored records
+    python -m bench.testbed ... --report-only --fidelity ROWS.json  # + reports/testbed/fidelity.json
+
+`--fidelity ROWS.json` takes the rows `python -m ehin.data.fidelity --pointable --ceilings --scorer --json`
+wrote for the same profile and frozen CLIP (§2.1-2.2) and writes fidelity.json beside the verdicts: every
+criterion's figures and verdict per variant, the pooled std, and the frozen inputs' checksums (from the
+control's records). It refuses rows whose scorer or datasets are not the ones the control's cells loaded.
 
 The control is `sweeps/testbed/control.yaml` (the TRIS-like configuration, METHOD §8, on every variant's
 val), run through the same queue, executors and results store as the paper's tables (bench.run). The
@@ -27,7 +33,7 @@ from bench.executors import EXECUTORS
 from bench.run import DEFAULT_SEEDS, build_specs, positive_int, results_root, run_tables
 from bench.store import ResultStore
 from bench.sweeps import SWEEPS_DIR, load_sweep
-from ehin.cli import command, command_parser
+from ehin.cli import UserError, command, command_parser
 from ehin.config import parse_assignments
 
 CONTROL = "control"
@@ -146,6 +152,74 @@ def verdicts(profile: str, seeds: int, root: Path, rerun: Path | None = None, bl
             "power": power, "variants": rows, "environment": _environment(by_id, specs)}
 
 
+# fidelity.json's variants (TESTBED §2; refcocog on umd is "synth-refcocog", google rides along)
+FIDELITY_VARIANTS = {("synth-refcoco", "unc"): "synth-refcoco", ("synth-refcoco+", "unc"): "synth-refcoco+",
+                     ("synth-refcocog", "umd"): "synth-refcocog", ("synth-refcocog", "google"): "synth-refcocog:google",
+                     ("synth-referit", "berkeley"): "synth-referit"}
+SCENE_KEYS = ("same_category_share", "median_objects", "clutter_share", "occluded_share", "distractor_size_ratio")
+SCORER_KEYS = ("isolated_rec", "isolated_rec_se", "random_object_rate", "isolated_rec_ratio", "isolation_gain",
+               "isolation_gain_se")
+
+
+def frozen_inputs(root: Path) -> dict:
+    """The checksums of what the control's cells loaded (their records' `inputs`): the one small CLIP
+    (backbone and scorer) and each dataset. More than one checkpoint is reported, not merged."""
+    checkpoints, datasets = set(), {}
+    for r in ResultStore(root).read():
+        inputs = r.get("inputs") or {}
+        for role in ("backbone", "scorer"):
+            if inputs.get(role):
+                checkpoints.add((inputs[role]["file"], inputs[role]["sha256"]))
+        if inputs.get("dataset", {}).get("sha256"):
+            d = inputs["dataset"]
+            datasets[f"{d['name']}:{d['split_by']}"] = d["sha256"]
+    return {"checkpoints": [{"file": f, "sha256": h} for f, h in sorted(checkpoints)], "datasets": dict(sorted(datasets.items()))}
+
+
+def fidelity_summary(v: dict, rows: list[dict], rows_file: str) -> dict:
+    """fidelity.json: per variant the figures and verdicts of TESTBED §2.1-2.4, from the scene/scorer rows of
+    `ehin.data.fidelity` and the control's verdicts `v` (`verdicts`); top level the pooled std, whether
+    everything holds, and the frozen inputs' checksums."""
+    from ehin.data.fidelity import passes
+    from ehin.model.scorer_criteria import passes as scorer_passes
+
+    frozen = frozen_inputs(Path(v["results"]))
+    by_key = {(r["dataset"], r["split_by"]): r for r in rows}
+    shas = {c["sha256"] for c in frozen["checkpoints"]}
+    out = {}
+    for c in v["variants"]:
+        key = (c["dataset"], c["split_by"])
+        name = FIDELITY_VARIANTS.get(key, f"{key[0]}:{key[1]}")
+        row = by_key.get(key)
+        if row is None:
+            raise UserError(f"{rows_file} has no row for {key[0]} ({key[1]}): measure it with ehin.data.fidelity")
+        if "isolated_rec" not in row:
+            raise UserError(f"{rows_file}: no scorer figures for {key[0]} ({key[1]}); run ehin.data.fidelity with --scorer")
+        if shas and row.get("scorer_sha256") not in shas:
+            raise UserError(f"{rows_file}: the scorer of {key[0]} ({key[1]}) is not the checkpoint the control loaded "
+                            f"({row.get('scorer_sha256')} vs {', '.join(sorted(shas))})")
+        ds_sha = frozen["datasets"].get(f"{key[0]}:{key[1]}")
+        if ds_sha and row.get("dataset_sha256") != ds_sha:
+            raise UserError(f"{rows_file}: the dataset {key[0]} ({key[1]}) is not the one the control's cells loaded")
+        scenes_ok = {k: ok for k, ok in passes(row).items() if k in SCENE_KEYS}
+        seeds = [c["pointm_by_seed"][k] for k in sorted(c["pointm_by_seed"], key=int)]
+        out[name] = {
+            "dataset": key[0], "split_by": key[1], "split": c["split"],
+            **{k: row[k] for k in SCENE_KEYS}, **{k: row[k] for k in SCORER_KEYS},
+            "language_blind": c["language_blind_pointm"], "expressions": c["evaluated"],
+            "tris_like_seeds": seeds, "tris_like_mean": c.get("mean"), "tris_like_std": c.get("std"),
+            "run_to_run": (c.get("run_to_run") or {}).get("mean_abs"),
+            "met": {"scenes": all(scenes_ok.values()), "scorer": all(scorer_passes(row).values()),
+                    "control": c.get("control_met"), "power": c.get("std_met")},
+        }
+    power = v["power"]
+    every = [ok for r in out.values() for ok in r["met"].values()]
+    return {"profile": v["profile"], "overrides": v["overrides"], "control": v["results"], "rows": rows_file,
+            "pooled_std": power["pooled_std"], "pooled_met": power["pooled_met"],
+            "all_met": bool(v["complete"] and power["met"] and all(ok is True for ok in every)),
+            "frozen": frozen, "variants": out}
+
+
 def _environment(by_id: dict, specs) -> dict:
     """Where the records were made (device, torch, code), from the first stored cell, and the small
     CLIP checkpoints the cells loaded, by content (every distinct one: a frozen testbed has one)."""
@@ -237,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="write the verdicts without running any cell")
     p.add_argument("--out", default="reports/testbed", help="where control-<profile>.{json,md} go (default: reports/testbed)")
     p.add_argument("--name", help="file name stem of the verdicts (default: control-<profile>)")
+    p.add_argument("--fidelity", metavar="ROWS.json",
+                   help="also write fidelity.json (TESTBED §2.1-2.4) from these ehin.data.fidelity --scorer rows")
     args = p.parse_args(argv)
     root = results_root(args.profile, args.results)
     extra = parse_assignments(args.overrides)
@@ -252,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(v)
     (out / f"{name}.md").write_text(md)
     print(md)
+    if args.fidelity:
+        summary = fidelity_summary(v, json.loads(Path(args.fidelity).read_text()), args.fidelity)
+        (out / "fidelity.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"wrote {out / 'fidelity.json'} (every criterion met: {_yes(summary['all_met'])})")
     return rc
 
 

@@ -33,7 +33,9 @@ def file_sha256(path: str | Path) -> str:
     return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
-def _weights(cfg: dict, role: str) -> dict | None:
+def clip_digest(cfg: dict, role: str) -> dict | None:
+    """{file, sha256} of the CLIP checkpoint the backbone or the frozen scorer (`role`) loads; None for
+    random weights."""
     from ehin.backbones import clip_spec, weights_file
 
     path, _ = weights_file(*clip_spec(cfg, role))
@@ -55,8 +57,8 @@ def input_digests(cfg: dict) -> dict:
     """The digests of a resolved config's inputs (module docstring)."""
     from ehin.model.scorer import uses_scorer
 
-    out = {"backbone": _weights(cfg, "backbone")}
+    out = {"backbone": clip_digest(cfg, "backbone")}
     if uses_scorer(cfg):  # the scorer is built only then (ehin.train_stage1.build_scorer)
-        out["scorer"] = _weights(cfg, "scorer")
+        out["scorer"] = clip_digest(cfg, "scorer")
     out["dataset"] = dataset_digest(cfg)
     return out

@@ -141,3 +141,65 @@ def test_the_report_names_the_checkpoints_the_cells_loaded(tmp_path):
     assert v["environment"]["checkpoints"] == "clip-tiny-rn-abc.pt sha256 0123456789abcdef"
     assert "checkpoints clip-tiny-rn-abc.pt sha256 0123456789abcdef" in markdown(v)
     assert len(specs) == 15
+
+
+def _rows(**change):
+    """ehin.data.fidelity rows for the five variants: every §2.1-2.2 figure on its passing side."""
+    rows = []
+    for dataset, split_by in (("synth-refcoco", "unc"), ("synth-refcoco+", "unc"), ("synth-refcocog", "google"),
+                              ("synth-refcocog", "umd"), ("synth-referit", "berkeley")):
+        rows.append({"dataset": dataset, "split_by": split_by, "same_category_share": 0.9, "median_objects": 7.0,
+                     "clutter_share": 0.3, "occluded_share": 0.5, "distractor_size_ratio": 1.0,
+                     "random_object_rate": 0.14, "isolated_rec": 40.0, "isolated_rec_se": 1.0,
+                     "isolated_rec_ratio": 40.0 / 14, "isolation_gain": 12.0, "isolation_gain_se": 1.0,
+                     "scorer_sha256": "c" * 64, "dataset_sha256": f"d-{dataset}", **change})
+    return rows
+
+
+def _with_inputs(root):
+    store = ResultStore(root)
+    recs = store.read()
+    (root / "store.jsonl").write_text("".join(json.dumps({**r, "inputs": {
+        "backbone": {"file": "clip.pt", "sha256": "c" * 64}, "scorer": {"file": "clip.pt", "sha256": "c" * 64},
+        "dataset": {"name": "synth-" + r["row"].split(" ")[0], "split_by": {"refcocog (google)": "google",
+                    "refcocog (umd)": "umd", "referit": "berkeley"}.get(r["row"], "unc"),
+                    "sha256": "d-synth-" + r["row"].split(" ")[0]}}}) + "\n" for r in recs))
+
+
+def test_fidelity_summary_joins_scenes_scorer_and_control(tmp_path):
+    from bench.testbed import fidelity_summary
+
+    _store(tmp_path / "a")
+    _with_inputs(tmp_path / "a")
+    v = verdicts("smoke", 3, tmp_path / "a", blind=_blind)
+    f = fidelity_summary(v, _rows(), "rows.json")
+    assert set(f["variants"]) == {"synth-refcoco", "synth-refcoco+", "synth-refcocog", "synth-refcocog:google",
+                                  "synth-referit"}
+    g = f["variants"]["synth-refcocog"]  # umd
+    assert g["split_by"] == "umd" and g["tris_like_seeds"] == [31.0, 29.0, 30.0]
+    assert g["tris_like_mean"] == pytest.approx(30.0) and g["tris_like_std"] == pytest.approx(1.0)
+    assert g["language_blind"] == 15.0 and g["isolation_gain"] == 12.0 and g["run_to_run"] is None
+    assert g["met"] == {"scenes": True, "scorer": True, "control": True, "power": True}
+    assert f["variants"]["synth-refcocog:google"]["met"]["control"] is False  # margin 3
+    assert f["pooled_std"] == pytest.approx(math.sqrt(13 / 5)) and f["all_met"] is False
+    assert f["frozen"] == {"checkpoints": [{"file": "clip.pt", "sha256": "c" * 64}],
+                           "datasets": {"synth-refcoco+:unc": "d-synth-refcoco+", "synth-refcoco:unc": "d-synth-refcoco",
+                                        "synth-refcocog:google": "d-synth-refcocog", "synth-refcocog:umd": "d-synth-refcocog",
+                                        "synth-referit:berkeley": "d-synth-referit"}}
+    low = fidelity_summary(v, _rows(isolation_gain=9.0, clutter_share=0.1), "rows.json")["variants"]["synth-referit"]
+    assert low["met"]["scenes"] is False and low["met"]["scorer"] is False
+
+
+def test_fidelity_summary_refuses_rows_of_another_scorer_or_dataset(tmp_path):
+    from bench.testbed import fidelity_summary
+    from ehin.cli import UserError
+
+    _store(tmp_path / "a")
+    _with_inputs(tmp_path / "a")
+    v = verdicts("smoke", 3, tmp_path / "a", blind=_blind)
+    with pytest.raises(UserError, match="not the checkpoint the control loaded"):
+        fidelity_summary(v, _rows(scorer_sha256="e" * 64), "rows.json")
+    with pytest.raises(UserError, match="not the one the control's cells loaded"):
+        fidelity_summary(v, _rows(dataset_sha256="x"), "rows.json")
+    with pytest.raises(UserError, match="no row for synth-referit"):
+        fidelity_summary(v, [r for r in _rows() if r["dataset"] != "synth-referit"], "rows.json")

@@ -312,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             row.update(language_blind_expected=c["language_blind"], category_aware_pointm=c["category_aware"],
                        location_blind_pointm=c["location_blind"])
         if args.scorer:
+            from ehin import provenance
             from ehin.model import scorer_criteria
             from ehin.model.scorer import build_frozen_scorer
 
@@ -321,10 +322,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 scorer = build_frozen_scorer(scfg)
             figures = scorer_criteria.measure(scorer, ds, args.split, scfg["data"]["image_size"])
             assert abs(figures["random_object_rate"] - row["random_object_rate"]) < 1e-9  # one definition
-            row.update(figures, scorer=scorer_criteria.scorer_source(scfg))
+            row.update(figures, scorer=scorer_criteria.scorer_source(scfg),
+                       scorer_sha256=(provenance.clip_digest(scfg, "scorer") or {}).get("sha256"))
         if cfg is not None:
             syn = cfg["synthetic"]
-            row.update(scenes=syn.get("scenes", "simple"), size=syn["size"], train_images=syn["images"], seed=syn["seed"])
+            from ehin.provenance import dataset_digest
+
+            row.update(scenes=syn.get("scenes", "simple"), size=syn["size"], train_images=syn["images"], seed=syn["seed"],
+                       dataset_sha256=dataset_digest(cfg)["sha256"])
         rows.append(row)
         print(json.dumps(row), flush=True)
     header = ""
