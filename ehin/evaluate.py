@@ -34,7 +34,8 @@ def model_map_fn(model, device: torch.device | str, amp: bool = False, stage: in
     """The model's maps at each image's original size, as TRIS's evaluation brings them there
     (METHOD §3.6): stage 1 `metrics.stage1_map` of the raw R_ii, stage 2 `metrics.stage2_map` of the
     finest head's logits."""
-    to_original = {1: M.stage1_map, 2: M.stage2_map}[stage]
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
 
     @torch.no_grad()
     def fn(batch: dict) -> list[np.ndarray]:
@@ -42,7 +43,7 @@ def model_map_fn(model, device: torch.device | str, amp: bool = False, stage: in
         images = batch["image"]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and str(device).startswith("cuda")):
             maps = model.predict(images.to(device), batch["tokens"].to(device)).float()
-        return [to_original(m, images.shape[-2:], size) for m, size in zip(maps, batch["orig_size"])]
+        return M.maps_to_original(maps, images.shape[-2:], batch["orig_size"], stage=stage)
 
     return fn
 

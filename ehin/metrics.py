@@ -115,11 +115,30 @@ def _to_original(raw, input_hw: HW, original_hw: HW, relu: bool) -> np.ndarray:
     m = torch.as_tensor(raw).detach().float()
     if m.dim() != 2:
         raise ValueError(f"expected one map [h, w], got shape {tuple(m.shape)}")
-    m = _resize(m[None, None], input_hw, align_corners=False)  # TRIS: Upsample to the input size
+    return _batch_to_original(m[None, None], input_hw, original_hw, relu)[0, 0].cpu().numpy()
+
+
+def _batch_to_original(m: torch.Tensor, input_hw: HW, original_hw: HW, relu: bool) -> torch.Tensor:
+    m = _resize(m, input_hw, align_corners=False)  # TRIS: Upsample to the input size
     if relu:
         m = F.relu(m)  # METHOD §3.6: ReLU at the input size, after the upsampling
-    m = _resize(m, original_hw, align_corners=True)  # validate.py: to the original size
-    return m[0, 0].cpu().numpy()
+    return _resize(m, original_hw, align_corners=True)  # validate.py: to the original size
+
+
+def maps_to_original(raw: torch.Tensor, input_hw: HW, original_hws: Sequence[HW], stage: int = 1) -> list[np.ndarray]:
+    """A batch of maps [B, h, w] -> `stage1_map` (stage 1) or `stage2_map` (stage 2) of each, at its own
+    original size: the maps of one size are resized together and copied to the host once (per map, on a
+    GPU shared by several runs, each copy waited for the device: most of an evaluation's time)."""
+    raw = torch.as_tensor(raw).detach().float()
+    if raw.dim() != 3 or raw.shape[0] != len(original_hws):
+        raise ValueError(f"expected maps [B, h, w] for {len(original_hws)} sizes, got shape {tuple(raw.shape)}")
+    out: list[np.ndarray | None] = [None] * len(original_hws)
+    for size in dict.fromkeys(tuple(int(v) for v in hw) for hw in original_hws):
+        idx = [i for i, hw in enumerate(original_hws) if tuple(int(v) for v in hw) == size]
+        maps = _batch_to_original(raw[idx][:, None], input_hw, size, relu=stage == 1)[:, 0].cpu().numpy()
+        for i, m in zip(idx, maps):
+            out[i] = m
+    return out
 
 
 def stage1_map(raw, input_hw: HW, original_hw: HW) -> np.ndarray:

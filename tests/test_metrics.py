@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ehin.metrics import (PAPER_COLUMNS, METRIC_KEYS, aggregate, boxes_from_foreground, score_expression, stage1_map,
                           stage2_map)
+from ehin import metrics as M
 from tests import tris_protocol as T
 
 
@@ -319,3 +320,18 @@ def test_one_metric_registry_names_everything():
     assert not BY_KEY["seconds_per_sample"].higher_is_better and len({m.key for m in REGISTRY}) == len(REGISTRY)
     text = format_metrics({"iou": 12.345, "point_mask": 50.0, "n": 3})
     assert text == "IoU 12.35  PointM 50.00"  # the paper's labels, in the registry's order, n left out
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_maps_to_original_equals_each_map_on_its_own(stage):
+    """The batched resize evaluation uses gives every map exactly what stage1_map / stage2_map give it,
+    also when a batch mixes original sizes (kept in batch order)."""
+    torch.manual_seed(0)
+    raw = torch.randn(5, 8, 8)
+    sizes = [(64, 48), (30, 30), (64, 48), (17, 90), (30, 30)]
+    one = M.stage1_map if stage == 1 else M.stage2_map
+    got = M.maps_to_original(raw, (64, 64), sizes, stage=stage)
+    for m, r, size in zip(got, raw, sizes):
+        assert m.shape == size and np.array_equal(m, one(r, (64, 64), size))
+    with pytest.raises(ValueError):
+        M.maps_to_original(raw, (64, 64), sizes[:4])
