@@ -227,7 +227,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
         # Shuffle from (seed, epoch) alone so a resumed run sees exactly the batches it would have.
         gen = torch.Generator().manual_seed(t["seed"] * 1_000_003 + epoch)
         loader = train_loader(train_ds, t["batch_size"], gen, train_collate, d["num_workers"], rank, world)
-        sums: dict[str, float] = {}
+        sums: dict[str, float | torch.Tensor] = {}
         t0 = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=not progress)
         for step, batch in enumerate(bar):
@@ -242,11 +242,15 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
             total.backward()
             optimizer.step()
             scheduler.step()
+            # Summed on the device in float64 (the same sums as adding Python floats), read once an epoch:
+            # a read per step waits for the backward pass, which a GPU shared by several runs makes slow.
             for k, v in {"loss": total, **terms}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+                v = v.detach().double() if torch.is_tensor(v) else float(v)
+                sums[k] = sums[k] + v if k in sums else v
             if step % max(1, t["log_every"]) == 0:
                 bar.set_postfix({k: f"{float(v.detach() if torch.is_tensor(v) else v):.3f}"
                                  for k, v in {"loss": total, **terms}.items()})
+        sums = {k: float(v) for k, v in sums.items()}
         epoch_train_s = time.time() - t0
         train_s += epoch_train_s
         sums = mean_over_ranks(sums, world, device)  # log the global batch's losses, not rank 0's share
