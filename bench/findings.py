@@ -93,6 +93,31 @@ def tables_section(reports: Path, root: Path) -> str:
             "`table.md`, the claims `reports/claims/`):\n\n" + results_summary(reports))
 
 
+def criteria_section(reports: Path, root: Path) -> str:
+    """TESTBED §2.1-2.4 per variant from reports/testbed/fidelity.json (bench.testbed --fidelity)."""
+    f = reports / "testbed" / "fidelity.json"
+    if not f.is_file():
+        return ""
+    d = json.loads(f.read_text())
+    settings = ", ".join(f"{k}={val}" for k, val in d.get("overrides", {}).items()) or "as the profile"
+    lines = _header("TESTBED's criteria, variant by variant",
+                    f"`{_rel(f, root)}` (`python -m bench.testbed --fidelity`): profile {d['profile']} ({settings}); "
+                    f"the scenes and the frozen scorer from `{d['rows']}`, the control from `{d['control']}/`. "
+                    f"Pooled seed std {_f(d['pooled_std'], '.2f')}; every criterion met: {'yes' if d['all_met'] else 'no'}.",
+                    "variant|§2.1 scenes|isolated REC / random:|isolation gain:|§2.2 scorer|language-blind:|"
+                    "control mean:|std:|seeds:|§2.3 control|§2.4 std ≤ 4|run-to-run:")
+    yes = lambda ok: "—" if ok is None else ("yes" if ok else "no")  # noqa: E731
+    for name, r in d["variants"].items():
+        lines.append(f"| {name} | {yes(r['met']['scenes'])} | {r['isolated_rec_ratio']:.2f} | {r['isolation_gain']:+.1f} | "
+                     f"{yes(r['met']['scorer'])} | {r['language_blind']:.1f} | {_f(r['tris_like_mean'])} | "
+                     f"{_f(r['tris_like_std'])} | {len(r['tris_like_seeds'])} | {yes(r['met']['control'])} | "
+                     f"{yes(r['met']['power'])} | {_f(r['run_to_run'], '.2f')} |")
+    sums = [f"`{c['file']}` {c['sha256']}" for c in d["frozen"]["checkpoints"]]
+    lines += ["", "Checksums of what the control's cells loaded (sha256): " + "; ".join(
+        sums + [f"{k} {v}" for k, v in d["frozen"]["datasets"].items()]) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def control_section(reports: Path, root: Path) -> str:
     files = sorted((reports / "testbed").glob("control-*.json"))
     if not files:
@@ -151,8 +176,8 @@ def ceilings_section(reports: Path, root: Path) -> str:
 def scorer_section(reports: Path, root: Path) -> str:
     from ehin.data.fidelity import passes
 
-    rows = [(f, r) for f in sorted((reports / "testbed").glob("scorer-*.json"))
-            for r in json.loads(f.read_text()) if "isolated_rec" in r]
+    files = sorted((reports / "testbed").glob("scorer-*.json")) + sorted((reports / "testbed").glob("scenes-*.json"))
+    rows = [(f, r) for f in files for r in json.loads(f.read_text()) if "isolated_rec" in r]
     if not rows:
         return ""
     lines = _header("The frozen scorer (TESTBED §2.2)",
@@ -196,7 +221,8 @@ def perf_section(reports: Path, root: Path) -> str:
 def findings(reports: str | Path = "reports", root: str | Path = ".") -> str:
     """The text of docs/findings.md from the records under `reports`."""
     reports, root = Path(reports), Path(root)
-    parts = [INTRO, tables_section(reports, root), control_section(reports, root), ceilings_section(reports, root),
+    parts = [INTRO, tables_section(reports, root), criteria_section(reports, root), control_section(reports, root),
+             ceilings_section(reports, root),
              scorer_section(reports, root), perf_section(reports, root), LESSONS]
     return "\n".join(p for p in parts if p)
 

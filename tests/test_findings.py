@@ -35,7 +35,16 @@ def test_each_section_reads_its_records(tmp_path):
         "size": "paper", "levers": {"amp": True, "cuda_graph": False}, "environment": {"gpu": "NVIDIA H200"},
         "results": {"ehin": {"stage1_train": {"images_per_s": 209.09, "peak_mem_gb": 7.36},
                              "stage1_infer": {"forward_ms_bs1": 2.311, "images_per_s_bs64": 3607.4}}}}))
+    (reports / "testbed" / "fidelity.json").write_text(json.dumps({
+        "profile": "gpu", "overrides": {}, "rows": "rows.json", "control": "ctl", "pooled_std": None, "all_met": False,
+        "frozen": {"checkpoints": [{"file": "clip.pt", "sha256": "ab"}], "datasets": {"synth-refcoco:unc": "cd"}},
+        "variants": {"synth-refcoco": {"isolated_rec_ratio": 3.37, "isolation_gain": 12.06, "language_blind": 14.8,
+                                       "tris_like_mean": 25.75, "tris_like_std": 2.3, "tris_like_seeds": [25.0] * 10,
+                                       "run_to_run": None, "met": {"scenes": True, "scorer": True, "control": False,
+                                                                   "power": True}}}}))
     text = findings(reports, tmp_path)
+    assert "| synth-refcoco | yes | 3.37 | +12.1 | yes | 14.8 | 25.8 | 2.3 | 10 | no | yes | — |" in text
+    assert "`clip.pt` ab; synth-refcoco:unc cd." in text
     assert ("| `reports/testbed/control-x.json` | gpu: synthetic.size=128 | 3 | NVIDIA H200, code abc | "
             "+13.0 | +30.0 | +4.0 | +2.6 | -0.5 | 2.50 |") in text
     assert "| `reports/testbed/scenes-x.json` | synth-refcoco (unc) | 128 px | 16×16 | 99.9 % | 14.1 | 27.3 | 50.8 |" in text
