@@ -255,3 +255,11 @@ def test_word_ceilings_on_the_cluttered_scenes(cluttered, variant, split_by):
     # the language-blind expectation is the random-object rate that fidelity measures
     assert c["language_blind"] == pytest.approx(100 * fidelity.measure(
         ReferDataset(cluttered, variant, split_by), "val")["random_object_rate"])
+
+
+def test_ceilings_refuse_a_real_dataset(capsys):
+    from ehin.data.fidelity import main
+
+    with pytest.raises(SystemExit):
+        main(["--variants", "refcoco", "--root", "/nonexistent", "--ceilings"])
+    assert "not a synth-* dataset" in capsys.readouterr().err

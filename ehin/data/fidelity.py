@@ -281,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--scorer", action="store_true",
                     help="also measure the config's frozen scorer (TESTBED §2.2; pretrains the small CLIP on first use)")
     args = ap.parse_args(argv)
+    if args.ceilings and (real := [v for v in args.variants if not v.startswith("synth-")]):
+        # the guessers read the generator's grammar (colour and size words); a real dataset's have none
+        ap.error(f"--ceilings reads the synthetic generator's words: {', '.join(real)} is not a synth-* dataset")
     rows = []
     scorer = None
     for spec in args.variants:
