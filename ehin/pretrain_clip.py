@@ -488,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ehin.pretrain_clip", description=__doc__.split("\n\n")[0],
                                  epilog=CACHE_NOTE)
     ap.add_argument("--profile", default=DEFAULT_PROFILE,
-                    help=f"config profile naming backbone.arch: smoke | synthetic (default: {DEFAULT_PROFILE})")
+                    help=f"the config profile whose backbone (arch, image size, recipe) is pretrained (default: {DEFAULT_PROFILE})")
     ap.add_argument("--force", action="store_true", help="retrain even if the cached checkpoint exists")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the profile's train.threads)")
     ap.add_argument("--steps", type=int, default=None,
@@ -497,12 +497,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="config overrides, e.g. backbone.pretrained=synthetic:scenes=cluttered")
     args = ap.parse_args(argv)
     cfg = load_config(profile=args.profile, overrides=args.overrides)
-    arch = cfg["backbone"]["arch"]
-    size = cfg["backbone"]["image_size"] or cfg["data"]["image_size"]
+    from ehin.backbones import clip_spec
+
+    arch, pretrained, size = clip_spec(cfg, "backbone")
     threads = args.threads or cfg["train"]["threads"]
     if threads:
         torch.set_num_threads(threads)
-    overrides = synthetic_overrides(cfg["backbone"]["pretrained"]) or {}  # the profile's recipe changes
+    overrides = synthetic_overrides(pretrained) or {}  # the profile's recipe changes
     if args.steps is not None:
         overrides["steps"] = args.steps
     t0 = time.perf_counter()
