@@ -497,9 +497,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="config overrides, e.g. backbone.pretrained=synthetic:scenes=cluttered")
     args = ap.parse_args(argv)
     cfg = load_config(profile=args.profile, overrides=args.overrides)
-    from ehin.backbones import clip_spec
-
-    arch, pretrained, size = clip_spec(cfg, "backbone")
+    # the backbone's arch, weights and size as ehin.backbones.clip_spec reads them (importing it here would
+    # make an import cycle: backbones pretrains through this module)
+    b = cfg["backbone"]
+    arch, pretrained, size = b["arch"], b["pretrained"], int(b["image_size"] or cfg["data"]["image_size"])
     threads = args.threads or cfg["train"]["threads"]
     if threads:
         torch.set_num_threads(threads)
