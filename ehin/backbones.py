@@ -185,19 +185,6 @@ def _load_into(model: CLIP, state: dict[str, torch.Tensor], source: str, arch: s
     model.load_state_dict(state, strict=True)
 
 
-def clip_spec(cfg: dict, role: str) -> tuple[str, Any, int]:
-    """(arch, pretrained, image size) of a config's trainable `backbone` or frozen `scorer` CLIP: each
-    runs at data.image_size unless its own image_size says otherwise; the scorer's weights default to
-    the backbone's (METHOD §2)."""
-    b = cfg["backbone"]
-    if role == "backbone":
-        return b["arch"], b["pretrained"], int(b["image_size"] or cfg["data"]["image_size"])
-    if role == "scorer":
-        sc = cfg["scorer"]
-        return sc["arch"], sc["pretrained"] or b["pretrained"], int(sc["image_size"] or cfg["data"]["image_size"])
-    raise ValueError(f"role must be 'backbone' or 'scorer', got {role!r}")
-
-
 def weights_file(arch: str, pretrained: str | os.PathLike | None, image_size: int) -> tuple[str | None, bool]:
     """The local checkpoint file that `pretrained` names for (arch, image_size), and whether its tag
     wants QuickGELU: None for random weights; a "synthetic" small CLIP is pretrained on first use."""

@@ -440,6 +440,19 @@ def get(cfg: Mapping, dotted: str) -> Any:
     return node
 
 
+def clip_spec(cfg: dict, role: str) -> tuple[str, Any, int]:
+    """(arch, pretrained, image size) of a config's trainable `backbone` or frozen `scorer` CLIP: each
+    runs at data.image_size unless its own image_size says otherwise; the scorer's weights default to
+    the backbone's (METHOD §2)."""
+    b = cfg["backbone"]
+    if role == "backbone":
+        return b["arch"], b["pretrained"], int(b["image_size"] or cfg["data"]["image_size"])
+    if role == "scorer":
+        sc = cfg["scorer"]
+        return sc["arch"], sc["pretrained"] or b["pretrained"], int(sc["image_size"] or cfg["data"]["image_size"])
+    raise ValueError(f"role must be 'backbone' or 'scorer', got {role!r}")
+
+
 def add_config_args(p: argparse.ArgumentParser, example: str = "model.alpha=0.2", scope: str = "") -> None:
     """--config, --profile and --set, as every command that builds a config has them; `scope` ends each
     help (e.g. " (with --baselines-only)"). Resolve them with `profile_for` / `config_from_args`."""

@@ -54,7 +54,7 @@ import ehin  # noqa: F401
 from ehin import numerics
 from ehin.clip_model import CUSTOM_ARCHS, ClipBackbone, untrained_clip
 from ehin.cli import UserError, command
-from ehin.config import CACHE_NOTE, DEFAULT_PROFILE, SCENE_RECIPES, cache_dir, load_config
+from ehin.config import CACHE_NOTE, DEFAULT_PROFILE, SCENE_RECIPES, cache_dir, clip_spec, load_config
 from ehin.training_log import TrainingLog
 
 __all__ = ["CLIP_STREAM", "RECIPES", "PretrainRecipe", "caption_relation", "checkpoint_path",
@@ -497,10 +497,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="config overrides, e.g. backbone.pretrained=synthetic:scenes=cluttered")
     args = ap.parse_args(argv)
     cfg = load_config(profile=args.profile, overrides=args.overrides)
-    # the backbone's arch, weights and size as ehin.backbones.clip_spec reads them (importing it here would
-    # make an import cycle: backbones pretrains through this module)
-    b = cfg["backbone"]
-    arch, pretrained, size = b["arch"], b["pretrained"], int(b["image_size"] or cfg["data"]["image_size"])
+    arch, pretrained, size = clip_spec(cfg, "backbone")
     threads = args.threads or cfg["train"]["threads"]
     if threads:
         torch.set_num_threads(threads)

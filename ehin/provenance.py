@@ -36,7 +36,8 @@ def file_sha256(path: str | Path) -> str:
 def clip_digest(cfg: dict, role: str) -> dict | None:
     """{file, sha256} of the CLIP checkpoint the backbone or the frozen scorer (`role`) loads; None for
     random weights."""
-    from ehin.backbones import clip_spec, weights_file
+    from ehin.backbones import weights_file
+    from ehin.config import clip_spec
 
     path, _ = weights_file(*clip_spec(cfg, role))
     return None if path is None else {"file": Path(path).name, "sha256": file_sha256(path)}

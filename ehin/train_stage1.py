@@ -40,7 +40,7 @@ from tqdm import tqdm
 from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
 from ehin.cli import command, command_parser, UserError
-from ehin.config import add_run_args, config_for_run, config_hash
+from ehin.config import add_run_args, clip_spec, config_for_run, config_hash
 from ehin.distributed import (RankBatches, all_gather_list, all_gather_with_grad, all_ranks, barrier, resolve_device,
                               data_parallel, dist_env, mean_over_ranks, start_run, sync_batchnorm)
 from ehin.metrics import format_metrics, format_result
@@ -65,8 +65,6 @@ def seed_everything(seed: int) -> None:
 def prepare(cfg: dict):
     """Build the shared prerequisites once (generated dataset, pretrained small CLIP); cached on disk."""
     from ehin.data import prepare_dataset
-
-    from ehin.backbones import clip_spec
     from ehin.pretrain_clip import ensure_pretrained, synthetic_overrides
 
     refer = prepare_dataset(cfg)
@@ -247,7 +245,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
             for k, v in {"loss": total, **terms}.items():
                 v = v.detach().double() if torch.is_tensor(v) else float(v)
                 sums[k] = sums[k] + v if k in sums else v
-            if step % max(1, t["log_every"]) == 0:
+            if progress and step % max(1, t["log_every"]) == 0:  # a read waits for the device: only when shown
                 bar.set_postfix({k: f"{float(v.detach() if torch.is_tensor(v) else v):.3f}"
                                  for k, v in {"loss": total, **terms}.items()})
         sums = {k: float(v) for k, v in sums.items()}

@@ -103,7 +103,8 @@ def build_model(cfg: dict, backbone: nn.Module | None = None) -> EHIN:
 
     m: ModelConfig = section(cfg, "model")
     if backbone is None:
-        from ehin.backbones import build_clip, clip_spec  # late import: open_clip is slow to import
+        from ehin.backbones import build_clip  # late import: open_clip is slow to import
+        from ehin.config import clip_spec
 
         backbone = build_clip(*clip_spec(cfg, "backbone"))
     from ehin.backbones import DENSE_MODES

@@ -132,7 +132,8 @@ def uses_scorer(cfg: dict) -> bool:
 
 def build_frozen_scorer(cfg: dict) -> FrozenScorer:
     """The frozen CLIP of a config's `scorer` section (METHOD §2); its weights default to the backbone's."""
-    from ehin.backbones import build_clip, clip_spec
+    from ehin.backbones import build_clip
+    from ehin.config import clip_spec
 
     arch, pretrained, size = clip_spec(cfg, "scorer")
     return FrozenScorer(build_clip(arch, pretrained, size), size, copy_backbone=False)  # built for it alone: no copy

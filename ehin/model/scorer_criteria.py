@@ -145,7 +145,7 @@ def measure(scorer, refer, split: str = "val", image_size: int | None = None, pr
 def scorer_source(cfg: dict) -> str:
     """What the config's frozen scorer is: the cached checkpoint's file name for the project's small
     CLIP ("clip-tiny-rn-<hash>.pt", the hash naming its recipe), else the pretrained value."""
-    from ehin.backbones import clip_spec
+    from ehin.config import clip_spec
     from ehin.pretrain_clip import RECIPES, checkpoint_path, recipe_for, synthetic_overrides
 
     arch, pretrained, size = clip_spec(cfg, "scorer")

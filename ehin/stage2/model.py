@@ -162,7 +162,8 @@ class Stage2Net(nn.Module):
 def build_stage2(cfg: dict, backbone: nn.Module | None = None) -> Stage2Net:
     """Stage2Net on `backbone`, or on build_clip(backbone.arch, backbone.pretrained, data.image_size)."""
     if backbone is None:
-        from ehin.backbones import build_clip, clip_spec
+        from ehin.backbones import build_clip
+        from ehin.config import clip_spec
 
         backbone = build_clip(*clip_spec(cfg, "backbone"))
     return Stage2Net(backbone, cfg["stage2"]["hidden_dim"])
