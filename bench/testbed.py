@@ -104,15 +104,16 @@ def _kinds(cfg: dict, records: list[dict], root: Path) -> dict | None:
 
 
 def verdicts(profile: str, seeds: int, root: Path, rerun: Path | None = None, blind=language_blind,
-             extra: dict | None = None) -> dict:
-    """Per variant: the control's PointM by seed, mean, std, the language-blind guess and the checks.
+             extra: dict | None = None, rows: list[str] | None = None) -> dict:
+    """Per variant (the control's rows, or the subset `rows`): the control's PointM by seed, mean, std,
+    the language-blind guess and the checks; the pooled figures are over those variants.
     `blind(cfg)` measures the language-blind guess on a cell's dataset (`language_blind`)."""
     sweep = control_sweep()
     specs = build_specs(sweep, profile, seeds, root, None, extra)
     by_id = {r["cell_id"]: r for r in ResultStore(root).read() if "cell_id" in r}
     again = {r["cell_id"]: r for r in ResultStore(rerun).read() if "cell_id" in r} if rerun else {}
-    rows = []
-    for row in sweep.rows:
+    names, rows = rows or list(sweep.rows), []
+    for row in names:
         cells = [s for s in specs if s.row == row]
         recs = [by_id.get(s.cell_id) for s in cells]
         values = [r["metrics"]["point_mask"] for r in recs if r]
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerun", help="a second results folder holding the same cells run again (default: none)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every control cell (changes their hash; default: none)")
+    p.add_argument("--rows", help="comma-separated subset of the control's rows to run and judge (a pilot; "
+                   "default: every row)")
     p.add_argument("--report-only", action="store_true", help="write the verdicts without running any cell")
     p.add_argument("--out", default="reports/testbed", help="where control-<profile>.{json,md} go (default: reports/testbed)")
     p.add_argument("--name", help="file name stem of the verdicts (default: control-<profile>)")
@@ -316,11 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     root = results_root(args.profile, args.results)
     extra = parse_assignments(args.overrides)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else None
+    unknown = [r for r in rows or () if r not in control_sweep().rows]
+    if unknown:
+        p.error(f"unknown row {unknown[0]!r} in --rows; rows: {', '.join(control_sweep().rows)}")
+    if rows and args.fidelity:
+        p.error("--fidelity judges every variant: leave out --rows")
     rc = 0
     if not args.report_only:
         rc = run_tables([control_sweep()], args.profile, args.seeds, root, executor=args.executor,
-                        jobs=args.jobs, extra=extra, render_tables=False)
-    v = verdicts(args.profile, args.seeds, root, Path(args.rerun) if args.rerun else None, extra=extra)
+                        jobs=args.jobs, rows=rows, extra=extra, render_tables=False)
+    v = verdicts(args.profile, args.seeds, root, Path(args.rerun) if args.rerun else None, extra=extra, rows=rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"control-{args.profile}"

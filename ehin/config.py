@@ -228,6 +228,7 @@ class EvalConfig:
     select_split: Optional[str]
     batch_size: int
     max_items: Optional[int]
+    every: int
 
 
 @dataclass(frozen=True)
@@ -321,7 +322,7 @@ _RULES: dict[str, Any] = {
     "train.batch_size": "pos", "train.epochs": "pos", "train.lr": "nonneg", "train.backbone_lr_mult": "nonneg",
     "train.weight_decay": "nonneg", "train.poly_power": "nonneg", "train.device": ("auto", "cpu", "cuda"),
     "train.threads": "pos", "train.log_every": "pos",
-    "eval.batch_size": "pos", "eval.max_items": "pos",
+    "eval.batch_size": "pos", "eval.max_items": "pos", "eval.every": "pos",
     "stage2.batch_size": "pos", "stage2.epochs": "nonneg", "stage2.lr": "nonneg",
     "stage2.backbone_lr_mult": "nonneg", "stage2.poly_power": "nonneg", "stage2.hidden_dim": "pos",
     "stage2.ema": (None, "mse", "kl"), "stage2.ema_decay": "unit", "stage2.ema_weight": "nonneg",
@@ -395,7 +396,7 @@ HASH_IGNORE = ("train.device", "train.threads", "train.channels_last", "train.fu
 STAGE2_KEYS = ("stage2", "pseudo")  # sections only pseudo-labels and stage 2 read
 # Keys added after results were committed: left out of the hash while at this value, so that the hashes
 # of the committed cells (bench.check) stay valid; any other value is hashed as usual.
-HASH_OMIT_AT_DEFAULT = {"synthetic.scenes": "simple", "model.pair_norm": "module"}
+HASH_OMIT_AT_DEFAULT = {"synthetic.scenes": "simple", "model.pair_norm": "module", "eval.every": 1}
 
 
 def config_hash(cfg: Mapping, *, stage: str | None = None) -> str:

@@ -56,6 +56,14 @@ def test_verdicts_from_the_store(tmp_path):
     assert "§2.3 (every variant): no" in md
 
 
+def test_a_pilot_judges_only_the_rows_it_names(tmp_path):
+    _store(tmp_path / "a")
+    v = verdicts("smoke", 3, tmp_path / "a", blind=_blind, rows=["refcoco", "refcoco+"])
+    assert [r["variant"] for r in v["variants"]] == ["refcoco", "refcoco+"]
+    assert v["power"]["pooled_std"] == pytest.approx(math.sqrt(4 / 2))  # variances 4 and 0
+    assert v["complete"] and v["control_met"]                           # both rows' margins >= 15
+
+
 def test_missing_cells_and_small_splits_are_not_passed(tmp_path):
     specs = _store(tmp_path / "a", n_eval=1990)
     lines = (tmp_path / "a" / "store.jsonl").read_text().splitlines()

@@ -201,3 +201,26 @@ def test_collapsed_maps_are_warned_about(tmp_path, capsys, monkeypatch):
     assert result["history"][-1]["empty_maps"] == 100.0
     err = capsys.readouterr().err
     assert "100% of the val expressions get an empty map" in err and "train.lr" in err
+
+
+def test_eval_every_skips_evaluations_but_trains_the_same_model(tmp_path):
+    """eval.every 2 over 3 epochs evaluates after epochs 2 and 3 (the last always: the run's metrics);
+    the weights and the final metrics equal those of evaluating every epoch (evaluation draws no
+    randomness), and a skipped epoch still writes the checkpoint a resume needs."""
+    every = run(tiny_cfg("train.epochs=3"), tmp_path / "every", progress=False)
+    sparse = run(tiny_cfg("train.epochs=3", "eval.every=2"), tmp_path / "sparse", progress=False)
+    assert ["point_mask" in h for h in sparse["history"]] == [False, True, True]
+    lines = [json.loads(x) for x in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [2, 3]
+    assert sparse["metrics"] == every["metrics"]
+    a = torch.load(tmp_path / "every" / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "sparse" / "checkpoints" / "last.pt", weights_only=False)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_eval_every_is_hashed_only_away_from_its_default():
+    from ehin.config import config_hash
+
+    assert config_hash(tiny_cfg("eval.every=1")) == config_hash(tiny_cfg())
+    assert config_hash(tiny_cfg("eval.every=5")) != config_hash(tiny_cfg())
