@@ -10,7 +10,9 @@ metrics, learning rates), tb/ (the same as TensorBoard curves: `tensorboard --lo
 checkpoints/last.pt (every epoch, atomically), result.json (final metrics).
 AdamW with the backbone at lr x backbone_lr_mult, polynomial decay stepped every iteration (TRIS).
 A NaN or infinite loss stops the run naming the step and the term; the last good checkpoint stays.
-Ctrl-C prints the command that resumes the run and exits 130.
+Ctrl-C prints the command that resumes the run and exits 130. SIGTERM (a time limit, a preemption,
+`scancel`) lets the step finish, writes checkpoints/last.pt mid-epoch and exits 143; the resumed run
+trains exactly the remaining steps (one process; under DDP SIGTERM acts as it always did).
 
 Under torchrun (WORLD_SIZE > 1; or a SLURM job, bench.launch_ddp) the process group is initialised
 from the environment (NCCL on GPUs, gloo on CPU) and the model is wrapped in DistributedDataParallel.
@@ -26,7 +28,9 @@ import json
 import math
 import random
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -49,6 +53,34 @@ from ehin.training_log import TrainingLog, run_summary
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class StoppedBySignal(RuntimeError):
+    """SIGTERM arrived during training; the step it fell in finished and checkpoints/last.pt holds the
+    run up to that step, so a resumed run trains exactly the remaining steps."""
+
+
+class _SigtermFlag:
+    """Set when SIGTERM arrives, for the training loop to read between steps. A device call's time limit,
+    a SLURM preemption or `scancel` sends SIGTERM; without it a killed run loses its unfinished epoch.
+    One process only: DDP ranks would have to agree on the step, so under torchrun SIGTERM acts as before."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.set = False
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.previous = signal.getsignal(signal.SIGTERM) if self.enabled else None
+
+    def __enter__(self) -> "_SigtermFlag":
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.set = True
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 # Share of val expressions with an empty map (no pixel > 0) above which the run is called collapsed.
@@ -120,17 +152,32 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+class _SkipBatches:
+    """A batch sampler without its first `skip` batches (their indices are drawn, their items never loaded)."""
+
+    def __init__(self, batches, skip: int) -> None:
+        self.batches, self.skip = batches, skip
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i >= self.skip:
+                yield batch
+
+    def __len__(self) -> int:
+        return max(0, len(self.batches) - self.skip)
+
+
 def train_loader(ds: Dataset, batch_size: int, gen: torch.Generator, collate_fn: Callable, num_workers: int,
-                 rank: int = 0, world: int = 1) -> DataLoader:
-    """The epoch's batches, shuffled by `gen` alone. Under DDP rank r gets the r-th slice of each
-    single-process batch (the same generator draws the same permutation), so the ranks together
-    train on exactly the batches one process would."""
-    if world == 1:
-        return DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True, generator=gen,
-                          collate_fn=collate_fn, num_workers=num_workers)
+                 rank: int = 0, world: int = 1, skip: int = 0) -> DataLoader:
+    """The epoch's batches, shuffled by `gen` alone (as DataLoader's shuffle=True draws them), less the
+    first `skip` (a run resumed mid-epoch). Under DDP rank r gets the r-th slice of each single-process
+    batch (the same generator draws the same permutation), so the ranks together train on exactly the
+    batches one process would."""
     batches = BatchSampler(RandomSampler(ds, generator=gen), batch_size, drop_last=True)
-    return DataLoader(ds, batch_sampler=RankBatches(batches, rank, world), generator=gen, collate_fn=collate_fn,
-                      num_workers=num_workers)
+    if world > 1:
+        batches = RankBatches(batches, rank, world)
+    return DataLoader(ds, batch_sampler=_SkipBatches(batches, skip) if skip else batches, generator=gen,
+                      collate_fn=collate_fn, num_workers=num_workers)
 
 
 def forward_loss(net: torch.nn.Module, loss_fn: Callable, batch: dict, world: int = 1) -> tuple[torch.Tensor, dict]:
@@ -211,7 +258,9 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
         history = ckpt["history"]
         start_epoch = ckpt["epoch"] + 1
         if progress:
-            print(f"resuming {out_dir} from epoch {start_epoch}")
+            at = f", {ckpt['partial']['step']} steps into epoch {start_epoch + 1}" if "partial" in ckpt else ""
+            print(f"resuming {out_dir} after epoch {start_epoch}{at}")
+    partial = ckpt.get("partial") if ckpt is not None else None  # an epoch SIGTERM stopped (StoppedBySignal)
 
     amp = bool(t["amp"]) and device.type == "cuda"
     train_s = sum(h.get("train_s", 0.0) for h in history)
@@ -220,89 +269,98 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
     # logit scale) get no gradient: DDP must be told, and leaves their .grad None as a single process does.
     net = data_parallel(model, device, world, find_unused=True)
 
-    def save_last(epoch: int) -> None:  # everything a resumed run needs (rank 0)
+    def save_last(epoch: int, partial: dict | None = None) -> None:
+        """Everything a resumed run needs (rank 0): `epoch` is the last finished one; `partial` the
+        steps of the next one done so far (mid-epoch, after SIGTERM)."""
         save_atomic({"kind": "stage1", "config": cfg, "config_hash": config_hash(cfg, stage="1"), "epoch": epoch,
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                      "scorer_cache": scorer.cache_state() if scorer is not None else {},
-                     "history": history}, ckpt_path)
+                     "history": history, **({"partial": partial} if partial else {})}, ckpt_path)
 
-    for epoch in range(start_epoch, t["epochs"]):
-        model.train()
-        train_ds.set_epoch(epoch)
-        # Shuffle from (seed, epoch) alone so a resumed run sees exactly the batches it would have.
-        gen = torch.Generator().manual_seed(t["seed"] * 1_000_003 + epoch)
-        loader = train_loader(train_ds, t["batch_size"], gen, train_collate, d["num_workers"], rank, world)
-        sums: dict[str, float | torch.Tensor] = {}
-        t0 = time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=not progress)
-        for step, batch in enumerate(bar):
-            batch = _to_device(batch, device)
-            if channels_last:
-                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                total, terms = forward_loss(net, loss_fn, batch, world)
-            global_step = epoch * steps_per_epoch + step
-            _check_finite(total, terms, global_step, epoch, kept=ckpt_path.exists(), world=world)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            scheduler.step()
-            # Summed on the device in float64 (the same sums as adding Python floats), read once an epoch:
-            # a read per step waits for the backward pass, which a GPU shared by several runs makes slow.
-            for k, v in {"loss": total, **terms}.items():
-                v = v.detach().double() if torch.is_tensor(v) else float(v)
-                sums[k] = sums[k] + v if k in sums else v
-            if progress and step % max(1, t["log_every"]) == 0:  # a read waits for the device: only when shown
-                bar.set_postfix({k: f"{float(v.detach() if torch.is_tensor(v) else v):.3f}"
-                                 for k, v in {"loss": total, **terms}.items()})
-        sums = {k: float(v) for k, v in sums.items()}
-        epoch_train_s = time.time() - t0
-        train_s += epoch_train_s
-        sums = mean_over_ranks(sums, world, device)  # log the global batch's losses, not rank 0's share
-        n = max(1, steps_per_epoch)
-        entry = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "train_s": round(epoch_train_s, 2),
-                 **_learning_rates(scheduler)}
-        if not main_rank:
+    with _SigtermFlag(world == 1) as stop:
+        for epoch in range(start_epoch, t["epochs"]):
+            model.train()
+            train_ds.set_epoch(epoch)
+            # Shuffle from (seed, epoch) alone so a resumed run sees exactly the batches it would have.
+            gen = torch.Generator().manual_seed(t["seed"] * 1_000_003 + epoch)
+            skip = partial["step"] if partial is not None and partial["epoch"] == epoch else 0
+            loader = train_loader(train_ds, t["batch_size"], gen, train_collate, d["num_workers"], rank, world, skip)
+            sums: dict[str, float | torch.Tensor] = dict(partial["sums"]) if skip else {}
+            t0 = time.time() - (partial["train_s"] if skip else 0.0)
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=not progress)
+            for step, batch in enumerate(bar, start=skip):
+                batch = _to_device(batch, device)
+                if channels_last:
+                    batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    total, terms = forward_loss(net, loss_fn, batch, world)
+                global_step = epoch * steps_per_epoch + step
+                _check_finite(total, terms, global_step, epoch, kept=ckpt_path.exists(), world=world)
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                scheduler.step()
+                # Summed on the device in float64 (the same sums as adding Python floats), read once an epoch:
+                # a read per step waits for the backward pass, which a GPU shared by several runs makes slow.
+                for k, v in {"loss": total, **terms}.items():
+                    v = v.detach().double() if torch.is_tensor(v) else float(v)
+                    sums[k] = sums[k] + v if k in sums else v
+                if stop.set:
+                    save_last(epoch - 1, {"epoch": epoch, "step": step + 1, "train_s": time.time() - t0,
+                                          "sums": {k: float(v) for k, v in sums.items()}})
+                    raise StoppedBySignal(f"SIGTERM at epoch {epoch + 1}, step {step + 1} of {steps_per_epoch}: "
+                                          f"{ckpt_path} holds the run up to that step")
+                if progress and step % max(1, t["log_every"]) == 0:  # a read waits for the device: only when shown
+                    bar.set_postfix({k: f"{float(v.detach() if torch.is_tensor(v) else v):.3f}"
+                                     for k, v in {"loss": total, **terms}.items()})
+            sums = {k: float(v) for k, v in sums.items()}
+            epoch_train_s = time.time() - t0
+            train_s += epoch_train_s
+            sums = mean_over_ranks(sums, world, device)  # log the global batch's losses, not rank 0's share
+            n = max(1, steps_per_epoch)
+            entry = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "train_s": round(epoch_train_s, 2),
+                     **_learning_rates(scheduler)}
+            if not main_rank:
+                history.append(entry)
+                barrier(world)  # rank 0 evaluates and writes the checkpoint
+                continue
+            # the last epoch's scores per expression, for claims paired over expressions (bench.check)
+            last = epoch == t["epochs"] - 1
+            if not (last or (epoch + 1) % cfg["eval"]["every"] == 0):
+                # eval.every > 1: a learning curve with fewer points for less time (on the gpu profile
+                # evaluating the full val split took a quarter of a cell); the checkpoint is still written.
+                history.append(entry)
+                save_last(epoch)
+                barrier(world)
+                continue
+            t1 = time.time()
+            empty = [0, 0]  # maps without a positive pixel, maps
+            entry.update(evaluate(_count_empty(model_map_fn(model, device, amp), empty), eval_ds,
+                                  batch_size=cfg["eval"]["batch_size"], desc="val", progress=progress,
+                                  per_expression=out_dir / PER_EXPRESSION if last else None))
+            entry["empty_maps"] = round(100 * empty[0] / max(1, empty[1]), 2)
+            if entry["empty_maps"] >= COLLAPSED_PCT:
+                print(f"warning: epoch {epoch + 1}: {entry['empty_maps']:.0f}% of the val expressions get an empty map "
+                      f"(no pixel > 0): the model has collapsed and its PointM/IoU mean nothing; a smaller "
+                      f"train.lr (now {t['lr']:g}) usually avoids it", file=sys.stderr)
+            if select_ds is not None:
+                sel = evaluate(model_map_fn(model, device, amp), select_ds, batch_size=cfg["eval"]["batch_size"],
+                               progress=False)
+                entry.update({f"select_{k}": v for k, v in sel.items()})
+            entry["eval_s"] = round(time.time() - t1, 2)
             history.append(entry)
-            barrier(world)  # rank 0 evaluates and writes the checkpoint
-            continue
-        # the last epoch's scores per expression, for claims paired over expressions (bench.check)
-        last = epoch == t["epochs"] - 1
-        if not (last or (epoch + 1) % cfg["eval"]["every"] == 0):
-            # eval.every > 1: a learning curve with fewer points for less time (on the gpu profile
-            # evaluating the full val split took a quarter of a cell); the checkpoint is still written.
-            history.append(entry)
+            log.epoch(entry)
             save_last(epoch)
+            if select_ds is not None and entry["select_point_mask"] >= max(h.get("select_point_mask", -1.0) for h in history):
+                save_atomic({"kind": "stage1", "config": cfg, "epoch": epoch, "model": model.state_dict()},
+                            out_dir / "checkpoints" / "best.pt")
+            if progress:
+                print(f"epoch {epoch + 1}: loss {entry['loss']:.4f}  "
+                      f"{format_metrics(entry, ('point_mask', 'iou'))}  ({epoch_train_s:.1f}s train)")
+            if on_epoch is not None:
+                on_epoch(entry)
             barrier(world)
-            continue
-        t1 = time.time()
-        empty = [0, 0]  # maps without a positive pixel, maps
-        entry.update(evaluate(_count_empty(model_map_fn(model, device, amp), empty), eval_ds,
-                              batch_size=cfg["eval"]["batch_size"], desc="val", progress=progress,
-                              per_expression=out_dir / PER_EXPRESSION if last else None))
-        entry["empty_maps"] = round(100 * empty[0] / max(1, empty[1]), 2)
-        if entry["empty_maps"] >= COLLAPSED_PCT:
-            print(f"warning: epoch {epoch + 1}: {entry['empty_maps']:.0f}% of the val expressions get an empty map "
-                  f"(no pixel > 0): the model has collapsed and its PointM/IoU mean nothing; a smaller "
-                  f"train.lr (now {t['lr']:g}) usually avoids it", file=sys.stderr)
-        if select_ds is not None:
-            sel = evaluate(model_map_fn(model, device, amp), select_ds, batch_size=cfg["eval"]["batch_size"],
-                           progress=False)
-            entry.update({f"select_{k}": v for k, v in sel.items()})
-        entry["eval_s"] = round(time.time() - t1, 2)
-        history.append(entry)
-        log.epoch(entry)
-        save_last(epoch)
-        if select_ds is not None and entry["select_point_mask"] >= max(h.get("select_point_mask", -1.0) for h in history):
-            save_atomic({"kind": "stage1", "config": cfg, "epoch": epoch, "model": model.state_dict()},
-                        out_dir / "checkpoints" / "best.pt")
-        if progress:
-            print(f"epoch {epoch + 1}: loss {entry['loss']:.4f}  "
-                  f"{format_metrics(entry, ('point_mask', 'iou'))}  ({epoch_train_s:.1f}s train)")
-        if on_epoch is not None:
-            on_epoch(entry)
-        barrier(world)
     if log is not None:
         log.close()
 
@@ -375,6 +433,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\ninterrupted; continue with: python -m ehin.train_stage1 --out {shlex.quote(str(out))} --resume",
               file=sys.stderr)
         raise SystemExit(130) from None
+    except StoppedBySignal as e:
+        print(f"\nstopped: {e}; continue with: python -m ehin.train_stage1 --out {shlex.quote(str(out))} --resume",
+              file=sys.stderr)
+        raise SystemExit(143) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -224,3 +224,61 @@ def test_eval_every_is_hashed_only_away_from_its_default():
 
     assert config_hash(tiny_cfg("eval.every=1")) == config_hash(tiny_cfg())
     assert config_hash(tiny_cfg("eval.every=5")) != config_hash(tiny_cfg())
+
+
+def test_sigterm_mid_epoch_checkpoints_the_step_and_the_resumed_run_equals_a_straight_one(tmp_path, monkeypatch):
+    """SIGTERM in the middle of epoch 2 (a device call's time limit, a preemption): the step finishes,
+    last.pt holds the run up to it, and resuming trains only the remaining steps, to the very weights,
+    losses and metrics of a run never stopped. The SIGTERM handler is the caller's again afterwards."""
+    import os
+    import signal
+
+    import ehin.train_stage1 as ts
+
+    cfg = tiny_cfg()
+    straight = run(cfg, tmp_path / "straight", progress=False)
+    steps = 0  # the forward call that sends SIGTERM, set below
+    calls = {"n": 0}
+    forward = ts.forward_loss
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(*a, **k)
+
+    ckpt = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=False)
+    per_epoch = ckpt["scheduler"]["last_epoch"] // 2
+    steps = per_epoch + 3                                   # the third step of epoch 2
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(ts, "forward_loss", counting)
+    with pytest.raises(ts.StoppedBySignal, match=f"epoch 2, step 3 of {per_epoch}"):
+        run(cfg, tmp_path / "stopped", progress=False)
+    assert signal.getsignal(signal.SIGTERM) is before
+    mid = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=False)
+    assert mid["epoch"] == 0 and mid["partial"]["epoch"] == 1 and mid["partial"]["step"] == 3
+    assert mid["scheduler"]["last_epoch"] == per_epoch + 3
+    monkeypatch.setattr(ts, "forward_loss", forward)
+    calls["n"] = 0
+    resumed = run(cfg, tmp_path / "stopped", progress=False, resume=True)
+    end = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=False)
+    for k in ckpt["model"]:
+        assert torch.equal(ckpt["model"][k], end["model"][k]), k
+    assert "partial" not in end
+    assert resumed["metrics"] == straight["metrics"]
+    for a, b in zip(straight["history"], resumed["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12) and a["point_mask"] == b["point_mask"]
+
+
+def test_train_loader_skips_batches_without_changing_the_order():
+    from torch.utils.data import DataLoader
+
+    from ehin.train_stage1 import train_loader
+
+    items = list(range(103))
+    shuffled = [b.tolist() for b in DataLoader(items, batch_size=8, shuffle=True, drop_last=True,
+                                               generator=torch.Generator().manual_seed(5))]
+    ours = train_loader(items, 8, torch.Generator().manual_seed(5), None, 0)
+    assert [b.tolist() for b in ours] == shuffled           # the order every committed result trained on
+    rest = train_loader(items, 8, torch.Generator().manual_seed(5), None, 0, skip=3)
+    assert len(rest) == len(shuffled) - 3 and [b.tolist() for b in rest] == shuffled[3:]
