@@ -44,8 +44,9 @@ def training_seconds(cfg: dict, stage: str, perf: dict) -> tuple[float, bool]:
     if not train or not infer:
         raise UserError("the perf JSON holds no EHIN stage-1 training and batch-64 inference rates")
     epochs = int(cfg["train"]["epochs"])
-    evals = 1 + bool(cfg["eval"].get("select_split"))
-    s = epochs * (TRAIN_REFS / train + evals * _expressions(cfg["eval"]["split"]) / infer)
+    every = int(cfg["eval"].get("every", 1))
+    evals = (1 + bool(cfg["eval"].get("select_split"))) * (epochs // every + bool(epochs % every))
+    s = epochs * TRAIN_REFS / train + evals * _expressions(cfg["eval"]["split"]) / infer
     if stage != "2":
         return s, True
     s += TRAIN_REFS / infer  # pseudo-labels: one inference pass over the train refs

@@ -306,6 +306,9 @@ class Config:
         if sel is not None and sel == self.eval.split:
             raise ConfigError(f"eval.select_split = eval.split = {sel!r}: checkpoint selection must not use "
                               "the split it reports")
+        if sel is not None and self.eval.every != 1:
+            raise ConfigError(f"eval.every = {self.eval.every} with eval.select_split: checkpoint selection "
+                              "evaluates every epoch (leave eval.every at 1)")
 
 
 _SECTIONS = {name: hint for name, hint in get_type_hints(Config).items()}  # section -> its dataclass
@@ -392,11 +395,14 @@ def validate(cfg: Mapping) -> Config:
 
 
 # Change speed, not results (beyond float rounding, as the device and thread count do).
-HASH_IGNORE = ("train.device", "train.threads", "train.channels_last", "train.fused_adamw", "data.num_workers")
+# eval.every only thins the learning curve: the weights and the final metrics are the same (tested; it
+# is refused beside eval.select_split, whose choice it would change).
+HASH_IGNORE = ("train.device", "train.threads", "train.channels_last", "train.fused_adamw", "data.num_workers",
+               "eval.every")
 STAGE2_KEYS = ("stage2", "pseudo")  # sections only pseudo-labels and stage 2 read
 # Keys added after results were committed: left out of the hash while at this value, so that the hashes
 # of the committed cells (bench.check) stay valid; any other value is hashed as usual.
-HASH_OMIT_AT_DEFAULT = {"synthetic.scenes": "simple", "model.pair_norm": "module", "eval.every": 1}
+HASH_OMIT_AT_DEFAULT = {"synthetic.scenes": "simple", "model.pair_norm": "module"}
 
 
 def config_hash(cfg: Mapping, *, stage: str | None = None) -> str:

@@ -34,6 +34,10 @@ def test_training_seconds_by_hand():
     assert ok and s == pytest.approx(s1 + 42_278 / 500 + 3 * (42_278 / 2000 + 10_758 / 500))
     s, ok = E.training_seconds(cfg(), "2", perf())  # no stage-2 rate: a lower bound, flagged
     assert not ok and s == pytest.approx(s1 + 42_278 / 500)
+    thin = cfg(epochs=5)
+    thin["eval"]["every"] = 2  # evaluated after epochs 2, 4 and 5
+    s, _ = E.training_seconds(thin, "1", perf())
+    assert s == pytest.approx(5 * 42_278 / 1000 + 3 * 10_758 / 500)
 
 
 def test_makespan_longest_first():

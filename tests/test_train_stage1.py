@@ -219,11 +219,13 @@ def test_eval_every_skips_evaluations_but_trains_the_same_model(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_eval_every_is_hashed_only_away_from_its_default():
-    from ehin.config import config_hash
+def test_eval_every_is_not_hashed_and_is_refused_beside_checkpoint_selection():
+    from ehin.config import ConfigError, config_hash
 
-    assert config_hash(tiny_cfg("eval.every=1")) == config_hash(tiny_cfg())
-    assert config_hash(tiny_cfg("eval.every=5")) != config_hash(tiny_cfg())
+    assert config_hash(tiny_cfg("eval.every=5")) == config_hash(tiny_cfg())  # same weights and metrics (above)
+    with pytest.raises(ConfigError, match="eval.every"):
+        tiny_cfg("eval.every=2", "eval.select_split=testA")
+
 
 
 def test_sigterm_mid_epoch_checkpoints_the_step_and_the_resumed_run_equals_a_straight_one(tmp_path, monkeypatch):
