@@ -294,8 +294,15 @@ def packed(argv: list[str], procs: int) -> dict:
         children = [subprocess.Popen([sys.executable, "-m", "bench.perf", *argv, "--out", str(out),
                                       "--barrier", f"{tmp}:{i}:{procs}"], stdout=subprocess.DEVNULL)
                     for i, out in enumerate(outs)]
-        failed = [i for i, c in enumerate(children) if c.wait() != 0]
+        # One failed process would leave the others waiting at the barrier until its timeout: stop them.
+        while any(c.poll() is None for c in children) and not any(c.poll() for c in children):
+            time.sleep(0.1)
+        failed = [i for i, c in enumerate(children) if c.poll()]
         if failed:
+            for c in children:
+                if c.poll() is None:
+                    c.kill()
+                c.wait()
             raise SystemExit(f"bench.perf --procs: process(es) {failed} failed")
         reports = [json.loads(out.read_text()) for out in outs]
     combined = {**reports[0], "procs": procs, "per_process": [r["results"] for r in reports], "results": {}}

@@ -71,3 +71,28 @@ def test_cuda_graph_of_ehin_predict_matches_eager():
         y = torch.rand(1, 3, 64, 64, device="cuda")
         t2 = model.backbone.tokenize(["the blue square on the left"]).cuda()
         torch.testing.assert_close(g(y, t2), model.predict(y, t2), rtol=1e-4, atol=1e-4)
+
+
+def test_procs_stops_the_others_when_one_process_fails(monkeypatch):
+    """A process that fails would leave the rest waiting at the barrier for its 600 s: they are killed
+    and the failure is reported at once."""
+    import subprocess
+    import sys
+    import time
+
+    from bench.perf import packed
+
+    real = subprocess.Popen
+    started = []
+
+    def fake(cmd, **kw):
+        rank = int(cmd[cmd.index("--barrier") + 1].rsplit(":", 2)[1])
+        code = "import sys; sys.exit(3)" if rank == 1 else "import time; time.sleep(120)"
+        started.append(real([sys.executable, "-c", code], **kw))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", fake)
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit, match=r"process\(es\) \[1\] failed"):
+        packed(["--size", "smoke"], 3)
+    assert time.monotonic() - t0 < 60 and all(p.poll() is not None for p in started)

@@ -63,7 +63,8 @@ def _sentences(ref: dict) -> list[str]:
 class TokenCache:
     """`tokenize`, one sentence at a time and remembered: a sentence's row does not depend on the
     others it is tokenized with, and a split repeats its expressions every epoch (CLIP's BPE with
-    ftfy cost a GPU step more than the model did)."""
+    ftfy cost a GPU step more than the model did). It holds one row per distinct sentence of the
+    split: at RefCOCO+'s 120,000 expressions and 77 int64 tokens, about 74 MB."""
 
     def __init__(self, tokenize: Tokenize) -> None:
         self.tokenize = tokenize
