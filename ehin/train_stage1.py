@@ -79,8 +79,8 @@ class _SigtermFlag:
         self.set = True
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGTERM, self.previous)
+        if self.enabled:  # None: a handler not set from Python, which cannot be put back; the default then
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
 
 
 # Share of val expressions with an empty map (no pixel > 0) above which the run is called collapsed.
