@@ -160,13 +160,14 @@ class CellRunner(submitit.helpers.Checkpointable):
     def __call__(self, spec: CellSpec) -> dict:
         from bench.store import ResultStore, code_version, host_info
         from ehin.metrics import PROTOCOL
+        from ehin.train_stage1 import StoppedBySignal
 
         start = time.time()
         # error.txt marks the last attempt as failed (bench.run renders the cell "failed"): a new attempt clears it.
         (Path(spec.run_dir) / "error.txt").unlink(missing_ok=True)
         try:
             result = run_cell(spec)
-        except Exception:
+        except (Exception, StoppedBySignal):  # stopped: the next attempt resumes from its checkpoint
             Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
             (Path(spec.run_dir) / "error.txt").write_text(traceback.format_exc())
             raise

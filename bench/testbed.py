@@ -112,7 +112,8 @@ def verdicts(profile: str, seeds: int, root: Path, rerun: Path | None = None, bl
     specs = build_specs(sweep, profile, seeds, root, None, extra)
     by_id = {r["cell_id"]: r for r in ResultStore(root).read() if "cell_id" in r}
     again = {r["cell_id"]: r for r in ResultStore(rerun).read() if "cell_id" in r} if rerun else {}
-    names, rows = rows or list(sweep.rows), []
+    pilot = list(dict.fromkeys(rows)) if rows else None
+    names, rows = pilot or list(sweep.rows), []
     for row in names:
         cells = [s for s in specs if s.row == row]
         recs = [by_id.get(s.cell_id) for s in cells]
@@ -148,7 +149,7 @@ def verdicts(profile: str, seeds: int, root: Path, rerun: Path | None = None, bl
     power["met"] = bool(complete and power["enough_seeds"] and power["pooled_met"] and power["expressions_met"]
                         and all(r.get("std_met") for r in rows))
     return {"profile": profile, "overrides": dict(extra or {}), "results": str(root),
-            "rerun": str(rerun) if rerun else None,
+            "rerun": str(rerun) if rerun else None, "rows": pilot,
             "complete": complete, "control_met": complete and all(r.get("control_met") for r in rows),
             "power": power, "variants": rows, "environment": _environment(by_id, specs)}
 
@@ -271,7 +272,9 @@ def markdown(v: dict) -> str:
         lines.append(line)
     lines += [
         "",
-        f"- §2.3 (every variant): {_yes(v['control_met'])}" + ("" if v["complete"] else " (not every cell has run)"),
+        (f"- §2.3 (every variant): {_yes(v['control_met'])}" if not v.get("rows") else
+         f"- §2.3 (a pilot: only {', '.join(v['rows'])}): {_yes(v['control_met'])}")
+        + ("" if v["complete"] else " (not every cell has run)"),
         f"- §2.4: pooled seed std {_fmt(p['pooled_std'], '.2f')} (≤ {POOLED_STD_MAX:.0f}: {_yes(p['pooled_met'])}); "
         f"≥ {MIN_EXPRESSIONS} expressions evaluated on every split: {_yes(p['expressions_met'])}; "
         f"{p['seeds']} seeds (TESTBED asks for {POWER_SEEDS}): {'met' if p['met'] else 'not met'}",
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     v = verdicts(args.profile, args.seeds, root, Path(args.rerun) if args.rerun else None, extra=extra, rows=rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = args.name or f"control-{args.profile}"
+    name = args.name or f"control-{args.profile}" + ("-pilot" if rows else "")  # never over the full verdicts
     (out / f"{name}.json").write_text(json.dumps(v, indent=1) + "\n")
     md = markdown(v)
     (out / f"{name}.md").write_text(md)

@@ -396,7 +396,8 @@ def validate(cfg: Mapping) -> Config:
 
 # Change speed, not results (beyond float rounding, as the device and thread count do).
 # eval.every only thins the learning curve: the weights and the final metrics are the same (tested; it
-# is refused beside eval.select_split, whose choice it would change).
+# is refused beside eval.select_split, whose choice it would change). A record's history then holds val
+# metrics for the evaluated epochs only.
 HASH_IGNORE = ("train.device", "train.threads", "train.channels_last", "train.fused_adamw", "data.num_workers",
                "eval.every")
 STAGE2_KEYS = ("stage2", "pseudo")  # sections only pseudo-labels and stage 2 read

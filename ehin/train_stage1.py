@@ -11,8 +11,9 @@ checkpoints/last.pt (every epoch, atomically), result.json (final metrics).
 AdamW with the backbone at lr x backbone_lr_mult, polynomial decay stepped every iteration (TRIS).
 A NaN or infinite loss stops the run naming the step and the term; the last good checkpoint stays.
 Ctrl-C prints the command that resumes the run and exits 130. SIGTERM (a time limit, a preemption,
-`scancel`) lets the step finish, writes checkpoints/last.pt mid-epoch and exits 143; the resumed run
-trains exactly the remaining steps (one process; under DDP SIGTERM acts as it always did).
+`scancel`) lets the step finish and writes checkpoints/last.pt mid-epoch; then the command exits 143
+(in a submitit job training goes on until SLURM ends it). A resumed run trains exactly the remaining
+steps (one process; under DDP SIGTERM acts as it always did).
 
 Under torchrun (WORLD_SIZE > 1; or a SLURM job, bench.launch_ddp) the process group is initialised
 from the environment (NCCL on GPUs, gloo on CPU) and the model is wrapped in DistributedDataParallel.
@@ -55,32 +56,56 @@ class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
-class StoppedBySignal(RuntimeError):
-    """SIGTERM arrived during training; the step it fell in finished and checkpoints/last.pt holds the
-    run up to that step, so a resumed run trains exactly the remaining steps."""
+class StoppedBySignal(BaseException):
+    """SIGTERM arrived during training in a process that SIGTERM ends; checkpoints/last.pt holds the
+    run up to the step (or the evaluation) it fell in, so a resumed run trains exactly the rest. A
+    request to stop, as KeyboardInterrupt is: `except Exception` lets it through."""
 
 
-class _SigtermFlag:
-    """Set when SIGTERM arrives, for the training loop to read between steps. A device call's time limit,
-    a SLURM preemption or `scancel` sends SIGTERM; without it a killed run loses its unfinished epoch.
+class _Sigterm:
+    """SIGTERM during training (a device call's time limit, a preemption, `scancel`, `scontrol requeue`):
+    the handler only marks it; at the next step boundary the trainer writes a checkpoint of the run so
+    far and then does what the process did on SIGTERM before (`pass_on`). The default ends the process:
+    StoppedBySignal. A handler set from Python is called and training goes on: submitit's job logs the
+    signal, and SLURM ends and requeues the job when it means to, which then resumes from that step.
     One process only: DDP ranks would have to agree on the step, so under torchrun SIGTERM acts as before."""
 
     def __init__(self, enabled: bool) -> None:
-        self.set = False
+        self.pending = False
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.previous = signal.getsignal(signal.SIGTERM) if self.enabled else None
 
-    def __enter__(self) -> "_SigtermFlag":
+    def __enter__(self) -> "_Sigterm":
         if self.enabled:
-            signal.signal(signal.SIGTERM, self._handle)
+            signal.signal(signal.SIGTERM, self._mark)
         return self
 
-    def _handle(self, signum, frame) -> None:
-        self.set = True
+    def _mark(self, signum, frame) -> None:
+        self.pending = True
 
-    def __exit__(self, *exc) -> None:
-        if self.enabled:  # None: a handler not set from Python, which cannot be put back; the default then
-            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
+    def pass_on(self, what: str) -> None:
+        """After the checkpoint is written: the caller's own response to SIGTERM."""
+        self.pending = False
+        if self.previous in (None, signal.SIG_DFL):
+            raise StoppedBySignal(what)
+        if callable(self.previous):
+            self.previous(signal.SIGTERM, None)
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if not self.enabled:
+            return
+        # None: a handler not set from Python, which cannot be put back; the default then
+        signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
+        if self.pending and exc_type is None:
+            # SIGTERM during the last epoch's evaluation: the run finished, so the request goes on to
+            # the caller's handler (the default ends the process) rather than being lost.
+            signal.raise_signal(signal.SIGTERM)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    # Loader workers share the trainer's process group, which `timeout` and `scancel` signal as a
+    # whole: they keep loading so that the trainer can finish its step and write the checkpoint.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # Share of val expressions with an empty map (no pixel > 0) above which the run is called collapsed.
@@ -177,7 +202,8 @@ def train_loader(ds: Dataset, batch_size: int, gen: torch.Generator, collate_fn:
     if world > 1:
         batches = RankBatches(batches, rank, world)
     return DataLoader(ds, batch_sampler=_SkipBatches(batches, skip) if skip else batches, generator=gen,
-                      collate_fn=collate_fn, num_workers=num_workers)
+                      collate_fn=collate_fn, num_workers=num_workers,
+                      worker_init_fn=_ignore_sigterm if num_workers else None)
 
 
 def forward_loss(net: torch.nn.Module, loss_fn: Callable, batch: dict, world: int = 1) -> tuple[torch.Tensor, dict]:
@@ -269,16 +295,22 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
     # logit scale) get no gradient: DDP must be told, and leaves their .grad None as a single process does.
     net = data_parallel(model, device, world, find_unused=True)
 
-    def save_last(epoch: int, partial: dict | None = None) -> None:
-        """Everything a resumed run needs (rank 0): `epoch` is the last finished one; `partial` the
+    def save_last(epoch: int, steps_done: dict | None = None) -> None:
+        """Everything a resumed run needs (rank 0): `epoch` is the last finished one; `steps_done` the
         steps of the next one done so far (mid-epoch, after SIGTERM)."""
         save_atomic({"kind": "stage1", "config": cfg, "config_hash": config_hash(cfg, stage="1"), "epoch": epoch,
                      "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                      "scorer_cache": scorer.cache_state() if scorer is not None else {},
-                     "history": history, **({"partial": partial} if partial else {})}, ckpt_path)
+                     "history": history, **({"partial": steps_done} if steps_done else {})}, ckpt_path)
 
-    with _SigtermFlag(world == 1) as stop:
+    def after_epoch_checkpoint(epoch: int) -> None:
+        """SIGTERM during the epoch's evaluation: its checkpoint is written (the last epoch finishes
+        the run instead, see _Sigterm.__exit__)."""
+        if sigterm.pending and epoch < t["epochs"] - 1:
+            sigterm.pass_on(f"SIGTERM in epoch {epoch + 1}: {ckpt_path} holds the run up to its end")
+
+    with _Sigterm(world == 1) as sigterm:
         for epoch in range(start_epoch, t["epochs"]):
             model.train()
             train_ds.set_epoch(epoch)
@@ -306,11 +338,11 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
                 for k, v in {"loss": total, **terms}.items():
                     v = v.detach().double() if torch.is_tensor(v) else float(v)
                     sums[k] = sums[k] + v if k in sums else v
-                if stop.set:
+                if sigterm.pending:
                     save_last(epoch - 1, {"epoch": epoch, "step": step + 1, "train_s": time.time() - t0,
                                           "sums": {k: float(v) for k, v in sums.items()}})
-                    raise StoppedBySignal(f"SIGTERM at epoch {epoch + 1}, step {step + 1} of {steps_per_epoch}: "
-                                          f"{ckpt_path} holds the run up to that step")
+                    sigterm.pass_on(f"SIGTERM at epoch {epoch + 1}, step {step + 1} of {steps_per_epoch}: "
+                                    f"{ckpt_path} holds the run up to that step")
                 if progress and step % max(1, t["log_every"]) == 0:  # a read waits for the device: only when shown
                     bar.set_postfix({k: f"{float(v.detach() if torch.is_tensor(v) else v):.3f}"
                                      for k, v in {"loss": total, **terms}.items()})
@@ -325,17 +357,21 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
                 history.append(entry)
                 barrier(world)  # rank 0 evaluates and writes the checkpoint
                 continue
-            # the last epoch's scores per expression, for claims paired over expressions (bench.check)
             last = epoch == t["epochs"] - 1
             if not (last or (epoch + 1) % cfg["eval"]["every"] == 0):
                 # eval.every > 1: a learning curve with fewer points for less time (on the gpu profile
-                # evaluating the full val split took a quarter of a cell); the checkpoint is still written.
+                # evaluating the full val split took a quarter of a cell); losses and checkpoint as always.
                 history.append(entry)
+                log.epoch(entry)
                 save_last(epoch)
+                if progress:
+                    print(f"epoch {epoch + 1}: loss {entry['loss']:.4f}  ({epoch_train_s:.1f}s train, not evaluated)")
+                after_epoch_checkpoint(epoch)
                 barrier(world)
                 continue
             t1 = time.time()
             empty = [0, 0]  # maps without a positive pixel, maps
+            # the last epoch's scores per expression, for claims paired over expressions (bench.check)
             entry.update(evaluate(_count_empty(model_map_fn(model, device, amp), empty), eval_ds,
                                   batch_size=cfg["eval"]["batch_size"], desc="val", progress=progress,
                                   per_expression=out_dir / PER_EXPRESSION if last else None))
@@ -352,7 +388,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
             history.append(entry)
             log.epoch(entry)
             save_last(epoch)
-            if select_ds is not None and entry["select_point_mask"] >= max(h.get("select_point_mask", -1.0) for h in history):
+            if select_ds is not None and entry["select_point_mask"] >= max(h["select_point_mask"] for h in history):
                 save_atomic({"kind": "stage1", "config": cfg, "epoch": epoch, "model": model.state_dict()},
                             out_dir / "checkpoints" / "best.pt")
             if progress:
@@ -360,6 +396,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
                       f"{format_metrics(entry, ('point_mask', 'iou'))}  ({epoch_train_s:.1f}s train)")
             if on_epoch is not None:
                 on_epoch(entry)
+            after_epoch_checkpoint(epoch)
             barrier(world)
     if log is not None:
         log.close()

@@ -62,6 +62,9 @@ def test_a_pilot_judges_only_the_rows_it_names(tmp_path):
     assert [r["variant"] for r in v["variants"]] == ["refcoco", "refcoco+"]
     assert v["power"]["pooled_std"] == pytest.approx(math.sqrt(4 / 2))  # variances 4 and 0
     assert v["complete"] and v["control_met"]                           # both rows' margins >= 15
+    assert v["rows"] == ["refcoco", "refcoco+"] and "a pilot: only refcoco, refcoco+" in markdown(v)
+    again = verdicts("smoke", 3, tmp_path / "a", blind=_blind, rows=["refcoco", "refcoco", "refcoco+"])
+    assert [r["variant"] for r in again["variants"]] == ["refcoco", "refcoco+"]  # a repeated row counts once
 
 
 def test_missing_cells_and_small_splits_are_not_passed(tmp_path):

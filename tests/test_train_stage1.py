@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ehin.config import load_config
-from ehin.train_stage1 import NonFiniteLossError, run
+from ehin.train_stage1 import NonFiniteLossError, StoppedBySignal, run
 
 # A few-second run: random-weight tiny CLIP (no pretraining), 60 scenes, 2 epochs.
 TINY = ["backbone.pretrained=null", "synthetic.images=60", "train.epochs=2", "eval.max_items=40",
@@ -211,7 +211,8 @@ def test_eval_every_skips_evaluations_but_trains_the_same_model(tmp_path):
     sparse = run(tiny_cfg("train.epochs=3", "eval.every=2"), tmp_path / "sparse", progress=False)
     assert ["point_mask" in h for h in sparse["history"]] == [False, True, True]
     lines = [json.loads(x) for x in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines] == [2, 3]
+    assert [x["epoch"] for x in lines] == [1, 2, 3]                    # every epoch's losses are logged
+    assert "loss" in lines[0] and "point_mask" not in lines[0]
     assert sparse["metrics"] == every["metrics"]
     a = torch.load(tmp_path / "every" / "checkpoints" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "sparse" / "checkpoints" / "last.pt", weights_only=False)
@@ -228,10 +229,23 @@ def test_eval_every_is_not_hashed_and_is_refused_beside_checkpoint_selection():
 
 
 
+def _same_run(a_dir, a_result, b_dir, b_result):
+    a = torch.load(a_dir / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(b_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] and "partial" not in b
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a_result["metrics"] == b_result["metrics"]
+    assert len(a_result["history"]) == len(b_result["history"])
+    for x, y in zip(a_result["history"], b_result["history"]):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-12) and x["point_mask"] == y["point_mask"]
+
+
 def test_sigterm_mid_epoch_checkpoints_the_step_and_the_resumed_run_equals_a_straight_one(tmp_path, monkeypatch):
-    """SIGTERM in the middle of epoch 2 (a device call's time limit, a preemption): the step finishes,
-    last.pt holds the run up to it, and resuming trains only the remaining steps, to the very weights,
-    losses and metrics of a run never stopped. The SIGTERM handler is the caller's again afterwards."""
+    """SIGTERM during a step (a device call's time limit, a preemption): the step finishes, last.pt
+    holds the run up to it, and resuming trains only the remaining steps, to the very weights, losses
+    and metrics of a run never stopped. Stops in epoch 1, on its last step, and in epoch 2; the caller's
+    SIGTERM handler is back afterwards."""
     import os
     import signal
 
@@ -239,37 +253,103 @@ def test_sigterm_mid_epoch_checkpoints_the_step_and_the_resumed_run_equals_a_str
 
     cfg = tiny_cfg()
     straight = run(cfg, tmp_path / "straight", progress=False)
-    steps = 0  # the forward call that sends SIGTERM, set below
+    per_epoch = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt",
+                           weights_only=False)["scheduler"]["last_epoch"] // 2
+    forward, before = ts.forward_loss, signal.getsignal(signal.SIGTERM)
+    for at in (3, per_epoch, per_epoch + 3):                 # the forward call that SIGTERM falls in
+        calls = {"n": 0}
+
+        def counting(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return forward(*a, **k)
+
+        out = tmp_path / f"stopped{at}"
+        monkeypatch.setattr(ts, "forward_loss", counting)
+        epoch, step = divmod(at - 1, per_epoch)
+        with pytest.raises(ts.StoppedBySignal, match=f"epoch {epoch + 1}, step {step + 1} of {per_epoch}"):
+            run(cfg, out, progress=False)
+        assert signal.getsignal(signal.SIGTERM) is before
+        mid = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+        assert (mid["epoch"], mid["partial"]["epoch"], mid["partial"]["step"]) == (epoch - 1, epoch, step + 1)
+        assert mid["scheduler"]["last_epoch"] == at
+        monkeypatch.setattr(ts, "forward_loss", forward)
+        _same_run(tmp_path / "straight", straight, out, run(cfg, out, progress=False, resume=True))
+
+
+def test_sigterm_during_evaluation_stops_after_the_epoch_or_reaches_the_callers_handler_at_the_end(tmp_path, monkeypatch):
+    """SIGTERM while epoch 1 is evaluated: the epoch's checkpoint is written and the run stops there
+    (resuming gives the straight run); while the last epoch is evaluated the run finishes and the
+    signal then goes on to the handler the caller had, not lost."""
+    import os
+    import signal
+
+    import ehin.evaluate as ev
+
+    cfg = tiny_cfg()
+    straight = run(cfg, tmp_path / "straight", progress=False)
+    real = ev.evaluate
+    for at, out in ((1, tmp_path / "first"), (2, tmp_path / "last")):
+        calls = {"n": 0}
+
+        def signalling(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*a, **k)
+
+        monkeypatch.setattr(ev, "evaluate", signalling)
+        if at == 1:
+            with pytest.raises(StoppedBySignal, match="SIGTERM in epoch 1"):
+                run(cfg, out, progress=False)
+            assert "partial" not in torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+            monkeypatch.setattr(ev, "evaluate", real)
+            _same_run(tmp_path / "straight", straight, out, run(cfg, out, progress=False, resume=True))
+            continue
+        received = []
+        previous = signal.signal(signal.SIGTERM, lambda *_: received.append(1))
+        try:
+            finished = run(cfg, out, progress=False)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        assert received == [1] and finished["metrics"] == straight["metrics"]
+
+
+def test_sigterm_in_a_process_that_handles_it_checkpoints_and_trains_on(tmp_path, monkeypatch):
+    """A process with its own SIGTERM handler (a submitit job logs the signal and goes on; SLURM ends
+    the job when it requeues it): the trainer writes the mid-epoch checkpoint, calls that handler once,
+    and trains on to the straight run's result."""
+    import os
+    import signal
+
+    import ehin.train_stage1 as ts
+
+    cfg = tiny_cfg()
+    straight = run(cfg, tmp_path / "straight", progress=False)
+    seen = []
+
+    def handler(signum, frame):  # what last.pt held when the caller's handler ran
+        ckpt = torch.load(tmp_path / "on" / "checkpoints" / "last.pt", weights_only=False)
+        seen.append((ckpt["epoch"], ckpt["partial"]["step"]))
+
     calls = {"n": 0}
     forward = ts.forward_loss
 
     def counting(*a, **k):
         calls["n"] += 1
-        if calls["n"] == steps:
+        if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return forward(*a, **k)
 
-    ckpt = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=False)
-    per_epoch = ckpt["scheduler"]["last_epoch"] // 2
-    steps = per_epoch + 3                                   # the third step of epoch 2
-    before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(ts, "forward_loss", counting)
-    with pytest.raises(ts.StoppedBySignal, match=f"epoch 2, step 3 of {per_epoch}"):
-        run(cfg, tmp_path / "stopped", progress=False)
-    assert signal.getsignal(signal.SIGTERM) is before
-    mid = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=False)
-    assert mid["epoch"] == 0 and mid["partial"]["epoch"] == 1 and mid["partial"]["step"] == 3
-    assert mid["scheduler"]["last_epoch"] == per_epoch + 3
-    monkeypatch.setattr(ts, "forward_loss", forward)
-    calls["n"] = 0
-    resumed = run(cfg, tmp_path / "stopped", progress=False, resume=True)
-    end = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=False)
-    for k in ckpt["model"]:
-        assert torch.equal(ckpt["model"][k], end["model"][k]), k
-    assert "partial" not in end
-    assert resumed["metrics"] == straight["metrics"]
-    for a, b in zip(straight["history"], resumed["history"]):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12) and a["point_mask"] == b["point_mask"]
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        on = run(cfg, tmp_path / "on", progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [(-1, 3)]
+    _same_run(tmp_path / "straight", straight, tmp_path / "on", on)
 
 
 def test_train_loader_skips_batches_without_changing_the_order():

@@ -1101,7 +1101,8 @@ def generate(
         jobs += [(variant, group, i, seed, size, len(jobs) + i + 1, str(image_dir), scenes) for i in range(count)]
     if workers is None:  # processes only pay off beyond a few hundred scenes (spawn imports ~2 s)
         # up to 8: on the 16-core GPU host two variants of 7,200 scenes took 3 minutes with 2 each
-        workers = min(8, os.cpu_count() or 1) if len(jobs) >= 1000 else 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = min(8, cores) if len(jobs) >= 1000 else 1  # cores this process may use (SLURM, taskset)
 
     from tqdm import tqdm
 
