@@ -2,6 +2,7 @@
 
     python -m bench.testbed --profile gpu --seeds 10 --jobs 10      # run the control, write the verdicts
     python -m bench.testbed --profile gpu --seeds 10 --rerun results/gpu-rerun   # + run-to-run spread
+    python -m bench.testbed --profile gpu --seeds 10 --report-only --rerun results/gpu-bf16 --rerun-set train.amp=true
     python -m bench.testbed --profile gpu --seeds 10 --report-only  # verdicts from the stored records
     python -m bench.testbed ... --report-only --fidelity ROWS.json  # + reports/testbed/fidelity.json
 
@@ -20,7 +21,9 @@ Writes reports/testbed/control-<profile>.{json,md}; every figure there comes fro
 - §2.4 (power): the pooled seed-to-seed std of PointM (root of the mean of the variants' variances)
   <= 3 and every variant's <= 4, over >= 2,000 evaluated expressions per split; TESTBED asks for 10
   seeds. With --rerun, the same cells run a second time (another results folder) give the run-to-run
-  spread: per cell |PointM of run 1 - PointM of run 2|, its mean and maximum.
+  spread: per cell |PointM of run 1 - PointM of run 2|, its mean and maximum. With --rerun-set the second
+  folder's cells carry extra overrides (--rerun-set train.amp=true: bf16 against fp32, seed for seed) and
+  each variant also gets the mean signed difference and whether it lies within the control's seed std.
 """
 from __future__ import annotations
 
@@ -104,14 +107,19 @@ def _kinds(cfg: dict, records: list[dict], root: Path) -> dict | None:
 
 
 def verdicts(profile: str, seeds: int, root: Path, rerun: Path | None = None, blind=language_blind,
-             extra: dict | None = None, rows: list[str] | None = None) -> dict:
+             extra: dict | None = None, rows: list[str] | None = None, rerun_extra: dict | None = None) -> dict:
     """Per variant (the control's rows, or the subset `rows`): the control's PointM by seed, mean, std,
     the language-blind guess and the checks; the pooled figures are over those variants.
-    `blind(cfg)` measures the language-blind guess on a cell's dataset (`language_blind`)."""
+    `blind(cfg)` measures the language-blind guess on a cell's dataset (`language_blind`).
+    `rerun`: a folder holding the same cells run again, paired by row and seed; with `rerun_extra` its
+    cells carry these overrides too (train.amp=true: bf16 against fp32, seed for seed), and each row
+    says whether the mean paired difference lies within the control's seed std."""
     sweep = control_sweep()
     specs = build_specs(sweep, profile, seeds, root, None, extra)
     by_id = {r["cell_id"]: r for r in ResultStore(root).read() if "cell_id" in r}
     again = {r["cell_id"]: r for r in ResultStore(rerun).read() if "cell_id" in r} if rerun else {}
+    twin = {(s.row, s.seed): s.cell_id
+            for s in build_specs(sweep, profile, seeds, rerun, None, {**(extra or {}), **(rerun_extra or {})})} if rerun else {}
     pilot = list(dict.fromkeys(rows)) if rows else None
     names, rows = pilot or list(sweep.rows), []
     for row in names:
@@ -132,10 +140,14 @@ def verdicts(profile: str, seeds: int, root: Path, rerun: Path | None = None, bl
             out["control_met"] = out["margin"] >= MARGIN and out["language_blind_pointm"] <= BLIND_MAX
             out["std_met"] = None if out["std"] is None else out["std"] <= VARIANT_STD_MAX
         if again:
-            moves = [abs(again[s.cell_id]["metrics"]["point_mask"] - by_id[s.cell_id]["metrics"]["point_mask"])
-                     for s in cells if s.cell_id in again and s.cell_id in by_id]
+            diffs = [again[twin[s.row, s.seed]]["metrics"]["point_mask"] - by_id[s.cell_id]["metrics"]["point_mask"]
+                     for s in cells if twin[s.row, s.seed] in again and s.cell_id in by_id]
+            moves = [abs(d) for d in diffs]
             out["run_to_run"] = {"cells": len(moves), "mean_abs": sum(moves) / len(moves) if moves else None,
-                                 "max_abs": max(moves) if moves else None}
+                                 "max_abs": max(moves) if moves else None,
+                                 "mean_diff": sum(diffs) / len(diffs) if diffs else None}
+            if rerun_extra and diffs and out.get("std") is not None:
+                out["run_to_run"]["within_seed_std"] = abs(out["run_to_run"]["mean_diff"]) <= out["std"]
         rows.append(out)
     variances = [r["std"] ** 2 for r in rows if r.get("std") is not None]
     pooled = math.sqrt(sum(variances) / len(variances)) if len(variances) == len(rows) else None
@@ -149,7 +161,7 @@ def verdicts(profile: str, seeds: int, root: Path, rerun: Path | None = None, bl
     power["met"] = bool(complete and power["enough_seeds"] and power["pooled_met"] and power["expressions_met"]
                         and all(r.get("std_met") for r in rows))
     return {"profile": profile, "overrides": dict(extra or {}), "results": str(root),
-            "rerun": str(rerun) if rerun else None, "rows": pilot,
+            "rerun": str(rerun) if rerun else None, "rerun_overrides": dict(rerun_extra or {}), "rows": pilot,
             "complete": complete, "control_met": complete and all(r.get("control_met") for r in rows),
             "power": power, "variants": rows, "environment": _environment(by_id, specs)}
 
@@ -247,19 +259,23 @@ def _yes(flag) -> str:
 def markdown(v: dict) -> str:
     p = v["power"]
     rerun = v["rerun"] is not None
+    twin = " ".join(f"{k}={val}" for k, val in v.get("rerun_overrides", {}).items())  # the rerun's own overrides
     lines = [
         f"# Positive control (TESTBED.md §2.3-2.4), profile `{v['profile']}`",
         "",
         f"Generated by `python -m bench.testbed --profile {v['profile']} --seeds {p['seeds']}"
         + "".join(f" --set {k}={val}" for k, val in v.get("overrides", {}).items())
-        + (f" --rerun {v['rerun']}" if rerun else "") + f" --report-only` from `{v['results']}/store.jsonl`. "
+        + (f" --rerun {v['rerun']}" if rerun else "") + "".join(f" --rerun-set {k}={val}" for k, val in
+                                                              v.get("rerun_overrides", {}).items())
+        + f" --report-only` from `{v['results']}/store.jsonl`. "
         "The control is `sweeps/testbed/control.yaml` (TRIS-like, METHOD §8); the language-blind guess "
         "is measured on the same val split (`ehin.data.fidelity`).",
         "",
         "| variant | expressions evaluated | language-blind PointM | control PointM by seed | mean | std |"
         f" margin | ≥ LB + {MARGIN:.0f} and LB ≤ {BLIND_MAX:.0f} | std ≤ {VARIANT_STD_MAX:.0f} |"
-        + (" run-to-run mean / max abs |" if rerun else ""),
-        "|---|---:|---:|---|---:|---:|---:|---|---|" + ("---|" if rerun else ""),
+        + ((f" with {twin} − without, paired by seed: mean / mean abs / max abs | within the seed std |" if twin
+            else " run-to-run mean / max abs |") if rerun else ""),
+        "|---|---:|---:|---|---:|---:|---:|---|---|" + (("---|---|" if twin else "---|") if rerun else ""),
     ]
     for r in v["variants"]:
         seeds = " / ".join(f"{x:.1f}" for x in r["pointm_by_seed"].values()) or "not run"
@@ -268,7 +284,11 @@ def markdown(v: dict) -> str:
                 f"{_fmt(r.get('margin'), '+.1f')} | {_yes(r.get('control_met'))} | {_yes(r.get('std_met'))} |")
         if rerun:
             rr = r.get("run_to_run") or {}
-            line += f" {_fmt(rr.get('mean_abs'), '.2f')} / {_fmt(rr.get('max_abs'), '.2f')} ({rr.get('cells', 0)} cells) |"
+            if twin:
+                line += (f" {_fmt(rr.get('mean_diff'), '+.2f')} / {_fmt(rr.get('mean_abs'), '.2f')} / "
+                         f"{_fmt(rr.get('max_abs'), '.2f')} ({rr.get('cells', 0)} cells) | {_yes(rr.get('within_seed_std'))} |")
+            else:
+                line += f" {_fmt(rr.get('mean_abs'), '.2f')} / {_fmt(rr.get('max_abs'), '.2f')} ({rr.get('cells', 0)} cells) |"
         lines.append(line)
     lines += [
         "",
@@ -279,6 +299,10 @@ def markdown(v: dict) -> str:
         f"≥ {MIN_EXPRESSIONS} expressions evaluated on every split: {_yes(p['expressions_met'])}; "
         f"{p['seeds']} seeds (TESTBED asks for {POWER_SEEDS}): {'met' if p['met'] else 'not met'}",
     ]
+    if twin:
+        within = [(r.get("run_to_run") or {}).get("within_seed_std") for r in v["variants"]]
+        lines.append(f"- {twin} against without, paired by seed: the mean difference lies within the control's seed "
+                     f"std on every variant: {_yes(all(within) if None not in within else None)}")
     if v["environment"]:
         lines.append("- made on: " + ", ".join(f"{k} {val}" for k, val in v["environment"].items()))
     read = [r for r in v["variants"] if r.get("location_blind_pointm") is not None]
@@ -310,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="cells at once, as bench.run (default: 2)")
     p.add_argument("--results", help="results folder (default results/<profile>)")
     p.add_argument("--rerun", help="a second results folder holding the same cells run again (default: none)")
+    p.add_argument("--rerun-set", dest="rerun_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override the --rerun cells carry beside --set's (train.amp=true: bf16 against fp32, "
+                   "paired by seed; default: none, the same cells)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every control cell (changes their hash; default: none)")
     p.add_argument("--rows", help="comma-separated subset of the control's rows to run and judge (a pilot; "
@@ -332,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         rc = run_tables([control_sweep()], args.profile, args.seeds, root, executor=args.executor,
                         jobs=args.jobs, rows=rows, extra=extra, render_tables=False)
-    v = verdicts(args.profile, args.seeds, root, Path(args.rerun) if args.rerun else None, extra=extra, rows=rows)
+    if args.rerun_overrides and not args.rerun:
+        p.error("--rerun-set needs --rerun (the folder holding the cells with those overrides)")
+    v = verdicts(args.profile, args.seeds, root, Path(args.rerun) if args.rerun else None, extra=extra, rows=rows,
+                 rerun_extra=parse_assignments(args.rerun_overrides))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"control-{args.profile}" + ("-pilot" if rows else "")  # never over the full verdicts

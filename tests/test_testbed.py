@@ -84,8 +84,33 @@ def test_run_to_run_spread_pairs_the_same_cells(tmp_path):
     _store(tmp_path / "b", shift=0.5)
     v = verdicts("smoke", 3, tmp_path / "a", rerun=tmp_path / "b", blind=_blind)
     for r in v["variants"]:
-        assert r["run_to_run"] == {"cells": 3, "mean_abs": pytest.approx(0.5), "max_abs": pytest.approx(0.5)}
+        assert r["run_to_run"] == {"cells": 3, "mean_abs": pytest.approx(0.5), "max_abs": pytest.approx(0.5),
+                                   "mean_diff": pytest.approx(0.5)}
     assert "run-to-run" in markdown(v)
+
+
+def test_a_rerun_with_its_own_override_is_paired_by_seed(tmp_path):
+    """--rerun-set: bf16 cells (another hash) against the fp32 ones, seed for seed; refcoco moves by +1, +1, +4
+    (mean +2.0 against a seed std of 2.0: within), refcoco+ by +1 each (mean +1.0 against std 0: not)."""
+    _store(tmp_path / "a")
+    specs = build_specs(control_sweep(), "smoke", 3, tmp_path / "b", None, {"train.amp": True})
+    assert not {s.cell_id for s in specs} & {s.cell_id for s in build_specs(control_sweep(), "smoke", 3, tmp_path / "a")}
+    move = {"refcoco": [1.0, 1.0, 4.0], "refcoco+": [1.0, 1.0, 1.0]}
+    store = ResultStore(tmp_path / "b")
+    for s in specs:
+        if s.row in move:
+            store.append({"cell_id": s.cell_id, "row": s.row, "seed": s.seed,
+                          "metrics": {"point_mask": POINTM[s.row][s.seed] + move[s.row][s.seed], "n": 2500}})
+    v = verdicts("smoke", 3, tmp_path / "a", rerun=tmp_path / "b", blind=_blind, rerun_extra={"train.amp": True})
+    rows = {r["variant"]: r["run_to_run"] for r in v["variants"]}
+    assert rows["refcoco"] == {"cells": 3, "mean_abs": pytest.approx(2.0), "max_abs": pytest.approx(4.0),
+                               "mean_diff": pytest.approx(2.0), "within_seed_std": True}
+    assert rows["refcoco+"]["mean_diff"] == pytest.approx(1.0) and rows["refcoco+"]["within_seed_std"] is False
+    assert rows["referit"] == {"cells": 0, "mean_abs": None, "max_abs": None, "mean_diff": None}
+    md = markdown(v)
+    assert "--rerun-set train.amp=True" in md
+    assert "| +2.00 / 2.00 / 4.00 (3 cells) | yes |" in md and "| +1.00 / 1.00 / 1.00 (3 cells) | no |" in md
+    assert "within the control's seed std on every variant: —" in md   # three variants have no pairs
 
 
 def test_kinds_of_pools_the_seeds_per_expression_scores_by_kind(tmp_path):
