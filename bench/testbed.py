@@ -355,12 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown row {unknown[0]!r} in --rows; rows: {', '.join(control_sweep().rows)}")
     if rows and args.fidelity:
         p.error("--fidelity judges every variant: leave out --rows")
+    if args.rerun_overrides and not args.rerun:
+        p.error("--rerun-set needs --rerun (the folder holding the cells with those overrides)")
     rc = 0
     if not args.report_only:
         rc = run_tables([control_sweep()], args.profile, args.seeds, root, executor=args.executor,
                         jobs=args.jobs, rows=rows, extra=extra, render_tables=False)
-    if args.rerun_overrides and not args.rerun:
-        p.error("--rerun-set needs --rerun (the folder holding the cells with those overrides)")
     v = verdicts(args.profile, args.seeds, root, Path(args.rerun) if args.rerun else None, extra=extra, rows=rows,
                  rerun_extra=parse_assignments(args.rerun_overrides))
     out = Path(args.out)

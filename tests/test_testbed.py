@@ -239,3 +239,13 @@ def test_fidelity_summary_refuses_rows_of_another_scorer_or_dataset(tmp_path):
         fidelity_summary(v, _rows(dataset_sha256="x"), "rows.json")
     with pytest.raises(UserError, match="no row for synth-referit"):
         fidelity_summary(v, [r for r in _rows() if r["dataset"] != "synth-referit"], "rows.json")
+
+
+def test_rerun_set_without_rerun_is_refused_before_any_cell_runs(tmp_path, capsys):
+    from bench.testbed import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--profile", "smoke", "--results", str(tmp_path / "r"), "--out", str(tmp_path / "out"),
+              "--rerun-set", "train.amp=true"])
+    assert exc.value.code == 2 and "--rerun-set needs --rerun" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "out").exists()
