@@ -501,7 +501,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     threads = args.threads or cfg["train"]["threads"]
     if threads:
         torch.set_num_threads(threads)
-    overrides = synthetic_overrides(pretrained) or {}  # the profile's recipe changes
+    overrides = synthetic_overrides(pretrained)  # the profile's recipe changes
+    if overrides is None:  # a checkpoint file (the testbed's frozen/ one, TESTBED §3): nothing to pretrain
+        raise UserError(f"backbone.pretrained is {pretrained!r}, not a synthetic recipe: nothing to pretrain "
+                        "(to pretrain a recipe, --set backbone.pretrained=synthetic:key=value,...)")
     if args.steps is not None:
         overrides["steps"] = args.steps
     t0 = time.perf_counter()

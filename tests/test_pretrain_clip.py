@@ -149,6 +149,15 @@ def test_unknown_arch_has_no_recipe() -> None:
         pc.ensure_pretrained("RN50", 64)
 
 
+def test_a_profile_that_loads_a_checkpoint_file_has_nothing_to_pretrain(capsys) -> None:
+    """The testbed's control loads a checkpoint file (TESTBED §3): the command says so instead of
+    pretraining the default recipe under its name."""
+    with pytest.raises(SystemExit) as exc:
+        pc.main(["--profile", "gpu", "--set", "backbone.pretrained=frozen/clip-tiny-rn-2195732df831-9afff54d.pt"])
+    assert exc.value.code == 2
+    assert "not a synthetic recipe: nothing to pretrain" in capsys.readouterr().err
+
+
 # ---- captions and loss --------------------------------------------------------------------------
 
 def test_caption_relation_by_hand() -> None:
