@@ -241,12 +241,27 @@ def _same_run(a_dir, a_result, b_dir, b_result):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-12) and x["point_mask"] == y["point_mask"]
 
 
+def _sigterm_on_call(fn, at: int):
+    """`fn`, sending this process SIGTERM on its `at`-th call (1-based), just before that call runs."""
+    import os
+    import signal
+
+    calls = {"n": 0}
+
+    def wrapped(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fn(*a, **k)
+
+    return wrapped
+
+
 def test_sigterm_mid_epoch_checkpoints_the_step_and_the_resumed_run_equals_a_straight_one(tmp_path, monkeypatch):
     """SIGTERM during a step (a device call's time limit, a preemption): the step finishes, last.pt
     holds the run up to it, and resuming trains only the remaining steps, to the very weights, losses
     and metrics of a run never stopped. Stops in epoch 1, on its last step, and in epoch 2; the caller's
     SIGTERM handler is back afterwards."""
-    import os
     import signal
 
     import ehin.train_stage1 as ts
@@ -257,16 +272,8 @@ def test_sigterm_mid_epoch_checkpoints_the_step_and_the_resumed_run_equals_a_str
                            weights_only=False)["scheduler"]["last_epoch"] // 2
     forward, before = ts.forward_loss, signal.getsignal(signal.SIGTERM)
     for at in (3, per_epoch, per_epoch + 3):                 # the forward call that SIGTERM falls in
-        calls = {"n": 0}
-
-        def counting(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == at:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return forward(*a, **k)
-
         out = tmp_path / f"stopped{at}"
-        monkeypatch.setattr(ts, "forward_loss", counting)
+        monkeypatch.setattr(ts, "forward_loss", _sigterm_on_call(forward, at))
         epoch, step = divmod(at - 1, per_epoch)
         with pytest.raises(ts.StoppedBySignal, match=f"epoch {epoch + 1}, step {step + 1} of {per_epoch}"):
             run(cfg, out, progress=False)
@@ -282,7 +289,6 @@ def test_sigterm_during_evaluation_stops_after_the_epoch_or_reaches_the_callers_
     """SIGTERM while epoch 1 is evaluated: the epoch's checkpoint is written and the run stops there
     (resuming gives the straight run); while the last epoch is evaluated the run finishes and the
     signal then goes on to the handler the caller had, not lost."""
-    import os
     import signal
 
     import ehin.evaluate as ev
@@ -291,15 +297,7 @@ def test_sigterm_during_evaluation_stops_after_the_epoch_or_reaches_the_callers_
     straight = run(cfg, tmp_path / "straight", progress=False)
     real = ev.evaluate
     for at, out in ((1, tmp_path / "first"), (2, tmp_path / "last")):
-        calls = {"n": 0}
-
-        def signalling(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == at:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real(*a, **k)
-
-        monkeypatch.setattr(ev, "evaluate", signalling)
+        monkeypatch.setattr(ev, "evaluate", _sigterm_on_call(real, at))
         if at == 1:
             with pytest.raises(StoppedBySignal, match="SIGTERM in epoch 1"):
                 run(cfg, out, progress=False)
