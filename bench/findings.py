@@ -206,7 +206,8 @@ def perf_section(reports: Path, root: Path) -> str:
                     "stage-2 train img/s:")
     for f in files:
         d = json.loads(f.read_text())
-        levers = ", ".join(k for k, on in d.get("levers", {}).items() if on) or "none (fp32 eager)"
+        levers = (", ".join(k if on is True else f"{k}={on}" for k, on in d.get("levers", {}).items() if on)
+                  or "none (fp32 eager)")
         if d.get("procs", 1) > 1:
             levers += f"; {d['procs']} processes at once (img/s summed)"
         for model, r in d.get("results", {}).items():

@@ -140,11 +140,11 @@ def _fake_batch(cfg: dict, device: torch.device, tokenize) -> dict:
 
 
 def stage1_training(cfg: dict, device: torch.device, *, amp: bool, channels_last: bool, fused: bool,
-                    warmup: int, repeats: int, compile_: bool = False, trace: Path | None = None,
+                    warmup: int, repeats: int, compile_mode: str | None = None, trace: Path | None = None,
                     trace_name: str = "train") -> dict:
     from ehin.losses import Stage1Loss
     from ehin.model import build_model
-    from ehin.train_stage1 import build_scorer
+    from ehin.train_stage1 import CUDA_GRAPH_MODES, build_scorer, compile_for_training
 
     model = build_model(cfg).to(device)
     scorer = build_scorer(cfg)
@@ -153,19 +153,16 @@ def stage1_training(cfg: dict, device: torch.device, *, amp: bool, channels_last
         model = model.to(memory_format=torch.channels_last)
     loss_fn = Stage1Loss.from_config(cfg, scorer)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused and device.type == "cuda")
-    forward = model
-    if compile_:
-        # Inductor fuses the normalisations (HIPM's InstanceNorms over the fused pairs, the trunk's
-        # BatchNorms) with their neighbours; the frozen scorer's image tower, run on 2N masked images
-        # with input gradients, is compiled too. The loss's text cache and bookkeeping stay eager.
-        forward = torch.compile(model)
-        if scorer is not None:
-            scorer.clip.encode_image = torch.compile(scorer.clip.encode_image)
+    forward = compile_for_training(model, scorer, compile_mode) if compile_mode is not None else model
     batch = _fake_batch(cfg, device, model.backbone.tokenize)
     if channels_last:
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
 
+    graphs = compile_mode in CUDA_GRAPH_MODES
+
     def step():
+        if graphs:  # a new iteration: the previous replay's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = forward(batch["image"], batch["tokens"])
             total, _ = loss_fn(out, batch)
@@ -346,8 +343,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for the model and images")
     p.add_argument("--compile", action="store_true", help="torch.compile the inference forward")
-    p.add_argument("--compile-train", action="store_true",
-                   help="torch.compile the training forward (EHIN and the frozen scorer's image tower)")
+    p.add_argument("--compile-train", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the training forward (EHIN and the frozen scorer's image tower); MODE is "
+                        "torch.compile's (default, reduce-overhead: CUDA graphs, max-autotune)")
     p.add_argument("--fused-adamw", action="store_true", help="AdamW's fused kernel (CUDA only)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the inference forward as a CUDA graph")
     p.add_argument("--fast-norm", action="store_true",
@@ -394,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         if "train" not in skip:
             r["stage1_train"] = stage1_training(cfg, device, amp=args.amp, channels_last=args.channels_last,
                                                 fused=args.fused_adamw, warmup=warmup, repeats=repeats,
-                                                compile_=args.compile_train, trace=trace, trace_name=f"{name}_train")
+                                                compile_mode=args.compile_train, trace=trace, trace_name=f"{name}_train")
         if "infer" not in skip:
             r["stage1_infer"] = stage1_inference(cfg, device, amp=args.amp, channels_last=args.channels_last,
                                                  compile_=args.compile, warmup=warmup, repeats=repeats,

@@ -218,6 +218,7 @@ class TrainConfig:
     amp: bool
     channels_last: bool
     fused_adamw: bool
+    compile: Optional[str]
     threads: Optional[int]
     log_every: int
 
@@ -324,6 +325,7 @@ _RULES: dict[str, Any] = {
     "loss.fg": "nonneg", "loss.cl": "nonneg", "loss.bg": "nonneg", "loss.cl_variant": ("early", "late"),
     "train.batch_size": "pos", "train.epochs": "pos", "train.lr": "nonneg", "train.backbone_lr_mult": "nonneg",
     "train.weight_decay": "nonneg", "train.poly_power": "nonneg", "train.device": ("auto", "cpu", "cuda"),
+    "train.compile": (None, "default", "reduce-overhead", "max-autotune"),
     "train.threads": "pos", "train.log_every": "pos",
     "eval.batch_size": "pos", "eval.max_items": "pos", "eval.every": "pos",
     "stage2.batch_size": "pos", "stage2.epochs": "nonneg", "stage2.lr": "nonneg",
@@ -398,8 +400,8 @@ def validate(cfg: Mapping) -> Config:
 # eval.every only thins the learning curve: the weights and the final metrics are the same (tested; it
 # is refused beside eval.select_split, whose choice it would change). A record's history then holds val
 # metrics for the evaluated epochs only.
-HASH_IGNORE = ("train.device", "train.threads", "train.channels_last", "train.fused_adamw", "data.num_workers",
-               "eval.every")
+HASH_IGNORE = ("train.device", "train.threads", "train.channels_last", "train.fused_adamw", "train.compile",
+               "data.num_workers", "eval.every")
 STAGE2_KEYS = ("stage2", "pseudo")  # sections only pseudo-labels and stage 2 read
 # Keys added after results were committed: left out of the hash while at this value, so that the hashes
 # of the committed cells (bench.check) stay valid; any other value is hashed as usual.

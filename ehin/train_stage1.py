@@ -151,6 +151,21 @@ def build_scorer(cfg: dict):
     return build_frozen_scorer(cfg) if uses_scorer(cfg) else None
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
+
+def compile_for_training(net: torch.nn.Module, scorer: torch.nn.Module | None, mode: str) -> torch.nn.Module:
+    """train.compile: `net` compiled with torch.compile's `mode`, and the frozen scorer's image tower too
+    (it runs on 2N masked images with input gradients every step); the loss's text cache stays eager.
+    The step is launch-bound without it: reports/perf/profile_bf16_compiletrain has ~29 ms of kernels in
+    a ~86 ms step at the paper size; "reduce-overhead" replays the compiled regions as CUDA graphs
+    (reports/perf/h200_bf16_cl_fused_compiletrain_ro.json). With those modes, call
+    torch.compiler.cudagraph_mark_step_begin() before each step's forward."""
+    if scorer is not None:
+        scorer.clip.encode_image = torch.compile(scorer.clip.encode_image, mode=mode)
+    return torch.compile(net, mode=mode)
+
+
 def poly_lambda(total_iters: int, power: float):
     return lambda it: max(0.0, 1.0 - it / max(1, total_iters)) ** power
 
@@ -294,6 +309,9 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
     # The CLIP parameters that EHIN does not use (ViT `proj`, the RN attention pooling, CLIP's own
     # logit scale) get no gradient: DDP must be told, and leaves their .grad None as a single process does.
     net = data_parallel(model, device, world, find_unused=True)
+    compile_mode = t["compile"] if device.type == "cuda" else None  # a CUDA lever, as channels_last
+    if compile_mode is not None:
+        net = compile_for_training(net, scorer, compile_mode)
 
     def save_last(epoch: int, steps_done: dict | None = None) -> None:
         """Everything a resumed run needs (rank 0): `epoch` is the last finished one; `steps_done` the
@@ -325,6 +343,8 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
                 batch = _to_device(batch, device)
                 if channels_last:
                     batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+                if compile_mode in CUDA_GRAPH_MODES:  # the last step's graph outputs may now be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     total, terms = forward_loss(net, loss_fn, batch, world)
                 global_step = epoch * steps_per_epoch + step

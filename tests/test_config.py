@@ -78,13 +78,21 @@ def test_one_hash_function_for_both_conventions():
 
 
 def test_speed_levers_leave_the_hash_alone():
-    """Device, threads, loader workers, channels-last and fused AdamW change speed (and float rounding), not
-    what a run means: a cell run with them resumes and is compared as the same cell."""
+    """Device, threads, loader workers, channels-last, fused AdamW and torch.compile change speed (and float
+    rounding), not what a run means: a cell run with them resumes and is compared as the same cell."""
     cfg = load_config(profile="gpu")
     fast = load_config(profile="gpu", overrides={"train.channels_last": True, "train.fused_adamw": True,
+                                                 "train.compile": "reduce-overhead",
                                                  "train.threads": 4, "data.num_workers": 2, "train.device": "cpu"})
     assert config_hash(cfg) == config_hash(fast) and config_hash(cfg, stage="1") == config_hash(fast, stage="1")
     assert config_hash(cfg) != config_hash(load_config(profile="gpu", overrides={"train.amp": True}))
+
+
+def test_compile_takes_torch_compiles_modes_only():
+    for mode in (None, "default", "reduce-overhead", "max-autotune"):
+        assert load_config(profile="smoke", overrides={"train.compile": mode})["train"]["compile"] == mode
+    with pytest.raises(ConfigError, match="train.compile = 'graphs': must be one of"):
+        load_config(profile="smoke", overrides={"train.compile": "graphs"})
 
 
 def test_committed_cell_hashes_are_unchanged():
