@@ -144,7 +144,7 @@ def stage1_training(cfg: dict, device: torch.device, *, amp: bool, channels_last
                     trace_name: str = "train") -> dict:
     from ehin.losses import Stage1Loss
     from ehin.model import build_model
-    from ehin.train_stage1 import CUDA_GRAPH_MODES, build_scorer, compile_for_training
+    from ehin.train_stage1 import build_scorer, compile_for_training
 
     model = build_model(cfg).to(device)
     scorer = build_scorer(cfg)
@@ -158,11 +158,7 @@ def stage1_training(cfg: dict, device: torch.device, *, amp: bool, channels_last
     if channels_last:
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
 
-    graphs = compile_mode in CUDA_GRAPH_MODES
-
     def step():
-        if graphs:  # a new iteration: the previous replay's outputs may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = forward(batch["image"], batch["tokens"])
             total, _ = loss_fn(out, batch)

@@ -151,19 +151,22 @@ def build_scorer(cfg: dict):
     return build_frozen_scorer(cfg) if uses_scorer(cfg) else None
 
 
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
-
-
-def compile_for_training(net: torch.nn.Module, scorer: torch.nn.Module | None, mode: str) -> torch.nn.Module:
-    """train.compile: `net` compiled with torch.compile's `mode`, and the frozen scorer's image tower too
-    (it runs on 2N masked images with input gradients every step); the loss's text cache stays eager.
-    The step is launch-bound without it: reports/perf/profile_bf16_compiletrain has ~29 ms of kernels in
-    a ~86 ms step at the paper size; "reduce-overhead" replays the compiled regions as CUDA graphs
-    (reports/perf/h200_bf16_cl_fused_compiletrain_ro.json). With those modes, call
-    torch.compiler.cudagraph_mark_step_begin() before each step's forward."""
+def compile_for_training(net: torch.nn.Module, scorer: torch.nn.Module | None, mode: str) -> Callable:
+    """train.compile: `net`'s forward compiled with torch.compile's `mode`, and the frozen scorer's image
+    tower too (it runs on 2N masked images with input gradients every step); the loss's text cache stays
+    eager. The step is launch-bound without it: reports/perf/profile_bf16_compiletrain has ~29 ms of
+    kernels in a ~86 ms step at the paper size; "reduce-overhead" replays the compiled regions as CUDA
+    graphs (reports/perf/h200_bf16_cl_fused_compiletrain_ro.json). Each call of the returned forward
+    starts a step, so a graph may overwrite the previous step's outputs."""
     if scorer is not None:
         scorer.clip.encode_image = torch.compile(scorer.clip.encode_image, mode=mode)
-    return torch.compile(net, mode=mode)
+    compiled = torch.compile(net, mode=mode)
+
+    def forward(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()  # a no-op for modes without CUDA graphs
+        return compiled(*args, **kwargs)
+
+    return forward
 
 
 def poly_lambda(total_iters: int, power: float):
@@ -221,7 +224,7 @@ def train_loader(ds: Dataset, batch_size: int, gen: torch.Generator, collate_fn:
                       worker_init_fn=_ignore_sigterm if num_workers else None)
 
 
-def forward_loss(net: torch.nn.Module, loss_fn: Callable, batch: dict, world: int = 1) -> tuple[torch.Tensor, dict]:
+def forward_loss(net: Callable, loss_fn: Callable, batch: dict, world: int = 1) -> tuple[torch.Tensor, dict]:
     """The step's loss (total, terms). Under DDP (docs/method.md, D-DDP) `batch` is this rank's share of
     the global batch: its images are fused with the texts of every rank (gathered with their gradient)
     and the loss is the mean over this rank's rows, so DDP's gradient average is the gradient of the
@@ -343,8 +346,6 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
                 batch = _to_device(batch, device)
                 if channels_last:
                     batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-                if compile_mode in CUDA_GRAPH_MODES:  # the last step's graph outputs may now be overwritten
-                    torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     total, terms = forward_loss(net, loss_fn, batch, world)
                 global_step = epoch * steps_per_epoch + step
