@@ -210,6 +210,8 @@ def perf_section(reports: Path, root: Path) -> str:
                   or "none (fp32 eager)")
         if d.get("procs", 1) > 1:
             levers += f"; {d['procs']} processes at once (img/s summed)"
+        if d.get("environment", {}).get("mps"):
+            levers += " under the MPS daemon"
         for model, r in d.get("results", {}).items():
             train, infer, s2 = r.get("stage1_train", {}), r.get("stage1_infer", {}), r.get("stage2", {})
             lines.append(f"| `{_rel(f, root)}` | {d.get('size', '—')} | {d.get('environment', {}).get('gpu', '—')} | "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -314,7 +315,7 @@ def environment(device: torch.device) -> dict:
            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                   cudnn=torch.backends.cudnn.version())
+                   cudnn=torch.backends.cudnn.version(), mps=bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")))
     return env
 
 

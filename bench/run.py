@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from bench.executors import EXECUTORS, add_slurm_args, dispatch, slurm_options
 from bench.jobs import CellSpec
+from bench.mps import add_mps_arg, mps_control, mps_daemon
 from bench.store import ResultStore, cell_id
-from ehin.cli import command, command_parser
+from ehin.cli import UserError, command, command_parser
 from ehin.config import config_hash
 
 DEFAULT_SEEDS = {"smoke": 1, "synthetic": 3, "gpu": 5, "paper": 1}
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every cell (changes the cells' config hash)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
+    add_mps_arg(p)
     p.add_argument("--no-render", action="store_true", help="run the cells without rendering the tables")
     add_slurm_args(p)
     args = p.parse_args(argv)
@@ -209,15 +212,21 @@ def main(argv: list[str] | None = None) -> int:
     return run_tables([load_sweep(name) for name in names], args.profile, seeds,
                       results_root(args.profile, args.results), executor=args.executor, jobs=args.jobs,
                       rows=rows, extra=extra, slurm=slurm_options(args, array_parallelism=args.jobs),
-                      reports=args.reports, render_tables=not args.no_render, dry_run=args.dry_run)
+                      reports=args.reports, render_tables=not args.no_render, dry_run=args.dry_run,
+                      mps=args.mps)
 
 
 def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: str = "local",
                jobs: int = 2, rows: list[str] | None = None, extra: dict | None = None,
                slurm: dict | None = None, reports: str | Path = "reports", render_tables: bool = True,
-               dry_run: bool = False) -> int:
+               dry_run: bool = False, mps: bool = False) -> int:
     """Run the cells of `sweeps` missing from ROOT/store.jsonl as one queue, then render each table;
-    returns the exit status (1 when a cell failed)."""
+    returns the exit status (1 when a cell failed). `mps`: the local cells run under NVIDIA's MPS
+    daemon (bench.mps)."""
+    if mps and executor != "local":
+        raise UserError("--mps is for --executor local (on SLURM, ask the cluster for MPS: --gres=mps)")
+    if mps and not dry_run:
+        mps_control()  # refuse before any dataset is prepared, not after
     store = ResultStore(root)
     extra = dict(extra or {})
     if executor == "local":
@@ -249,7 +258,8 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
             print(f"one queue: {len(to_run)} cells to run for {len(sweeps)} tables"
                   f" ({len(copies)} more are the same computation as one of them)")
         prepare_prerequisites(to_run)
-        outcomes = dispatch(to_run, executor, jobs=jobs, folder=root / "submitit", slurm=slurm)
+        with mps_daemon() if mps else nullcontext():
+            outcomes = dispatch(to_run, executor, jobs=jobs, folder=root / "submitit", slurm=slurm)
     reuse_identical_cells(copies, store)  # a copy whose cell failed stays missing, as that cell
     failed = sum(not o.ok for o in outcomes)
     if render_tables:

@@ -55,6 +55,8 @@ def host_info() -> dict[str, Any]:
             "torch": torch.__version__, **numerics.describe()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        # Under MPS (bench.mps) packed cells share one CUDA context: their timings are not a lone cell's.
+        info["mps"] = bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))
     return info
 
 

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 from bench.executors import EXECUTORS
+from bench.mps import add_mps_arg
 from bench.run import DEFAULT_SEEDS, build_specs, positive_int, results_root, run_tables
 from bench.store import ResultStore
 from bench.sweeps import SWEEPS_DIR, load_sweep
@@ -297,7 +298,9 @@ def markdown(v: dict) -> str:
         + ("" if v["complete"] else " (not every cell has run)"),
         f"- §2.4: pooled seed std {_fmt(p['pooled_std'], '.2f')} (≤ {POOLED_STD_MAX:.0f}: {_yes(p['pooled_met'])}); "
         f"≥ {MIN_EXPRESSIONS} expressions evaluated on every split: {_yes(p['expressions_met'])}; "
-        f"{p['seeds']} seeds (TESTBED asks for {POWER_SEEDS}): {'met' if p['met'] else 'not met'}",
+        f"{p['seeds']} seeds (TESTBED asks for {POWER_SEEDS}): {_yes(p['enough_seeds'])}; "
+        f"every variant's std ≤ {VARIANT_STD_MAX:.0f}: {_yes(all(r.get('std_met') for r in v['variants']))}; "
+        f"§2.4 as a whole: {'met' if p['met'] else 'not met'}",
     ]
     if twin:
         within = [(r.get("run_to_run") or {}).get("within_seed_std") for r in v["variants"]]
@@ -332,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=positive_int, default=5, help="seeds per variant (default: 5; §2.4 asks for 10)")
     p.add_argument("--executor", default="local", choices=EXECUTORS, help="as bench.run (default: local)")
     p.add_argument("--jobs", type=int, default=2, help="cells at once, as bench.run (default: 2)")
+    add_mps_arg(p)
     p.add_argument("--results", help="results folder (default results/<profile>)")
     p.add_argument("--rerun", help="a second results folder holding the same cells run again (default: none)")
     p.add_argument("--rerun-set", dest="rerun_overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -360,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     if not args.report_only:
         rc = run_tables([control_sweep()], args.profile, args.seeds, root, executor=args.executor,
-                        jobs=args.jobs, rows=rows, extra=extra, render_tables=False)
+                        jobs=args.jobs, rows=rows, extra=extra, render_tables=False, mps=args.mps)
     v = verdicts(args.profile, args.seeds, root, Path(args.rerun) if args.rerun else None, extra=extra, rows=rows,
                  rerun_extra=parse_assignments(args.rerun_overrides))
     out = Path(args.out)
