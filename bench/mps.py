@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from bench.executors import local_gpus
 from ehin.cli import UserError
 
 CONTROL = "nvidia-cuda-mps-control"
@@ -35,14 +36,28 @@ def add_mps_arg(p: argparse.ArgumentParser) -> None:
                         "the cells packed on a GPU share it instead of taking turns (bench.mps; default: off)")
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def mps_control() -> str:
     """The MPS control binary, or a one-line UserError naming why MPS cannot start here."""
     control = shutil.which(CONTROL)
     if control is None:
         raise UserError(f"--mps: {CONTROL} is not on PATH (it comes with the NVIDIA driver); leave out --mps")
-    if local_gpus() == 0:
+    if not cuda_available():
         raise UserError("--mps needs a CUDA GPU on this machine; leave out --mps")
     return control
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _exit_on_term(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 @contextmanager
@@ -55,12 +70,16 @@ def mps_daemon() -> Iterator[Path]:
         Path(path).mkdir()
     saved = {k: os.environ.get(k) for k in ENV_KEYS}
     os.environ.update(env)
+    # A SIGTERM (timeout, scancel) would end the process without `finally` and leave the daemon running.
+    on_term = signal.signal(signal.SIGTERM, _exit_on_term) if _main_thread() else None
     try:
         subprocess.run([control, "-d"], stdin=subprocess.DEVNULL, check=True)
         print(f"MPS daemon started ({folder}); the cells share the GPU's context", flush=True)
         yield folder
     finally:
         subprocess.run([control], input="quit\n", text=True, timeout=60, check=False)
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 
 import ehin  # noqa: F401  (the torchvision shim must run before open_clip is imported)
-from ehin.cli import command, command_parser
+from bench.mps import add_mps_arg, mps_daemon
+from ehin.cli import UserError, command, command_parser
 
 CONFIGS = {
     "ehin": {},
@@ -354,14 +356,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip", default="", help="comma-separated parts to skip: train, infer, stage2 (default: none)")
     p.add_argument("--procs", type=int, default=1,
                    help="run N copies at once, each its own process on the device (default: 1)")
+    add_mps_arg(p)
     p.add_argument("--barrier", help=argparse.SUPPRESS)  # FOLDER:RANK:PROCS, set by --procs for its children
     args = p.parse_args(argv)
     global _barrier
+    if args.mps and args.procs < 2:
+        raise UserError("bench.perf: --mps shares the GPU between the processes of --procs N (N >= 2)")
     if args.procs > 1:
         if args.trace:
             raise SystemExit("bench.perf: --trace profiles one process; leave out --procs")
         own = list(argv if argv is not None else sys.argv[1:])
-        report = packed(_without(own, ("--procs", "--out")), args.procs)
+        with mps_daemon() if args.mps else nullcontext():
+            report = packed(_without([a for a in own if a != "--mps"], ("--procs", "--out")), args.procs)
         print(json.dumps(report["results"], indent=1))
         _write(report, args.out)
         return

@@ -33,7 +33,7 @@ def test_mps_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
     from bench.run import main
 
     _stand_in_control(tmp_path, monkeypatch)
-    monkeypatch.setattr("bench.mps.local_gpus", lambda: 0)
+    monkeypatch.setattr("bench.mps.cuda_available", lambda: False)
     _fails_cleanly(main, ["table6", "--profile", "smoke", "--mps", "--results", str(tmp_path / "res")], capsys,
                    "--mps needs a CUDA GPU")
 
@@ -52,7 +52,7 @@ def test_the_daemon_serves_the_block_and_quits_after_an_error(tmp_path, monkeypa
     from bench.mps import mps_daemon
 
     calls = _stand_in_control(tmp_path, monkeypatch)
-    monkeypatch.setattr("bench.mps.local_gpus", lambda: 1)
+    monkeypatch.setattr("bench.mps.cuda_available", lambda: True)
     monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
     with pytest.raises(RuntimeError, match="a cell broke"):
         with mps_daemon() as folder:
@@ -63,3 +63,29 @@ def test_the_daemon_serves_the_block_and_quits_after_an_error(tmp_path, monkeypa
     assert started.startswith("-d ") and started.endswith(pipe)
     assert quit_.startswith(" [quit]") and quit_.endswith(pipe)  # quit sent to the same daemon
     assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ and not folder.exists()
+
+
+def test_a_sigterm_in_the_block_still_quits_the_daemon(tmp_path, monkeypatch):
+    """timeout(1) and scancel send SIGTERM, which would otherwise end Python without its `finally`."""
+    import signal
+
+    from bench.mps import mps_daemon
+
+    calls = _stand_in_control(tmp_path, monkeypatch)
+    monkeypatch.setattr("bench.mps.cuda_available", lambda: True)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exc:
+        with mps_daemon():
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert exc.value.code == 128 + signal.SIGTERM
+    assert [line.split(" ")[0] for line in calls.read_text().splitlines()] == ["-d", ""]  # started, then quit
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_perf_mps_needs_packed_processes(tmp_path, capsys, monkeypatch):
+    from bench.perf import main
+
+    _fails_cleanly(main, ["--device", "cpu", "--size", "small", "--mps"], capsys, "--procs N")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    _fails_cleanly(main, ["--device", "cpu", "--size", "small", "--procs", "2", "--mps"], capsys,
+                   "nvidia-cuda-mps-control is not on PATH")
