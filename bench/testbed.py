@@ -246,6 +246,12 @@ def _environment(by_id: dict, specs) -> dict:
                       if (w := (r.get("inputs") or {}).get(role))})
     if weights:
         env["checkpoints"] = "; ".join(weights)
+    # How the cells ran where it is not in their hash: torch.compile's mode, MPS (bench.mps).
+    modes = sorted({str(m) for r in recs if (m := (r.get("overrides") or {}).get("train.compile"))})
+    if modes:
+        env["train.compile"] = ", ".join(modes)
+    if any(r.get("mps") for r in recs):
+        env["under MPS"] = "yes" if all(r.get("mps") for r in recs) else "some cells"
     return env
 
 

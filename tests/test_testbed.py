@@ -177,6 +177,19 @@ def test_the_report_names_the_checkpoints_the_cells_loaded(tmp_path):
     assert v["environment"]["checkpoints"] == "clip-tiny-rn-abc.pt sha256 0123456789abcdef"
     assert "checkpoints clip-tiny-rn-abc.pt sha256 0123456789abcdef" in markdown(v)
     assert len(specs) == 15
+    assert "train.compile" not in v["environment"] and "under MPS" not in v["environment"]
+
+
+def test_the_report_says_how_the_cells_ran_where_the_hash_does_not(tmp_path):
+    """train.compile and MPS change no hash, so the report names them from the records."""
+    _store(tmp_path / "a")
+    recs = list(ResultStore(tmp_path / "a").read())
+    (tmp_path / "a" / "store.jsonl").write_text("".join(json.dumps(
+        {**r, "overrides": {"train.compile": "reduce-overhead"}, "mps": i > 0}) + "\n" for i, r in enumerate(recs)))
+    v = verdicts("smoke", 3, tmp_path / "a", blind=_blind)
+    assert v["environment"]["train.compile"] == "reduce-overhead"
+    assert v["environment"]["under MPS"] == "some cells"
+    assert "train.compile reduce-overhead" in markdown(v)
 
 
 def _rows(**change):
