@@ -183,12 +183,14 @@ def stage1_training(cfg: dict, device: torch.device, *, amp: bool, channels_last
 
 def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_last: bool, compile_: bool,
                      warmup: int, repeats: int, throughput_batch: int, cuda_graph: bool = False,
-                     trace: Path | None = None, trace_name: str = "infer") -> dict:
+                     fold_bn: bool = False, trace: Path | None = None, trace_name: str = "infer") -> dict:
     from ehin import metrics as M
     from ehin.model import build_model
     from ehin.predict import read_image
 
     model = build_model(cfg).to(device).eval()
+    if fold_bn:
+        model.backbone.fold_batchnorms()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     predict = torch.compile(model.predict, mode="max-autotune") if compile_ else model.predict
@@ -347,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
                         "torch.compile's (default, reduce-overhead: CUDA graphs, max-autotune)")
     p.add_argument("--fused-adamw", action="store_true", help="AdamW's fused kernel (CUDA only)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the inference forward as a CUDA graph")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="fold the RN trunk's BatchNorms into their convolutions for inference (ClipBackbone.fold_batchnorms)")
     p.add_argument("--fast-norm", action="store_true",
                    help="HIPM's InstanceNorms in closed form and as plain ops (model.pair_norm=fast)")
     p.add_argument("--trace", help="folder for torch.profiler tables and Chrome traces of a step")
@@ -386,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
     trace = Path(args.trace) if args.trace else None
     report = {"size": args.size, "device": str(device), "levers": {"amp": args.amp, "channels_last": args.channels_last,
               "compile": args.compile, "compile_train": args.compile_train, "fused_adamw": args.fused_adamw,
-              "cuda_graph": args.cuda_graph, "fast_norm": args.fast_norm}, "environment": environment(device),
+              "cuda_graph": args.cuda_graph, "fast_norm": args.fast_norm, "fold_bn": args.fold_bn},
+              "environment": environment(device),
               "results": {}}
     for name in args.configs.split(","):
         cfg = _cfg(args.size, name, extra)
@@ -400,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
             r["stage1_infer"] = stage1_inference(cfg, device, amp=args.amp, channels_last=args.channels_last,
                                                  compile_=args.compile, warmup=warmup, repeats=repeats,
                                                  throughput_batch=8 if small else 64, cuda_graph=args.cuda_graph,
-                                                 trace=trace, trace_name=f"{name}_infer")
+                                                 fold_bn=args.fold_bn, trace=trace, trace_name=f"{name}_infer")
         if "stage2" not in skip and name == "ehin":
             r["stage2"] = stage2_speed(cfg, device, amp=args.amp, warmup=warmup, repeats=repeats)
         report["results"][name] = r

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import ehin  # noqa: F401  (torchvision shim + HF offline before open_clip is imported)
 import open_clip
@@ -313,6 +314,34 @@ class ClipBackbone(nn.Module):
 
     def train(self, mode: bool = True) -> "ClipBackbone":
         return super().train(mode and not self._frozen)
+
+    # ---- inference helpers --------------------------------------------------------------------
+    def fold_batchnorms(self) -> int:
+        """Fold every BatchNorm of the RN trunk into the convolution it follows (its eval-mode affine
+        map becomes the conv's weights and bias), for inference only: the same outputs from one kernel
+        where there were two. Returns how many were folded (0 for a ViT); refused in training mode,
+        where BatchNorm normalises with the batch's own statistics."""
+        if self.training:
+            raise ValueError("fold_batchnorms is for inference: call .eval() first")
+        visual = self.clip.visual
+        if not isinstance(visual, ModifiedResNet):
+            return 0
+        folded = 0
+        for parent in visual.modules():
+            # open_clip's ModifiedResNet applies bnK right after convK (stem, Bottleneck) and, in a
+            # downsample Sequential, the BatchNorm right after the Conv2d.
+            kids = dict(parent.named_children())
+            if isinstance(parent, nn.Sequential):
+                names = list(kids)
+                pairs = list(zip(names, names[1:]))
+            else:
+                pairs = [(name, "bn" + name[4:]) for name in kids if name.startswith("conv")]
+            for conv, bn in pairs:
+                if isinstance(kids.get(conv), nn.Conv2d) and isinstance(kids.get(bn), nn.BatchNorm2d):
+                    setattr(parent, conv, fuse_conv_bn_eval(kids[conv], kids[bn]))
+                    setattr(parent, bn, nn.Identity())
+                    folded += 1
+        return folded
 
     def extra_repr(self) -> str:
         return (f"arch={self.arch}, image_size={self.image_size}, visual_channels={self.visual_channels}, "

@@ -286,3 +286,29 @@ def test_openai_style_torchscript_archive(tmp_path) -> None:
     assert loaded.quick_gelu and not src.quick_gelu
     for k, v in src.clip.state_dict().items():
         assert torch.equal(loaded.clip.state_dict()[k], v), k
+
+
+def test_folding_the_batchnorms_keeps_the_outputs() -> None:
+    """fold_batchnorms (inference): every BatchNorm of the RN trunk goes into its convolution and the
+    dense features and the pooled embedding stay what they were, with BatchNorms far from identity."""
+    torch.manual_seed(1)
+    m = build_clip("clip-tiny-rn", None, 64)
+    bns = [b for b in m.clip.visual.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    for b in bns:
+        c = b.num_features
+        b.running_mean.copy_(torch.randn(c) * 0.5)
+        b.running_var.copy_(torch.rand(c) * 2 + 0.2)
+        b.weight.data.copy_(torch.randn(c))
+        b.bias.data.copy_(torch.randn(c))
+    with pytest.raises(ValueError, match="eval"):
+        m.fold_batchnorms()
+    m.eval()
+    img = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        dense, pooled = m.encode(img)
+        assert m.fold_batchnorms() == len(bns) > 0
+        dense2, pooled2 = m.encode(img)
+    assert not any(isinstance(b, torch.nn.BatchNorm2d) for b in m.clip.visual.modules())
+    assert torch.allclose(dense2, dense, rtol=1e-4, atol=1e-4 * dense.abs().max().item())
+    assert torch.allclose(pooled2, pooled, rtol=1e-4, atol=1e-4 * pooled.abs().max().item())
+    assert build_clip("clip-tiny", None, 64).eval().fold_batchnorms() == 0  # a ViT has none
