@@ -1,4 +1,5 @@
-"""NVIDIA's Multi-Process Service (MPS) for the cells packed on one GPU (`--mps` of bench.run, bench.testbed).
+"""NVIDIA's Multi-Process Service (MPS) for the cells packed on one GPU (`--mps` of bench.run, bench.testbed,
+and bench.perf's `--procs`).
 
 Cells packed on a GPU are separate processes, and without MPS the GPU time-slices between their CUDA
 contexts: a small cell's launch-bound step leaves most of the GPU idle in its slice. Under the MPS
@@ -34,6 +35,11 @@ def add_mps_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mps", action="store_true",
                    help="with --executor local on a CUDA GPU: run the cells under a private NVIDIA MPS daemon, so "
                         "the cells packed on a GPU share it instead of taking turns (bench.mps; default: off)")
+
+
+def active() -> bool:
+    """Whether this process is an MPS client (a daemon's pipe folder is exported to it)."""
+    return bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))
 
 
 def cuda_available() -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 import ehin  # noqa: F401  (the torchvision shim must run before open_clip is imported)
+from bench.mps import active as mps_active
 from bench.mps import add_mps_arg, mps_daemon
 from ehin.cli import UserError, command, command_parser
 
@@ -319,7 +319,7 @@ def environment(device: torch.device) -> dict:
            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                   cudnn=torch.backends.cudnn.version(), mps=bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")))
+                   cudnn=torch.backends.cudnn.version(), mps=mps_active())
     return env
 
 

@@ -49,6 +49,7 @@ def host_info() -> dict[str, Any]:
 
     import torch
 
+    from bench import mps
     from ehin import numerics
 
     info = {"host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -56,7 +57,7 @@ def host_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         # Under MPS (bench.mps) packed cells share one CUDA context: their timings are not a lone cell's.
-        info["mps"] = bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))
+        info["mps"] = mps.active()
     return info
 
 
