@@ -122,24 +122,44 @@ def control_section(reports: Path, root: Path) -> str:
     files = sorted((reports / "testbed").glob("control-*.json"))
     if not files:
         return "## The positive control (TESTBED §2.3-2.4)\n\nNot run yet: `python -m bench.testbed --profile gpu`.\n"
+    from bench.testbed import control_sweep  # the table's columns: the control's variants, in its order
+    control_rows = list(control_sweep().rows)
     lines = _header("The positive control (TESTBED §2.3-2.4)",
                     "The TRIS-like configuration on every variant's val (`sweeps/testbed/control.yaml`), against the "
                     "language-blind guess; margin = control - language-blind (the bar is +15). One row per verdicts "
                     "file, with its settings; the records are in the folder of the same name.",
-                    "verdicts|profile, settings|seeds:|made on|refcoco:|refcoco+:|refcocog google:|refcocog umd:|"
-                    "referit:|pooled std:")
-    previews = []
+                    "verdicts|profile, settings|seeds:|made on|" + "".join(f"{name}:|" for name in control_rows)
+                    + "pooled std:")
+    previews, reruns = [], []
     for f in files:
         v = json.loads(f.read_text())
         if not isinstance(v["variants"], list):  # a hand-run preview, before bench.testbed wrote verdicts
             previews.append((f, v))
             continue
         settings = ", ".join(f"{k}={val}" for k, val in v.get("overrides", {}).items()) or "as the profile"
-        margins = [_f(r.get("margin"), "+.1f") for r in v["variants"]]
+        if v.get("rerun_overrides"):  # a paired rerun: the margins are the first run's, judged against the rerun
+            settings += "; rerun with " + ", ".join(f"{k}={val}" for k, val in v["rerun_overrides"].items())
+        if v.get("rows"):  # a pilot judges only some variants; its pooled std is not TESTBED's (every variant)
+            settings += " (pilot: " + ", ".join(v["rows"]) + ")"
+        by_variant = {r["variant"]: r for r in v["variants"]}
+        margins = [_f(by_variant.get(name, {}).get("margin"), "+.1f") for name in control_rows]
+        pooled = None if v.get("rows") else v["power"].get("pooled_std")
+        reruns += [(f, v, r) for r in v["variants"] if r.get("run_to_run")]
         env = v.get("environment", {})
         lines.append(f"| `{_rel(f, root)}` | {v['profile']}: {settings} | {v['power']['seeds']} | "
                      f"{env.get('device', '—')}, code {env.get('code_version', '—')} | " + " | ".join(margins)
-                     + f" | {_f(v['power'].get('pooled_std'), '.2f')} |")
+                     + f" | {_f(pooled, '.2f')} |")
+    if reruns:  # the same cells run twice (bench.testbed --rerun), with the rerun's own overrides if any
+        lines += ["", "The same cells run a second time, paired by seed (`bench.testbed --rerun`): second run − first, "
+                  "against the first run's seed std.", "",
+                  "| verdicts | second run | variant | cells | mean | mean abs | max abs | seed std | within it |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---|"]
+        for f, v, r in reruns:
+            d = r["run_to_run"]
+            twin = ", ".join(f"{k}={val}" for k, val in v.get("rerun_overrides", {}).items()) or "as the first"
+            lines.append(f"| `{_rel(f, root)}` | {twin} | {r['variant']} | {d['cells']} | "
+                         f"{_f(d.get('mean_diff'), '+.2f')} | {_f(d['mean_abs'], '.2f')} | {_f(d['max_abs'], '.2f')} | "
+                         f"{_f(r.get('std'), '.2f')} | { {True: 'yes', False: 'no'}.get(d.get('within_seed_std'), '—')} |")
     for f, v in previews:
         lines += ["", f"`{_rel(f, root)}` (code {v.get('code', '—')}): {v.get('what', '')}", "",
                   "| dataset | language-blind | control mean | margin |", "|---|---:|---:|---:|"]

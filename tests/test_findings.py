@@ -12,10 +12,13 @@ def test_findings_file_is_what_the_records_give():
         "docs/findings.md is stale: run python -m bench.findings"
 
 
-def _control(margins, seeds=3):
+VARIANTS = ("refcoco", "refcoco+", "refcocog (google)", "refcocog (umd)", "referit")
+
+
+def _control(margins, seeds=3, variants=VARIANTS, **extra):
     return {"profile": "gpu", "overrides": {"synthetic.size": 128}, "power": {"seeds": seeds, "pooled_std": 2.5},
             "environment": {"device": "NVIDIA H200", "code_version": "abc"},
-            "variants": [{"margin": m} for m in margins]}
+            "variants": [{"variant": name, "margin": m} for name, m in zip(variants, margins)], **extra}
 
 
 def test_each_section_reads_its_records(tmp_path):
@@ -23,6 +26,13 @@ def test_each_section_reads_its_records(tmp_path):
     (reports / "testbed").mkdir(parents=True)
     (reports / "perf").mkdir()
     (reports / "testbed" / "control-x.json").write_text(json.dumps(_control([13.0, 30.0, 4.0, 2.6, -0.5])))
+    # A pilot of two variants, rerun in bf16: its margins go under their own variants' columns, its pooled std
+    # (over two variants, not TESTBED's) is left out, and the paired rerun gets its own table.
+    pilot = _control([35.3, 18.1], seeds=10, variants=("refcoco+", "referit"), rows=["refcoco+", "referit"],
+                     rerun_overrides={"train.amp": True})
+    pilot["variants"][0].update(std=6.39, run_to_run={"cells": 10, "mean_abs": 5.6, "max_abs": 16.94,
+                                                      "mean_diff": -1.96, "within_seed_std": True})
+    (reports / "testbed" / "control-y.json").write_text(json.dumps(pilot))
     (reports / "testbed" / "scenes-x.json").write_text(json.dumps([{
         "dataset": "synth-refcoco", "split_by": "unc", "size": 128, "map_size": [16, 16], "pointable_share": 0.999,
         "language_blind_expected": 14.1, "category_aware_pointm": 27.3, "location_blind_pointm": 50.8}]))
@@ -47,6 +57,9 @@ def test_each_section_reads_its_records(tmp_path):
     assert "`clip.pt` ab; synth-refcoco:unc cd." in text
     assert ("| `reports/testbed/control-x.json` | gpu: synthetic.size=128 | 3 | NVIDIA H200, code abc | "
             "+13.0 | +30.0 | +4.0 | +2.6 | -0.5 | 2.50 |") in text
+    assert ("| `reports/testbed/control-y.json` | gpu: synthetic.size=128; rerun with train.amp=True (pilot: refcoco+, "
+            "referit) | 10 | NVIDIA H200, code abc | — | +35.3 | — | — | +18.1 | — |") in text
+    assert "| `reports/testbed/control-y.json` | train.amp=True | refcoco+ | 10 | -1.96 | 5.60 | 16.94 | 6.39 | yes |" in text
     assert "| `reports/testbed/scenes-x.json` | synth-refcoco (unc) | 128 px | 16×16 | 99.9 % | 14.1 | 27.3 | 50.8 |" in text
     assert "| `reports/perf/h200.json` | paper | NVIDIA H200 | amp | ehin | 209.1 | 7.4 | 2.31 | 3607 | — |" in text
     assert ("| `reports/testbed/scorer-x.json` | `clip.pt` | cluttered, 128 px | synth-refcoco (unc) | 48.6 | 14.1 | "
