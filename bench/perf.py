@@ -3,6 +3,7 @@
     python -m bench.perf --device cuda --size paper --out reports/perf/h100.json
     python -m bench.perf --device cpu --size small             # CI's smoke check of this script
     python -m bench.perf --size gpu --configs tris --skip infer,stage2 --procs 16   # cells packed on one GPU
+    python -m bench.perf --configs ehin --skip train,stage2 --cuda-graph --fold-bn --bf16-backbone   # inference
 
 `paper` size: RN50 architecture (random weights: timing does not need trained ones), 320 px,
 N 24, K 6, frozen ViT-B-32 scorer at 224. `small`: the synthetic profile's models at 64 px; `gpu`:
@@ -181,29 +182,46 @@ def stage1_training(cfg: dict, device: torch.device, *, amp: bool, channels_last
     return res
 
 
-def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_last: bool, compile_: bool,
-                     warmup: int, repeats: int, throughput_batch: int, cuda_graph: bool = False,
-                     fold_bn: bool = False, trace: Path | None = None, trace_name: str = "infer") -> dict:
-    from ehin import metrics as M
+def inference_model(cfg: dict, device: torch.device, *, fold_bn: bool = False, bf16_backbone: bool = False,
+                    channels_last: bool = False) -> torch.nn.Module:
+    """EHIN as bench.perf times its inference: in eval mode, the RN trunk's BatchNorms folded into their
+    convolutions (`fold_bn`, in fp32 before any cast), the CLIP backbone's weights cast to bf16 once
+    (`bf16_backbone`: autocast casts each weight again on every call, which at batch 1 costs launches;
+    the head stays fp32, as HIPM's InstanceNorms over near-constant maps lose too much in bf16), channels-last."""
     from ehin.model import build_model
-    from ehin.predict import read_image
 
     model = build_model(cfg).to(device).eval()
     if fold_bn:
         model.backbone.fold_batchnorms()
+    if bf16_backbone:
+        model.backbone.to(torch.bfloat16)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_last: bool, compile_: bool,
+                     warmup: int, repeats: int, throughput_batch: int, cuda_graph: bool = False,
+                     fold_bn: bool = False, bf16_backbone: bool = False, trace: Path | None = None,
+                     trace_name: str = "infer") -> dict:
+    """Batch-1 forward and end-to-end latency and batch-`throughput_batch` images/s of stage 1's maps.
+    `bf16_backbone` runs the backbone in bf16 and the head in fp32, without autocast (`amp` does not apply)."""
+    from ehin import metrics as M
+    from ehin.predict import read_image
+
+    model = inference_model(cfg, device, fold_bn=fold_bn, bf16_backbone=bf16_backbone, channels_last=channels_last)
     predict = torch.compile(model.predict, mode="max-autotune") if compile_ else model.predict
+    dtype = torch.bfloat16 if bf16_backbone else torch.float32  # the images enter the backbone
     s = cfg["data"]["image_size"]
     tokens1 = model.backbone.tokenize(["the red circle on the left"]).to(device)
-    x1 = torch.rand(1, 3, s, s, device=device)
+    x1 = torch.rand(1, 3, s, s, device=device, dtype=dtype)
 
     @torch.no_grad()
     def fwd(x, t):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and not bf16_backbone):
             return predict(x, t)
 
-    xb = torch.rand(throughput_batch, 3, s, s, device=device)
+    xb = torch.rand(throughput_batch, 3, s, s, device=device, dtype=dtype)
     tb = tokens1.expand(throughput_batch, -1).contiguous()
     fwd1 = fwdb = fwd
     if cuda_graph and device.type == "cuda":
@@ -224,7 +242,7 @@ def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_las
         def e2e():
             img = read_image(path)
             x = torch.from_numpy(np.array(Image.fromarray(img).resize((s, s), Image.BILINEAR)))
-            x = x.permute(2, 0, 1).float().div(255).unsqueeze(0).to(device)
+            x = x.permute(2, 0, 1).float().div(255).unsqueeze(0).to(device, dtype)
             t = model.backbone.tokenize(["the red circle on the left"]).to(device)
             m = fwd1(x, t)[0].float()
             return M.stage1_map(m, (s, s), img.shape[:2]) > 0
@@ -351,6 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cuda-graph", action="store_true", help="replay the inference forward as a CUDA graph")
     p.add_argument("--fold-bn", action="store_true",
                    help="fold the RN trunk's BatchNorms into their convolutions for inference (ClipBackbone.fold_batchnorms)")
+    p.add_argument("--bf16-backbone", action="store_true",
+                   help="inference with the CLIP backbone's weights cast to bf16 once and the head in fp32, without "
+                        "autocast (training keeps --amp's choice)")
     p.add_argument("--fast-norm", action="store_true",
                    help="HIPM's InstanceNorms in closed form and as plain ops (model.pair_norm=fast)")
     p.add_argument("--trace", help="folder for torch.profiler tables and Chrome traces of a step")
@@ -390,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     trace = Path(args.trace) if args.trace else None
     report = {"size": args.size, "device": str(device), "levers": {"amp": args.amp, "channels_last": args.channels_last,
               "compile": args.compile, "compile_train": args.compile_train, "fused_adamw": args.fused_adamw,
-              "cuda_graph": args.cuda_graph, "fast_norm": args.fast_norm, "fold_bn": args.fold_bn},
+              "cuda_graph": args.cuda_graph, "fast_norm": args.fast_norm, "fold_bn": args.fold_bn,
+              "bf16_backbone": args.bf16_backbone},
               "environment": environment(device),
               "results": {}}
     for name in args.configs.split(","):
@@ -405,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
             r["stage1_infer"] = stage1_inference(cfg, device, amp=args.amp, channels_last=args.channels_last,
                                                  compile_=args.compile, warmup=warmup, repeats=repeats,
                                                  throughput_batch=8 if small else 64, cuda_graph=args.cuda_graph,
-                                                 fold_bn=args.fold_bn, trace=trace, trace_name=f"{name}_infer")
+                                                 fold_bn=args.fold_bn, bf16_backbone=args.bf16_backbone, trace=trace,
+                                                 trace_name=f"{name}_infer")
         if "stage2" not in skip and name == "ehin":
             r["stage2"] = stage2_speed(cfg, device, amp=args.amp, warmup=warmup, repeats=repeats)
         report["results"][name] = r

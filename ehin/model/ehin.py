@@ -44,7 +44,12 @@ class EHIN(nn.Module):
     # ---- features ---------------------------------------------------------------------------------
     def features(self, images01: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(V [N, C_d, h, w], L [N, C_d]), both L2-normalised per position (§3.1)."""
-        vis = self.vis_proj(self.backbone.encode_dense(images01))
+        dense = self.backbone.encode_dense(images01)
+        if not torch.is_autocast_enabled(dense.device.type):
+            # A backbone cast to bf16 for inference hands the fp32 head its features in fp32 (bench.perf's
+            # --bf16-backbone); under autocast the head's layers choose their own precision.
+            dense = dense.to(self.vis_proj.weight.dtype)
+        vis = self.vis_proj(dense)
         sentence = self.backbone.encode_text(tokens)[0]
         lan = self.lan_proj(sentence.to(vis.dtype))
         return F.normalize(vis, dim=1), F.normalize(lan, dim=-1)
