@@ -135,9 +135,12 @@ def row_status(states: set[str]) -> str:
 # ---------------------------------------------------------------------------- header
 
 def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
-           left_out: Iterable[dict] = ()) -> dict[str, Any]:
+           left_out: Iterable[dict] = (), fidelity: dict | None = None,
+           fidelity_source: str | None = None) -> dict[str, Any]:
     """What the numbers are: profile, seeds, datasets used vs the paper's, code versions, config
-    hashes shown and records left out (`split_by_config`), metrics protocol, hardware."""
+    hashes shown and records left out (`split_by_config`), metrics protocol, hardware, and, where
+    `fidelity_source` names the testbed's verdicts file (`fidelity` its content, None if it does not
+    exist), what TESTBED.md says of the testbed they ran on (`testbed_status`)."""
     profile, recs = select_records(sweep, records, profile)
     recs = [r for r in recs if r.get("row") in sweep.rows]
     real = sweep.datasets_used(None)
@@ -165,7 +168,48 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
                       "code_version": r.get("code_version")} for r in left_out],
         "metrics_protocols": sorted({str(r.get("metrics_protocol", PROTOCOL_BEFORE)) for r in recs}),
         "hardware": hardware,
+        "testbed": (testbed_status(recs, profile, fidelity, fidelity_source) if recs else "-")
+        if fidelity_source is not None else None,
     }
+
+
+# TESTBED §2's criteria as bench.testbed --fidelity names them in fidelity.json's per-variant "met".
+TESTBED_CRITERIA = {"scenes": "§2.1", "scorer": "§2.2", "control": "§2.3", "power": "§2.4"}
+
+
+def testbed_status(records: Iterable[dict], profile: str | None, fidelity: dict | None, source: str) -> str:
+    """What TESTBED.md says of the testbed these records ran on, from `fidelity` (reports/testbed/fidelity.json,
+    written by `bench.testbed --fidelity`; `source` names it): the criteria met and missed, if every record
+    loaded the datasets and CLIP checkpoints that file judged (their sha256 in the records' `inputs`).
+    The testbed's rule (reports/testbed/README.md) has every table run on it name the criteria it misses."""
+    if fidelity is None:
+        return f"not judged (no {source}: `python -m bench.testbed --fidelity`)"
+    if profile != fidelity["profile"]:
+        return f"not judged (TESTBED judges the {fidelity['profile']} profile: {source})"
+    frozen = fidelity["frozen"]
+    weights = {c["sha256"] for c in frozen["checkpoints"]}
+    recs = list(records)
+
+    def judged(r: dict) -> bool:
+        inputs = r.get("inputs") or {}
+        ds = inputs.get("dataset") or {}
+        shas = [w.get("sha256") for role in ("backbone", "scorer") if (w := inputs.get(role))]
+        frozen_ds = frozen["datasets"].get(f"{ds.get('name')}:{ds.get('split_by')}")
+        return bool(shas) and all(sha in weights for sha in shas) and frozen_ds is not None and frozen_ds == ds.get("sha256")
+
+    other = sum(not judged(r) for r in recs)
+    if other:
+        return f"not the one judged in {source}: {other} of {len(recs)} records loaded other datasets or CLIP weights"
+    met, missed = [], []
+    for key, section in TESTBED_CRITERIA.items():
+        verdicts = {name: v["met"].get(key) for name, v in fidelity["variants"].items()}
+        off = [name for name, ok in verdicts.items() if ok is not True]
+        if key == "power" and fidelity.get("pooled_met") is not True:
+            off.insert(0, f"pooled seed std {_fmt(fidelity.get('pooled_std'), 2)} > 3")
+        (missed if off else met).append(section if not off else f"{section} ({', '.join(off)})")
+    settings = ", ".join(f"{k}={v}" for k, v in fidelity.get("overrides", {}).items())
+    return (f"judged in {source}" + (f" (its control: {settings})" if settings else "")
+            + f"; met: {', '.join(met) or 'none'}; missed: {', '.join(missed) or 'none'}")
 
 
 def _pretty_dataset(text: str) -> str:
@@ -197,7 +241,7 @@ def header_lines(info: dict[str, Any]) -> list[str]:
         "configs: " + _configs_line(info),
         "evaluation: " + (", ".join(info.get("metrics_protocols", [])) or "-"),
         "hardware: " + (", ".join(info["hardware"]) or "-"),
-    ]
+    ] + ([f"testbed: {info['testbed']}"] if info.get("testbed") else [])  # older cells.json: no testbed key
 
 
 def _configs_line(info: dict[str, Any]) -> str:
@@ -354,16 +398,20 @@ def _json_safe(x: Any) -> Any:
 
 def write_tables(sweep: Sweep, records: Iterable[dict], out_dir: str | Path, *, profile: str | None = None,
                  seeds: Iterable[int] | None = None, failed: Iterable[str] = (),
-                 left_out: Iterable[dict] = ()) -> dict[str, Path]:
+                 left_out: Iterable[dict] = (), fidelity_file: str | Path | None = None) -> dict[str, Path]:
     """Write table.md, table.tex, table.html and cells.json into out_dir; return their paths.
     `failed`: rows with a failed cell (shown "failed" rather than "pending"); `left_out`: stored records
-    not shown (`split_by_config`), named in the header."""
+    not shown (`split_by_config`), named in the header; `fidelity_file`: the testbed's verdicts
+    (reports/testbed/fidelity.json), read if it exists, for the header's testbed line."""
     records = list(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     profile, _ = select_records(sweep, records, profile)
     cells = render_cells(sweep, records, profile=profile, seeds=seeds, failed=failed)
-    info = header(sweep, records, profile=profile, left_out=left_out)
+    fid = Path(fidelity_file) if fidelity_file is not None else None
+    info = header(sweep, records, profile=profile, left_out=left_out,
+                  fidelity=json.loads(fid.read_text()) if fid is not None and fid.exists() else None,
+                  fidelity_source=str(fid) if fid is not None else None)
     # The per-seed values let the plots be redrawn from cells.json alone (the store is not committed).
     values = seed_values(sweep, records, profile)
     payload = {"header": info,

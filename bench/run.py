@@ -165,7 +165,8 @@ def render(sweep, profile: str, root: Path, reports: str | Path = "reports", see
     stored = ResultStore(root).select(table=sweep.name, profile=profile, latest_only=False)
     records, left_out = split_by_config(stored, expected)
     out = reports_dir(sweep.name, profile, reports)
-    write_tables(sweep, records, out, profile=profile, seeds=list(range(n)), failed=failed, left_out=left_out)
+    write_tables(sweep, records, out, profile=profile, seeds=list(range(n)), failed=failed, left_out=left_out,
+                 fidelity_file=Path(reports) / "testbed" / "fidelity.json")
     write_plots(sweep, records, out, profile=profile)
     return out
 

@@ -258,3 +258,53 @@ def test_failed_rows_say_failed_not_pending(tmp_path):
     assert "<tr class='failed'>" in paths["html"].read_text()
     grid = write_tables(sweep("table2"), [], tmp_path / "t2", failed=set(sweep("table2").rows))
     assert "pending" not in grid["md"].read_text().split("| Metric")[1]
+
+
+def _fidelity(**overrides) -> dict:
+    """A testbed verdicts file as `bench.testbed --fidelity` writes it (made-up verdicts): two variants,
+    §2.3 missed on one, §2.4's pooled std missed and one variant's std too."""
+    met = {"scenes": True, "scorer": True, "control": True, "power": True}
+    return {"profile": "gpu", "overrides": {"train.epochs": 20}, "pooled_std": 5.2216, "pooled_met": False,
+            "frozen": {"checkpoints": [{"file": "clip.pt", "sha256": "c" * 64}],
+                       "datasets": {"synth-refcoco:unc": "d" * 64, "synth-referit:berkeley": "e" * 64}},
+            "variants": {"synth-refcoco": {"met": {**met, "power": False}},
+                         "synth-referit": {"met": {**met, "control": False}}}, **overrides}
+
+
+def _testbed_record(row: str, seed: int, dataset_sha: str = "d" * 64) -> dict:
+    clip = {"file": "clip.pt", "sha256": "c" * 64}
+    return record("table5", row, seed, {"point_mask": 20.0}, profile="gpu",
+                  inputs={"backbone": clip, "scorer": clip,
+                          "dataset": {"name": "synth-refcoco", "split_by": "unc", "sha256": dataset_sha}})
+
+
+def test_header_names_the_testbed_criteria_its_records_miss(tmp_path):
+    """The testbed's rule: every table run on it names the TESTBED criteria it misses, read from the verdicts
+    file, when its records loaded the datasets and CLIP that file judged; otherwise it says they were not."""
+    from bench.render import testbed_status
+
+    row = next(iter(sweep("table5").rows))
+    recs = [_testbed_record(row, 0), _testbed_record(row, 1)]
+    src = "reports/testbed/fidelity.json"
+    assert testbed_status(recs, "gpu", _fidelity(), src) == (
+        f"judged in {src} (its control: train.epochs=20); met: §2.1, §2.2; "
+        "missed: §2.3 (synth-referit), §2.4 (pooled seed std 5.22 > 3, synth-refcoco)")
+    every = {"scenes": True, "scorer": True, "control": True, "power": True}
+    assert testbed_status(recs, "gpu", _fidelity(pooled_met=True, overrides={}, variants={"v": {"met": every}}),
+                          src) == f"judged in {src}; met: §2.1, §2.2, §2.3, §2.4; missed: none"
+    # Another dataset than the judged one, or no checksums at all: not this testbed's verdicts.
+    other = [_testbed_record(row, 0), _testbed_record(row, 1, dataset_sha="f" * 64)]
+    assert testbed_status(other, "gpu", _fidelity(), src) == (
+        f"not the one judged in {src}: 1 of 2 records loaded other datasets or CLIP weights")
+    assert testbed_status([record("table5", row, 0, {}, profile="gpu")], "gpu", _fidelity(), src).startswith(
+        "not the one judged")
+    assert testbed_status(recs, "synthetic", _fidelity(), src) == f"not judged (TESTBED judges the gpu profile: {src})"
+    assert testbed_status(recs, "gpu", None, src).startswith(f"not judged (no {src}")
+
+    fid = tmp_path / "fidelity.json"
+    fid.write_text(json.dumps(_fidelity()))
+    paths = write_tables(sweep("table5"), recs, tmp_path / "out", fidelity_file=fid)
+    assert f"testbed: judged in {fid} (its control: train.epochs=20)" in paths["md"].read_text()
+    assert json.loads(paths["json"].read_text())["header"]["testbed"].startswith("judged in")
+    plain = write_tables(sweep("table5"), recs, tmp_path / "plain")  # no verdicts file asked for: no line
+    assert "testbed:" not in plain["md"].read_text()
