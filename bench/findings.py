@@ -137,7 +137,7 @@ def control_section(reports: Path, root: Path) -> str:
             previews.append((f, v))
             continue
         settings = ", ".join(f"{k}={val}" for k, val in v.get("overrides", {}).items()) or "as the profile"
-        if v.get("rerun_overrides"):  # a paired rerun: the margins are the first run's, judged against the rerun
+        if v.get("rerun_overrides"):  # a paired rerun: the margins are the first run's; the rerun's are below
             settings += "; rerun with " + ", ".join(f"{k}={val}" for k, val in v["rerun_overrides"].items())
         if v.get("rows"):  # a pilot judges only some variants; its pooled std is not TESTBED's (every variant)
             settings += " (pilot: " + ", ".join(v["rows"]) + ")"
@@ -156,7 +156,7 @@ def control_section(reports: Path, root: Path) -> str:
                   "|---|---|---|---:|---:|---:|---:|---:|---|"]
         for f, v, r in reruns:
             d = r["run_to_run"]
-            twin = ", ".join(f"{k}={val}" for k, val in v.get("rerun_overrides", {}).items()) or "as the first"
+            twin = ", ".join(f"{k}={val}" for k, val in (v.get("rerun_overrides") or {}).items()) or "as the first"
             lines.append(f"| `{_rel(f, root)}` | {twin} | {r['variant']} | {d['cells']} | "
                          f"{_f(d.get('mean_diff'), '+.2f')} | {_f(d['mean_abs'], '.2f')} | {_f(d['max_abs'], '.2f')} | "
                          f"{_f(r.get('std'), '.2f')} | { {True: 'yes', False: 'no'}.get(d.get('within_seed_std'), '—')} |")

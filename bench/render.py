@@ -202,14 +202,34 @@ def testbed_status(records: Iterable[dict], profile: str | None, fidelity: dict 
         return f"not the one judged in {source}: {other} of {len(recs)} records loaded other datasets or CLIP weights"
     met, missed = [], []
     for key, section in TESTBED_CRITERIA.items():
-        verdicts = {name: v["met"].get(key) for name, v in fidelity["variants"].items()}
-        off = [name for name, ok in verdicts.items() if ok is not True]
-        if key == "power" and fidelity.get("pooled_met") is not True:
-            off.insert(0, f"pooled seed std {_fmt(fidelity.get('pooled_std'), 2)} > 3")
+        off = [name for name, v in fidelity["variants"].items() if v["met"].get(key) is not True]
+        if key == "power":
+            off = _power_misses(fidelity, off)
         (missed if off else met).append(section if not off else f"{section} ({', '.join(off)})")
     settings = ", ".join(f"{k}={v}" for k, v in fidelity.get("overrides", {}).items())
     return (f"judged in {source}" + (f" (its control: {settings})" if settings else "")
             + f"; met: {', '.join(met) or 'none'}; missed: {', '.join(missed) or 'none'}")
+
+
+def _power_misses(fidelity: dict, variants_off: list[str]) -> list[str]:
+    """What TESTBED §2.4 misses by fidelity.json: the control incomplete, too few seeds or expressions, the
+    pooled seed std, each variant whose std is over its bound (`variants_off`)."""
+    power = fidelity.get("power")
+    if power is None:  # a file from before bench.testbed recorded §2.4's other checks
+        return [] if fidelity.get("all_met") is True else ["its seeds and expressions not recorded"]
+    off = [] if power["complete"] else ["the control incomplete"]
+    if not power["enough_seeds"]:
+        off.append(f"{power['seeds']} seeds, not {power['seeds_asked']}")
+    if not power["expressions_met"]:
+        off.append(f"fewer than {power['min_expressions']} expressions on a split")
+    pooled = fidelity.get("pooled_std")
+    if pooled is None:
+        off.append("pooled seed std not computed")
+    elif fidelity.get("pooled_met") is not True:
+        off.append(f"pooled seed std {pooled:.2f} > {power['pooled_std_max']:g}")
+    if variants_off:
+        off.append(f"std > {power['variant_std_max']:g} on {', '.join(variants_off)}")
+    return off
 
 
 def _pretty_dataset(text: str) -> str:
@@ -411,7 +431,7 @@ def write_tables(sweep: Sweep, records: Iterable[dict], out_dir: str | Path, *, 
     fid = Path(fidelity_file) if fidelity_file is not None else None
     info = header(sweep, records, profile=profile, left_out=left_out,
                   fidelity=json.loads(fid.read_text()) if fid is not None and fid.exists() else None,
-                  fidelity_source=str(fid) if fid is not None else None)
+                  fidelity_source=_shown_path(fid) if fid is not None else None)
     # The per-seed values let the plots be redrawn from cells.json alone (the store is not committed).
     values = seed_values(sweep, records, profile)
     payload = {"header": info,
@@ -420,6 +440,15 @@ def write_tables(sweep: Sweep, records: Iterable[dict], out_dir: str | Path, *, 
                "values": values.to_dict("records")}
     (out / "cells.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
     return {**_write_formats(sweep, cells, info, out), "json": out / "cells.json"}
+
+
+def _shown_path(path: Path) -> str:
+    """`path` as a header shows it: relative to the working directory where it lies under it (cells.json
+    is committed; a machine's absolute path is not what a reader needs)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def load_cells(folder: str | Path) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:

@@ -229,8 +229,12 @@ def fidelity_summary(v: dict, rows: list[dict], rows_file: str) -> dict:
         }
     power = v["power"]
     every = [ok for r in out.values() for ok in r["met"].values()]
+    # §2.4 beyond the stds, with its thresholds, so a reader of this file alone (bench.render) can say what is missed.
+    power_checks = {"complete": v["complete"], **{k: power[k] for k in ("seeds", "enough_seeds", "expressions_met", "met")},
+                    "seeds_asked": POWER_SEEDS, "pooled_std_max": POOLED_STD_MAX, "variant_std_max": VARIANT_STD_MAX,
+                    "min_expressions": MIN_EXPRESSIONS}
     return {"profile": v["profile"], "overrides": v["overrides"], "control": v["results"], "rows": rows_file,
-            "pooled_std": power["pooled_std"], "pooled_met": power["pooled_met"],
+            "pooled_std": power["pooled_std"], "pooled_met": power["pooled_met"], "power": power_checks,
             "all_met": bool(v["complete"] and power["met"] and all(ok is True for ok in every)),
             "frozen": frozen, "variants": out}
 

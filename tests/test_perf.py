@@ -100,8 +100,8 @@ def test_procs_stops_the_others_when_one_process_fails(monkeypatch):
 
 def test_bf16_backbone_gives_the_fp32_maps_within_bf16_rounding():
     """--bf16-backbone (inference): the backbone's weights cast to bf16 once, BatchNorms folded first, the
-    head in fp32; the maps track fp32's at least as closely as autocast's, and the timing path runs with
-    bf16 images and no autocast."""
+    head in fp32; the maps track fp32's within autocast's error (or 2 % of their range, if that is larger), and
+    the timing path runs with bf16 images and no autocast."""
     from tests.test_model import tiny_cfg
 
     cfg = tiny_cfg(**{"backbone.arch": "clip-tiny-rn"})

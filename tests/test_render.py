@@ -264,7 +264,10 @@ def _fidelity(**overrides) -> dict:
     """A testbed verdicts file as `bench.testbed --fidelity` writes it (made-up verdicts): two variants,
     §2.3 missed on one, §2.4's pooled std missed and one variant's std too."""
     met = {"scenes": True, "scorer": True, "control": True, "power": True}
+    power = {"complete": True, "seeds": 10, "enough_seeds": True, "expressions_met": True, "met": False,
+             "seeds_asked": 10, "pooled_std_max": 3.0, "variant_std_max": 4.0, "min_expressions": 2000}
     return {"profile": "gpu", "overrides": {"train.epochs": 20}, "pooled_std": 5.2216, "pooled_met": False,
+            "power": power, "all_met": False,
             "frozen": {"checkpoints": [{"file": "clip.pt", "sha256": "c" * 64}],
                        "datasets": {"synth-refcoco:unc": "d" * 64, "synth-referit:berkeley": "e" * 64}},
             "variants": {"synth-refcoco": {"met": {**met, "power": False}},
@@ -278,7 +281,7 @@ def _testbed_record(row: str, seed: int, dataset_sha: str = "d" * 64) -> dict:
                           "dataset": {"name": "synth-refcoco", "split_by": "unc", "sha256": dataset_sha}})
 
 
-def test_header_names_the_testbed_criteria_its_records_miss(tmp_path):
+def test_header_names_the_testbed_criteria_its_records_miss(tmp_path, monkeypatch):
     """The testbed's rule: every table run on it names the TESTBED criteria it misses, read from the verdicts
     file, when its records loaded the datasets and CLIP that file judged; otherwise it says they were not."""
     from bench.render import testbed_status
@@ -288,10 +291,21 @@ def test_header_names_the_testbed_criteria_its_records_miss(tmp_path):
     src = "reports/testbed/fidelity.json"
     assert testbed_status(recs, "gpu", _fidelity(), src) == (
         f"judged in {src} (its control: train.epochs=20); met: §2.1, §2.2; "
-        "missed: §2.3 (synth-referit), §2.4 (pooled seed std 5.22 > 3, synth-refcoco)")
+        "missed: §2.3 (synth-referit), §2.4 (pooled seed std 5.22 > 3, std > 4 on synth-refcoco)")
     every = {"scenes": True, "scorer": True, "control": True, "power": True}
-    assert testbed_status(recs, "gpu", _fidelity(pooled_met=True, overrides={}, variants={"v": {"met": every}}),
-                          src) == f"judged in {src}; met: §2.1, §2.2, §2.3, §2.4; missed: none"
+    met = _fidelity(pooled_met=True, overrides={}, all_met=True, variants={"v": {"met": every}})
+    met["power"]["met"] = True
+    assert testbed_status(recs, "gpu", met, src) == f"judged in {src}; met: §2.1, §2.2, §2.3, §2.4; missed: none"
+    # §2.4 is more than the stds: an incomplete control, too few seeds or expressions are misses too.
+    short = _fidelity(pooled_std=None, pooled_met=None, variants={"v": {"met": every}})
+    short["power"].update(complete=False, seeds=4, enough_seeds=False, expressions_met=False)
+    assert testbed_status(recs, "gpu", short, src).endswith(
+        "missed: §2.4 (the control incomplete, 4 seeds, not 10, fewer than 2000 expressions on a split, "
+        "pooled seed std not computed)")
+    old = {k: v for k, v in met.items() if k != "power"}  # a file from before §2.4's other checks were written
+    assert testbed_status(recs, "gpu", old, src).endswith("missed: none")
+    assert testbed_status(recs, "gpu", {**old, "all_met": False}, src).endswith(
+        "missed: §2.4 (its seeds and expressions not recorded)")
     # Another dataset than the judged one, or no checksums at all: not this testbed's verdicts.
     other = [_testbed_record(row, 0), _testbed_record(row, 1, dataset_sha="f" * 64)]
     assert testbed_status(other, "gpu", _fidelity(), src) == (
@@ -304,7 +318,9 @@ def test_header_names_the_testbed_criteria_its_records_miss(tmp_path):
     fid = tmp_path / "fidelity.json"
     fid.write_text(json.dumps(_fidelity()))
     paths = write_tables(sweep("table5"), recs, tmp_path / "out", fidelity_file=fid)
-    assert f"testbed: judged in {fid} (its control: train.epochs=20)" in paths["md"].read_text()
+    assert f"testbed: judged in {fid} (its control: train.epochs=20)" in paths["md"].read_text()  # not under cwd
     assert json.loads(paths["json"].read_text())["header"]["testbed"].startswith("judged in")
+    monkeypatch.chdir(tmp_path)  # under the working directory the header names it relative to it
+    assert "testbed: judged in fidelity.json (" in write_tables(sweep("table5"), recs, "rel", fidelity_file=fid)["md"].read_text()
     plain = write_tables(sweep("table5"), recs, tmp_path / "plain")  # no verdicts file asked for: no line
     assert "testbed:" not in plain["md"].read_text()

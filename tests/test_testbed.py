@@ -231,6 +231,10 @@ def test_fidelity_summary_joins_scenes_scorer_and_control(tmp_path):
     assert g["met"] == {"scenes": True, "scorer": True, "control": True, "power": True}
     assert f["variants"]["synth-refcocog:google"]["met"]["control"] is False  # margin 3
     assert f["pooled_std"] == pytest.approx(math.sqrt(13 / 5)) and f["all_met"] is False
+    # §2.4's other checks and thresholds, so that bench.render can name what is missed from this file alone
+    assert f["power"] == {"complete": True, "seeds": 3, "enough_seeds": False, "expressions_met": v["power"]["expressions_met"],
+                          "met": False, "seeds_asked": 10, "pooled_std_max": 3.0, "variant_std_max": 4.0,
+                          "min_expressions": 2000}
     assert f["frozen"] == {"checkpoints": [{"file": "clip.pt", "sha256": "c" * 64}],
                            "datasets": {"synth-refcoco+:unc": "d-synth-refcoco+", "synth-refcoco:unc": "d-synth-refcoco",
                                         "synth-refcocog:google": "d-synth-refcocog", "synth-refcocog:umd": "d-synth-refcocog",
