@@ -18,7 +18,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import submitit
 
@@ -153,10 +153,17 @@ def dispatch(
     runner: Runner | None = None,
     view: LiveView | None = None,
     local_timeout_min: int = 24 * 60,
+    compile_group: Callable[[Any], tuple[Hashable, Path] | None] | None = None,
+    compile_wait_s: float = 900.0,
 ) -> list[Outcome]:
     """Run `runner(spec)` for every spec (default: `CellRunner`, specs are `CellSpec`s) on `executor`,
     at most `jobs` at a time locally. `view` replaces the sweep's status line (a search shows its
-    study's progress instead); `local_timeout_min` is a local job's time limit (SLURM's is `slurm`'s)."""
+    study's progress instead); `local_timeout_min` is a local job's time limit (SLURM's is `slurm`'s).
+
+    `compile_group(spec)` -> (group, marker) or None: locally, on a host with a GPU, the first cell of
+    each group starts alone and the group's other cells wait until it writes `marker` (its first training
+    step: torch.compile has then filled inductor's cache on this host's disk for the others to read; cells
+    compiling one graph at once all miss that cache), ends, or `compile_wait_s` passes."""
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
     if not specs:
@@ -168,7 +175,7 @@ def dispatch(
     folder.mkdir(parents=True, exist_ok=True)
     if executor == "local":
         return _run_local(specs, runner, view or LiveView(len(specs), jobs), jobs, folder, poll_s, on_outcome,
-                          local_timeout_min)
+                          local_timeout_min, compile_group, compile_wait_s)
     opts = slurm or SlurmOptions()
     return _run_slurm(specs, runner, view or LiveView(len(specs), opts.array_parallelism), opts, folder, poll_s,
                       on_outcome)
@@ -210,23 +217,39 @@ def gpu_slot(index: int, n_gpus: int) -> dict:
 
 
 def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_outcome,
-               timeout_min: int) -> list[Outcome]:
+               timeout_min: int, compile_group=None, compile_wait_s: float = 900.0) -> list[Outcome]:
     ex = submitit.LocalExecutor(folder=str(folder / "%j"))
     ex.update_parameters(timeout_min=timeout_min)
     n_gpus = local_gpus()
+    group_of = compile_group if n_gpus else None  # torch.compile is a CUDA lever (train.compile)
     submitted = 0
     queue = list(specs)
     running: list[tuple[submitit.Job, Any, float]] = []
     outcomes: list[Outcome] = []
+    compiling: dict[Hashable, tuple[submitit.Job, Path, float]] = {}  # group -> its first cell, marker, start
+    compiled: set[Hashable] = set()
     # LocalExecutor starts every submitted job at once, so keep at most `jobs` in flight.
     while queue or running:
-        while queue and len(running) < max(1, jobs):
-            spec = queue.pop(0)
+        for group, (job, marker, t0) in list(compiling.items()):
+            if marker.exists() or job.done() or time.time() - t0 > compile_wait_s:
+                compiled.add(group)
+                del compiling[group]
+        i = 0
+        while i < len(queue) and len(running) < max(1, jobs):
+            found = group_of(queue[i]) if group_of else None
+            if found is not None and found[0] in compiling:  # its graph is compiling in another cell: wait
+                i += 1
+                continue
+            spec = queue.pop(i)
+            if found is not None and found[0] not in compiled:
+                Path(found[1]).unlink(missing_ok=True)  # a marker of an earlier attempt says nothing of this cache
             ex.update_parameters(**gpu_slot(submitted, n_gpus))
             job = ex.submit(runner, spec)
             view.submitted(job, runner.label(spec))
             running.append((job, spec, time.time()))
             submitted += 1
+            if found is not None and found[0] not in compiled:
+                compiling[found[0]] = (job, Path(found[1]), time.time())
         running = _harvest(running, outcomes, runner, view, on_outcome)
         view.update(sum(o.ok for o in outcomes), len(running), sum(not o.ok for o in outcomes))
         if running:

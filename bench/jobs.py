@@ -40,6 +40,26 @@ class CellSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def compile_group(spec: CellSpec) -> tuple[str, Path] | None:
+    """For `dispatch`'s `compile_group`: a stage-1 cell trained with train.compile belongs to the group of
+    cells that compile the same graph (what reaches the compiled model and the frozen scorer's image tower:
+    the model, backbone and scorer, input size, K, batch and numerics levers; not the dataset, seed or
+    schedule), with the marker its trainer writes after its first step (`ehin.train_stage1.FIRST_STEP`)."""
+    from ehin.train_stage1 import FIRST_STEP
+
+    cfg = spec.config
+    if spec.stage != "1" or not cfg["train"].get("compile"):
+        return None
+    t, d = cfg["train"], cfg["data"]
+    graph = {"model": cfg["model"], "loss": cfg["loss"], "backbone": cfg["backbone"]["arch"],
+             "scorer": [cfg["scorer"].get("arch"), cfg["scorer"].get("image_size")],
+             "data": [d["image_size"], d["K"]],
+             "train": [t[k] for k in ("batch_size", "amp", "channels_last", "compile")]}
+    key = hashlib.sha256(repr(sorted(graph.items())).encode()).hexdigest()[:16]
+    folder = spec.extra["trained"]["dir"] if "trained" in spec.extra else spec.run_dir  # a shared training's
+    return key, Path(folder) / FIRST_STEP
+
+
 def run_cell(spec: CellSpec) -> dict:
     """Train/evaluate one cell in this process and return its metrics dict (no store write)."""
     from ehin.config import save_config

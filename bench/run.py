@@ -25,7 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from bench.executors import EXECUTORS, add_slurm_args, dispatch, slurm_options
-from bench.jobs import CellSpec
+from bench.jobs import CellSpec, compile_group
 from bench.mps import add_mps_arg, mps_control, mps_daemon
 from bench.store import ResultStore, cell_id
 from ehin.cli import UserError, command, command_parser
@@ -260,7 +260,8 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
                   f" ({len(copies)} more are the same computation as one of them)")
         prepare_prerequisites(to_run)
         with mps_daemon() if mps else nullcontext():
-            outcomes = dispatch(to_run, executor, jobs=jobs, folder=root / "submitit", slurm=slurm)
+            outcomes = dispatch(to_run, executor, jobs=jobs, folder=root / "submitit", slurm=slurm,
+                                compile_group=compile_group)
     reuse_identical_cells(copies, store)  # a copy whose cell failed stays missing, as that cell
     failed = sum(not o.ok for o in outcomes)
     if render_tables:

@@ -111,6 +111,10 @@ def _ignore_sigterm(worker_id: int) -> None:
 # Share of val expressions with an empty map (no pixel > 0) above which the run is called collapsed.
 COLLAPSED_PCT = 95.0
 PER_EXPRESSION = "per_expression.npz"  # the final evaluation's scores per expression, in the run folder
+# Written in the run folder once this process has taken a training step: by then torch.compile has compiled
+# the step (forward and backward) into inductor's on-disk cache, which cells of the same graph started after
+# it read instead of compiling again (bench.executors holds them back until it exists).
+FIRST_STEP = "first_step.done"
 
 
 def seed_everything(seed: int) -> None:
@@ -331,6 +335,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
         if sigterm.pending and epoch < t["epochs"] - 1:
             sigterm.pass_on(f"SIGTERM in epoch {epoch + 1}: {ckpt_path} holds the run up to its end")
 
+    stepped = False  # this process has taken a training step (FIRST_STEP)
     with _Sigterm(world == 1) as sigterm:
         for epoch in range(start_epoch, t["epochs"]):
             model.train()
@@ -354,6 +359,10 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
                 total.backward()
                 optimizer.step()
                 scheduler.step()
+                if not stepped:
+                    stepped = True
+                    if main_rank:
+                        (out_dir / FIRST_STEP).touch()
                 # Summed on the device in float64 (the same sums as adding Python floats), read once an epoch:
                 # a read per step waits for the backward pass, which a GPU shared by several runs makes slow.
                 for k, v in {"loss": total, **terms}.items():

@@ -197,3 +197,86 @@ def test_several_tables_share_one_queue_and_run_a_shared_cell_once(tmp_path, cap
     assert len(list(res.glob("runs/*/*/*/checkpoints/last.pt"))) == 1      # trained once
     for table in ("table5", "table6"):
         assert (rep / "smoke" / table / "table.md").exists()                # both rendered
+
+
+class _StampingRunner:
+    """A runner for dispatch's compile groups (picklable for submitit): spec = (name, marker or None, folder).
+    It writes NAME.start; a cell with a marker writes it after a pause, as a trainer after its first step."""
+
+    def __call__(self, spec):
+        name, marker, folder = spec
+        Path(folder, f"{name}.start").write_text(str(time.time()))
+        if marker is not None:
+            time.sleep(3.0)  # longer than a process start under load: the other group's cell starts meanwhile
+            Path(marker).write_text(str(time.time()))
+        time.sleep(0.3)
+        return {"name": name}
+
+    def label(self, spec):
+        return spec[0]
+
+    def error_log(self, spec):
+        return None
+
+
+def test_cells_of_one_compile_group_wait_for_its_first_cell_to_step(tmp_path, monkeypatch):
+    """On a GPU host the local executor starts the first cell of each compile group alone and the group's
+    other cells once it has stepped (its marker): they then read inductor's cache instead of all compiling
+    the same graph at once. Other groups start beside it; a stale marker of an earlier attempt is removed."""
+    from bench import executors
+
+    monkeypatch.setattr(executors, "local_gpus", lambda: 1)  # grouping applies on a GPU host only
+    monkeypatch.setattr(executors, "gpu_slot", lambda index, n: {})
+    marker_a, marker_d = tmp_path / "a.marker", tmp_path / "d.marker"
+    marker_a.write_text("stale")
+    first = {"a": marker_a, "d": marker_d}
+    specs = [(name, first.get(name), str(tmp_path)) for name in "abcd"]
+    group = {"a": "k", "b": "k", "c": "k", "d": "j"}
+    markers = {"k": marker_a, "j": marker_d}
+    out = executors.dispatch(specs, "local", jobs=3, folder=tmp_path / "submitit", poll_s=0.05,
+                             runner=_StampingRunner(), compile_group=lambda s: (group[s[0]], markers[group[s[0]]]))
+    assert all(o.ok for o in out) and len(out) == 4
+    start = {n: float((tmp_path / f"{n}.start").read_text()) for n in "abcd"}
+    stepped_a = float(marker_a.read_text())  # rewritten by this run: the stale one was removed first
+    assert start["b"] >= stepped_a and start["c"] >= stepped_a  # group k waited for a's first step
+    assert start["d"] < stepped_a  # group j did not wait for group k
+    # Without a GPU (torch.compile is a CUDA lever) nothing waits.
+    monkeypatch.setattr(executors, "local_gpus", lambda: 0)
+    for n in "abcd":
+        (tmp_path / f"{n}.start").unlink()
+    specs = [(name, None, str(tmp_path)) for name in "abc"]
+    executors.dispatch(specs, "local", jobs=3, folder=tmp_path / "submitit2", poll_s=0.05, runner=_StampingRunner(),
+                       compile_group=lambda s: ("k", tmp_path / "never"))
+    assert all((tmp_path / f"{n}.start").exists() for n in "abc")
+
+
+def test_compile_group_is_the_compiled_graph_not_the_dataset_or_seed(tmp_path):
+    """Cells that differ only in dataset, seed or schedule compile one graph; the model or the levers make
+    another; no group without train.compile or for a stage-2 cell; the marker is where the trainer writes it."""
+    from bench.jobs import compile_group
+    from bench.run import build_specs
+    from bench.sweeps import load_sweep
+    from ehin.train_stage1 import FIRST_STEP
+
+    def groups(sweep, **extra):
+        return {(s.row, s.seed): compile_group(s) for s in build_specs(load_sweep(sweep), "smoke", 2, tmp_path, None,
+                                                                       extra)}
+
+    control = groups("table9", **{"train.compile": "reduce-overhead"})  # K varies by row there
+    plain = groups("table9")
+    assert all(g is None for g in plain.values())
+    by_row = {}
+    for (row, seed), (key, marker) in control.items():
+        assert marker.name == FIRST_STEP and marker.parent.name
+        by_row.setdefault(row, set()).add(key)
+    assert all(len(keys) == 1 for keys in by_row.values())  # the seed does not change the graph
+    k_of = {row: row.split("K=")[1] for row in by_row}  # "refcocog K=3": the dataset does not either; K does
+    for a in by_row:
+        for b in by_row:
+            assert (by_row[a] == by_row[b]) == (k_of[a] == k_of[b]), (a, b)
+    t2 = groups("table2", **{"train.compile": "reduce-overhead"})  # datasets and splits of one method share it
+    methods = {}
+    for (row, _), g in t2.items():
+        if g is not None:
+            methods.setdefault(g[0], []).append(row)
+    assert any(len({r.split(" ")[-1] for r in rows}) > 1 for rows in methods.values())

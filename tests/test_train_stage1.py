@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ehin.config import load_config
-from ehin.train_stage1 import NonFiniteLossError, StoppedBySignal, run
+from ehin.train_stage1 import FIRST_STEP, NonFiniteLossError, StoppedBySignal, run
 
 # A few-second run: random-weight tiny CLIP (no pretraining), 60 scenes, 2 epochs.
 TINY = ["backbone.pretrained=null", "synthetic.images=60", "train.epochs=2", "eval.max_items=40",
@@ -27,6 +27,7 @@ def test_run_writes_config_metrics_and_checkpoint(tmp_path):
         assert key in lines[-1]
     assert set(result["metrics"]) >= {"iou", "overall_iou", "point_mask", "point_box", "box_acc"}
     assert (tmp_path / "checkpoints" / "last.pt").exists()
+    assert (tmp_path / FIRST_STEP).exists()  # bench.executors starts a compiled graph's other cells on it
     assert lines[0]["lr_head"] > lines[-1]["lr_head"] >= 0  # polynomial decay (to 0 at the end), per epoch
     # the same curves in TensorBoard: every loss term, the val metrics by their paper names, the lr
     from tests.test_training_log import read_scalars
@@ -185,6 +186,7 @@ def test_nan_at_the_first_step_does_not_claim_a_checkpoint(tmp_path, monkeypatch
         run(tiny_cfg(), tmp_path, progress=False)
     assert "last good checkpoint" not in str(exc.value)
     assert not (tmp_path / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / FIRST_STEP).exists()  # no step was taken
 
 
 def test_collapsed_maps_are_warned_about(tmp_path, capsys, monkeypatch):
