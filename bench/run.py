@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra config override for every cell (changes the cells' config hash)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
     add_mps_arg(p)
+    add_compile_wait_arg(p)
     p.add_argument("--no-render", action="store_true", help="run the cells without rendering the tables")
     add_slurm_args(p)
     args = p.parse_args(argv)
@@ -214,16 +215,27 @@ def main(argv: list[str] | None = None) -> int:
                       results_root(args.profile, args.results), executor=args.executor, jobs=args.jobs,
                       rows=rows, extra=extra, slurm=slurm_options(args, array_parallelism=args.jobs),
                       reports=args.reports, render_tables=not args.no_render, dry_run=args.dry_run,
-                      mps=args.mps)
+                      mps=args.mps, compile_wait_s=args.compile_wait)
+
+
+COMPILE_WAIT_S = 900.0  # a paper-size graph compiled with max-autotune can take minutes
+
+
+def add_compile_wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-wait", type=float, default=COMPILE_WAIT_S, metavar="SECONDS",
+                   help="with train.compile on a GPU host, the local executor starts one cell of each compiled graph "
+                        "and holds the graph's other cells until it has taken a step (a warm compile cache) or this "
+                        f"long (default: {COMPILE_WAIT_S:.0f}; 0: start them all at once)")
 
 
 def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: str = "local",
                jobs: int = 2, rows: list[str] | None = None, extra: dict | None = None,
                slurm: dict | None = None, reports: str | Path = "reports", render_tables: bool = True,
-               dry_run: bool = False, mps: bool = False) -> int:
+               dry_run: bool = False, mps: bool = False, compile_wait_s: float = COMPILE_WAIT_S) -> int:
     """Run the cells of `sweeps` missing from ROOT/store.jsonl as one queue, then render each table;
     returns the exit status (1 when a cell failed). `mps`: the local cells run under NVIDIA's MPS
-    daemon (bench.mps)."""
+    daemon (bench.mps). `compile_wait_s`: how long a compiled graph's other cells wait for its first
+    cell's first step (`bench.jobs.compile_group`; 0: they all start at once)."""
     if mps and executor != "local":
         raise UserError("--mps is for --executor local (on SLURM, ask the cluster for MPS: --gres=mps)")
     if mps and not dry_run:
@@ -261,7 +273,8 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
         prepare_prerequisites(to_run)
         with mps_daemon() if mps else nullcontext():
             outcomes = dispatch(to_run, executor, jobs=jobs, folder=root / "submitit", slurm=slurm,
-                                compile_group=compile_group)
+                                compile_group=compile_group if compile_wait_s > 0 else None,
+                                compile_wait_s=compile_wait_s)
     reuse_identical_cells(copies, store)  # a copy whose cell failed stays missing, as that cell
     failed = sum(not o.ok for o in outcomes)
     if render_tables:

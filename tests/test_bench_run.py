@@ -280,3 +280,20 @@ def test_compile_group_is_the_compiled_graph_not_the_dataset_or_seed(tmp_path):
         if g is not None:
             methods.setdefault(g[0], []).append(row)
     assert any(len({r.split(" ")[-1] for r in rows}) > 1 for rows in methods.values())
+
+
+def test_compile_wait_reaches_the_executor_and_zero_turns_the_groups_off(tmp_path, monkeypatch):
+    from bench import run as run_module
+    from bench.jobs import compile_group
+
+    seen = {}
+
+    def fake_dispatch(specs, executor, **kw):
+        seen.update(kw)
+        return []
+
+    monkeypatch.setattr(run_module, "dispatch", fake_dispatch)
+    run_main(args("--no-render", "--compile-wait", "0", results=tmp_path / "res", reports=tmp_path / "rep"))
+    assert seen["compile_group"] is None
+    run_main(args("--no-render", "--compile-wait", "120", results=tmp_path / "res", reports=tmp_path / "rep"))
+    assert seen["compile_group"] is compile_group and seen["compile_wait_s"] == 120
