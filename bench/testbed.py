@@ -278,6 +278,7 @@ def markdown(v: dict) -> str:
         + "".join(f" --set {k}={val}" for k, val in v.get("overrides", {}).items())
         + (f" --rerun {v['rerun']}" if rerun else "") + "".join(f" --rerun-set {k}={val}" for k, val in
                                                               v.get("rerun_overrides", {}).items())
+        + (f" --rows \"{','.join(v['rows'])}\"" if v.get("rows") else "")
         + f" --report-only` from `{v['results']}/store.jsonl`. "
         "The control is `sweeps/testbed/control.yaml` (TRIS-like, METHOD §8); the language-blind guess "
         "is measured on the same val split (`ehin.data.fidelity`).",

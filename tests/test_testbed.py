@@ -63,6 +63,7 @@ def test_a_pilot_judges_only_the_rows_it_names(tmp_path):
     assert v["power"]["pooled_std"] == pytest.approx(math.sqrt(4 / 2))  # variances 4 and 0
     assert v["complete"] and v["control_met"]                           # both rows' margins >= 15
     assert v["rows"] == ["refcoco", "refcoco+"] and "a pilot: only refcoco, refcoco+" in markdown(v)
+    assert '--rows "refcoco,refcoco+" --report-only' in markdown(v)  # the command that regenerates it
     again = verdicts("smoke", 3, tmp_path / "a", blind=_blind, rows=["refcoco", "refcoco", "refcoco+"])
     assert [r["variant"] for r in again["variants"]] == ["refcoco", "refcoco+"]  # a repeated row counts once
 
