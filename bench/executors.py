@@ -27,6 +27,11 @@ from bench.jobs import CellRunner, DistributedTraining
 EXECUTORS = ("inline", "local", "slurm")
 
 
+# How long a compiled graph's other cells wait for its first cell's first step (dispatch's compile_group):
+# a paper-size graph compiled with max-autotune can take minutes.
+COMPILE_WAIT_S = 900.0
+
+
 @dataclass
 class SlurmOptions:
     partition: str | None = None
@@ -154,7 +159,7 @@ def dispatch(
     view: LiveView | None = None,
     local_timeout_min: int = 24 * 60,
     compile_group: Callable[[Any], tuple[Hashable, Path] | None] | None = None,
-    compile_wait_s: float = 900.0,
+    compile_wait_s: float = COMPILE_WAIT_S,
 ) -> list[Outcome]:
     """Run `runner(spec)` for every spec (default: `CellRunner`, specs are `CellSpec`s) on `executor`,
     at most `jobs` at a time locally. `view` replaces the sweep's status line (a search shows its
@@ -217,13 +222,13 @@ def gpu_slot(index: int, n_gpus: int) -> dict:
 
 
 def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_outcome,
-               timeout_min: int, compile_group=None, compile_wait_s: float = 900.0) -> list[Outcome]:
+               timeout_min: int, compile_group=None, compile_wait_s: float = COMPILE_WAIT_S) -> list[Outcome]:
     ex = submitit.LocalExecutor(folder=str(folder / "%j"))
     ex.update_parameters(timeout_min=timeout_min)
     n_gpus = local_gpus()
     group_of = compile_group if n_gpus else None  # torch.compile is a CUDA lever (train.compile)
     submitted = 0
-    queue = list(specs)
+    queue = [(spec, group_of(spec) if group_of else None) for spec in specs]  # each spec's group, found once
     running: list[tuple[submitit.Job, Any, float]] = []
     outcomes: list[Outcome] = []
     compiling: dict[Hashable, tuple[submitit.Job, Path, float]] = {}  # group -> its first cell, marker, start
@@ -236,19 +241,20 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
                 del compiling[group]
         i = 0
         while i < len(queue) and len(running) < max(1, jobs):
-            found = group_of(queue[i]) if group_of else None
+            found = queue[i][1]
             if found is not None and found[0] in compiling:  # its graph is compiling in another cell: wait
                 i += 1
                 continue
-            spec = queue.pop(i)
-            if found is not None and found[0] not in compiled:
+            spec = queue.pop(i)[0]
+            first = found is not None and found[0] not in compiled  # this cell compiles its group's graph
+            if first:
                 Path(found[1]).unlink(missing_ok=True)  # a marker of an earlier attempt says nothing of this cache
             ex.update_parameters(**gpu_slot(submitted, n_gpus))
             job = ex.submit(runner, spec)
             view.submitted(job, runner.label(spec))
             running.append((job, spec, time.time()))
             submitted += 1
-            if found is not None and found[0] not in compiled:
+            if first:
                 compiling[found[0]] = (job, Path(found[1]), time.time())
         running = _harvest(running, outcomes, runner, view, on_outcome)
         view.update(sum(o.ok for o in outcomes), len(running), sum(not o.ok for o in outcomes))

@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 import ehin  # noqa: F401  (the torchvision shim must run before open_clip is imported)
-from bench.mps import active as mps_active
-from bench.mps import add_mps_arg, mps_daemon
+from bench.mps import active as mps_active, add_mps_arg, mps_daemon
 from ehin.cli import UserError, command, command_parser
 
 CONFIGS = {

@@ -24,7 +24,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from bench.executors import EXECUTORS, add_slurm_args, dispatch, slurm_options
+from bench.executors import COMPILE_WAIT_S, EXECUTORS, add_slurm_args, dispatch, slurm_options
 from bench.jobs import CellSpec, compile_group
 from bench.mps import add_mps_arg, mps_control, mps_daemon
 from bench.store import ResultStore, cell_id
@@ -216,9 +216,6 @@ def main(argv: list[str] | None = None) -> int:
                       rows=rows, extra=extra, slurm=slurm_options(args, array_parallelism=args.jobs),
                       reports=args.reports, render_tables=not args.no_render, dry_run=args.dry_run,
                       mps=args.mps, compile_wait_s=args.compile_wait)
-
-
-COMPILE_WAIT_S = 900.0  # a paper-size graph compiled with max-autotune can take minutes
 
 
 def add_compile_wait_arg(p: argparse.ArgumentParser) -> None:
