@@ -39,6 +39,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -58,7 +59,7 @@ from ehin.config import CACHE_NOTE, DEFAULT_PROFILE, SCENE_RECIPES, cache_dir, c
 from ehin.training_log import TrainingLog
 
 __all__ = ["CLIP_STREAM", "RECIPES", "PretrainRecipe", "caption_relation", "checkpoint_path",
-           "contrastive_loss", "ensure_pretrained", "pretrain", "read_report", "recipe_for",
+           "contrastive_loss", "ensure_pretrained", "freeze", "pretrain", "read_report", "recipe_for",
            "retrieval_metrics", "main"]
 
 # First entropy word of every numpy stream used here. The benchmark's datasets seed
@@ -325,15 +326,24 @@ def _pair_chunk(args: tuple[int, int, int, int, int, float, str, float, str]) ->
                                 scenes=scenes, scene_on_black=scene_on_black, captions=captions)
 
 
-def _pairs(recipe: PretrainRecipe, part: int, n: int, desc: str, progress: bool) -> tuple[torch.Tensor, list[str]]:
-    """n pairs as uint8 [n, S, S, 3] and captions; chunk k comes from stream [CLIP_STREAM, seed, part, k].
-    (Serial on purpose: worker processes would need fork, unsafe under torch's and OpenCV's thread
-    pools, or spawn, which re-imports the caller's unguarded __main__.)"""
+def _pairs(recipe: PretrainRecipe, part: int, n: int, desc: str, progress: bool,
+           workers: int = 1) -> tuple[torch.Tensor, list[str]]:
+    """n pairs as uint8 [n, S, S, 3] and captions; chunk k comes from stream [CLIP_STREAM, seed, part, k],
+    so the pairs are the same bytes however many processes draw them.
+    Serial by default: worker processes need fork, unsafe under torch's and OpenCV's thread pools, or
+    spawn, which re-imports the caller's __main__; only this module's command (guarded) asks for
+    `workers` > 1 (a 16-core GPU host draws the 18,000 pairs of the gpu profile's recipe in seconds)."""
     chunk = 500
     jobs = [(recipe.seed, part, k, recipe.image_size, min(chunk, n - k * chunk), recipe.object_on_black, recipe.scenes,
              recipe.scene_on_black, recipe.captions)
             for k in range(math.ceil(n / chunk))]
-    results = [_pair_chunk(j) for j in tqdm(jobs, desc=desc, disable=not progress, leave=False)]
+    if workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            results = list(tqdm(pool.imap(_pair_chunk, jobs), total=len(jobs), desc=desc, disable=not progress, leave=False))
+    else:
+        results = [_pair_chunk(j) for j in tqdm(jobs, desc=desc, disable=not progress, leave=False)]
     return torch.from_numpy(np.concatenate([r[0] for r in results])), [c for r in results for c in r[1]]
 
 
@@ -369,23 +379,51 @@ def _one_cycle(step: int, total: int, warmup: float) -> float:
 
 
 def pretrain(recipe: PretrainRecipe, *, progress: bool = True, eval_every: int = 0,
-             log_dir: str | Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+             log_dir: str | Path | None = None, workers: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train the small CLIP of `recipe` from scratch; (open_clip state dict, report).
     With eval_every > 0 the report holds a retrieval curve on 500 held-out pairs (not timed).
-    `log_dir`: TensorBoard curves there (loss, temperature, lr every 10 steps; retrieval at the end)."""
+    `log_dir`: TensorBoard curves there (loss, temperature, lr every 10 steps; retrieval at the end).
+    `workers`: processes drawing the pairs (see `_pairs`)."""
     global TRAIN_CALLS
     TRAIN_CALLS += 1
     # The caller's global torch RNG is left as it was: a run must not depend on a cold or warm cache.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(np.random.default_rng([CLIP_STREAM, recipe.seed, 2]).integers(2**31)))
-        return _pretrain(recipe, progress, eval_every, log_dir)
+        with _deterministic_cuda():
+            return _pretrain(recipe, progress, eval_every, log_dir, workers)
+
+
+@contextmanager
+def _deterministic_cuda():
+    """On a GPU: deterministic kernels in fp32 (no TF32), so that the same recipe on the same GPU model
+    and software gives the same bytes every time (TESTBED §3: the frozen small CLIP must be remade
+    exactly when its file is lost; a native-CPU run is not, ehin/numerics.py). Settings restored after."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    # cuBLAS reads this when its handle is made: before this process's first matmul on the GPU
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    # warn_only: an op without a deterministic kernel warns (in the log) rather than stopping a run; two
+    # runs' sha256 say whether the bytes repeat (reports/testbed/h200_session.sh runs two at once)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = saved[2:]
 
 
 def _pretrain(recipe: PretrainRecipe, progress: bool, eval_every: int,
-              log_dir: str | Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+              log_dir: str | Path | None = None, workers: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     t0 = time.perf_counter()
-    train_imgs, train_caps = _pairs(recipe, 0, recipe.n_train, "pairs (train)", progress)
-    held_imgs, held_caps = _pairs(recipe, 1, recipe.n_heldout, "pairs (held-out)", progress)
+    train_imgs, train_caps = _pairs(recipe, 0, recipe.n_train, "pairs (train)", progress, workers)
+    held_imgs, held_caps = _pairs(recipe, 1, recipe.n_heldout, "pairs (held-out)", progress, workers)
     t_data = time.perf_counter() - t0
 
     # A GPU when there is one (the pairs stay on the host, a batch moves per step); the cache key does
@@ -445,18 +483,20 @@ def _pretrain(recipe: PretrainRecipe, progress: bool, eval_every: int,
         log.close()
     report = dict(metrics=metrics, final_loss=loss_ema, seconds_data=round(t_data, 1),
                   seconds_train=round(t_train, 1), seconds_total=round(time.perf_counter() - t0, 1),
-                  threads=torch.get_num_threads(), device=device.type, sec_per_step=round(t_train / recipe.steps, 4))
+                  threads=torch.get_num_threads(), device=device.type, sec_per_step=round(t_train / recipe.steps, 4),
+                  torch=torch.__version__, numerics=numerics.mode() if device.type == "cpu" else "deterministic",
+                  gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     if curve:
         report["curve"] = curve
     return {k: v.cpu() for k, v in model.clip.state_dict().items()}, report
 
 
 def ensure_pretrained(arch: str, image_size: int, *, force: bool = False, progress: bool = True,
-                      **overrides: Any) -> Path:
+                      workers: int = 1, **overrides: Any) -> Path:
     """Path of the pretrained small CLIP for (arch, image_size), training it on first use.
 
     `overrides` change recipe fields (steps, batch_size, ...; tests use tiny runs); they enter the
-    hash, so they never mix with the default checkpoint."""
+    hash, so they never mix with the default checkpoint. `workers`: see `_pairs`."""
     recipe = recipe_for(arch, image_size, **overrides)
     path = checkpoint_path(recipe)
     if path.exists() and not force:
@@ -465,7 +505,7 @@ def ensure_pretrained(arch: str, image_size: int, *, force: bool = False, progre
     with FileLock(str(path) + ".lock"):
         if path.exists() and not force:  # another process finished it while we waited
             return path
-        state, report = pretrain(recipe, progress=progress, log_dir=path.with_suffix(".tb"))
+        state, report = pretrain(recipe, progress=progress, log_dir=path.with_suffix(".tb"), workers=workers)
         payload = dict(state_dict=state, arch=arch, image_size=recipe.image_size, quick_gelu=False,
                        recipe=asdict(recipe), report=json.loads(json.dumps(report)))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -483,6 +523,25 @@ def read_report(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).with_suffix(".json").read_text())
 
 
+def freeze(path: str | Path, dest: str | Path) -> Path:
+    """Copy a cached checkpoint to `dest`/<its name>-<sha256[:8]>.pt, with its report beside it, as a file
+    whose bytes are those of its weights and recipe alone (the cache file also holds the run's timings,
+    and torch.save names a file's archive after the file): equal weights give equal sha256 (TESTBED §3).
+    Returns the new path; an existing file of that name is left as it is (it holds the same bytes)."""
+    import io
+
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    buffer = io.BytesIO()  # a buffer, not a path: the archive's name is then fixed
+    torch.save({k: payload[k] for k in ("state_dict", "arch", "image_size", "quick_gelu", "recipe")}, buffer)
+    blob = buffer.getvalue()
+    out = Path(dest) / f"{Path(path).stem}-{hashlib.sha256(blob).hexdigest()[:8]}.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        out.with_suffix(".json").write_text(Path(path).with_suffix(".json").read_text())
+        out.write_bytes(blob)
+    return out
+
+
 @command
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ehin.pretrain_clip", description=__doc__.split("\n\n")[0],
@@ -495,6 +554,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="override the recipe's steps (changes the hash; default: the recipe's)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides, e.g. backbone.pretrained=synthetic:scenes=cluttered")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes drawing the training pairs (the same pairs for any number; default 1)")
+    ap.add_argument("--freeze", metavar="DIR", default=None,
+                    help="also write the checkpoint to DIR/<name>-<sha256[:8]>.pt, bytes of its weights and "
+                         "recipe alone (the testbed loads such a file: TESTBED §3, reports/testbed/README.md)")
     args = ap.parse_args(argv)
     cfg = load_config(profile=args.profile, overrides=args.overrides)
     arch, pretrained, size = clip_spec(cfg, "backbone")
@@ -508,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.steps is not None:
         overrides["steps"] = args.steps
     t0 = time.perf_counter()
-    path = ensure_pretrained(arch, size, force=args.force, **overrides)
+    path = ensure_pretrained(arch, size, force=args.force, workers=args.workers, **overrides)
     report = read_report(path)
     m = report["metrics"]
     print(f"{arch} @ {size}px: {path} (this call {time.perf_counter() - t0:.1f}s; "
@@ -519,6 +583,11 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"full descriptions {m.get('full', float('nan')):.1f}% among {m.get('n_full_captions', 0)} "
           f"(chance {m.get('full_chance', float('nan')):.1f}%); of those, colour {m.get('full_colour', float('nan')):.0f}%, "
           f"size {m.get('full_size', float('nan')):.0f}%, shape {m.get('full_shape', float('nan')):.0f}% right")
+    if args.freeze:
+        from ehin.provenance import file_sha256
+
+        frozen = freeze(path, args.freeze)
+        print(f"frozen: {frozen} sha256 {file_sha256(frozen)}")
 
 
 if __name__ == "__main__":

@@ -284,3 +284,32 @@ def test_a_flipped_image_gets_the_mirrored_caption() -> None:
     assert pc.mirrored("the red circle to the left of the big star") == "the red circle to the right of the big star"
     assert pc.mirrored("right") == "left" and pc.mirrored("top small one") == "top small one"
     assert pc.mirrored("big red circle") == "big red circle"  # appearance captions are unchanged
+
+
+def test_pairs_are_the_same_bytes_from_worker_processes() -> None:
+    """`workers` only spreads the chunks: each chunk has its own seed stream."""
+    recipe = pc.recipe_for("clip-tiny", 64, n_train=1100)  # three chunks, the last one short
+    serial = pc._pairs(recipe, 0, recipe.n_train, "", False)
+    spread = pc._pairs(recipe, 0, recipe.n_train, "", False, workers=2)
+    assert torch.equal(serial[0], spread[0]) and serial[1] == spread[1]
+
+
+def test_a_frozen_checkpoint_is_named_and_hashed_by_its_weights(tmp_path, monkeypatch) -> None:
+    """Training the same recipe again (other timings in the cache file) freezes to the same bytes, named
+    with their sha256; other weights give another file; the frozen file loads as the cached one does."""
+    from ehin.provenance import file_sha256
+
+    monkeypatch.setenv("EHIN_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    path = pc.ensure_pretrained("clip-tiny", 64, progress=False, **TINY)
+    first = pc.freeze(path, tmp_path / "a")
+    pc.ensure_pretrained("clip-tiny", 64, progress=False, force=True, **TINY)  # same recipe, trained again
+    second = pc.freeze(path, tmp_path / "b")
+    assert first.name == second.name == f"{path.stem}-{file_sha256(first)[:8]}.pt"
+    assert first.read_bytes() == second.read_bytes()
+    assert first.with_suffix(".json").is_file()
+    other = pc.freeze(pc.ensure_pretrained("clip-tiny", 64, progress=False, **(TINY | {"seed": 1})), tmp_path / "a")
+    assert other.name != first.name
+    cached, frozen = build_clip("clip-tiny", str(path), 64), build_clip("clip-tiny", str(first), 64)
+    for (k, v), (k2, v2) in zip(cached.state_dict().items(), frozen.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k

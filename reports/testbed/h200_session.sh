@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# How the testbed's GPU records of session 19 on were made: one H200 lent for at most 10 minutes a call,
+# held while calls follow each other (the tool library's `device`), wheels carried in .whl/, results
+# returned through $OUT. Kept beside the records it made; nothing reads it.
+#
+#   bash reports/testbed/h200_session.sh start    # frozen CLIP (twice: same bytes?), datasets, control launched
+#   STOP_AT=50 bash reports/testbed/h200_session.sh poll   # wait for cells; results to $OUT
+#
+# The frozen small CLIP (TESTBED §3) is remade at each start by deterministic GPU pretraining of the gpu
+# profile's recipe (ehin.pretrain_clip --freeze): its file name carries its sha256, which every record
+# that loads it stores. Two runs at once in two caches must give one name, or the script says so.
+set -u
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT" /tmp/p
+export PYTHONUNBUFFERED=1 EHIN_CACHE=/tmp/ehc TQDM_DISABLE=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+RECIPE="synthetic:scenes=cluttered,scene_on_black=1.0,captions=referring,steps=1200,n_train=16000"
+SETTING=(--set eval.every=5 --set train.channels_last=true --set train.fused_adamw=true
+         --set train.epochs=20 --set synthetic.images=7200)
+RESULTS=/tmp/p/r
+
+case "${1:-}" in
+start)
+  t0=$(date +%s)
+  for c in a b; do
+    EHIN_CACHE=/tmp/clip-$c python3 -m ehin.pretrain_clip --profile gpu --workers 6 --freeze /tmp/frozen-$c \
+      --set backbone.pretrained=$RECIPE > /tmp/p/clip-$c.log 2>&1 &
+  done
+  # the control's datasets meanwhile (CPU), one process per variant
+  for v in refcoco refcoco+ refcocog referit; do
+    python3 -c "from ehin.config import load_config; from ehin.data import prepare_dataset
+prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v', 'synthetic.images=7200']), progress=False)" \
+      > /tmp/p/data-$v.log 2>&1 &
+  done
+  wait
+  echo "clip and datasets: $(( $(date +%s) - t0 )) s"
+  for f in /tmp/p/clip-a.log /tmp/p/clip-b.log /tmp/p/data-*.log; do
+    echo "== $f"; tr '\r' '\n' < "$f" | grep -a -v "it/s\|^ *$" | tail -n 4
+  done
+  a=$(ls /tmp/frozen-a/*.pt) b=$(ls /tmp/frozen-b/*.pt)
+  [ "$(basename "$a")" = "$(basename "$b")" ] && echo "deterministic: both runs froze $(basename "$a")" \
+    || echo "NOT deterministic: $(basename "$a") vs $(basename "$b")"
+  mkdir -p frozen && cp /tmp/frozen-a/* frozen/
+  name=$(basename "$a")
+  split -b 9M -d "$a" "$OUT/$name.part"
+  cp /tmp/frozen-a/*.json /tmp/frozen-b/*.json "$OUT/" 2>/dev/null
+  cp /tmp/p/clip-a.log "$OUT/"
+  echo "$name" > /tmp/p/frozen_name
+  setsid nohup python3 -m bench.testbed --profile gpu --seeds 10 --set backbone.pretrained=frozen/$name "${SETTING[@]}" \
+    --set train.compile=reduce-overhead --results $RESULTS --name control --out /tmp/p/rep \
+    --jobs ${JOBS:-20} --mps --compile-wait 240 > /tmp/p/control.log 2>&1 < /dev/null &
+  echo "control launched with frozen/$name after $(( $(date +%s) - t0 )) s"
+  ;;
+poll)
+  limit=${LIMIT:-560} t0=$(date +%s)
+  while :; do
+    n=$(cat $RESULTS/store.jsonl 2>/dev/null | wc -l)
+    [ "$n" -ge "${STOP_AT:-50}" ] && break
+    [ $(( $(date +%s) - t0 )) -ge "$limit" ] && break
+    sleep 10
+  done
+  echo "$n cells stored after $(( $(date +%s) - t0 )) s"
+  grep -a -v "it/s" /tmp/p/control.log | tail -n 15
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv > /tmp/p/util.txt
+  tar czf "$OUT/control.tgz" -C /tmp/p r/store.jsonl r/per_expression util.txt control.log 2>/dev/null
+  ;;
+*) echo "usage: $0 start|poll"; exit 2 ;;
+esac
