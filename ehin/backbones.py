@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,13 @@ def weights_file(arch: str, pretrained: str | os.PathLike | None, image_size: in
     tags = [] if arch in CUSTOM_ARCHS else open_clip.list_pretrained_tags_by_model(arch)
     looks_like_path = os.sep in p or Path(p).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
     what = "no CLIP checkpoint file at" if looks_like_path else "neither a local file nor an open_clip tag:"
+    if re.fullmatch(rf"{re.escape(arch)}-[0-9a-f]{{12}}-[0-9a-f]{{8}}\.pt", Path(p).name):
+        # a frozen small CLIP (ehin.pretrain_clip --freeze): its recipe remakes it, named by its sha256
+        raise ClipWeightsError(
+            f"backbone.pretrained for '{arch}': {what} '{p}', a frozen small CLIP; remake it with "
+            f"`python -m ehin.pretrain_clip --profile P --freeze {Path(p).parent}` (P the profile whose recipe it "
+            "is) on the GPU model it was made on, and check that the name comes out the same "
+            "(reports/testbed/README.md)")
     raise ClipWeightsError(
         f"backbone.pretrained for '{arch}': {what} '{p}'. Use a checkpoint path, "
         + (f"an open_clip tag ({', '.join(tags)}), " if tags else "")

@@ -3,12 +3,14 @@
 # held while calls follow each other (the tool library's `device`), wheels carried in .whl/, results
 # returned through $OUT. Kept beside the records it made; nothing reads it.
 #
-#   bash reports/testbed/h200_session.sh start    # frozen CLIP (twice: same bytes?), datasets, control launched
+#   bash reports/testbed/h200_session.sh start    # frozen CLIP remade, datasets, control launched
 #   STOP_AT=50 bash reports/testbed/h200_session.sh poll   # wait for cells; results to $OUT
 #
 # The frozen small CLIP (TESTBED §3) is remade at each start by deterministic GPU pretraining of the gpu
 # profile's recipe (ehin.pretrain_clip --freeze): its file name carries its sha256, which every record
-# that loads it stores. Two runs at once in two caches must give one name, or the script says so.
+# that loads it stores. Session 19 ran two at once in two caches (RUNS="a b"): one name,
+# clip-tiny-rn-2195732df831-939486c5.pt. A start that makes another name stops before any cell runs.
+# The control resumes from the committed store: cells already there are not run again.
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT" /tmp/p
@@ -21,11 +23,13 @@ RECIPE="synthetic:scenes=cluttered,scene_on_black=1.0,captions=referring,steps=1
 SETTING=(--set eval.every=5 --set train.channels_last=true --set train.fused_adamw=true
          --set train.epochs=20 --set synthetic.images=7200)
 RESULTS=/tmp/p/r
+FROZEN=clip-tiny-rn-2195732df831-939486c5.pt
+STORE=reports/testbed/control-gpu-h200clip
 
 case "${1:-}" in
 start)
   t0=$(date +%s)
-  for c in a b; do
+  for c in ${RUNS:-a}; do
     EHIN_CACHE=/tmp/clip-$c python3 -m ehin.pretrain_clip --profile gpu --workers 6 --freeze /tmp/frozen-$c \
       --set backbone.pretrained=$RECIPE > /tmp/p/clip-$c.log 2>&1 &
   done
@@ -37,21 +41,19 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v', '
   done
   wait
   echo "clip and datasets: $(( $(date +%s) - t0 )) s"
-  for f in /tmp/p/clip-a.log /tmp/p/clip-b.log /tmp/p/data-*.log; do
+  for f in /tmp/p/clip-*.log /tmp/p/data-*.log; do
     echo "== $f"; tr '\r' '\n' < "$f" | grep -a -v "it/s\|^ *$" | tail -n 4
   done
-  a=$(ls /tmp/frozen-a/*.pt) b=$(ls /tmp/frozen-b/*.pt)
-  [ "$(basename "$a")" = "$(basename "$b")" ] && echo "deterministic: both runs froze $(basename "$a")" \
-    || echo "NOT deterministic: $(basename "$a") vs $(basename "$b")"
+  for c in ${RUNS:-a}; do
+    name=$(basename "$(ls /tmp/frozen-$c/*.pt)")
+    [ "$name" = "$FROZEN" ] && echo "run $c froze $name, as pinned" || { echo "run $c froze $name, not $FROZEN: stop"; exit 3; }
+  done
   mkdir -p frozen && cp /tmp/frozen-a/* frozen/
-  name=$(basename "$a")
-  split -b 9M -d "$a" "$OUT/$name.part"
-  cp /tmp/frozen-a/*.json /tmp/frozen-b/*.json "$OUT/" 2>/dev/null
-  cp /tmp/p/clip-a.log "$OUT/"
-  echo "$name" > /tmp/p/frozen_name
+  cp /tmp/frozen-a/*.json /tmp/p/clip-a.log "$OUT/"
+  mkdir -p $RESULTS && cp -r $STORE/store.jsonl $STORE/per_expression $RESULTS/
   setsid nohup python3 -m bench.testbed --profile gpu --seeds 10 --set backbone.pretrained=frozen/$name "${SETTING[@]}" \
     --set train.compile=reduce-overhead --results $RESULTS --name control --out /tmp/p/rep \
-    --jobs ${JOBS:-20} --mps --compile-wait 240 > /tmp/p/control.log 2>&1 < /dev/null &
+    --jobs ${JOBS:-30} --mps --compile-wait 240 > /tmp/p/control.log 2>&1 < /dev/null &
   echo "control launched with frozen/$name after $(( $(date +%s) - t0 )) s"
   ;;
 poll)
