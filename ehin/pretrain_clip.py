@@ -7,6 +7,7 @@ the weak stage, so the synthetic profiles start from a small open_clip CLIP (`cl
 their descriptions ("big red circle", "sky").
 
     python -m ehin.pretrain_clip --profile smoke|synthetic [--force] [--threads 2] [--set backbone.pretrained=synthetic:scenes=cluttered]
+    python -m ehin.pretrain_clip --profile gpu --workers 6 --freeze frozen   # the testbed's frozen CLIP, on a GPU
 
 `synthetic:scenes=cluttered` draws the masked-scene pairs from the cluttered scene recipe (TESTBED
 §2.2: a scorer for the scenes it will score), `scene_on_black` the share of them masked to the kept
@@ -30,6 +31,10 @@ The checkpoint is cached under `cache_dir()/clip/<arch>-<hash>.pt`, the hash cov
 the model config and a fingerprint of the pair generator, written atomically under a file lock:
 `ensure_pretrained(arch, image_size)` returns at once when it exists, and parallel processes never
 train twice or read a half-written file.
+
+On a GPU the run is deterministic (fp32, deterministic kernels), so the same recipe on the same GPU model
+and software gives the same weights; `--freeze DIR` writes them (and the recipe) to a file named by its
+sha256, which is what the testbed loads (TESTBED §3): a lost file is remade, not carried.
 """
 from __future__ import annotations
 
