@@ -535,7 +535,7 @@ def freeze(path: str | Path, dest: str | Path) -> Path:
     Returns the new path; an existing file of that name is left as it is (it holds the same bytes)."""
     import io
 
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     buffer = io.BytesIO()  # a buffer, not a path: the archive's name is then fixed
     torch.save({k: payload[k] for k in ("state_dict", "arch", "image_size", "quick_gelu", "recipe")}, buffer)
     blob = buffer.getvalue()
