@@ -229,6 +229,7 @@ def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_las
     thr = time_fn(lambda: fwdb(xb, tb), device, warmup=max(2, warmup // 4), repeats=max(3, repeats // 4))
     if trace is not None:
         profile_step(lambda: fwd1(x1, tokens1), device, trace, trace_name + "_bs1", steps=10)
+        profile_step(lambda: fwdb(xb, tb), device, trace, f"{trace_name}_bs{throughput_batch}", steps=3)
 
     # End to end: image file -> resized tensor -> map -> mask at the original size.
     from PIL import Image

@@ -26,6 +26,9 @@ def test_perf_small_cpu_writes_json_and_profile(tmp_path):
     table = (tmp_path / "trace" / "ehin_train.txt").read_text()
     assert "self_cpu_time_total" in table and "aten::" in table
     assert (tmp_path / "trace" / "ehin_train.trace.json.gz").stat().st_size > 0
+    # inference is profiled at batch 1 and at the throughput batch
+    for name in ("ehin_infer_bs1", "ehin_infer_bs8"):
+        assert "aten::" in (tmp_path / "trace" / f"{name}.txt").read_text(), name
 
 
 def test_procs_packs_processes_and_sums_their_throughput(tmp_path):
