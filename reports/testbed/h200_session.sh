@@ -5,6 +5,7 @@
 #
 #   bash reports/testbed/h200_session.sh start    # frozen CLIP remade, datasets, control launched
 #   STOP_AT=50 bash reports/testbed/h200_session.sh poll   # wait for cells; results to $OUT
+#   bash reports/testbed/h200_session.sh profile  # (issue 20) inference at batch 1 and 64, profiled
 #
 # The frozen small CLIP (TESTBED §3) is remade at each start by deterministic GPU pretraining of the gpu
 # profile's recipe (ehin.pretrain_clip --freeze): its file name carries its sha256, which every record
@@ -69,5 +70,10 @@ poll)
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv > /tmp/p/util.txt
   tar czf "$OUT/control.tgz" -C /tmp/p r/store.jsonl r/per_expression util.txt control.log 2>/dev/null
   ;;
-*) echo "usage: $0 start|poll"; exit 2 ;;
+profile)  # issue 20: where batch-64 inference spends its time (tables and gzipped traces under $OUT/t)
+  timeout ${LIMIT:-300} python3 -m bench.perf --size paper --configs ehin --skip train,stage2 --amp --channels-last \
+    --fold-bn --trace "$OUT/t" --out "$OUT/h200_bf16_cl_foldbn_infer_profile.json" 2>&1 | grep -a -v "it/s" | tail -n 8
+  head -n 40 "$OUT/t/ehin_infer_bs64.txt"
+  ;;
+*) echo "usage: $0 start|poll|profile"; exit 2 ;;
 esac
