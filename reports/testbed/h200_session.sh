@@ -31,7 +31,7 @@ case "${1:-}" in
 start)
   t0=$(date +%s)
   for c in ${RUNS:-a}; do
-    EHIN_CACHE=/tmp/clip-$c python3 -m ehin.pretrain_clip --profile gpu --workers 6 --freeze /tmp/frozen-$c \
+    EHIN_CACHE=/tmp/clip-$c python3 -m ehin.pretrain_clip --profile gpu --workers 12 --freeze /tmp/frozen-$c \
       --set backbone.pretrained=$RECIPE > /tmp/p/clip-$c.log 2>&1 &
   done
   # the control's datasets meanwhile (CPU), one process per variant
