@@ -205,9 +205,9 @@ def weights_file(arch: str, pretrained: str | os.PathLike | None, image_size: in
         # a frozen small CLIP (ehin.pretrain_clip --freeze): its recipe remakes it, named by its sha256
         raise ClipWeightsError(
             f"backbone.pretrained for '{arch}': {what} '{p}', a frozen small CLIP; remake it with "
-            f"`python -m ehin.pretrain_clip --profile P --freeze {Path(p).parent}` (P the profile whose recipe it "
-            "is) on the GPU model it was made on, and check that the name comes out the same "
-            "(reports/testbed/README.md)")
+            f"`python -m ehin.pretrain_clip --set backbone.pretrained=synthetic:<its recipe> --freeze {Path(p).parent}` "
+            "on the GPU model it was made on and check that the name comes out the same (the testbed's "
+            "command is in reports/testbed/README.md)")
     raise ClipWeightsError(
         f"backbone.pretrained for '{arch}': {what} '{p}'. Use a checkpoint path, "
         + (f"an open_clip tag ({', '.join(tags)}), " if tags else "")

@@ -261,7 +261,7 @@ def test_missing_and_corrupt_checkpoint_files(tmp_path) -> None:
         build_clip("clip-tiny", str(tmp_path / "missing.pt"), 64)
     # a frozen small CLIP's name (ehin.pretrain_clip --freeze) says how to remake it
     with pytest.raises(ClipWeightsError, match=r"frozen small CLIP; remake it with `python -m ehin.pretrain_clip "
-                                               rf"--profile P --freeze {tmp_path}`"):
+                                               rf"--set backbone.pretrained=synthetic:<its recipe> --freeze {tmp_path}`"):
         build_clip("clip-tiny", str(tmp_path / "clip-tiny-2195732df831-939486c5.pt"), 64)
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"\x00not a torch file" * 10)
