@@ -589,10 +589,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"(chance {m.get('full_chance', float('nan')):.1f}%); of those, colour {m.get('full_colour', float('nan')):.0f}%, "
           f"size {m.get('full_size', float('nan')):.0f}%, shape {m.get('full_shape', float('nan')):.0f}% right")
     if args.freeze:
-        from ehin.provenance import file_sha256
-
         frozen = freeze(path, args.freeze)
-        print(f"frozen: {frozen} sha256 {file_sha256(frozen)}")
+        print(f"frozen: {frozen} sha256 {hashlib.sha256(frozen.read_bytes()).hexdigest()}")
 
 
 if __name__ == "__main__":
