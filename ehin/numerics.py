@@ -1,4 +1,4 @@
-"""Portable CPU numerics: the same floats on any x86-64 CPU, switched on with EHIN_PORTABLE_NUMERICS=1.
+"""Portable CPU numerics: one set of kernels on any x86-64 CPU with AVX2, switched on with EHIN_PORTABLE_NUMERICS=1.
 
 Why: training is chaotic. A last-bit difference in one kernel grows into several points of PointM over
 a few epochs, and the native CPU kernels differ between CPUs: ATen picks AVX-512 or AVX2 loops at run
@@ -15,8 +15,14 @@ code, data and seed. In portable mode:
 - torch.backends.mkldnn off: convolutions go through im2col + MKL GEMM, not oneDNN's JIT kernels.
 
 Thread counts must match too (the profiles fix train.threads). A CPU without AVX2 cannot run this
-mode; `mode()` then says "native" and bench.check names the difference. Synthetic data needs nothing: it is byte-identical with numpy's SIMD
-dispatch limited to its baseline (checked with NPY_DISABLE_CPU_FEATURES).
+mode; `mode()` then says "native" and bench.check names the difference.
+
+Measured limit (session 19): on a 2-core Intel Xeon with AVX-512, the regression check's two smoke cells
+(same code, torch 2.13.0+cpu, 2 threads, portable) differed from the baselines made on an AMD EPYC by
+several points (each within its band), while the dataset's bytes were the same with numpy's AVX-512
+paths on and off. Which kernel differs is not known, so bit-identity is claimed only on the same CPU
+model: bench.check compares exactly there, and within each cell's measured band elsewhere. Synthetic data needs nothing: it is
+byte-identical with numpy's SIMD dispatch limited to its baseline (checked with NPY_DISABLE_CPU_FEATURES).
 
 The environment variables must be set before torch runs its first kernel, so `apply_env()` runs from
 `ehin/__init__.py`, before torch is imported.

@@ -88,15 +88,18 @@ def test_same_environment_any_difference_fails(tmp_path):
     from bench.check import environment_matches
 
     env = {"numerics": "portable", "torch": "2.13.0+cpu", "threads": 2, "cpu_capability": "AVX2", "cpu_model": "A"}
-    base, same, other = (ResultStore(tmp_path / n) for n in ("base", "same", "other"))
+    base, same, other, cpu = (ResultStore(tmp_path / n) for n in ("base", "same", "other", "cpu"))
     base.append({**rec("table5", "fg", 0, {"point_mask": 37.152777}), **env})
-    same.append({**rec("table5", "fg", 0, {"point_mask": 37.152777 + 100 / 139}), **env, "cpu_model": "B"})
+    same.append({**rec("table5", "fg", 0, {"point_mask": 37.152777 + 100 / 139}), **env})
     other.append({**rec("table5", "fg", 0, {"point_mask": 37.152777 + 100 / 139}), **env, "threads": 1})
+    # another CPU model, portable numerics too: not the same floats (an Intel Xeon against an AMD EPYC)
+    cpu.append({**rec("table5", "fg", 0, {"point_mask": 37.152777 + 100 / 139}), **env, "cpu_model": "B"})
     b = build_baselines(base, "smoke", ["table5"], None)
-    assert environment_matches(same, b) and not environment_matches(other, b)
+    assert environment_matches(same, b) and not environment_matches(other, b) and not environment_matches(cpu, b)
     (row,) = compare(same, b, exact=True)
     assert not row["ok"] and "differs" in row["why"] and row["expected"] == 37.153
     assert all(r["ok"] for r in compare(other, b))  # another thread count: within the band (tol 1.0 floor)
+    assert all(r["ok"] for r in compare(cpu, b))
     assert all(r["ok"] for r in compare(base, b, exact=True))
     native = ResultStore(tmp_path / "native")
     native.append({**rec("table5", "fg", 0, {"point_mask": 37.152777}), **env, "numerics": "native"})
@@ -197,11 +200,15 @@ def test_environment_is_recorded_and_differences_are_named(tmp_path):
     env = {"numerics": "portable", "torch": "2.13.0+cpu", "threads": 2, "cpu_model": "A"}
     base, same, other = (ResultStore(tmp_path / n) for n in ("base", "same", "other"))
     base.append({**rec("table5", "fg", 0, {"iou": 20.0}), **env})
-    same.append({**rec("table5", "fg", 0, {"iou": 20.0}), **env, "cpu_model": "B"})  # another CPU, portable
+    same.append({**rec("table5", "fg", 0, {"iou": 20.0}), **env})
     other.append({**rec("table5", "fg", 0, {"iou": 20.0}), **env, "numerics": "native"})
+    cpu = ResultStore(tmp_path / "cpu")
+    cpu.append({**rec("table5", "fg", 0, {"iou": 20.0}), **env, "cpu_model": "B"})  # another CPU, portable
     b = build_baselines(base, "smoke", ["table5"], None)
     assert b["environment"]["numerics"] == ["portable"]
     assert environment_notes(same, b) == []
+    (note,) = environment_notes(cpu, b)
+    assert "portable numerics on another CPU (baseline A; this run B)" in note
     notes = environment_notes(other, b)
     assert len(notes) == 1 and "numerics: baseline portable; this run native" in notes[0]
 
