@@ -44,6 +44,23 @@ def code_version() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
+# Packages besides torch whose kernels make a CPU run's floats (the datasets' pixels, the metrics):
+# recorded so that two environments that differ can be told apart (ehin/numerics.py, bench.check).
+FLOAT_PACKAGES = ("numpy", "opencv-python-headless", "pillow", "scipy", "open_clip_torch", "pycocotools")
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in FLOAT_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def host_info() -> dict[str, Any]:
     import platform
 
@@ -53,7 +70,7 @@ def host_info() -> dict[str, Any]:
     from ehin import numerics
 
     info = {"host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, **numerics.describe()}
+            "torch": torch.__version__, "packages": package_versions(), **numerics.describe()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         # Under MPS (bench.mps) packed cells share one CUDA context: their timings are not a lone cell's.

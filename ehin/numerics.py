@@ -20,8 +20,9 @@ mode; `mode()` then says "native" and bench.check names the difference.
 Measured limit (session 19): on a 2-core Intel Xeon with AVX-512, the regression check's two smoke cells
 (same code, torch 2.13.0+cpu, 2 threads, portable) differed from the baselines made on an AMD EPYC by
 several points (each within its band), while the dataset's bytes were the same with numpy's AVX-512
-paths on and off. Which kernel differs is not known, so bit-identity is claimed only on the same CPU
-model: bench.check compares exactly there, and within each cell's measured band elsewhere. Synthetic data needs nothing: it is
+paths on and off. Which kernel (or package: records name their packages since, `packages`) differs is
+not known, so bit-identity is claimed only on the same CPU model: bench.check compares exactly there, and
+within each cell's measured band elsewhere. Synthetic data needs nothing: it is
 byte-identical with numpy's SIMD dispatch limited to its baseline (checked with NPY_DISABLE_CPU_FEATURES).
 
 The environment variables must be set before torch runs its first kernel, so `apply_env()` runs from

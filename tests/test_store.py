@@ -96,3 +96,12 @@ def test_code_version_is_dirty_for_code_changes_only(tmp_path):
     assert version() == clean
     (repo / "bench" / "store.py").write_text((repo / "bench" / "store.py").read_text() + "\n# edit\n")
     assert version() == clean + "+dirty"
+
+
+def test_host_info_names_the_packages_that_make_a_runs_floats():
+    import numpy
+
+    from bench.store import host_info
+
+    info = host_info()
+    assert info["packages"]["numpy"] == numpy.__version__ and "pillow" in info["packages"]
