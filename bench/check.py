@@ -133,7 +133,7 @@ def environment_notes(store: ResultStore, baselines: dict) -> list[str]:
     notes = [f"{k}: baseline {', '.join(base.get(k, ['?']))}; this run {', '.join(here[k])}"
              for k in ("numerics", "torch", "threads") if here[k] != base.get(k)]
     if not notes and here.get("cpu_model") != base.get("cpu_model"):
-        notes.append(f"{here['numerics'][0] if len(here['numerics']) == 1 else 'mixed'} numerics on another CPU "
+        notes.append(f"{'/'.join(here['numerics'])} numerics on another CPU "
                      f"(baseline {', '.join(base.get('cpu_model', ['?']))}; this run {', '.join(here['cpu_model'])}): "
                      "values may differ by seed-level noise, so each must stay within its band")
     return notes

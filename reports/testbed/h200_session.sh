@@ -7,6 +7,10 @@
 #   STOP_AT=50 bash reports/testbed/h200_session.sh poll   # wait for cells; results to $OUT
 #   bash reports/testbed/h200_session.sh profile  # (issue 20) inference at batch 1 and 64, profiled
 #
+# The wheels (the device image has torch but not these), fetched here with the device README's pip download
+# command (--python-version 3.12, manylinux platforms) into .whl/: open_clip_torch==3.3.0 pycocotools==2.0.11
+# optuna==5.0.0 submitit==1.5.4 ftfy wcwidth alembic sqlalchemy colorlog mako; carry [".whl"].
+#
 # The frozen small CLIP (TESTBED §3) is remade at each start by deterministic GPU pretraining of the gpu
 # profile's recipe (ehin.pretrain_clip --freeze): its file name carries its sha256, which every record
 # that loads it stores. Session 19 ran two at once in two caches (RUNS="a b"): one name,
