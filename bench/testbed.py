@@ -240,12 +240,17 @@ def fidelity_summary(v: dict, rows: list[dict], rows_file: str) -> dict:
 
 
 def _environment(by_id: dict, specs) -> dict:
-    """Where the records were made (device, torch, code), from the first stored cell, and the small
-    CLIP checkpoints the cells loaded, by content (every distinct one: a frozen testbed has one)."""
+    """Where the records were made (device, torch, numerics, code: every distinct value, since a control
+    may be stored over sessions) and the small CLIP checkpoints the cells loaded, by content (every
+    distinct one: a frozen testbed has one)."""
     recs = [by_id[s.cell_id] for s in specs if s.cell_id in by_id]
     if not recs:
         return {}
-    env = {k: recs[0].get(k) for k in ("device", "torch", "numerics", "code_version") if recs[0].get(k) is not None}
+    env = {}
+    for k in ("device", "torch", "numerics", "code_version"):
+        seen = list(dict.fromkeys(str(r[k]) for r in recs if r.get(k) is not None))
+        if seen:
+            env[k] = ", ".join(seen)
     weights = sorted({f"{w['file']} sha256 {w['sha256'][:16]}" for r in recs for role in ("backbone", "scorer")
                       if (w := (r.get("inputs") or {}).get(role))})
     if weights:
