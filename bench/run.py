@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--executor", default="local", choices=EXECUTORS,
                    help="local (default): submitit local processes, --jobs at once, the cores shared "
                         "between them; inline: this process, one cell after another; slurm: SLURM job arrays")
-    p.add_argument("--seeds", type=positive_int, help="seeds per row (default: 1 smoke, 3 synthetic, 1 paper)")
+    p.add_argument("--seeds", type=positive_int, help="seeds per row (default: 1 smoke, 3 synthetic, 5 gpu, 1 paper)")
     p.add_argument("--jobs", type=int, default=2,
                    help="cells at once with --executor local, array tasks at once with slurm (default: 2)")
     p.add_argument("--results", help="results folder holding store.jsonl (default results/<profile>)")

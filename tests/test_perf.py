@@ -124,6 +124,6 @@ def test_bf16_backbone_gives_the_fp32_maps_within_bf16_rounding():
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert (got - want).abs().max() <= max((amp - want).abs().max(), 0.02 * want.abs().max())
     assert torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1] > 0.9999
-    r = stage1_inference(cfg, cpu, amp=True, channels_last=False, compile_=False, warmup=0, repeats=1,
+    r = stage1_inference(cfg, cpu, amp=True, channels_last=False, compile_=None, warmup=0, repeats=1,
                          throughput_batch=2, fold_bn=True, bf16_backbone=True)
     assert r["forward_ms_bs1"] > 0 and r["images_per_s_bs2"] > 0 and r["end_to_end_ms_bs1"] > 0
