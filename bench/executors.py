@@ -160,6 +160,7 @@ def dispatch(
     local_timeout_min: int = 24 * 60,
     compile_group: Callable[[Any], tuple[Hashable, Path] | None] | None = None,
     compile_wait_s: float = COMPILE_WAIT_S,
+    shared_training: Callable[[Any], tuple[Hashable, bool] | None] | None = None,
 ) -> list[Outcome]:
     """Run `runner(spec)` for every spec (default: `CellRunner`, specs are `CellSpec`s) on `executor`,
     at most `jobs` at a time locally. `view` replaces the sweep's status line (a search shows its
@@ -168,7 +169,13 @@ def dispatch(
     `compile_group(spec)` -> (group, marker) or None: locally, on a host with a GPU, the first cell of
     each group starts alone and the group's other cells wait until it writes `marker` (its first training
     step: torch.compile has then filled inductor's cache on this host's disk for the others to read; cells
-    compiling one graph at once all miss that cache), ends, or `compile_wait_s` passes."""
+    compiling one graph at once all miss that cache), ends, or `compile_wait_s` passes.
+
+    `shared_training(spec)` -> (training, leads) or None: locally, a cell that only evaluates a model
+    another cell of this dispatch trains (Table 2's other splits, bench.run.share_trainings) waits, without
+    taking a slot, until that cell ends, and then runs before every cell still queued: its evaluation takes
+    seconds, and the trained model it reads lives only on this machine (a GPU lent for a sitting is gone
+    with it, and a later sitting would train that model again)."""
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
     if not specs:
@@ -180,7 +187,7 @@ def dispatch(
     folder.mkdir(parents=True, exist_ok=True)
     if executor == "local":
         return _run_local(specs, runner, view or LiveView(len(specs), jobs), jobs, folder, poll_s, on_outcome,
-                          local_timeout_min, compile_group, compile_wait_s)
+                          local_timeout_min, compile_group, compile_wait_s, shared_training)
     opts = slurm or SlurmOptions()
     return _run_slurm(specs, runner, view or LiveView(len(specs), opts.array_parallelism), opts, folder, poll_s,
                       on_outcome)
@@ -222,13 +229,19 @@ def gpu_slot(index: int, n_gpus: int) -> dict:
 
 
 def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_outcome,
-               timeout_min: int, compile_group=None, compile_wait_s: float = COMPILE_WAIT_S) -> list[Outcome]:
+               timeout_min: int, compile_group=None, compile_wait_s: float = COMPILE_WAIT_S,
+               shared_training=None) -> list[Outcome]:
     ex = submitit.LocalExecutor(folder=str(folder / "%j"))
     ex.update_parameters(timeout_min=timeout_min)
     n_gpus = local_gpus()
     group_of = compile_group if n_gpus else None  # torch.compile is a CUDA lever (train.compile)
     submitted = 0
     queue = [(spec, group_of(spec) if group_of else None) for spec in specs]  # each spec's group, found once
+    shared = {id(spec): shared_training(spec) for spec in specs} if shared_training else {}
+    training = {}  # training -> its leader, queued or running
+    for spec in specs:
+        if shared.get(id(spec)) and shared[id(spec)][1]:
+            training.setdefault(shared[id(spec)][0], spec)
     running: list[tuple[submitit.Job, Any, float]] = []
     outcomes: list[Outcome] = []
     compiling: dict[Hashable, tuple[submitit.Job, Path, float]] = {}  # group -> its first cell, marker, start
@@ -245,6 +258,10 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
             if found is not None and found[0] in compiling:  # its graph is compiling in another cell: wait
                 i += 1
                 continue
+            trains = shared.get(id(queue[i][0]))
+            if trains and not trains[1] and trains[0] in training:  # its model is being trained: wait
+                i += 1
+                continue
             spec = queue.pop(i)[0]
             first = found is not None and found[0] not in compiled  # this cell compiles its group's graph
             if first:
@@ -256,7 +273,13 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
             submitted += 1
             if first:
                 compiling[found[0]] = (job, Path(found[1]), time.time())
+        before = running
         running = _harvest(running, outcomes, runner, view, on_outcome)
+        for _, spec, _ in before:
+            trains = shared.get(id(spec))
+            if trains and training.get(trains[0]) is spec and all(s is not spec for _, s, _ in running):
+                del training[trains[0]]  # its evaluations go first
+                queue.sort(key=lambda item: shared.get(id(item[0])) is None or shared[id(item[0])][0] != trains[0])
         view.update(sum(o.ok for o in outcomes), len(running), sum(not o.ok for o in outcomes))
         if running:
             time.sleep(poll_s)

@@ -95,6 +95,13 @@ def leaders_first(specs: list[CellSpec]) -> list[CellSpec]:
     return sorted(specs, key=waits)
 
 
+def shared_training(spec: CellSpec) -> tuple[str, bool] | None:
+    """For the local executor (bench.executors.dispatch): the shared training a cell belongs to and whether
+    it is the cell that trains it (the group's first split), or None for a cell that trains its own model."""
+    trained = spec.extra.get("trained")
+    return None if trained is None else (trained["dir"], trained["split"] == spec.config["eval"]["split"])
+
+
 def _identity(spec_or_record) -> tuple:
     """What makes two cells the same computation: config hash, seed, stage and the job's extra
     arguments (inference cells differ only there)."""
@@ -271,7 +278,7 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
         with mps_daemon() if mps else nullcontext():
             outcomes = dispatch(to_run, executor, jobs=jobs, folder=root / "submitit", slurm=slurm,
                                 compile_group=compile_group if compile_wait_s > 0 else None,
-                                compile_wait_s=compile_wait_s)
+                                compile_wait_s=compile_wait_s, shared_training=shared_training)
     reuse_identical_cells(copies, store)  # a copy whose cell failed stays missing, as that cell
     failed = sum(not o.ok for o in outcomes)
     if render_tables:

@@ -83,3 +83,41 @@ def test_stage2_split_cells_share_the_two_stage_chain(tmp_path):
     assert evaluate_checkpoint(cfg_b, shared / "stage2" / "checkpoints" / "last.pt", stage=2) == test_b["metrics"]
     assert evaluate_checkpoint(specs["TRIS (Stage-2) | refcoco_val"].config,
                                shared / "stage2" / "checkpoints" / "last.pt", stage=2) == val["metrics"]
+
+
+class _TimedRunner:
+    """A picklable runner for dispatch: spec = (name, seconds, folder); writes NAME.start and NAME.end."""
+
+    def __call__(self, spec):
+        name, seconds, folder = spec
+        Path(folder, f"{name}.start").write_text(repr(__import__("time").time()))
+        __import__("time").sleep(seconds)
+        Path(folder, f"{name}.end").write_text(repr(__import__("time").time()))
+        return {"name": name}
+
+    def label(self, spec):
+        return spec[0]
+
+    def error_log(self, spec):
+        return None
+
+
+def test_the_local_executor_holds_an_evaluation_until_its_training_ends_then_runs_it_first(tmp_path):
+    """Locally a cell that only evaluates a shared training waits without a slot while the cell that trains
+    it runs, and once that cell ends it runs before the cells still queued: on a GPU lent for one sitting
+    the trained model is gone with the machine, so the evaluation must not be left for a later sitting."""
+    from bench import executors
+
+    # 'lead' trains model m, 'early' and 'late' evaluate it; 'x', 'y', 'z' are cells of their own
+    names = [("lead", 3.0), ("early", 0.1), ("x", 0.2), ("y", 6.0), ("z", 0.2), ("late", 0.1)]
+    specs = [(n, sec, str(tmp_path)) for n, sec in names]
+    role = {"lead": ("m", True), "early": ("m", False), "late": ("m", False)}
+    out = executors.dispatch(specs, "local", jobs=2, folder=tmp_path / "submitit", poll_s=0.05,
+                             runner=_TimedRunner(), shared_training=lambda s: role.get(s[0]))
+    assert all(o.ok for o in out) and len(out) == 6
+    t = {n: (float((tmp_path / f"{n}.start").read_text()), float((tmp_path / f"{n}.end").read_text()))
+         for n, _ in names}
+    assert t["early"][0] >= t["lead"][1]            # held until its training ended
+    assert t["x"][0] < t["lead"][1]                 # its slot went to the next cell meanwhile
+    assert t["late"][0] >= t["lead"][1]
+    assert t["late"][0] <= t["z"][0]                # then ahead of the cells queued before it
