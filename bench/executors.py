@@ -160,7 +160,7 @@ def dispatch(
     local_timeout_min: int = 24 * 60,
     compile_group: Callable[[Any], tuple[Hashable, Path] | None] | None = None,
     compile_wait_s: float = COMPILE_WAIT_S,
-    shared_training: Callable[[Any], tuple[Hashable, bool] | None] | None = None,
+    shared_training: Callable[[Any], tuple[Hashable | None, Hashable | None]] | None = None,
 ) -> list[Outcome]:
     """Run `runner(spec)` for every spec (default: `CellRunner`, specs are `CellSpec`s) on `executor`,
     at most `jobs` at a time locally. `view` replaces the sweep's status line (a search shows its
@@ -171,11 +171,11 @@ def dispatch(
     step: torch.compile has then filled inductor's cache on this host's disk for the others to read; cells
     compiling one graph at once all miss that cache), ends, or `compile_wait_s` passes.
 
-    `shared_training(spec)` -> (training, leads) or None: locally, a cell that only evaluates a model
-    another cell of this dispatch trains (Table 2's other splits, bench.run.share_trainings) waits, without
-    taking a slot, until that cell ends, and then runs before every cell still queued: its evaluation takes
-    seconds, and the trained model it reads lives only on this machine (a GPU lent for a sitting is gone
-    with it, and a later sitting would train that model again)."""
+    `shared_training(spec)` -> (the training it makes, the training it needs), either None: locally, a
+    cell that needs a model another cell of this dispatch trains (Table 2's other splits and Stage-2 cells,
+    bench.run.share_trainings) waits, without taking a slot, until that cell ends, and then runs before
+    every cell still queued: the model it reads lives only on this machine (a GPU lent for a sitting is
+    gone with it, and a later sitting would train that model again)."""
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
     if not specs:
@@ -238,10 +238,11 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
     submitted = 0
     queue = [(spec, group_of(spec) if group_of else None) for spec in specs]  # each spec's group, found once
     shared = {id(spec): shared_training(spec) for spec in specs} if shared_training else {}
-    training = {}  # training -> its leader, queued or running
+    training = {}  # a training -> the cell that makes it, queued or running
     for spec in specs:
-        if shared.get(id(spec)) and shared[id(spec)][1]:
+        if shared.get(id(spec), (None, None))[0] is not None:
             training.setdefault(shared[id(spec)][0], spec)
+    needs = {id(spec): shared.get(id(spec), (None, None))[1] for spec in specs}
     running: list[tuple[submitit.Job, Any, float]] = []
     outcomes: list[Outcome] = []
     compiling: dict[Hashable, tuple[submitit.Job, Path, float]] = {}  # group -> its first cell, marker, start
@@ -258,8 +259,7 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
             if found is not None and found[0] in compiling:  # its graph is compiling in another cell: wait
                 i += 1
                 continue
-            trains = shared.get(id(queue[i][0]))
-            if trains and not trains[1] and trains[0] in training:  # its model is being trained: wait
+            if needs.get(id(queue[i][0])) in training:  # the model it needs is being trained: wait
                 i += 1
                 continue
             spec = queue.pop(i)[0]
@@ -276,10 +276,10 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
         before = running
         running = _harvest(running, outcomes, runner, view, on_outcome)
         for _, spec, _ in before:
-            trains = shared.get(id(spec))
-            if trains and training.get(trains[0]) is spec and all(s is not spec for _, s, _ in running):
-                del training[trains[0]]  # its evaluations go first
-                queue.sort(key=lambda item: shared.get(id(item[0])) is None or shared[id(item[0])][0] != trains[0])
+            made = shared.get(id(spec), (None, None))[0]
+            if made is not None and training.get(made) is spec and all(s is not spec for _, s, _ in running):
+                del training[made]  # the cells that need it go first
+                queue.sort(key=lambda item: needs.get(id(item[0])) != made)
         view.update(sum(o.ok for o in outcomes), len(running), sum(not o.ok for o in outcomes))
         if running:
             time.sleep(poll_s)

@@ -73,13 +73,16 @@ def run_cell(spec: CellSpec) -> dict:
     if "trained" in spec.extra:
         return _run_shared(spec)
     if spec.stage == "1":
+        from filelock import FileLock
+
         from ehin.train_stage1 import run
 
-        return {**run(cfg, run_dir, resume=True), "per_expression_file": str(run_dir / PER_EXPRESSION)}
+        with FileLock(str(run_dir) + ".lock"):  # a Stage-2 cell may build on this run (bench.run.share_trainings)
+            return {**run(cfg, run_dir, resume=True), "per_expression_file": str(run_dir / PER_EXPRESSION)}
     if spec.stage == "2":
         from ehin.two_stage import run_two_stage
 
-        return {**run_two_stage(cfg, run_dir, resume=True),
+        return {**run_two_stage(cfg, run_dir, resume=True, stage1_dir=spec.extra.get("stage1_dir")),
                 "per_expression_file": str(run_dir / "stage2" / PER_EXPRESSION)}
     if spec.stage == "inference":
         from bench.perf import inference_time_cell
@@ -109,7 +112,7 @@ def _run_shared(spec: CellSpec) -> dict:
         else:
             from ehin.two_stage import run_two_stage
 
-            result = run_two_stage(train_cfg, train_dir, resume=True)
+            result = run_two_stage(train_cfg, train_dir, resume=True, stage1_dir=spec.extra.get("stage1_dir"))
     from ehin.train_stage1 import PER_EXPRESSION
 
     final = train_dir if spec.stage == "1" else train_dir / "stage2"  # the folder of the model evaluated
@@ -120,7 +123,8 @@ def _run_shared(spec: CellSpec) -> dict:
     result.update(metrics=evaluate_checkpoint(spec.config, final / "checkpoints" / "last.pt", stage=int(spec.stage),
                                               per_expression=own), per_expression_file=str(own))
     if spec.stage == "2":
-        result["stage1_metrics"] = evaluate_checkpoint(spec.config, train_dir / "stage1" / "checkpoints" / "last.pt", stage=1)
+        stage1 = Path(spec.extra.get("stage1_dir") or train_dir / "stage1")
+        result["stage1_metrics"] = evaluate_checkpoint(spec.config, stage1 / "checkpoints" / "last.pt", stage=1)
     return result
 
 

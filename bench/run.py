@@ -83,6 +83,34 @@ def share_trainings(specs: list[CellSpec], root: Path) -> None:
                    "split": group[0].config["eval"]["split"]}
         for spec in group:
             spec.extra["trained"] = trained
+    # A Stage-2 cell builds on the model of the Stage-1 cell with the same stage-1 config and seed, as the
+    # paper's Stage-2 rows build on its Stage-1 rows: its chain trains stage 1 in that cell's folder (or
+    # finds it trained there) instead of a second copy, which would be another model on a GPU (its runs are
+    # not bit-reproducible) and as much training again.
+    stage1_dirs = {}
+    for spec in specs:
+        if spec.stage == "1":
+            stage1_dirs.setdefault((spec.table, spec.seed, _stage1_hash(spec)), _training_dir(spec))
+    for spec in specs:
+        if spec.stage == "2":
+            found = stage1_dirs.get((spec.table, spec.seed, _stage1_hash(spec)))
+            if found is not None:
+                spec.extra["stage1_dir"] = found
+
+
+def _training_split(spec: CellSpec) -> str:
+    """The split a cell's training evaluates per epoch: its shared training's, else its own."""
+    return spec.extra.get("trained", {}).get("split", spec.config["eval"]["split"])
+
+
+def _training_dir(spec: CellSpec) -> str:
+    return spec.extra.get("trained", {}).get("dir", spec.run_dir)
+
+
+def _stage1_hash(spec: CellSpec) -> str:
+    """The stage-1 hash of the run a cell's stage 1 is (the resume guard's): its config evaluating its
+    training's split per epoch, without the sections only stage 2 reads."""
+    return config_hash({**spec.config, "eval": {**spec.config["eval"], "split": _training_split(spec)}}, stage="1")
 
 
 def leaders_first(specs: list[CellSpec]) -> list[CellSpec]:
@@ -95,11 +123,18 @@ def leaders_first(specs: list[CellSpec]) -> list[CellSpec]:
     return sorted(specs, key=waits)
 
 
-def shared_training(spec: CellSpec) -> tuple[str, bool] | None:
-    """For the local executor (bench.executors.dispatch): the shared training a cell belongs to and whether
-    it is the cell that trains it (the group's first split), or None for a cell that trains its own model."""
-    trained = spec.extra.get("trained")
-    return None if trained is None else (trained["dir"], trained["split"] == spec.config["eval"]["split"])
+def shared_training(spec: CellSpec) -> tuple[str | None, str | None]:
+    """For the local executor (bench.executors.dispatch): (the folder this cell trains a model in, or None
+    when it only evaluates one; the folder whose training it needs first, or None). Table 2's other splits
+    need their group's training; a Stage-2 cell needs its Stage-1 cell's (share_trainings)."""
+    if spec.stage not in ("1", "2"):
+        return None, None
+    leads = _training_split(spec) == spec.config["eval"]["split"]
+    trains = _training_dir(spec) if leads else None
+    needs = None if leads else spec.extra["trained"]["dir"]
+    if leads and spec.stage == "2":
+        needs = spec.extra.get("stage1_dir")
+    return trains, needs
 
 
 def _identity(spec_or_record) -> tuple:

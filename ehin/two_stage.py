@@ -1,6 +1,8 @@
 """The two-stage chain of Table 2's stage-2 cells: stage 1 -> pseudo-labels -> stage 2.
 
-    run_dir/stage1/            ehin.train_stage1.run (checkpoints/last.pt, metrics.jsonl, result.json)
+    run_dir/stage1/            ehin.train_stage1.run (checkpoints/last.pt, metrics.jsonl, result.json),
+                               or `stage1_dir`: a stage-1 run of the same stage-1 config made elsewhere
+                               (Table 2's Stage-1 cell, whose model the Stage-2 cell then builds on)
     run_dir/pseudo/train.npz   ehin.pseudo_labels (work folder run_dir/pseudo/train.npz.work/)
     run_dir/stage2/            ehin.train_stage2.run
     run_dir/two_stage.json     the returned summary
@@ -18,8 +20,13 @@ from pathlib import Path
 from ehin.cli import command, command_parser
 
 
-def run_two_stage(cfg: dict, run_dir: str | Path, resume: bool = True, progress: bool = True) -> dict:
-    """Returns {metrics (stage-2 val), history (stage 2), timings, stage1_metrics, pseudo_quality, device}."""
+def run_two_stage(cfg: dict, run_dir: str | Path, resume: bool = True, progress: bool = True,
+                  stage1_dir: str | Path | None = None) -> dict:
+    """Returns {metrics (stage-2 val), history (stage 2), timings, stage1_metrics, pseudo_quality, device}.
+    `stage1_dir`: train (or, when it is done, reuse) stage 1 there instead of run_dir/stage1, under a lock
+    on it, since the cell that owns it may be training it at the same time (a SLURM array)."""
+    from filelock import FileLock
+
     from ehin import train_stage1, train_stage2
     from ehin.pseudo_labels.pipeline import generate, load_pseudo_labels
 
@@ -27,10 +34,13 @@ def run_two_stage(cfg: dict, run_dir: str | Path, resume: bool = True, progress:
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    s1 = train_stage1.run(cfg, run_dir / "stage1", resume=resume, progress=progress)
+    s1_dir = Path(stage1_dir) if stage1_dir is not None else run_dir / "stage1"
+    s1_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(s1_dir) + ".lock"):
+        s1 = train_stage1.run(cfg, s1_dir, resume=resume, progress=progress)
     t1 = time.time()
 
-    ckpt = run_dir / "stage1" / "checkpoints" / "last.pt"
+    ckpt = s1_dir / "checkpoints" / "last.pt"
     pseudo_path = run_dir / "pseudo" / f"{cfg['data']['train_split']}.npz"
     work = pseudo_path.with_name(pseudo_path.name + ".work")
     timings_path = pseudo_path.with_name(pseudo_path.stem + ".timings.json")

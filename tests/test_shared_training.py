@@ -32,6 +32,14 @@ def test_table2_trains_once_per_method_dataset_and_split_by(tmp_path):
     assert waits == sorted(waits) and sum(waits) == 20
     # other tables are untouched: one split each
     assert not any("trained" in s.extra for s in build_specs(load_sweep("table5"), "smoke", 1, tmp_path))
+    # a Stage-2 cell's chain trains its stage 1 where the Stage-1 cell of its method, dataset and seed does
+    by_row = {s.row: s for s in specs}
+    stage2 = [s for s in specs if s.stage == "2"]
+    assert len(stage2) == 20
+    for s in stage2:
+        twin = by_row[s.row.replace("(Stage-2)", "(Stage-1)")]
+        assert s.extra["stage1_dir"] == twin.extra.get("trained", {}).get("dir", twin.run_dir), s.row
+    assert len({s.extra["stage1_dir"] for s in stage2}) == 10
 
 
 def test_split_cells_share_one_training_and_evaluate_their_own_split(tmp_path):
@@ -65,8 +73,8 @@ def test_split_cells_share_one_training_and_evaluate_their_own_split(tmp_path):
     assert len(val["inputs"]["dataset"]["sha256"]) == 64
 
 
-def test_stage2_split_cells_share_the_two_stage_chain(tmp_path):
-    rows = "TRIS (Stage-2) | refcoco_val,TRIS (Stage-2) | refcoco_testB"
+def test_stage2_split_cells_share_the_two_stage_chain_on_the_stage1_cells_model(tmp_path):
+    rows = "TRIS (Stage-1) | refcoco_val,TRIS (Stage-2) | refcoco_val,TRIS (Stage-2) | refcoco_testB"
     argv = ["table2", "--profile", "smoke", "--rows", rows, "--results", str(tmp_path / "res"),
             "--reports", str(tmp_path / "rep"), "--executor", "inline", "--set", "stage2.epochs=1"]
     for s in TINY:
@@ -83,6 +91,11 @@ def test_stage2_split_cells_share_the_two_stage_chain(tmp_path):
     assert evaluate_checkpoint(cfg_b, shared / "stage2" / "checkpoints" / "last.pt", stage=2) == test_b["metrics"]
     assert evaluate_checkpoint(specs["TRIS (Stage-2) | refcoco_val"].config,
                                shared / "stage2" / "checkpoints" / "last.pt", stage=2) == val["metrics"]
+    # stage 1 was trained once, in the Stage-1 cell's folder, and the chain built on that model
+    stage1 = recs["TRIS (Stage-1) | refcoco_val"]
+    assert not (shared / "stage1").exists()
+    assert len((Path(stage1["run_dir"]) / "metrics.jsonl").read_text().splitlines()) == 1
+    assert json.loads((shared / "two_stage.json").read_text())["stage1_metrics"] == stage1["metrics"]
 
 
 class _TimedRunner:
@@ -111,9 +124,9 @@ def test_the_local_executor_holds_an_evaluation_until_its_training_ends_then_run
     # 'lead' trains model m, 'early' and 'late' evaluate it; 'x', 'y', 'z' are cells of their own
     names = [("lead", 3.0), ("early", 0.1), ("x", 0.2), ("y", 6.0), ("z", 0.2), ("late", 0.1)]
     specs = [(n, sec, str(tmp_path)) for n, sec in names]
-    role = {"lead": ("m", True), "early": ("m", False), "late": ("m", False)}
+    role = {"lead": ("m", None), "early": (None, "m"), "late": (None, "m")}
     out = executors.dispatch(specs, "local", jobs=2, folder=tmp_path / "submitit", poll_s=0.05,
-                             runner=_TimedRunner(), shared_training=lambda s: role.get(s[0]))
+                             runner=_TimedRunner(), shared_training=lambda s: role.get(s[0], (None, None)))
     assert all(o.ok for o in out) and len(out) == 6
     t = {n: (float((tmp_path / f"{n}.start").read_text()), float((tmp_path / f"{n}.end").read_text()))
          for n, _ in names}
