@@ -7,6 +7,7 @@
     python -m bench.run table5 --executor slurm --slurm-partition gpu --slurm-gpus 1 \\
         --slurm-setup "module load cuda"
     python -m bench.run all --profile smoke            # every table
+    python -m bench.run all --profile gpu --results reports/gpu/store --render-only   # the tables stored so far
 
 Every (row, seed) is one cell and one job. Several tables (or `all`) form one queue: the executor's
 --jobs slots stay busy across tables (on a GPU machine --jobs above the GPU count packs several cells
@@ -237,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     add_mps_arg(p)
     add_compile_wait_arg(p)
     p.add_argument("--no-render", action="store_true", help="run the cells without rendering the tables")
+    p.add_argument("--render-only", action="store_true",
+                   help="render the tables from the stored records without running a cell (a sweep run over "
+                        "several sittings: the cells not stored yet show as pending)")
     add_slurm_args(p)
     args = p.parse_args(argv)
 
@@ -251,13 +255,15 @@ def main(argv: list[str] | None = None) -> int:
         bad = [r for r in rows if r not in known]
         if bad:
             p.error(f"unknown row {bad[0]!r} in --rows for {', '.join(names)}; rows: {', '.join(known)}")
+    if args.render_only and (args.dry_run or args.no_render):
+        p.error("--render-only renders without running; it goes with neither --dry-run nor --no-render")
     seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[args.profile]
     extra = parse_assignments(args.overrides)
     return run_tables([load_sweep(name) for name in names], args.profile, seeds,
                       results_root(args.profile, args.results), executor=args.executor, jobs=args.jobs,
                       rows=rows, extra=extra, slurm=slurm_options(args, array_parallelism=args.jobs),
                       reports=args.reports, render_tables=not args.no_render, dry_run=args.dry_run,
-                      mps=args.mps, compile_wait_s=args.compile_wait)
+                      mps=args.mps, compile_wait_s=args.compile_wait, run_cells=not args.render_only)
 
 
 def add_compile_wait_arg(p: argparse.ArgumentParser) -> None:
@@ -270,14 +276,16 @@ def add_compile_wait_arg(p: argparse.ArgumentParser) -> None:
 def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: str = "local",
                jobs: int = 2, rows: list[str] | None = None, extra: dict | None = None,
                slurm: dict | None = None, reports: str | Path = "reports", render_tables: bool = True,
-               dry_run: bool = False, mps: bool = False, compile_wait_s: float = COMPILE_WAIT_S) -> int:
+               dry_run: bool = False, mps: bool = False, compile_wait_s: float = COMPILE_WAIT_S,
+               run_cells: bool = True) -> int:
     """Run the cells of `sweeps` missing from ROOT/store.jsonl as one queue, then render each table;
     returns the exit status (1 when a cell failed). `mps`: the local cells run under NVIDIA's MPS
     daemon (bench.mps). `compile_wait_s`: how long a compiled graph's other cells wait for its first
-    cell's first step (`bench.jobs.compile_group`; 0: they all start at once)."""
+    cell's first step (`bench.jobs.compile_group`; 0: they all start at once). `run_cells=False` renders
+    what is stored without running anything."""
     if mps and executor != "local":
         raise UserError("--mps is for --executor local (on SLURM, ask the cluster for MPS: --gres=mps)")
-    if mps and not dry_run:
+    if mps and not dry_run and run_cells:
         mps_control()  # refuse before any dataset is prepared, not after
     store = ResultStore(root)
     extra = dict(extra or {})
@@ -305,7 +313,9 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
     to_run, copies = one_queue(queue)
     to_run = leaders_first(to_run)
     outcomes = []
-    if to_run:
+    if to_run and not run_cells:
+        print(f"{len(to_run)} cells not stored yet: rendered as pending (--render-only)")
+    elif to_run:
         if len(sweeps) > 1:
             print(f"one queue: {len(to_run)} cells to run for {len(sweeps)} tables"
                   f" ({len(copies)} more are the same computation as one of them)")

@@ -112,6 +112,23 @@ def test_dry_run_lists_cells(tmp_path, capsys):
     assert out.count("[todo]") == 2
 
 
+def test_render_only_renders_what_is_stored_and_runs_nothing(tmp_path, capsys):
+    """A sweep run over several sittings: the tables show the stored cells and the rest as pending."""
+    res, rep = tmp_path / "res", tmp_path / "rep"
+    assert run_main(args(results=res, reports=rep, rows="bg+fg")) == 0
+    before = (res / "store.jsonl").read_text()
+    (rep / "smoke" / "table5" / "table.md").unlink()
+    capsys.readouterr()
+    assert run_main(args("--render-only", results=res, reports=rep)) == 0
+    assert "1 cells not stored yet: rendered as pending (--render-only)" in capsys.readouterr().out
+    assert (res / "store.jsonl").read_text() == before  # nothing ran
+    md = (rep / "smoke" / "table5" / "table.md").read_text()
+    assert "| fg+cl | pending |" in md and md.count("| 1 | done |") == 1  # bg+fg, from the store
+    with pytest.raises(SystemExit):
+        run_main(args("--render-only", "--dry-run", results=res, reports=rep))
+    assert "--render-only renders without running" in capsys.readouterr().err
+
+
 def test_unknown_table_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         run_main(["table99"])
