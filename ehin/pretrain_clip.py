@@ -412,7 +412,7 @@ def _deterministic_cuda():
              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
              torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     # warn_only: an op without a deterministic kernel warns (in the log) rather than stopping a run; two
-    # runs' sha256 say whether the bytes repeat (reports/testbed/h200_session.sh runs two at once)
+    # runs' sha256 say whether the bytes repeat (reports/h200_session.sh remade it in two sittings)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# How the GPU records of session 19 on were made: one H200 lent for at most 10 minutes a call, held while
+# calls follow each other (the tool library's `device`), results returned through $OUT, nothing kept
+# between sittings. Kept beside the records it made; nothing reads it.
+#
+#   bash reports/h200_session.sh start     # frozen CLIP, datasets, then $TASKS in one detached process
+#   bash reports/h200_session.sh poll      # wait for the tasks (at most $LIMIT s); new records to $OUT
+#   bash reports/h200_session.sh profile   # (issue 20) batch-1 and batch-64 inference, profiled
+#
+# TASKS (default "table10 rerun tables"), one after another, each resuming from its committed store, so a
+# sitting that ends first loses only the cells still running:
+#   table10  Table 10's inference-time cells, one at a time on an otherwise idle GPU -> reports/gpu/store/
+#   rerun    the positive control's cells run again, seeds 0..RERUN_SEEDS-1 (default 5), for TESTBED §2.4's
+#            run-to-run spread -> reports/testbed/control-gpu-h200clip-rerun/
+#   tables   the paper's tables ($TABLES, Table 10 apart), JOBS cells at once -> reports/gpu/store/
+# The cells run packed on the GPU under MPS with train.compile=reduce-overhead (neither is hashed).
+#
+# Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
+# device README's pip download command (--python-version 3.12, manylinux platforms) into .whl/:
+# open_clip_torch==3.3.0 pycocotools==2.0.11 optuna==5.0.0 submitit==1.5.4 ftfy wcwidth alembic sqlalchemy
+# colorlog mako. frozen/ holds the gpu profile's small CLIP; without it `start` remakes it by deterministic
+# GPU pretraining of the profile's recipe (ehin.pretrain_clip --freeze), which sessions 19 and 20 did to the
+# same bytes; a file whose sha256 does not begin with its name's last 8 hex digits, or a remade file of
+# another name, stops the start before any cell runs.
+set -u
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT" /tmp/p
+export PYTHONUNBUFFERED=1 EHIN_CACHE=/tmp/ehc TQDM_DISABLE=1
+if [ -d .whl ]; then
+  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+RECIPE="synthetic:scenes=cluttered,scene_on_black=1.0,captions=referring,steps=1200,n_train=16000"
+FROZEN=clip-tiny-rn-2195732df831-939486c5.pt
+PACKED=(--mps --compile-wait 240 --set train.compile=reduce-overhead)
+TABLES=${TABLES:-table5,table6,table3,table4,table7,table8,fig7,table9,table2}
+G=/tmp/p/g RR=/tmp/p/rr  # the stores on this machine
+
+case "${1:-}" in
+start)
+  t0=$(date +%s)
+  if [ -f "frozen/$FROZEN" ]; then
+    sha=$(sha256sum "frozen/$FROZEN" | cut -c1-8)
+    [ "${FROZEN%.pt}" = "${FROZEN%-*}-$sha" ] || { echo "frozen/$FROZEN: sha256 begins $sha: stop"; exit 3; }
+    echo "frozen/$FROZEN carried, sha256 begins $sha"
+  else
+    python3 -m ehin.pretrain_clip --profile gpu --workers 12 --freeze /tmp/frozen \
+      --set backbone.pretrained=$RECIPE > /tmp/p/clip.log 2>&1 &
+  fi
+  for v in refcoco refcoco+ refcocog referit; do  # the gpu profile's datasets (CPU), one process per variant
+    python3 -c "from ehin.config import load_config; from ehin.data import prepare_dataset
+prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']), progress=False)" \
+      > /tmp/p/data-$v.log 2>&1 &
+  done
+  wait
+  if [ ! -f "frozen/$FROZEN" ]; then
+    tr '\r' '\n' < /tmp/p/clip.log | grep -a -v "it/s" | tail -n 3
+    name=$(basename "$(ls /tmp/frozen/*.pt)")
+    [ "$name" = "$FROZEN" ] || { echo "remade $name, not $FROZEN: stop"; exit 3; }
+    mkdir -p frozen && cp /tmp/frozen/* frozen/ && cp /tmp/frozen/*.json /tmp/p/clip.log "$OUT/"
+  fi
+  echo "clip and datasets: $(( $(date +%s) - t0 )) s"
+  mkdir -p $G $RR
+  cp -r reports/gpu/store/. $G/ 2>/dev/null
+  cp -r reports/testbed/control-gpu-h200clip-rerun/. $RR/ 2>/dev/null
+  touch /tmp/p/stamp  # what is newer goes back
+  setsid nohup bash "$0" _tasks > /tmp/p/tasks.log 2>&1 < /dev/null &
+  echo $! > /tmp/p/tasks.pid
+  echo "tasks '${TASKS:-table10 rerun tables}' launched after $(( $(date +%s) - t0 )) s"
+  ;;
+_tasks)
+  for task in ${TASKS:-table10 rerun tables}; do
+    echo "== $task $(date +%T)"
+    case $task in
+      table10) python3 -m bench.run table10 --profile gpu --jobs 1 --results $G --reports /tmp/p/reports ;;
+      rerun) python3 -m bench.testbed --profile gpu --seeds ${RERUN_SEEDS:-5} --results $RR --jobs ${JOBS:-30} \
+               "${PACKED[@]}" --name rerun --out /tmp/p/rep ;;
+      tables) python3 -m bench.run "$TABLES" --profile gpu --jobs ${JOBS:-30} "${PACKED[@]}" --results $G \
+                --reports /tmp/p/reports ;;
+      *) echo "unknown task $task" ;;
+    esac
+    echo "== $task ended $(date +%T), exit $?"
+  done
+  ;;
+poll)
+  limit=${LIMIT:-560} t0=$(date +%s)
+  while kill -0 "$(cat /tmp/p/tasks.pid)" 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 10; done
+  kill -0 "$(cat /tmp/p/tasks.pid)" 2>/dev/null && echo "tasks still running after $(( $(date +%s) - t0 )) s" \
+    || echo "tasks done after $(( $(date +%s) - t0 )) s"
+  echo "stored: tables $(cat $G/store.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l)"
+  grep -a "^==\|failed\|Error" /tmp/p/tasks.log | tail -n 12; grep -a "\[sweep\]" /tmp/p/tasks.log | tail -n 2
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv > /tmp/p/util.txt
+  # the stores whole (small), and of the per-expression scores only those written in this sitting
+  (cd /tmp/p && find g/per_expression rr/per_expression -newer stamp -type f 2>/dev/null > new.txt
+   tar czf "$OUT/stores.tgz" g/store.jsonl rr/store.jsonl util.txt tasks.log -T new.txt 2>/dev/null)
+  ;;
+profile)  # issue 20: where batch-64 inference spends its time (tables and gzipped traces under $OUT/t)
+  timeout ${LIMIT:-300} python3 -m bench.perf --size paper --configs ehin --skip train,stage2 ${PERF_FLAGS:---amp --channels-last --fold-bn} \
+    --trace "$OUT/t" --out "$OUT/h200_infer_profile.json" 2>&1 | grep -a -v "it/s" | tail -n 8
+  head -n 40 "$OUT/t/ehin_infer_bs64.txt"
+  ;;
+*) echo "usage: $0 start|poll|profile"; exit 2 ;;
+esac
