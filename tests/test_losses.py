@@ -347,3 +347,23 @@ def test_text_cache_lru_bound(clip_tiny):
     assert list(scorer._cache) == ["a", "c"]
     scorer.encode_texts(clip_tiny.tokenize(["b"]), ["b"])  # tokens given: used as they are
     assert list(scorer._cache) == ["c", "b"] and scorer.encode_text_calls == 3
+
+
+def test_text_cache_state_round_trips_in_order_and_reads_the_old_layout(clip_tiny):
+    """A resumed run must reuse the very features (and the LRU order) it had; checkpoints written
+    before the cache was saved as one matrix hold {sentence: features} and still load."""
+    scorer = FrozenScorer(clip_tiny, 64)
+    scorer.encode_texts(None, ["red circle", "blue square", "green one"])
+    state = scorer.cache_state()
+    assert state["sentences"] == ["red circle", "blue square", "green one"] and state["features"].shape[0] == 3
+    again, old = FrozenScorer(clip_tiny, 64), FrozenScorer(clip_tiny, 64)
+    again.load_cache_state(state)
+    old.load_cache_state({k: v.clone() for k, v in scorer._cache.items()})
+    for other in (again, old):
+        assert list(other._cache) == list(scorer._cache)
+        torch.testing.assert_close(torch.stack(list(other._cache.values())), torch.stack(list(scorer._cache.values())),
+                                   rtol=0, atol=0)
+        assert other.encode_texts(None, ["blue square"]) is not None and other.encode_text_calls == 0
+    empty = FrozenScorer(clip_tiny, 64)
+    empty.load_cache_state(empty.cache_state())
+    assert not empty._cache

@@ -86,12 +86,19 @@ class FrozenScorer(nn.Module):
 
     # The cache is training state: a sentence's features depend (in the last bits) on which batch
     # first encoded it, so a resumed run must reuse the same ones to give the same weights.
-    def cache_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.cpu() for k, v in self._cache.items()}
+    # Saved as one matrix: a copy per sentence (tens of thousands by the end of a run) waited on the
+    # device once each, at every epoch's checkpoint.
+    def cache_state(self) -> dict:
+        feats = torch.stack(list(self._cache.values())).cpu() if self._cache else torch.empty(0)
+        return {"sentences": list(self._cache), "features": feats}
 
-    def load_cache_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_cache_state(self, state: dict) -> None:
         device = next(self.parameters()).device
-        self._cache = OrderedDict((k, v.to(device)) for k, v in state.items())
+        if isinstance(state.get("sentences"), list) and torch.is_tensor(state.get("features")):
+            pairs = zip(state["sentences"], state["features"].to(device))
+        else:  # checkpoints written before session 20: {sentence: features}
+            pairs = ((k, v.to(device)) for k, v in state.items())
+        self._cache = OrderedDict(pairs)
 
     # ---- images -----------------------------------------------------------------------------------
     def _at_size(self, images01: torch.Tensor) -> torch.Tensor:
