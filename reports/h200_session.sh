@@ -90,7 +90,13 @@ poll)
     || echo "tasks done after $(( $(date +%s) - t0 )) s"
   echo "stored: tables $(cat $G/store.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l)"
   grep -a "^==\|failed\|Error" /tmp/p/tasks.log | tail -n 12; grep -a "\[sweep\]" /tmp/p/tasks.log | tail -n 2
-  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv > /tmp/p/util.txt
+  # is a packed wave bound by the GPU or by the 16 cores? both utilisations, the CPU's over 5 s
+  { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+    read -r _ a1 a2 a3 a4 a5 a6 a7 _ < /proc/stat; sleep 5; read -r _ b1 b2 b3 b4 b5 b6 b7 _ < /proc/stat
+    busy=$(( (b1+b2+b3+b6+b7) - (a1+a2+a3+a6+a7) )) idle=$(( (b4+b5) - (a4+a5) ))
+    echo "cpu busy $(( 100 * busy / (busy + idle) )) % of $(nproc) cores over 5 s; load $(cut -d' ' -f1-3 /proc/loadavg)"
+  } > /tmp/p/util.txt 2>&1
+  cat /tmp/p/util.txt
   # the stores whole (small), and of the per-expression scores only those written in this sitting
   (cd /tmp/p && find g/per_expression rr/per_expression -newer stamp -type f 2>/dev/null > new.txt
    tar czf "$OUT/stores.tgz" g/store.jsonl rr/store.jsonl util.txt tasks.log -T new.txt 2>/dev/null)
