@@ -5,7 +5,7 @@
 #
 #   bash reports/h200_session.sh start     # frozen CLIP, datasets, then $TASKS in one detached process
 #   bash reports/h200_session.sh poll      # wait for the tasks (at most $LIMIT s); new records to $OUT
-#   bash reports/h200_session.sh profile   # (issue 20) batch-1 and batch-64 inference, profiled
+#   PERF_FLAGS="..." NAME=... bash reports/h200_session.sh perf   # (issue 20) inference timed (TRACE=1: profiled)
 #
 # TASKS (default "table10 rerun tables"), one after another, each resuming from its committed store, so a
 # sitting that ends first loses only the cells still running:
@@ -101,10 +101,11 @@ poll)
   (cd /tmp/p && find g/per_expression rr/per_expression -newer stamp -type f 2>/dev/null > new.txt
    tar czf "$OUT/stores.tgz" g/store.jsonl rr/store.jsonl util.txt tasks.log -T new.txt 2>/dev/null)
   ;;
-profile)  # issue 20: where batch-64 inference spends its time (tables and gzipped traces under $OUT/t)
-  timeout ${LIMIT:-300} python3 -m bench.perf --size paper --configs ehin --skip train,stage2 ${PERF_FLAGS:---amp --channels-last --fold-bn} \
-    --trace "$OUT/t" --out "$OUT/h200_infer_profile.json" 2>&1 | grep -a -v "it/s" | tail -n 8
-  head -n 40 "$OUT/t/ehin_infer_bs64.txt"
+perf)  # issue 20: inference at batch 1 and 64 with $PERF_FLAGS, as $OUT/$NAME.json (TRACE=1: profiled, $OUT/t)
+  timeout ${LIMIT:-300} python3 -m bench.perf --size paper --configs ehin --skip train,stage2 \
+    ${PERF_FLAGS:---amp --channels-last --fold-bn} ${TRACE:+--trace "$OUT/t"} --out "$OUT/${NAME:-h200_infer}.json" \
+    2>&1 | grep -a -v "it/s" | tail -n 8
+  [ -n "${TRACE:-}" ] && head -n 40 "$OUT/t/ehin_infer_bs64.txt"
   ;;
-*) echo "usage: $0 start|poll|profile"; exit 2 ;;
+*) echo "usage: $0 start|poll|perf"; exit 2 ;;
 esac
