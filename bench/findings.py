@@ -62,7 +62,9 @@ that held their figures is in the history: `git show 2918b5a:docs/lab-notebook.m
   rather than a better configuration: its best trial was worse than the defaults on testA.
 - Batch-1 latency is launch-bound until the forward is captured in a CUDA graph; stage-1 training is
   dominated by normalisation (HIPM's InstanceNorms over the fused pairs and the trunk's BatchNorms;
-  `reports/perf/profile_bf16/`), then the pairwise GEMMs.
+  `reports/perf/profile_bf16/`), then the pairwise GEMMs. Batch-64 inference in eager mode spends most
+  of its device time in elementwise kernels (the folded convolutions' bias adds, ReLUs, the trunk's
+  average pools, HIPM's InstanceNorms), not in the convolutions (`reports/perf/profile_amp_cl_foldbn_infer/`).
 """
 
 
