@@ -18,7 +18,7 @@
 # Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
 # device README's pip download command (--python-version 3.12, manylinux platforms) into .whl/:
 # open_clip_torch==3.3.0 pycocotools==2.0.11 optuna==5.0.0 submitit==1.5.4 ftfy wcwidth alembic sqlalchemy
-# colorlog mako. frozen/ holds the gpu profile's small CLIP; without it `start` remakes it by deterministic
+# colorlog mako Cython==0.29.36, and the sdist of pydensecrf2==1.1 (pip download --no-binary=:all:). frozen/ holds the gpu profile's small CLIP; without it `start` remakes it by deterministic
 # GPU pretraining of the profile's recipe (ehin.pretrain_clip --freeze), which sessions 19 and 20 did to the
 # same bytes; a file whose sha256 does not begin with its name's last 8 hex digits, or a remade file of
 # another name, stops the start before any cell runs.
@@ -31,6 +31,11 @@ if [ -d .whl ]; then
     || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
+crf() {  # pydensecrf2 (the pseudo-labels' dense CRF, Table 2's Stage-2 cells) is an sdist: built here with the
+         # carried Cython 0.29.36, without build isolation (nothing can be downloaded here); 30 s on 2 cores
+  python3 -c "import pydensecrf.densecrf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps \
+    --no-build-isolation --no-cache-dir --target /tmp/site .whl/pydensecrf2-*.tar.gz
+}
 RECIPE="synthetic:scenes=cluttered,scene_on_black=1.0,captions=referring,steps=1200,n_train=16000"
 FROZEN=clip-tiny-rn-2195732df831-939486c5.pt
 PACKED=(--mps --compile-wait 240 --set train.compile=reduce-overhead)
@@ -48,6 +53,7 @@ start)
     python3 -m ehin.pretrain_clip --profile gpu --workers 12 --freeze /tmp/frozen \
       --set backbone.pretrained=$RECIPE > /tmp/p/clip.log 2>&1 &
   fi
+  crf > /tmp/p/crf.log 2>&1 &
   for v in refcoco refcoco+ refcocog referit; do  # the gpu profile's datasets (CPU), one process per variant
     python3 -c "from ehin.config import load_config; from ehin.data import prepare_dataset
 prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']), progress=False)" \
@@ -60,7 +66,8 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
     [ "$name" = "$FROZEN" ] || { echo "remade $name, not $FROZEN: stop"; exit 3; }
     mkdir -p frozen && cp /tmp/frozen/* frozen/ && cp /tmp/frozen/*.json /tmp/p/clip.log "$OUT/"
   fi
-  echo "clip and datasets: $(( $(date +%s) - t0 )) s"
+  python3 -c "import pydensecrf.densecrf" || { tail -n 5 /tmp/p/crf.log; echo "pydensecrf2 did not build: Stage-2 cells will fail"; }
+  echo "clip, datasets, CRF: $(( $(date +%s) - t0 )) s"
   mkdir -p $G $RR
   cp -r reports/gpu/store/. $G/ 2>/dev/null
   cp -r reports/testbed/control-gpu-h200clip-rerun/. $RR/ 2>/dev/null
