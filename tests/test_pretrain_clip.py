@@ -153,9 +153,11 @@ def test_a_profile_that_loads_a_checkpoint_file_has_nothing_to_pretrain(capsys) 
     """The testbed's control loads a checkpoint file (TESTBED §3): the command says so instead of
     pretraining the default recipe under its name."""
     with pytest.raises(SystemExit) as exc:
-        pc.main(["--profile", "gpu", "--set", "backbone.pretrained=frozen/clip-tiny-rn-2195732df831-9afff54d.pt"])
+        pc.main(["--profile", "gpu"])  # frozen since session 20: it names its file
     assert exc.value.code == 2
-    assert "not a synthetic recipe: nothing to pretrain" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "frozen/clip-tiny-rn-2195732df831-939486c5.pt', not a synthetic recipe: nothing to pretrain" in err
+    assert "--set backbone.pretrained=synthetic:" in err
 
 
 # ---- captions and loss --------------------------------------------------------------------------
