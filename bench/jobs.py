@@ -206,6 +206,10 @@ class CellRunner(submitit.helpers.Checkpointable):
             # a model trained once for several splits (bench.run.share_trainings): where, and which
             # split its history evaluates
             **{k: result[k] for k in ("trained_in", "history_split") if k in result},
+            # a Stage-2 cell: its stage-1 model on this cell's split (the Stage-1 cell's figures when the
+            # chain built on that cell's run, bench.run.share_trainings; others when a sitting without that
+            # run trained stage 1 again)
+            **({"stage1_metrics": result["stage1_metrics"]} if spec.stage == "2" and "stage1_metrics" in result else {}),
             # the final evaluation's scores per expression, relative to the store (paired claims)
             **({"per_expression": rel} if (rel := keep_per_expression(spec, result)) else {}),
             **host_info(),

@@ -96,6 +96,9 @@ def test_stage2_split_cells_share_the_two_stage_chain_on_the_stage1_cells_model(
     assert not (shared / "stage1").exists()
     assert len((Path(stage1["run_dir"]) / "metrics.jsonl").read_text().splitlines()) == 1
     assert json.loads((shared / "two_stage.json").read_text())["stage1_metrics"] == stage1["metrics"]
+    assert val["stage1_metrics"] == stage1["metrics"]  # the record says so
+    assert test_b["stage1_metrics"] == evaluate_checkpoint(cfg_b, Path(stage1["run_dir"]) / "checkpoints" / "last.pt",
+                                                           stage=1)
 
 
 class _TimedRunner:
