@@ -9,7 +9,7 @@
 
 Every step resumes: a finished stage 1 is not retrained, a finished pseudo-label file is reused when
 it was made from the same stage-1 weights and settings, and an interrupted one continues from its
-work folder; stage 2 continues from its last checkpoint.
+work folder; stage 2 continues from its last checkpoint unless the labels were made again, when it restarts.
 """
 from __future__ import annotations
 
@@ -50,10 +50,12 @@ def run_two_stage(cfg: dict, run_dir: str | Path, resume: bool = True, progress:
         done = json.loads(timings_path.read_text()) if timings_path.exists() else {}
         pseudo = {"quality": pl.meta["quality"], "label_stats": pl.meta.get("label_stats"), "timings": done}
     else:
-        if not resume and work.exists():
-            import shutil
+        import shutil
 
+        if not resume and work.exists():
             shutil.rmtree(work)
+        if (run_dir / "stage2").exists():  # trained on labels that are made again (another stage-1 model): restart it
+            shutil.rmtree(run_dir / "stage2")
         # the stage-1 checkpoint's config is cfg itself; pass the pseudo section explicitly so a
         # sweep's pseudo.* overrides reach the pipeline
         pseudo = generate(ckpt, pseudo_path, work_dir=work, overrides={"pseudo": cfg["pseudo"]}, progress=progress)

@@ -62,3 +62,12 @@ def test_two_stage_chain_on_smoke(tmp_path):
     assert again["metrics"] == res["metrics"] and again["pseudo_quality"] == q
     assert (run / "pseudo" / "train.npz").stat().st_mtime_ns == mtime
     assert again["timings"]["total_s"] < res["timings"]["total_s"]
+
+    # labels made again (here: their file gone; in a sweep: another stage-1 model) restart stage 2, which
+    # was trained on the old ones, instead of resuming it
+    stage2_ckpt = run / "stage2" / "checkpoints" / "last.pt"
+    trained_at = stage2_ckpt.stat().st_mtime_ns
+    (run / "pseudo" / "train.npz").unlink()
+    third = run_two_stage(cfg, run, progress=False)
+    assert stage2_ckpt.stat().st_mtime_ns > trained_at and len(third["history"]) == 2
+    assert len((run / "stage2" / "metrics.jsonl").read_text().splitlines()) == 2  # one run's epochs, not three
