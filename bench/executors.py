@@ -160,7 +160,7 @@ def dispatch(
     local_timeout_min: int = 24 * 60,
     compile_group: Callable[[Any], tuple[Hashable, Path] | None] | None = None,
     compile_wait_s: float = COMPILE_WAIT_S,
-    shared_training: Callable[[Any], tuple[Hashable | None, Hashable | None]] | None = None,
+    shared_training: Callable[[Any], tuple[Hashable | None, tuple[Hashable, ...]]] | None = None,
 ) -> list[Outcome]:
     """Run `runner(spec)` for every spec (default: `CellRunner`, specs are `CellSpec`s) on `executor`,
     at most `jobs` at a time locally. `view` replaces the sweep's status line (a search shows its
@@ -171,7 +171,7 @@ def dispatch(
     step: torch.compile has then filled inductor's cache on this host's disk for the others to read; cells
     compiling one graph at once all miss that cache), ends, or `compile_wait_s` passes.
 
-    `shared_training(spec)` -> (the training it makes, the training it needs), either None: locally, a
+    `shared_training(spec)` -> (the training it makes or None, the trainings it needs): locally, a
     cell that needs a model another cell of this dispatch trains (Table 2's other splits and Stage-2 cells,
     bench.run.share_trainings) waits, without taking a slot, until that cell ends, and then runs before
     every cell still queued: the model it reads lives only on this machine (a GPU lent for a sitting is
@@ -240,9 +240,9 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
     shared = {id(spec): shared_training(spec) for spec in specs} if shared_training else {}
     training = {}  # a training -> the cell that makes it, queued or running
     for spec in specs:
-        if shared.get(id(spec), (None, None))[0] is not None:
+        if shared.get(id(spec), (None, ()))[0] is not None:
             training.setdefault(shared[id(spec)][0], spec)
-    needs = {id(spec): shared.get(id(spec), (None, None))[1] for spec in specs}
+    needs = {id(spec): shared.get(id(spec), (None, ()))[1] for spec in specs}
     running: list[tuple[submitit.Job, Any, float]] = []
     outcomes: list[Outcome] = []
     compiling: dict[Hashable, tuple[submitit.Job, Path, float]] = {}  # group -> its first cell, marker, start
@@ -259,7 +259,7 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
             if found is not None and found[0] in compiling:  # its graph is compiling in another cell: wait
                 i += 1
                 continue
-            if needs.get(id(queue[i][0])) in training:  # the model it needs is being trained: wait
+            if any(k in training for k in needs.get(id(queue[i][0]), ())):  # a model it needs is being trained: wait
                 i += 1
                 continue
             spec = queue.pop(i)[0]
@@ -276,10 +276,10 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
         before = running
         running = _harvest(running, outcomes, runner, view, on_outcome)
         for _, spec, _ in before:
-            made = shared.get(id(spec), (None, None))[0]
+            made = shared.get(id(spec), (None, ()))[0]
             if made is not None and training.get(made) is spec and all(s is not spec for _, s, _ in running):
                 del training[made]  # the cells that need it go first
-                queue.sort(key=lambda item: needs.get(id(item[0])) != made)
+                queue.sort(key=lambda item: made not in needs.get(id(item[0]), ()))
         view.update(sum(o.ok for o in outcomes), len(running), sum(not o.ok for o in outcomes))
         if running:
             time.sleep(poll_s)

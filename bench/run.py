@@ -124,18 +124,18 @@ def leaders_first(specs: list[CellSpec]) -> list[CellSpec]:
     return sorted(specs, key=waits)
 
 
-def shared_training(spec: CellSpec) -> tuple[str | None, str | None]:
+def shared_training(spec: CellSpec) -> tuple[str | None, tuple[str, ...]]:
     """For the local executor (bench.executors.dispatch): (the folder this cell trains a model in, or None
-    when it only evaluates one; the folder whose training it needs first, or None). Table 2's other splits
-    need their group's training; a Stage-2 cell needs its Stage-1 cell's (share_trainings)."""
+    when it only evaluates one; the folders whose trainings it needs first). Table 2's other splits need
+    their group's training; a Stage-2 cell needs its Stage-1 cell's (share_trainings), and one of a
+    Stage-2 group's other splits both (its group's training may be stored already, its stage 1 not)."""
     if spec.stage not in ("1", "2"):
-        return None, None
+        return None, ()
     leads = _training_split(spec) == spec.config["eval"]["split"]
-    trains = _training_dir(spec) if leads else None
-    needs = None if leads else spec.extra["trained"]["dir"]
-    if leads and spec.stage == "2":
-        needs = spec.extra.get("stage1_dir")
-    return trains, needs
+    needs = () if leads else (spec.extra["trained"]["dir"],)
+    if spec.stage == "2" and spec.extra.get("stage1_dir"):
+        needs += (spec.extra["stage1_dir"],)
+    return (_training_dir(spec) if leads else None), needs
 
 
 def _identity(spec_or_record) -> tuple:

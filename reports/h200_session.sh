@@ -44,6 +44,10 @@ G=/tmp/p/g RR=/tmp/p/rr  # the stores on this machine
 
 case "${1:-}" in
 start)
+  if [ -f /tmp/p/tasks.pid ] && [ ! -f /tmp/p/tasks.done ]; then
+    echo "tasks of an earlier start still run here: poll them (a second start would copy the committed stores over theirs)"
+    exit 4
+  fi
   t0=$(date +%s)
   if [ -f "frozen/$FROZEN" ]; then
     sha=$(sha256sum "frozen/$FROZEN" | cut -c1-8)
@@ -72,6 +76,7 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
   cp -r reports/gpu/store/. $G/ 2>/dev/null
   cp -r reports/testbed/control-gpu-h200clip-rerun/. $RR/ 2>/dev/null
   touch /tmp/p/stamp  # what is newer goes back
+  rm -f /tmp/p/tasks.done
   setsid nohup bash "$0" _tasks > /tmp/p/tasks.log 2>&1 < /dev/null &
   echo $! > /tmp/p/tasks.pid
   echo "tasks '${TASKS:-table10 rerun tables}' launched after $(( $(date +%s) - t0 )) s"
@@ -85,16 +90,19 @@ _tasks)
                "${PACKED[@]}" --name rerun --out /tmp/p/rep ;;
       tables) python3 -m bench.run "$TABLES" --profile gpu --jobs ${JOBS:-30} "${PACKED[@]}" --results $G \
                 --reports /tmp/p/reports ;;
-      *) echo "unknown task $task" ;;
+      *) echo "unknown task $task"; false ;;
     esac
-    echo "== $task ended $(date +%T), exit $?"
+    rc=$?
+    echo "== $task ended $(date +%T), exit $rc"
   done
+  touch /tmp/p/tasks.done  # poll's sign (the detached process may be nobody's child to reap)
   ;;
 poll)
+  [ -f /tmp/p/tasks.pid ] || { echo "no tasks were started on this machine (a new one: run start)"; exit 5; }
   limit=${LIMIT:-560} t0=$(date +%s)
-  while kill -0 "$(cat /tmp/p/tasks.pid)" 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 10; done
-  kill -0 "$(cat /tmp/p/tasks.pid)" 2>/dev/null && echo "tasks still running after $(( $(date +%s) - t0 )) s" \
-    || echo "tasks done after $(( $(date +%s) - t0 )) s"
+  while [ ! -f /tmp/p/tasks.done ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 10; done
+  [ -f /tmp/p/tasks.done ] && echo "tasks done after $(( $(date +%s) - t0 )) s" \
+    || echo "tasks still running after $(( $(date +%s) - t0 )) s"
   echo "stored: tables $(cat $G/store.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l)"
   grep -a "^==\|failed\|Error" /tmp/p/tasks.log | tail -n 12; grep -a "\[sweep\]" /tmp/p/tasks.log | tail -n 2
   # is a packed wave bound by the GPU or by the 16 cores? both utilisations, the CPU's over 5 s
@@ -106,13 +114,17 @@ poll)
   cat /tmp/p/util.txt
   # the stores whole (small), and of the per-expression scores only those written in this sitting
   (cd /tmp/p && find g/per_expression rr/per_expression -newer stamp -type f 2>/dev/null > new.txt
-   tar czf "$OUT/stores.tgz" g/store.jsonl rr/store.jsonl util.txt tasks.log -T new.txt 2>/dev/null)
+   ls g/store.jsonl rr/store.jsonl util.txt tasks.log 2>/dev/null >> new.txt
+   tar czf "$OUT/stores.tgz" --ignore-failed-read -T new.txt) || echo "tar: exit $?"
   ;;
 perf)  # issue 20: inference at batch 1 and 64 with $PERF_FLAGS, as $OUT/$NAME.json (TRACE=1: profiled, $OUT/t)
   timeout ${LIMIT:-300} python3 -m bench.perf --size paper --configs ehin --skip train,stage2 \
     ${PERF_FLAGS:---amp --channels-last --fold-bn} ${TRACE:+--trace "$OUT/t"} --out "$OUT/${NAME:-h200_infer}.json" \
-    2>&1 | grep -a -v "it/s" | tail -n 8
-  [ -n "${TRACE:-}" ] && head -n 40 "$OUT/t/ehin_infer_bs64.txt"
+    > /tmp/p/perf.log 2>&1
+  rc=$?
+  grep -a -v "it/s" /tmp/p/perf.log | tail -n 8
+  if [ -n "${TRACE:-}" ]; then head -n 40 "$OUT/t/ehin_infer_bs64.txt"; fi
+  exit $rc
   ;;
 *) echo "usage: $0 start|poll|perf"; exit 2 ;;
 esac

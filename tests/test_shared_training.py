@@ -127,9 +127,9 @@ def test_the_local_executor_holds_an_evaluation_until_its_training_ends_then_run
     # 'lead' trains model m, 'early' and 'late' evaluate it; 'x', 'y', 'z' are cells of their own
     names = [("lead", 3.0), ("early", 0.1), ("x", 0.2), ("y", 6.0), ("z", 0.2), ("late", 0.1)]
     specs = [(n, sec, str(tmp_path)) for n, sec in names]
-    role = {"lead": ("m", None), "early": (None, "m"), "late": (None, "m")}
+    role = {"lead": ("m", ()), "early": (None, ("m",)), "late": (None, ("stored already", "m"))}
     out = executors.dispatch(specs, "local", jobs=2, folder=tmp_path / "submitit", poll_s=0.05,
-                             runner=_TimedRunner(), shared_training=lambda s: role.get(s[0], (None, None)))
+                             runner=_TimedRunner(), shared_training=lambda s: role.get(s[0], (None, ())))
     assert all(o.ok for o in out) and len(out) == 6
     t = {n: (float((tmp_path / f"{n}.start").read_text()), float((tmp_path / f"{n}.end").read_text()))
          for n, _ in names}
