@@ -5,7 +5,7 @@
 #
 #   bash reports/h200_session.sh start     # frozen CLIP, datasets, then $TASKS in one detached process
 #   bash reports/h200_session.sh poll      # wait for the tasks (at most $LIMIT s); new records to $OUT
-#   PERF_FLAGS="..." NAME=... bash reports/h200_session.sh perf   # (issue 20) inference timed (TRACE=1: profiled)
+#   PERF_ARGS="..." NAME=... bash reports/h200_session.sh perf    # (issue 20) bench.perf (TRACE=1: profiled)
 #
 # TASKS (default "table10 rerun tables"), one after another, each resuming from its committed store, so a
 # sitting that ends first loses only the cells still running:
@@ -117,13 +117,13 @@ poll)
    ls g/store.jsonl rr/store.jsonl util.txt tasks.log 2>/dev/null >> new.txt
    tar czf "$OUT/stores.tgz" --ignore-failed-read -T new.txt) || echo "tar: exit $?"
   ;;
-perf)  # issue 20: inference at batch 1 and 64 with $PERF_FLAGS, as $OUT/$NAME.json (TRACE=1: profiled, $OUT/t)
-  timeout ${LIMIT:-300} python3 -m bench.perf --size paper --configs ehin --skip train,stage2 \
-    ${PERF_FLAGS:---amp --channels-last --fold-bn} ${TRACE:+--trace "$OUT/t"} --out "$OUT/${NAME:-h200_infer}.json" \
-    > /tmp/p/perf.log 2>&1
+perf)  # issue 20: bench.perf with $PERF_ARGS (default: inference at batch 1 and 64 of the paper size), as
+       # $OUT/$NAME.json; TRACE=1: profiled, tables and traces in $OUT/t
+  timeout ${LIMIT:-300} python3 -m bench.perf ${PERF_ARGS:---size paper --configs ehin --skip train,stage2 --amp --channels-last --fold-bn} \
+    ${TRACE:+--trace "$OUT/t"} --out "$OUT/${NAME:-h200_infer}.json" > /tmp/p/perf.log 2>&1
   rc=$?
   grep -a -v "it/s" /tmp/p/perf.log | tail -n 8
-  if [ -n "${TRACE:-}" ]; then head -n 40 "$OUT/t/ehin_infer_bs64.txt"; fi
+  if [ -n "${TRACE:-}" ]; then head -n 40 "$OUT"/t/*bs64.txt 2>/dev/null; fi
   exit $rc
   ;;
 *) echo "usage: $0 start|poll|perf"; exit 2 ;;
