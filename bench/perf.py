@@ -209,8 +209,9 @@ def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_las
     from ehin.predict import read_image
 
     model = inference_model(cfg, device, fold_bn=fold_bn, bf16_backbone=bf16_backbone, channels_last=channels_last)
-    # compiled, inductor fuses the folded convolutions' bias adds, ReLUs and residual adds, which eager runs
-    # as separate elementwise kernels (most of batch-64 inference's device time in eager on an H200)
+    # compiled, inductor fuses the elementwise chain between two convolutions (the folded convolutions' bias
+    # adds, ReLUs, residual adds) into one kernel; eager runs each alone, which took most of batch-64
+    # inference's device time on an H200 (reports/perf/profile_amp_cl_foldbn_infer/)
     predict = torch.compile(model.predict, mode=compile_) if compile_ else model.predict
     dtype = torch.bfloat16 if bf16_backbone else torch.float32  # the images enter the backbone
     s = cfg["data"]["image_size"]
