@@ -182,13 +182,15 @@ def testbed_status(records: Iterable[dict], profile: str | None, fidelity: dict 
     written by `bench.testbed --fidelity`; `source` names it): the criteria met and missed, if every record
     loaded the datasets and CLIP checkpoints that file judged (their sha256 in the records' `inputs`).
     The testbed's rule (reports/testbed/README.md) has every table run on it name the criteria it misses."""
+    recs = list(records)
+    if recs and all(r.get("stage") == "inference" for r in recs):  # Table 10: seconds per sample
+        return "does not apply (these cells time the model on generated inputs; they read no dataset)"
     if fidelity is None:
         return f"not judged (no {source}: `python -m bench.testbed --fidelity`)"
     if profile != fidelity["profile"]:
         return f"not judged (TESTBED judges the {fidelity['profile']} profile: {source})"
     frozen = fidelity["frozen"]
     weights = {c["sha256"] for c in frozen["checkpoints"]}
-    recs = list(records)
 
     def judged(r: dict) -> bool:
         inputs = r.get("inputs") or {}

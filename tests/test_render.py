@@ -314,6 +314,10 @@ def test_header_names_the_testbed_criteria_its_records_miss(tmp_path, monkeypatc
         "not the one judged")
     assert testbed_status(recs, "synthetic", _fidelity(), src) == f"not judged (TESTBED judges the gpu profile: {src})"
     assert testbed_status(recs, "gpu", None, src).startswith(f"not judged (no {src}")
+    # Table 10's cells time the model on generated inputs: no dataset to judge, with or without the file
+    timing = [{**record("table10", "EHIN", 0, {"seconds_per_sample": 0.01}, profile="gpu"), "stage": "inference"}]
+    for fidelity in (_fidelity(), None):
+        assert testbed_status(timing, "gpu", fidelity, src).startswith("does not apply")
 
     fid = tmp_path / "fidelity.json"
     fid.write_text(json.dumps(_fidelity()))
