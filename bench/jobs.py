@@ -40,6 +40,11 @@ class CellSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def training_dir(spec: CellSpec) -> str:
+    """Where a cell's model is trained: its shared training's folder (bench.run.share_trainings), else its own."""
+    return spec.extra.get("trained", {}).get("dir", spec.run_dir)
+
+
 def compile_group(spec: CellSpec) -> tuple[str, Path] | None:
     """For `dispatch`'s `compile_group`: a stage-1 cell trained with train.compile belongs to the group of
     cells that compile the same graph (what reaches the compiled model and the frozen scorer's image tower:
@@ -56,8 +61,7 @@ def compile_group(spec: CellSpec) -> tuple[str, Path] | None:
              "data": [d["image_size"], d["K"]],
              "train": [t[k] for k in ("batch_size", "amp", "channels_last", "compile")]}
     key = hashlib.sha256(repr(sorted(graph.items())).encode()).hexdigest()[:16]
-    folder = spec.extra["trained"]["dir"] if "trained" in spec.extra else spec.run_dir  # a shared training's
-    return key, Path(folder) / FIRST_STEP
+    return key, Path(training_dir(spec)) / FIRST_STEP
 
 
 def run_cell(spec: CellSpec) -> dict:

@@ -365,8 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format for the model and images")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                   help="torch.compile the inference forward; MODE is torch.compile's (default; max-autotune, which "
-                        "reports before session 20 mean by \"compile\": true)")
+                   help="torch.compile the inference forward; MODE is torch.compile's (default: default; reports "
+                        "written before session 20 that say \"compile\": true used max-autotune)")
     p.add_argument("--compile-train", nargs="?", const="default", default=None, metavar="MODE",
                    help="torch.compile the training forward (EHIN and the frozen scorer's image tower); MODE is "
                         "torch.compile's (default, reduce-overhead: CUDA graphs, max-autotune)")

@@ -26,7 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from bench.executors import COMPILE_WAIT_S, EXECUTORS, add_slurm_args, dispatch, slurm_options
-from bench.jobs import CellSpec, compile_group
+from bench.jobs import CellSpec, compile_group, training_dir
 from bench.mps import add_mps_arg, mps_control, mps_daemon
 from bench.store import ResultStore, cell_id
 from ehin.cli import UserError, command, command_parser
@@ -91,7 +91,7 @@ def share_trainings(specs: list[CellSpec], root: Path) -> None:
     stage1_dirs = {}
     for spec in specs:
         if spec.stage == "1":
-            stage1_dirs.setdefault((spec.table, spec.seed, _stage1_hash(spec)), _training_dir(spec))
+            stage1_dirs.setdefault((spec.table, spec.seed, _stage1_hash(spec)), training_dir(spec))
     for spec in specs:
         if spec.stage == "2":
             found = stage1_dirs.get((spec.table, spec.seed, _stage1_hash(spec)))
@@ -104,10 +104,6 @@ def _training_split(spec: CellSpec) -> str:
     return spec.extra.get("trained", {}).get("split", spec.config["eval"]["split"])
 
 
-def _training_dir(spec: CellSpec) -> str:
-    return spec.extra.get("trained", {}).get("dir", spec.run_dir)
-
-
 def _stage1_hash(spec: CellSpec) -> str:
     """The stage-1 hash of the run a cell's stage 1 is (the resume guard's): its config evaluating its
     training's split per epoch, without the sections only stage 2 reads."""
@@ -117,11 +113,7 @@ def _stage1_hash(spec: CellSpec) -> str:
 def leaders_first(specs: list[CellSpec]) -> list[CellSpec]:
     """The queue with the cells that train a shared model first and those that only evaluate it after
     (stable otherwise): the later ones then mostly find the model trained instead of waiting for it."""
-    def waits(spec: CellSpec) -> bool:
-        trained = spec.extra.get("trained")
-        return trained is not None and trained["split"] != spec.config["eval"]["split"]
-
-    return sorted(specs, key=waits)
+    return sorted(specs, key=lambda spec: _training_split(spec) != spec.config["eval"]["split"])
 
 
 def shared_training(spec: CellSpec) -> tuple[str | None, tuple[str, ...]]:
@@ -135,7 +127,7 @@ def shared_training(spec: CellSpec) -> tuple[str | None, tuple[str, ...]]:
     needs = () if leads else (spec.extra["trained"]["dir"],)
     if spec.stage == "2" and spec.extra.get("stage1_dir"):
         needs += (spec.extra["stage1_dir"],)
-    return (_training_dir(spec) if leads else None), needs
+    return (training_dir(spec) if leads else None), needs
 
 
 def _identity(spec_or_record) -> tuple:
