@@ -221,6 +221,7 @@ class TrainConfig:
     compile: Optional[str]
     threads: Optional[int]
     log_every: int
+    grad_clip: Optional[float]
 
 
 @dataclass(frozen=True)
@@ -326,7 +327,7 @@ _RULES: dict[str, Any] = {
     "train.batch_size": "pos", "train.epochs": "pos", "train.lr": "nonneg", "train.backbone_lr_mult": "nonneg",
     "train.weight_decay": "nonneg", "train.poly_power": "nonneg", "train.device": ("auto", "cpu", "cuda"),
     "train.compile": (None, "default", "reduce-overhead", "max-autotune"),
-    "train.threads": "pos", "train.log_every": "pos",
+    "train.threads": "pos", "train.log_every": "pos", "train.grad_clip": "gt0",
     "eval.batch_size": "pos", "eval.max_items": "pos", "eval.every": "pos",
     "stage2.batch_size": "pos", "stage2.epochs": "nonneg", "stage2.lr": "nonneg",
     "stage2.backbone_lr_mult": "nonneg", "stage2.poly_power": "nonneg", "stage2.hidden_dim": "pos",
@@ -405,7 +406,7 @@ HASH_IGNORE = ("train.device", "train.threads", "train.channels_last", "train.fu
 STAGE2_KEYS = ("stage2", "pseudo")  # sections only pseudo-labels and stage 2 read
 # Keys added after results were committed: left out of the hash while at this value, so that the hashes
 # of the committed cells (bench.check) stay valid; any other value is hashed as usual.
-HASH_OMIT_AT_DEFAULT = {"synthetic.scenes": "simple", "model.pair_norm": "module"}
+HASH_OMIT_AT_DEFAULT = {"synthetic.scenes": "simple", "model.pair_norm": "module", "train.grad_clip": None}
 
 
 def config_hash(cfg: Mapping, *, stage: str | None = None) -> str:

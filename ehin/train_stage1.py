@@ -345,6 +345,9 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
             skip = partial["step"] if partial is not None and partial["epoch"] == epoch else 0
             loader = train_loader(train_ds, t["batch_size"], gen, train_collate, d["num_workers"], rank, world, skip)
             sums: dict[str, float | torch.Tensor] = dict(partial["sums"]) if skip else {}
+            grad_norm_max = None  # train.grad_clip: the epoch's largest global gradient norm, before clipping
+            if skip and "grad_norm_max" in partial:
+                grad_norm_max = torch.tensor(partial["grad_norm_max"], dtype=torch.float64, device=device)
             t0 = time.time() - (partial["train_s"] if skip else 0.0)
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=not progress)
             for step, batch in enumerate(bar, start=skip):
@@ -357,6 +360,12 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
                 _check_finite(total, terms, global_step, epoch, kept=ckpt_path.exists(), world=world)
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
+                if t["grad_clip"] is not None:
+                    # Off by default, as TRIS and the paper. The global norm before clipping (the same on every
+                    # DDP rank: grads are averaged by now) is logged, so a run shows where its updates spiked.
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"]).detach().double()
+                    terms = {**terms, "grad_norm": norm}
+                    grad_norm_max = norm if grad_norm_max is None else torch.maximum(grad_norm_max, norm)
                 optimizer.step()
                 scheduler.step()
                 if not stepped:
@@ -370,7 +379,8 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
                     sums[k] = sums[k] + v if k in sums else v
                 if sigterm.pending:
                     save_last(epoch - 1, {"epoch": epoch, "step": step + 1, "train_s": time.time() - t0,
-                                          "sums": {k: float(v) for k, v in sums.items()}})
+                                          "sums": {k: float(v) for k, v in sums.items()},
+                                          **({"grad_norm_max": float(grad_norm_max)} if grad_norm_max is not None else {})})
                     sigterm.pass_on(f"SIGTERM at epoch {epoch + 1}, step {step + 1} of {steps_per_epoch}: "
                                     f"{ckpt_path} holds the run up to that step")
                 if progress and step % max(1, t["log_every"]) == 0:  # a read waits for the device: only when shown
@@ -383,6 +393,8 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
             n = max(1, steps_per_epoch)
             entry = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "train_s": round(epoch_train_s, 2),
                      **_learning_rates(scheduler)}
+            if grad_norm_max is not None:
+                entry["grad_norm_max"] = float(grad_norm_max)
             if not main_rank:
                 history.append(entry)
                 barrier(world)  # rank 0 evaluates and writes the checkpoint
