@@ -13,6 +13,11 @@
 #   rerun    the positive control's cells run again, seeds 0..RERUN_SEEDS-1 (default 5), for TESTBED §2.4's
 #            run-to-run spread -> reports/testbed/control-gpu-h200clip-rerun/
 #   tables   the paper's tables ($TABLES, Table 10 apart), JOBS cells at once -> reports/gpu/store/
+#   clip     session 21's pre-registered remedy (reports/testbed/README.md, last section): the control with
+#            train.grad_clip=1.0 on synth-refcoco+ and synth-refcocog (umd), seeds 0-9 (20 cells)
+#            -> reports/testbed/control-gpu-clip1/
+#   perf     bench.perf of the gpu profile's EHIN and TRIS-like stage-1 training, 16 processes under MPS
+#            with reduce-overhead (what a packed cell costs) -> $OUT/h200_gpu_ehin_tris_procs16_mps_ro.json
 # The cells run packed on the GPU under MPS with train.compile=reduce-overhead (neither is hashed).
 #
 # Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
@@ -40,7 +45,7 @@ RECIPE="synthetic:scenes=cluttered,scene_on_black=1.0,captions=referring,steps=1
 FROZEN=clip-tiny-rn-2195732df831-939486c5.pt
 PACKED=(--mps --compile-wait 240 --set train.compile=reduce-overhead)
 TABLES=${TABLES:-table5,table6,table3,table4,table7,table8,fig7,table9,table2}
-G=/tmp/p/g RR=/tmp/p/rr  # the stores on this machine
+G=/tmp/p/g RR=/tmp/p/rr CL=/tmp/p/cl  # the stores on this machine
 
 case "${1:-}" in
 start)
@@ -75,6 +80,7 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
   mkdir -p $G $RR
   cp -r reports/gpu/store/. $G/ 2>/dev/null
   cp -r reports/testbed/control-gpu-h200clip-rerun/. $RR/ 2>/dev/null
+  mkdir -p $CL && cp -r reports/testbed/control-gpu-clip1/. $CL/ 2>/dev/null
   touch /tmp/p/stamp  # what is newer goes back
   rm -f /tmp/p/tasks.done
   setsid nohup bash "$0" _tasks > /tmp/p/tasks.log 2>&1 < /dev/null &
@@ -90,6 +96,10 @@ _tasks)
                "${PACKED[@]}" --name rerun --out /tmp/p/rep ;;
       tables) python3 -m bench.run "$TABLES" --profile gpu --jobs ${JOBS:-30} "${PACKED[@]}" --results $G \
                 --reports /tmp/p/reports ;;
+      clip) python3 -m bench.testbed --profile gpu --seeds 10 --rows "refcoco+,refcocog (umd)" --set train.grad_clip=1.0 \
+              --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" --name clip1 --out /tmp/p/rep ;;
+      perf) python3 -m bench.perf --size gpu --configs ehin,tris --skip infer,stage2 --channels-last --fused-adamw \
+              --procs 16 --mps --compile-train reduce-overhead --out "$OUT/h200_gpu_ehin_tris_procs16_mps_ro.json" ;;
       *) echo "unknown task $task"; false ;;
     esac
     rc=$?
@@ -103,7 +113,7 @@ poll)
   while [ ! -f /tmp/p/tasks.done ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 10; done
   [ -f /tmp/p/tasks.done ] && echo "tasks done after $(( $(date +%s) - t0 )) s" \
     || echo "tasks still running after $(( $(date +%s) - t0 )) s"
-  echo "stored: tables $(cat $G/store.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l)"
+  echo "stored: tables $(cat $G/store.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l), clip $(cat $CL/store.jsonl 2>/dev/null | wc -l)"
   grep -a "^==\|failed\|Error" /tmp/p/tasks.log | tail -n 12; grep -a "\[sweep\]" /tmp/p/tasks.log | tail -n 2
   # is a packed wave bound by the GPU or by the 16 cores? both utilisations, the CPU's over 5 s
   { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
@@ -113,8 +123,8 @@ poll)
   } > /tmp/p/util.txt 2>&1
   cat /tmp/p/util.txt
   # the stores whole (small), and of the per-expression scores only those written in this sitting
-  (cd /tmp/p && find g/per_expression rr/per_expression -newer stamp -type f 2>/dev/null > new.txt
-   ls g/store.jsonl rr/store.jsonl util.txt tasks.log 2>/dev/null >> new.txt
+  (cd /tmp/p && find g/per_expression rr/per_expression cl/per_expression -newer stamp -type f 2>/dev/null > new.txt
+   ls g/store.jsonl rr/store.jsonl cl/store.jsonl util.txt tasks.log 2>/dev/null >> new.txt
    tar czf "$OUT/stores.tgz" --ignore-failed-read -T new.txt) || echo "tar: exit $?"
   ;;
 perf)  # issue 20: bench.perf with $PERF_ARGS (default: inference at batch 1 and 64 of the paper size), as
