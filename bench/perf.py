@@ -14,6 +14,11 @@ device and library versions. Levers are flags so each can be measured on its own
 `--procs N` runs N copies of the measurement at once, each its own process on the one device, as
 `bench.run --jobs N` packs cells: they start timing together (a barrier after the warm-up) and the JSON
 gives each process's figures and, under `results`, the throughputs summed and the latencies' median.
+
+`--ddp N` times the training steps data-parallel, as the trainers run under torchrun: N ranks on this
+machine (one GPU each over NCCL; gloo on CPU), each on its share of the same global batch (stage 1:
+D-DDP, texts gathered over the ranks). One process first times the same global batch alone; `results`
+are rank 0's figures (global images per second) and `scaling` their ratio to that process's, per part.
 """
 from __future__ import annotations
 
@@ -142,29 +147,38 @@ def _fake_batch(cfg: dict, device: torch.device, tokenize) -> dict:
     }
 
 
+def _rank_share(batch: dict, rank: int, world: int) -> dict:
+    """This rank's rows of a global batch (every field is per sample), as the trainers' samplers give."""
+    n = len(batch["sentence"]) // world
+    return {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
+
+
 def stage1_training(cfg: dict, device: torch.device, *, amp: bool, channels_last: bool, fused: bool,
                     warmup: int, repeats: int, compile_mode: str | None = None, trace: Path | None = None,
-                    trace_name: str = "train") -> dict:
+                    trace_name: str = "train", rank: int = 0, world: int = 1) -> dict:
+    """One training step's time on a fake batch of train.batch_size; with world > 1 this rank's share of
+    it under DDP (the process group started), as ehin.train_stage1 steps."""
+    from ehin.distributed import data_parallel, sync_batchnorm
     from ehin.losses import Stage1Loss
     from ehin.model import build_model
-    from ehin.train_stage1 import build_scorer, compile_for_training
+    from ehin.train_stage1 import build_scorer, compile_for_training, forward_loss
 
-    model = build_model(cfg).to(device)
+    model = sync_batchnorm(build_model(cfg), device, world).to(device)
     scorer = build_scorer(cfg)
     scorer = scorer.to(device) if scorer is not None else None
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = Stage1Loss.from_config(cfg, scorer)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused and device.type == "cuda")
-    forward = compile_for_training(model, scorer, compile_mode) if compile_mode is not None else model
-    batch = _fake_batch(cfg, device, model.backbone.tokenize)
+    net = data_parallel(model, device, world, find_unused=True)
+    forward = compile_for_training(net, scorer, compile_mode) if compile_mode is not None else net
+    batch = _rank_share(_fake_batch(cfg, device, model.backbone.tokenize), rank, world)
     if channels_last:
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = forward(batch["image"], batch["tokens"])
-            total, _ = loss_fn(out, batch)
+            total, _ = forward_loss(forward, loss_fn, batch, world)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -255,21 +269,27 @@ def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_las
             f"images_per_s_bs{throughput_batch}": throughput_batch / statistics.median(thr)}
 
 
-def stage2_speed(cfg: dict, device: torch.device, *, amp: bool, warmup: int, repeats: int) -> dict:
+def stage2_speed(cfg: dict, device: torch.device, *, amp: bool, warmup: int, repeats: int, rank: int = 0,
+                 world: int = 1) -> dict:
+    """Stage 2's training step (global batch stage2.batch_size; with world > 1 this rank's share under
+    DDP, as ehin.train_stage2) and its batch-1 forward."""
+    from ehin.distributed import data_parallel
     from ehin.stage2.losses import Stage2Loss
     from ehin.stage2.model import build_stage2
 
     model = build_stage2(cfg).to(device)
     n, s = cfg["stage2"]["batch_size"], cfg["data"]["image_size"]
-    x = torch.rand(n, 3, s, s, device=device)
-    tokens = model.backbone.tokenize([f"object number {i}" for i in range(n)]).to(device)
-    target = (torch.rand(n, s, s, device=device) > 0.5).float()
+    m = n // world  # this rank's rows
+    x = torch.rand(n, 3, s, s, device=device)[rank * m:(rank + 1) * m]
+    tokens = model.backbone.tokenize([f"object number {i}" for i in range(n)]).to(device)[rank * m:(rank + 1) * m]
+    target = (torch.rand(n, s, s, device=device) > 0.5).float()[rank * m:(rank + 1) * m]
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
     loss_fn = Stage2Loss(cfg["stage2"]["dice_weight"])
+    net = data_parallel(model, device, world)
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = loss_fn(model(x, tokens), target)
+            loss, _ = loss_fn(net(x, tokens), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -313,16 +333,7 @@ def packed(argv: list[str], procs: int) -> dict:
         children = [subprocess.Popen([sys.executable, "-m", "bench.perf", *argv, "--out", str(out),
                                       "--barrier", f"{tmp}:{i}:{procs}"], stdout=subprocess.DEVNULL)
                     for i, out in enumerate(outs)]
-        # One failed process would leave the others waiting at the barrier until its timeout: stop them.
-        while any(c.poll() is None for c in children) and not any(c.poll() for c in children):
-            time.sleep(0.1)
-        failed = [i for i, c in enumerate(children) if c.poll()]
-        if failed:
-            for c in children:
-                if c.poll() is None:
-                    c.kill()
-                c.wait()
-            raise SystemExit(f"bench.perf --procs: process(es) {failed} failed")
+        _wait_all(children, "--procs")
         reports = [json.loads(out.read_text()) for out in outs]
     combined = {**reports[0], "procs": procs, "per_process": [r["results"] for r in reports], "results": {}}
     for name, parts in reports[0]["results"].items():
@@ -331,6 +342,54 @@ def packed(argv: list[str], procs: int) -> dict:
                    for k in figures}
             for part, figures in parts.items()}
     return combined
+
+
+def _wait_all(children: list, option: str) -> None:
+    """Wait for every child process; one that fails would leave the others waiting (at a barrier, in a
+    collective) until a timeout, so the rest are stopped and this exits naming it."""
+    while any(c.poll() is None for c in children) and not any(c.poll() for c in children):
+        time.sleep(0.1)
+    failed = [i for i, c in enumerate(children) if c.poll()]
+    if failed:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+            c.wait()
+        raise SystemExit(f"bench.perf {option}: process(es) {failed} failed")
+
+
+def data_parallel_scaling(argv: list[str], ranks: int) -> dict:
+    """Time this command (`argv`, without --ddp/--out) in one process, then as `ranks` DDP ranks of one
+    job on this machine (torchrun's environment, a free local port); rank 0's report with the single
+    process's results beside it and `scaling`: each throughput of the job over the single process's."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:  # a free port for the ranks' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        single = Path(tmp) / "single.json"
+        _wait_all([subprocess.Popen([sys.executable, "-m", "bench.perf", *argv, "--out", str(single)],
+                                    stdout=subprocess.DEVNULL)], "--ddp (the single process)")
+        outs = [Path(tmp) / f"rank{i}.json" for i in range(ranks)]
+        # On CPU the ranks share the cores: each gets its part, not all of them (oversubscribed, gloo crawls).
+        threads = str(max(1, (os.cpu_count() or 1) // ranks))
+        children = [subprocess.Popen([sys.executable, "-m", "bench.perf", *argv, "--out", str(out)],
+                                     stdout=subprocess.DEVNULL,
+                                     env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                          "RANK": str(i), "LOCAL_RANK": str(i), "WORLD_SIZE": str(ranks),
+                                          "OMP_NUM_THREADS": threads})
+                    for i, out in enumerate(outs)]
+        _wait_all(children, "--ddp")
+        report, alone = json.loads(outs[0].read_text()), json.loads(single.read_text())
+    # each part's one throughput (stage 1: images_per_s; stage 2: train_images_per_s), job over single process
+    report.update(ddp=ranks, single=alone["results"], scaling={
+        name: {part: next(v / alone["results"][name][part][k] for k, v in figures.items() if k.endswith("_per_s"))
+               for part, figures in parts.items()}
+        for name, parts in report["results"].items()})
+    return report
 
 
 def environment(device: torch.device) -> dict:
@@ -386,12 +445,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip", default="", help="comma-separated parts to skip: train, infer, stage2 (default: none)")
     p.add_argument("--procs", type=int, default=1,
                    help="run N copies at once, each its own process on the device (default: 1)")
+    p.add_argument("--ddp", type=int, default=1, metavar="N",
+                   help="time the training steps as one DDP job of N ranks on this machine against one process "
+                        "(writes `scaling`; inference is left out)")
     add_mps_arg(p)
     p.add_argument("--barrier", help=argparse.SUPPRESS)  # FOLDER:RANK:PROCS, set by --procs for its children
     args = p.parse_args(argv)
     global _barrier
     if args.mps and args.procs < 2:
         raise UserError("bench.perf: --mps shares the GPU between the processes of --procs N (N >= 2)")
+    if args.ddp > 1:
+        if args.procs > 1 or args.trace or args.mps:
+            raise UserError("bench.perf --ddp: one data-parallel job; leave out --procs, --mps and --trace")
+        own = _without(list(argv if argv is not None else sys.argv[1:]), ("--ddp", "--out", "--skip"))
+        skip = ",".join(sorted(set(filter(None, args.skip.split(","))) | {"infer"}))
+        report = data_parallel_scaling([*own, "--skip", skip], args.ddp)
+        print(json.dumps({"results": report["results"], "scaling": report["scaling"]}, indent=1))
+        _write(report, args.out)
+        return
     if args.procs > 1:
         if args.trace:
             raise SystemExit("bench.perf: --trace profiles one process; leave out --procs")
@@ -405,7 +476,10 @@ def main(argv: list[str] | None = None) -> None:
         folder, rank, procs = args.barrier.rsplit(":", 2)
         _barrier = file_barrier(Path(folder), int(rank), int(procs))
 
-    device = torch.device(args.device)
+    from ehin.distributed import init_distributed
+
+    # a rank of --ddp's job (torchrun's environment): the process group, and this rank's GPU
+    rank, world, device = init_distributed(torch.device(args.device))
     small = args.size == "small"
     warmup = args.warmup if args.warmup is not None else (2 if small else 5)
     repeats = args.repeats if args.repeats is not None else (5 if small else 20)
@@ -418,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
               "compile": args.compile, "compile_train": args.compile_train, "fused_adamw": args.fused_adamw,
               "cuda_graph": args.cuda_graph, "fast_norm": args.fast_norm, "fold_bn": args.fold_bn,
               "bf16_backbone": args.bf16_backbone},
-              "environment": environment(device),
+              "environment": environment(device), "world_size": world,
               "results": {}}
     for name in args.configs.split(","):
         cfg = _cfg(args.size, name, extra)
@@ -427,7 +501,8 @@ def main(argv: list[str] | None = None) -> None:
         if "train" not in skip:
             r["stage1_train"] = stage1_training(cfg, device, amp=args.amp, channels_last=args.channels_last,
                                                 fused=args.fused_adamw, warmup=warmup, repeats=repeats,
-                                                compile_mode=args.compile_train, trace=trace, trace_name=f"{name}_train")
+                                                compile_mode=args.compile_train, trace=trace, trace_name=f"{name}_train",
+                                                rank=rank, world=world)
         if "infer" not in skip:
             r["stage1_infer"] = stage1_inference(cfg, device, amp=args.amp, channels_last=args.channels_last,
                                                  compile_=args.compile, warmup=warmup, repeats=repeats,
@@ -435,10 +510,12 @@ def main(argv: list[str] | None = None) -> None:
                                                  fold_bn=args.fold_bn, bf16_backbone=args.bf16_backbone, trace=trace,
                                                  trace_name=f"{name}_infer")
         if "stage2" not in skip and name == "ehin":
-            r["stage2"] = stage2_speed(cfg, device, amp=args.amp, warmup=warmup, repeats=repeats)
+            r["stage2"] = stage2_speed(cfg, device, amp=args.amp, warmup=warmup, repeats=repeats, rank=rank, world=world)
         report["results"][name] = r
         print(name, json.dumps(r, indent=1))
     _write(report, args.out)
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:

@@ -127,3 +127,23 @@ def test_bf16_backbone_gives_the_fp32_maps_within_bf16_rounding():
     r = stage1_inference(cfg, cpu, amp=True, channels_last=False, compile_=None, warmup=0, repeats=1,
                          throughput_batch=2, fold_bn=True, bf16_backbone=True)
     assert r["forward_ms_bs1"] > 0 and r["images_per_s_bs2"] > 0 and r["end_to_end_ms_bs1"] > 0
+
+
+def test_ddp_times_one_job_of_two_ranks_against_one_process(tmp_path):
+    """--ddp 2 on CPU (gloo): one process, then a DDP job of two ranks on the same global batch; the
+    report is rank 0's (global images per second), the single process's beside it, and `scaling` is
+    their ratio for each training part (stage 1 and stage 2). Inference is left out."""
+    out = tmp_path / "ddp.json"
+    main(["--device", "cpu", "--size", "small", "--configs", "ehin", "--warmup", "0", "--repeats", "1",
+          "--ddp", "2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["ddp"] == 2 and report["world_size"] == 2  # rank 0 ran in a process group of two
+    job, alone = report["results"]["ehin"], report["single"]["ehin"]
+    assert set(job) == set(alone) == {"stage1_train", "stage2"}
+    n = 24  # the synthetic profile's global batch, stage 1 and stage 2
+    assert job["stage1_train"]["images_per_s"] == pytest.approx(n / job["stage1_train"]["step_s"])
+    assert report["scaling"]["ehin"] == pytest.approx({
+        "stage1_train": job["stage1_train"]["images_per_s"] / alone["stage1_train"]["images_per_s"],
+        "stage2": job["stage2"]["train_images_per_s"] / alone["stage2"]["train_images_per_s"]})
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--ddp", "2", "--procs", "2"])
