@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="run N copies at once, each its own process on the device (default: 1)")
     p.add_argument("--ddp", type=int, default=1, metavar="N",
                    help="time the training steps as one DDP job of N ranks on this machine against one process "
-                        "(writes `scaling`; inference is left out)")
+                        "(writes `scaling`; inference is left out; default: 1, no DDP)")
     add_mps_arg(p)
     p.add_argument("--barrier", help=argparse.SUPPRESS)  # FOLDER:RANK:PROCS, set by --procs for its children
     args = p.parse_args(argv)

@@ -232,17 +232,22 @@ def results_summary(reports: str | Path = "reports") -> str:
     # The README's main job (the synthetic profile) first, then the others in _tables' order.
     for folder, info in sorted(_tables(reports), key=lambda t: t[1].get("profile") != "synthetic"):
         data = json.loads((folder / "cells.json").read_text())
+        if all(c.get("mean") is None for c in data.get("cells", [])):
+            continue  # rendered before any of its cells ran (bench.run --render-only): nothing to summarise
         metric_of = data.get("metrics", {})
         cells = {(c["row"], c["metric"]): c for c in data.get("cells", [])}
         rows = list(dict.fromkeys(c["row"] for c in data.get("cells", [])))
         cols = [c for c in SUMMARY_COLUMNS if c in metric_of]
+        d = 1
+        if not cols:  # Table 10: its own columns (seconds), at its sweep's decimals
+            cols, d = list(metric_of), load_sweep(info.get("table", folder.name)).decimals
 
         def cell(row: str, col: str) -> str:
             c = cells.get((row, metric_of[col]))
             if not c or c.get("mean") is None:
                 return "–"
-            return f"{c['mean']:.1f} ± {c['std']:.1f}" if c.get("std") is not None and c.get("n", 0) > 1 \
-                else f"{c['mean']:.1f}"
+            return f"{c['mean']:.{d}f} ± {c['std']:.{d}f}" if c.get("std") is not None and c.get("n", 0) > 1 \
+                else f"{c['mean']:.{d}f}"
 
         rel = folder.relative_to(reports)
         parts.append(
@@ -250,7 +255,9 @@ def results_summary(reports: str | Path = "reports") -> str:
             f"{', '.join(map(str, info.get('seeds', [])))}; code {', '.join(info.get('code_versions', []))}; "
             f"evaluation {', '.join(info.get('metrics_protocols', [])) or 'pre-tris'})\n\n"
             + "| row | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
-            + "".join(f"| {r} | " + " | ".join(cell(r, c) for c in cols) + " |\n" for r in rows))
+            # a row may name its split after a '|' (Table 2): escaped, or it would open a column
+            + "".join(f"| {r.replace('|', chr(92) + '|')} | " + " | ".join(cell(r, c) for c in cols) + " |\n"
+                      for r in rows))
     return "\n".join(parts) if parts else "Nothing rendered yet: run `python -m bench.run table5`.\n"
 
 

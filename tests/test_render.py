@@ -235,6 +235,28 @@ def test_results_summary_reads_the_rendered_cells(tmp_path):
     assert "old" not in readme.read_text()
 
 
+def test_results_summary_leaves_out_unrun_tables_and_keeps_timings_and_split_rows(tmp_path):
+    """A table rendered before any cell ran (bench.run --render-only) is left out; Table 10 shows its
+    own column at its sweep's decimals (seconds, not 0.0); Table 2's 'method | split' rows stay one cell."""
+    from bench.report import results_summary
+
+    reports = tmp_path / "reports"
+    write_tables(sweep("table5"), [], reports / "table5", seeds=[])
+    t10 = [record("table10", row, seed, {"seconds_per_sample": v + 0.001 * seed})
+           for row, v in (("TRIS", 0.016), ("EHIN", 0.020)) for seed in (0, 1)]
+    write_tables(sweep("table10"), t10, reports / "table10", seeds=[0, 1])
+    text = results_summary(reports)
+    assert "Table 5" not in text and "**Table 10" in text
+    decimals = sweep("table10").decimals
+    assert f"| TRIS | {0.0165:.{decimals}f} ± " in text and "| row | seconds_per_sample |" in text
+    rows = sweep("table2").rows
+    split_row = next(r for r in rows if "|" in r)
+    t2 = [record("table2", split_row, 0, {"point_mask": 50.0, "iou": 30.0})]
+    write_tables(sweep("table2"), t2, reports / "table2", seeds=[0])
+    line = next(x for x in results_summary(reports).splitlines() if x.startswith("| " + split_row.split("|")[0]))
+    assert line == "| " + split_row.replace("|", "\\|") + " | 50.0 | 30.0 |"  # row, PointM, IoU: three cells
+
+
 def test_the_readme_results_block_is_current():
     from bench.report import README_BEGIN, README_END, results_summary
 
