@@ -356,7 +356,11 @@ def claims_report(profile: str, store: ResultStore, reports: str | Path = "repor
 
 
 def _fmtn(x) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.2f}"
+    """A margin or its noise: two decimals, or two significant digits below 0.1 (Table 10's seconds would
+    all read +0.00)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:+.2f}" if x == 0 or abs(x) >= 0.1 else f"{x:+.2g}"
 
 
 def _claims_markdown(profile: str, rows: list[dict]) -> str:

@@ -194,6 +194,19 @@ def test_claims_report_is_written(tmp_path):
     assert (tmp_path / "rep" / "claims" / "synthetic.html").exists()
 
 
+def test_claims_show_small_margins_in_seconds_not_as_zero(tmp_path):
+    """Table 10's claim compares seconds per sample: a margin of 4 ms must not read +0.00."""
+    store = ResultStore(tmp_path / "res")
+    for seed in range(3):
+        for row, s in (("TRIS", 0.016), ("EHIN", 0.020)):
+            store.append(rec("table10", row, seed, {"seconds_per_sample": s + 0.001 * seed}, profile="synthetic"))
+    assert check_main(["--claims", "--profile", "synthetic", "--results", str(tmp_path / "res"),
+                       "--reports", str(tmp_path / "rep")]) == 0
+    line = next(x for x in (tmp_path / "rep" / "claims" / "synthetic.md").read_text().splitlines()
+                if x.startswith("| table10 "))
+    assert "| -0.004 |" in line and "does not hold" in line  # EHIN 4 ms slower: below TRIS's time fails
+
+
 def test_environment_is_recorded_and_differences_are_named(tmp_path):
     from bench.check import environment_notes
 
