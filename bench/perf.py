@@ -148,9 +148,13 @@ def _fake_batch(cfg: dict, device: torch.device, tokenize) -> dict:
 
 
 def _rank_share(batch: dict, rank: int, world: int) -> dict:
-    """This rank's rows of a global batch (every field is per sample), as the trainers' samplers give."""
+    """This rank's rows of a global batch (every field is per sample; the ranks divide it, main() checks),
+    as the trainers' samplers give; copies, so the global batch's memory is not held (peak_mem_gb)."""
+    if world == 1:
+        return batch
     n = len(batch["sentence"]) // world
-    return {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
+    return {k: v[rank * n:(rank + 1) * n].clone() if torch.is_tensor(v) else v[rank * n:(rank + 1) * n]
+            for k, v in batch.items()}
 
 
 def stage1_training(cfg: dict, device: torch.device, *, amp: bool, channels_last: bool, fused: bool,
@@ -279,10 +283,10 @@ def stage2_speed(cfg: dict, device: torch.device, *, amp: bool, warmup: int, rep
 
     model = build_stage2(cfg).to(device)
     n, s = cfg["stage2"]["batch_size"], cfg["data"]["image_size"]
-    m = n // world  # this rank's rows
-    x = torch.rand(n, 3, s, s, device=device)[rank * m:(rank + 1) * m]
-    tokens = model.backbone.tokenize([f"object number {i}" for i in range(n)]).to(device)[rank * m:(rank + 1) * m]
-    target = (torch.rand(n, s, s, device=device) > 0.5).float()[rank * m:(rank + 1) * m]
+    rows = slice(rank * (n // world), (rank + 1) * (n // world))  # this rank's (the ranks divide n: main() checks)
+    x = torch.rand(n, 3, s, s)[rows].to(device)
+    tokens = model.backbone.tokenize([f"object number {i}" for i in range(n)])[rows].to(device)
+    target = (torch.rand(n, s, s) > 0.5).float()[rows].to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
     loss_fn = Stage2Loss(cfg["stage2"]["dice_weight"])
     net = data_parallel(model, device, world)
@@ -358,7 +362,7 @@ def _wait_all(children: list, option: str) -> None:
         raise SystemExit(f"bench.perf {option}: process(es) {failed} failed")
 
 
-def data_parallel_scaling(argv: list[str], ranks: int) -> dict:
+def data_parallel_scaling(argv: list[str], ranks: int, device: str) -> dict:
     """Time this command (`argv`, without --ddp/--out) in one process, then as `ranks` DDP ranks of one
     job on this machine (torchrun's environment, a free local port); rank 0's report with the single
     process's results beside it and `scaling`: each throughput of the job over the single process's."""
@@ -366,21 +370,20 @@ def data_parallel_scaling(argv: list[str], ranks: int) -> dict:
     import socket
     import subprocess
 
-    with socket.socket() as sock:  # a free port for the ranks' rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         single = Path(tmp) / "single.json"
         _wait_all([subprocess.Popen([sys.executable, "-m", "bench.perf", *argv, "--out", str(single)],
                                     stdout=subprocess.DEVNULL)], "--ddp (the single process)")
         outs = [Path(tmp) / f"rank{i}.json" for i in range(ranks)]
-        # On CPU the ranks share the cores: each gets its part, not all of them (oversubscribed, gloo crawls).
-        threads = str(max(1, (os.cpu_count() or 1) // ranks))
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": str(ranks)}
+        if device == "cpu":
+            # On CPU the ranks share the cores: each gets its part, not all of them (oversubscribed, gloo crawls).
+            env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // ranks))
+        with socket.socket() as sock:  # a free port for the ranks' rendezvous, chosen just before they start
+            sock.bind(("127.0.0.1", 0))
+            env["MASTER_PORT"] = str(sock.getsockname()[1])
         children = [subprocess.Popen([sys.executable, "-m", "bench.perf", *argv, "--out", str(out)],
-                                     stdout=subprocess.DEVNULL,
-                                     env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                          "RANK": str(i), "LOCAL_RANK": str(i), "WORLD_SIZE": str(ranks),
-                                          "OMP_NUM_THREADS": threads})
+                                     stdout=subprocess.DEVNULL, env={**env, "RANK": str(i), "LOCAL_RANK": str(i)})
                     for i, out in enumerate(outs)]
         _wait_all(children, "--ddp")
         report, alone = json.loads(outs[0].read_text()), json.loads(single.read_text())
@@ -457,9 +460,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.ddp > 1:
         if args.procs > 1 or args.trace or args.mps:
             raise UserError("bench.perf --ddp: one data-parallel job; leave out --procs, --mps and --trace")
+        if args.device == "cuda" and args.ddp > torch.cuda.device_count():
+            raise UserError(f"bench.perf --ddp {args.ddp}: one GPU per rank, and this machine has "
+                            f"{torch.cuda.device_count()}")
+        for name in args.configs.split(","):  # the trainers refuse a global batch the ranks do not divide
+            cfg = _cfg(args.size, name, {"train.batch_size": args.batch} if args.batch else {})
+            for key in ("train", "stage2"):
+                if cfg[key]["batch_size"] % args.ddp:
+                    raise UserError(f"bench.perf --ddp {args.ddp}: {key}.batch_size {cfg[key]['batch_size']} "
+                                    "is not divisible by the ranks")
         own = _without(list(argv if argv is not None else sys.argv[1:]), ("--ddp", "--out", "--skip"))
         skip = ",".join(sorted(set(filter(None, args.skip.split(","))) | {"infer"}))
-        report = data_parallel_scaling([*own, "--skip", skip], args.ddp)
+        report = data_parallel_scaling([*own, "--skip", skip, "--device", args.device], args.ddp, args.device)
         print(json.dumps({"results": report["results"], "scaling": report["scaling"]}, indent=1))
         _write(report, args.out)
         return

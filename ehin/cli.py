@@ -38,8 +38,10 @@ F = TypeVar("F", bound=Callable)
 
 def command_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     """The argument parser of a `python -m` command: its module docstring as the description, kept as
-    written (usage examples stay on their lines)."""
-    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    written (usage examples stay on their lines). Options are spelled out: a command that passes its own
+    argv on to child processes less some options (bench.perf --procs/--ddp) must find them by name."""
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   allow_abbrev=False)
 
 
 def debug_requested(argv: Sequence[str]) -> bool:

@@ -17,7 +17,7 @@
 #            train.grad_clip=1.0 on synth-refcoco+ and synth-refcocog (umd), seeds 0-9 (20 cells)
 #            -> reports/testbed/control-gpu-clip1/
 #   perf     bench.perf of the gpu profile's EHIN and TRIS-like stage-1 training, 16 processes under MPS
-#            with reduce-overhead (what a packed cell costs) -> $OUT/h200_gpu_ehin_tris_procs16_mps_ro.json
+#            with reduce-overhead (what a packed cell costs) -> reports/perf/, through poll
 # The cells run packed on the GPU under MPS with train.compile=reduce-overhead (neither is hashed).
 #
 # Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
@@ -99,7 +99,7 @@ _tasks)
       clip) python3 -m bench.testbed --profile gpu --seeds 10 --rows "refcoco+,refcocog (umd)" --set train.grad_clip=1.0 \
               --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" --name clip1 --out /tmp/p/rep ;;
       perf) python3 -m bench.perf --size gpu --configs ehin,tris --skip infer,stage2 --channels-last --fused-adamw \
-              --procs 16 --mps --compile-train reduce-overhead --out "$OUT/h200_gpu_ehin_tris_procs16_mps_ro.json" ;;
+              --procs 16 --mps --compile-train reduce-overhead --out /tmp/p/h200_gpu_ehin_tris_procs16_mps_ro.json ;;
       *) echo "unknown task $task"; false ;;
     esac
     rc=$?
@@ -124,7 +124,7 @@ poll)
   cat /tmp/p/util.txt
   # the stores whole (small), and of the per-expression scores only those written in this sitting
   (cd /tmp/p && find g/per_expression rr/per_expression cl/per_expression -newer stamp -type f 2>/dev/null > new.txt
-   ls g/store.jsonl rr/store.jsonl cl/store.jsonl util.txt tasks.log 2>/dev/null >> new.txt
+   ls g/store.jsonl rr/store.jsonl cl/store.jsonl h200_*.json util.txt tasks.log 2>/dev/null >> new.txt
    tar czf "$OUT/stores.tgz" --ignore-failed-read -T new.txt) || echo "tar: exit $?"
   ;;
 perf)  # issue 20: bench.perf with $PERF_ARGS (default: inference at batch 1 and 64 of the paper size), as

@@ -129,7 +129,7 @@ def test_bf16_backbone_gives_the_fp32_maps_within_bf16_rounding():
     assert r["forward_ms_bs1"] > 0 and r["images_per_s_bs2"] > 0 and r["end_to_end_ms_bs1"] > 0
 
 
-def test_ddp_times_one_job_of_two_ranks_against_one_process(tmp_path):
+def test_ddp_times_one_job_of_two_ranks_against_one_process(tmp_path, capsys):
     """--ddp 2 on CPU (gloo): one process, then a DDP job of two ranks on the same global batch; the
     report is rank 0's (global images per second), the single process's beside it, and `scaling` is
     their ratio for each training part (stage 1 and stage 2). Inference is left out."""
@@ -147,3 +147,7 @@ def test_ddp_times_one_job_of_two_ranks_against_one_process(tmp_path):
         "stage2": job["stage2"]["train_images_per_s"] / alone["stage2"]["train_images_per_s"]})
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--ddp", "2", "--procs", "2"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # 24 over 5 ranks: rows would be dropped
+        main(["--device", "cpu", "--size", "small", "--configs", "ehin", "--ddp", "5"])
+    assert "train.batch_size 24 is not divisible by the ranks" in capsys.readouterr().err
