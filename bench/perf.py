@@ -152,7 +152,7 @@ def _rank_share(batch: dict, rank: int, world: int) -> dict:
     as the trainers' samplers give; copies, so the global batch's memory is not held (peak_mem_gb)."""
     if world == 1:
         return batch
-    n = len(batch["sentence"]) // world
+    n = len(next(iter(batch.values()))) // world
     return {k: v[rank * n:(rank + 1) * n].clone() if torch.is_tensor(v) else v[rank * n:(rank + 1) * n]
             for k, v in batch.items()}
 
@@ -283,10 +283,10 @@ def stage2_speed(cfg: dict, device: torch.device, *, amp: bool, warmup: int, rep
 
     model = build_stage2(cfg).to(device)
     n, s = cfg["stage2"]["batch_size"], cfg["data"]["image_size"]
-    rows = slice(rank * (n // world), (rank + 1) * (n // world))  # this rank's (the ranks divide n: main() checks)
-    x = torch.rand(n, 3, s, s)[rows].to(device)
-    tokens = model.backbone.tokenize([f"object number {i}" for i in range(n)])[rows].to(device)
-    target = (torch.rand(n, s, s) > 0.5).float()[rows].to(device)
+    x = torch.rand(n, 3, s, s, device=device)
+    tokens = model.backbone.tokenize([f"object number {i}" for i in range(n)]).to(device)
+    target = (torch.rand(n, s, s, device=device) > 0.5).float()
+    x, tokens, target = _rank_share({"x": x, "tokens": tokens, "target": target}, rank, world).values()
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
     loss_fn = Stage2Loss(cfg["stage2"]["dice_weight"])
     net = data_parallel(model, device, world)

@@ -124,7 +124,7 @@ def shared_training(spec: CellSpec) -> tuple[str | None, tuple[str, ...]]:
     if spec.stage not in ("1", "2"):
         return None, ()
     leads = _training_split(spec) == spec.config["eval"]["split"]
-    needs = () if leads else (spec.extra["trained"]["dir"],)
+    needs = () if leads else (training_dir(spec),)
     if spec.stage == "2" and spec.extra.get("stage1_dir"):
         needs += (spec.extra["stage1_dir"],)
     return (training_dir(spec) if leads else None), needs
