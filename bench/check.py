@@ -339,12 +339,18 @@ def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | N
 
 
 def claims_report(profile: str, store: ResultStore, reports: str | Path = "reports") -> tuple[list[dict], Path]:
+    from bench.render import split_by_config
     from bench.sweeps import list_sweeps, load_sweep
 
     rows = []
     for name in list_sweeps():
         sweep = load_sweep(name)
-        records = [r for r in store.select(table=name, profile=profile)]
+        # The declared config's records only, as its rendered table shows them (bench.render.split_by_config):
+        # a --set run of a row, or cells of the profile before it changed, are not the table's claim.
+        stored = store.select(table=name, profile=profile, latest_only=False)
+        seeds = sorted({int(r.get("seed", 0)) for r in stored})
+        expected = {(c.row, c.seed): c.config_hash() for c in sweep.cells(profile, seeds)} if seeds else {}
+        records, _ = split_by_config(stored, expected)
         for claim in sweep.claims:
             rows.extend(evaluate_claim(sweep, claim, records, store.root))
     out = Path(reports) / "claims"

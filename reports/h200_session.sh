@@ -7,7 +7,7 @@
 #   bash reports/h200_session.sh poll      # wait for the tasks (at most $LIMIT s); new records to $OUT
 #   PERF_ARGS="..." NAME=... bash reports/h200_session.sh perf    # (issue 20) bench.perf (TRACE=1: profiled)
 #
-# TASKS (default "table10 rerun tables"), one after another, each resuming from its committed store, so a
+# TASKS (default "control table10 tables"), one after another, each resuming from its committed store, so a
 # sitting that ends first loses only the cells still running:
 #   table10  Table 10's inference-time cells, one at a time on an otherwise idle GPU -> reports/gpu/store/
 #   rerun    the positive control's cells run again, seeds 0..RERUN_SEEDS-1 (default 5), for TESTBED §2.4's
@@ -16,6 +16,8 @@
 #   clip     session 21's pre-registered remedy (reports/testbed/README.md, last section): the control with
 #            train.grad_clip=1.0 on synth-refcoco+ and synth-refcocog (umd), seeds 0-9 (20 cells)
 #            -> reports/testbed/control-gpu-clip1/
+#   control  the rule adopted it (session 22): the control's other 30 cells with train.grad_clip=1.0 (the
+#            gpu profile's since), same store -> reports/testbed/control-gpu-clip1/
 #   perf     bench.perf of the gpu profile's EHIN and TRIS-like stage-1 training, 16 processes under MPS
 #            with reduce-overhead (what a packed cell costs) -> reports/perf/, through poll
 # The cells run packed on the GPU under MPS with train.compile=reduce-overhead (neither is hashed).
@@ -85,10 +87,10 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
   rm -f /tmp/p/tasks.done
   setsid nohup bash "$0" _tasks > /tmp/p/tasks.log 2>&1 < /dev/null &
   echo $! > /tmp/p/tasks.pid
-  echo "tasks '${TASKS:-table10 rerun tables}' launched after $(( $(date +%s) - t0 )) s"
+  echo "tasks '${TASKS:-control table10 tables}' launched after $(( $(date +%s) - t0 )) s"
   ;;
 _tasks)
-  for task in ${TASKS:-table10 rerun tables}; do
+  for task in ${TASKS:-control table10 tables}; do
     echo "== $task $(date +%T)"
     case $task in
       table10) python3 -m bench.run table10 --profile gpu --jobs 1 --results $G --reports /tmp/p/reports ;;
@@ -98,6 +100,8 @@ _tasks)
                 --reports /tmp/p/reports ;;
       clip) python3 -m bench.testbed --profile gpu --seeds 10 --rows "refcoco+,refcocog (umd)" --set train.grad_clip=1.0 \
               --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" --name clip1 --out /tmp/p/rep ;;
+      control) python3 -m bench.testbed --profile gpu --seeds 10 --set train.grad_clip=1.0 \
+                 --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" --name clip1 --out /tmp/p/rep ;;
       perf) python3 -m bench.perf --size gpu --configs ehin,tris --skip infer,stage2 --channels-last --fused-adamw \
               --procs 16 --mps --compile-train reduce-overhead --out /tmp/p/h200_gpu_ehin_tris_procs16_mps_ro.json ;;
       *) echo "unknown task $task"; false ;;

@@ -24,6 +24,12 @@ def rec(table, row, seed, metrics, h="h1", profile="smoke"):
             "cell_id": f"{profile}/{table}/{row}/seed{seed}/{h}", "metrics": metrics}
 
 
+def declared(table, row, seed, metrics, profile="synthetic"):
+    """A record of the config `table`'s sweep declares for (row, seed) on `profile` (its real hash)."""
+    (cell,) = load_sweep(table).cells(profile, [seed], rows=[row])
+    return rec(table, row, seed, metrics, h=cell.config_hash(), profile=profile)
+
+
 def test_baselines_tolerance_comes_from_seed_spread(tmp_path):
     ci, spread = ResultStore(tmp_path / "ci"), ResultStore(tmp_path / "spread")
     ci.append(rec("table3", "2", 0, {"iou": 20.0, "point_mask": 50.0}))
@@ -184,9 +190,8 @@ def test_claims_report_is_written(tmp_path):
     store = ResultStore(tmp_path / "res")
     for seed in range(2):
         for row in ("1", "2", "3", "4"):
-            store.append(rec("table3", row, seed, {m: 10.0 + int(row) for m in
-                                                   ("iou", "overall_iou", "point_box", "point_mask", "box_acc")},
-                             profile="synthetic"))
+            store.append(declared("table3", row, seed, {m: 10.0 + int(row) for m in
+                                                        ("iou", "overall_iou", "point_box", "point_mask", "box_acc")}))
     assert check_main(["--claims", "--profile", "synthetic", "--results", str(tmp_path / "res"),
                        "--reports", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "claims" / "synthetic.md").read_text()
@@ -199,12 +204,34 @@ def test_claims_show_small_margins_in_seconds_not_as_zero(tmp_path):
     store = ResultStore(tmp_path / "res")
     for seed in range(3):
         for row, s in (("TRIS", 0.016), ("EHIN", 0.020)):
-            store.append(rec("table10", row, seed, {"seconds_per_sample": s + 0.001 * seed}, profile="synthetic"))
+            store.append(declared("table10", row, seed, {"seconds_per_sample": s + 0.001 * seed}))
     assert check_main(["--claims", "--profile", "synthetic", "--results", str(tmp_path / "res"),
                        "--reports", str(tmp_path / "rep")]) == 0
     line = next(x for x in (tmp_path / "rep" / "claims" / "synthetic.md").read_text().splitlines()
                 if x.startswith("| table10 "))
     assert "| -0.004 |" in line and "does not hold" in line  # EHIN 4 ms slower: below TRIS's time fails
+
+
+def test_claims_judge_only_the_declared_config(tmp_path):
+    """As the rendered table: records of another config (a --set run, the profile before it changed) are
+    not the claim's, even when they are the only ones or the newest."""
+    store = ResultStore(tmp_path / "res")
+    for seed in range(3):
+        store.append(declared("table10", "TRIS", seed, {"seconds_per_sample": 0.030}))
+        store.append(declared("table10", "EHIN", seed, {"seconds_per_sample": 0.020}))
+        store.append(rec("table10", "EHIN", seed, {"seconds_per_sample": 0.040}, h="other", profile="synthetic"))
+    args = ["--claims", "--profile", "synthetic", "--results", str(tmp_path / "res"), "--reports", str(tmp_path / "rep")]
+    assert check_main(args) == 0
+    md = (tmp_path / "rep" / "claims" / "synthetic.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| table10 "))
+    assert "| +0.01 |" in line and "| holds |" in line  # the newest EHIN records (0.040) are another config's
+    other = ResultStore(tmp_path / "only-other")
+    for seed in range(3):
+        for row in ("TRIS", "EHIN"):
+            other.append(rec("table10", row, seed, {"seconds_per_sample": 0.02}, h="other", profile="synthetic"))
+    assert check_main([*args[:4], str(tmp_path / "only-other"), *args[5:]]) == 0
+    md = (tmp_path / "rep" / "claims" / "synthetic.md").read_text()
+    assert "no results" in next(x for x in md.splitlines() if x.startswith("| table10 "))
 
 
 def test_environment_is_recorded_and_differences_are_named(tmp_path):
