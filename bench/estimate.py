@@ -16,6 +16,16 @@ upper bounds for the levers the JSON names.
 
 Sizes: RefCOCO+ (unc) as released (REFER, Yu et al. 2016): 42,278 train refs; 10,758 / 5,726 / 4,889
 expressions in val / testA / testB. Every dataset is taken at that size.
+
+    python -m bench.estimate --profile gpu --perf reports/perf/h200_gpu_ehin_tris_procs16_mps_ro.json
+
+A synthetic profile (gpu) is estimated from a packed measurement (`bench.perf --size gpu --procs N`, the
+rate summed over N processes sharing one GPU, as bench.run --jobs packs cells): each training costs its
+share of the GPU, epochs x train refs / summed rate, at the TRIS-like rate for a cell of the TRIS-like
+architecture (one BP layer over tokens) and at EHIN's for every other (fewer layers or a smaller K cost
+less: an upper bound), plus its evaluations counted as training images (forward only costs less). Sizes
+are each cell's own dataset, generated into the cache if it is not there yet. With many cells packed
+the GPU is busy throughout, so the shares add up to the wall time; a cell alone runs slower than its share.
 """
 from __future__ import annotations
 
@@ -27,6 +37,7 @@ from ehin.cli import UserError, command, command_parser
 TRAIN_REFS = 42_278
 EVAL_EXPRESSIONS = {"val": 10_758, "testA": 5_726, "testB": 4_889}
 DEFAULT_PERF = "reports/perf/h200_bf16_cl_fused.json"
+DEFAULT_PACKED_PERF = "reports/perf/h200_gpu_ehin_tris_procs16_mps_ro.json"
 README_BEGIN, README_END = "<!-- estimate:begin (python -m bench.estimate) -->", "<!-- estimate:end -->"
 
 
@@ -56,6 +67,47 @@ def training_seconds(cfg: dict, stage: str, perf: dict) -> tuple[float, bool]:
     return s + int(cfg["stage2"]["epochs"]) * (TRAIN_REFS / stage2 + _expressions(cfg["eval"]["split"]) / infer), True
 
 
+def _packed_rate(cfg: dict, perf: dict) -> float:
+    """The summed stage-1 training rate of cells like `cfg` packed on one GPU (a `--procs` measurement)."""
+    from bench.perf import CONFIGS
+
+    tris = all(cfg["model"].get(k.split(".")[1]) == v for k, v in CONFIGS["tris"].items() if k.startswith("model."))
+    name = "tris" if tris else "ehin"
+    rate = perf["results"].get(name, {}).get("stage1_train", {}).get("images_per_s")
+    if not rate:
+        raise UserError(f"the perf JSON holds no {name} stage-1 training rate (bench.perf --configs ehin,tris)")
+    return rate
+
+
+_SIZES: dict[tuple, tuple[int, dict[str, int]]] = {}
+
+
+def dataset_sizes(cfg: dict) -> tuple[int, dict[str, int]]:
+    """(train refs, expressions per split) of the dataset `cfg` names, generated into the cache if needed."""
+    from ehin.data import prepare_dataset
+
+    d = cfg["data"]
+    key = (d["dataset"], d["split_by"], json.dumps(cfg.get("synthetic"), sort_keys=True, default=str), d.get("root"))
+    if key not in _SIZES:
+        refer = prepare_dataset(cfg, progress=False)
+        splits = {split: sum(len(r["sentences"]) for r in refer.refs(split))
+                  for split in refer.splits()}
+        _SIZES[key] = (len(refer.refs(d["train_split"])), splits)
+    return _SIZES[key]
+
+
+def packed_training_seconds(cfg: dict, stage: str, perf: dict) -> tuple[float, bool]:
+    """One training's share of a GPU packed with others (a synthetic profile; the module's docstring):
+    stage 1 with its evaluations at the packed training rate; a chain's stage 2 is not measured packed,
+    so it counts its stage 1 only and says so."""
+    rate = _packed_rate(cfg, perf)
+    train_refs, expressions = dataset_sizes(cfg)
+    epochs, every = int(cfg["train"]["epochs"]), int(cfg["eval"].get("every", 1))
+    evals = (1 + bool(cfg["eval"].get("select_split"))) * (epochs // every + bool(epochs % every))
+    s = (epochs * train_refs + evals * expressions.get(cfg["eval"]["split"], 0)) / rate
+    return s, stage != "2"
+
+
 def makespan(durations: list[float], gpus: int) -> float:
     """Wall time of independent jobs on `gpus` GPUs, longest first onto the least loaded GPU."""
     loads = [0.0] * gpus
@@ -71,34 +123,41 @@ def estimate(tables: list[str], perf: dict, profile: str = "paper", seeds: int |
     from bench.sweeps import load_sweep
 
     seeds = seeds or DEFAULT_SEEDS[profile]
-    infer = perf["results"].get("ehin", {}).get("stage1_infer", {}).get("images_per_s_bs64")
-    if not infer:
-        raise UserError("the perf JSON holds no EHIN batch-64 inference rate")
+    packed = profile != "paper"
+    if packed:
+        infer = 0.0  # evaluations count at the packed training rate; Table 10 times untrained models
+    else:
+        infer = perf["results"].get("ehin", {}).get("stage1_infer", {}).get("images_per_s_bs64")
+        if not infer:
+            raise UserError("the perf JSON holds no EHIN batch-64 inference rate")
     rows, queue = [], []
     for name in tables:
         specs = build_specs(load_sweep(name), profile, seeds, Path("/nonexistent"))
         queue += specs
-        rows.append(_row(name, specs, perf, infer))
+        rows.append(_row(name, specs, perf, infer, packed))
     if len(tables) > 1:
-        rows.append(_row("all", one_queue(queue)[0], perf, infer))
+        rows.append(_row("all", one_queue(queue)[0], perf, infer, packed))
     return rows
 
 
-def _row(name: str, specs: list, perf: dict, infer: float) -> dict:
+def _row(name: str, specs: list, perf: dict, infer: float, packed: bool = False) -> dict:
     trainings: dict[str, tuple[float, bool]] = {}
     extra_eval = 0.0
     for spec in specs:
         if spec.stage == "inference":
-            extra_eval += _expressions(spec.config["eval"]["split"]) / infer
+            extra_eval += 0.0 if packed else _expressions(spec.config["eval"]["split"]) / infer
             continue
         trained = spec.extra.get("trained")
         key = trained["dir"] if trained else spec.run_dir
         if key not in trainings:
             cfg = spec.config if not trained else {**spec.config, "eval": {**spec.config["eval"], "split": trained["split"]}}
-            trainings[key] = training_seconds(cfg, spec.stage, perf)
+            trainings[key] = (packed_training_seconds if packed else training_seconds)(cfg, spec.stage, perf)
         if trained and trained["split"] != spec.config["eval"]["split"]:
             # the shared model's final evaluation on this split (stage 1 and stage 2 for a chain)
-            extra_eval += _expressions(spec.config["eval"]["split"]) / infer * (1 + (spec.stage == "2"))
+            split = spec.config["eval"]["split"]
+            share = (dataset_sizes(spec.config)[1].get(split, 0) / _packed_rate(spec.config, perf) if packed
+                     else _expressions(split) / infer)
+            extra_eval += share * (1 + (spec.stage == "2"))
     durations = [d for d, _ in trainings.values()]
     return {"table": name, "cells": len(specs), "trainings": len(trainings),
             "one_gpu_s": sum(durations) + extra_eval, "two_gpus_s": makespan(durations, 2) + extra_eval / 2,
@@ -114,6 +173,21 @@ def _hours(seconds: float, complete: bool = True) -> str:
 def markdown(rows: list[dict], perf: dict, perf_path: str, profile: str, seeds: int) -> str:
     gpu = perf.get("environment", {}).get("gpu", perf.get("device", "?"))
     levers = ", ".join(k for k, v in perf.get("levers", {}).items() if v) or "none"
+    if profile != "paper":
+        mps = " under MPS" if perf.get("environment", {}).get("mps") else ""
+        lines = [f"Estimated from `{perf_path}` ({gpu}; {perf.get('procs')} processes at once{mps}; levers: "
+                 f"{', '.join(f'{k}={v}' if v is not True else k for k, v in perf.get('levers', {}).items() if v)}) "
+                 f"by `python -m bench.estimate --profile {profile}`: {seeds} seed(s), each cell's own dataset, "
+                 "cells packed on each GPU, so a training costs its share of the summed rate (every "
+                 "non-TRIS-like cell at full EHIN's rate and evaluations as training images over-count; each "
+                 "wave's process start and compilation, minutes, are not counted; \">=\": a two-stage chain "
+                 "counts its stage 1 only; \"-\": Table 10's timing cells, run alone, are not counted).",
+                 "", "| table | cells | trainings | one GPU | two GPUs |", "|---|---:|---:|---:|---:|"]
+        for r in rows:
+            one, two = ((_hours(r["one_gpu_s"], r["complete"]), _hours(r["two_gpus_s"], r["complete"]))
+                        if r["trainings"] else ("-", "-"))
+            lines.append(f"| {r['table']} | {r['cells']} | {r['trainings']} | {one} | {two} |")
+        return "\n".join(lines) + "\n"
     lines = [f"Estimated from `{perf_path}` ({gpu}; levers: {levers}) by `python -m bench.estimate`: profile "
              f"{profile}, {seeds} seed(s), every dataset at RefCOCO+'s size, cells one after another on each GPU "
              "(upper bounds; \">=\": the JSON has no stage-2 rate, so the two-stage chains count their stage 1 "
@@ -125,11 +199,14 @@ def markdown(rows: list[dict], perf: dict, perf_path: str, profile: str, seeds: 
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: str | Path, block: str) -> bool:
-    """Rewrite the README's estimate block; True when it changed."""
+def update_readme(readme: str | Path, block: str, profile: str = "paper") -> bool:
+    """Rewrite the README's estimate block of `profile`; True when it changed."""
     from bench.report import replace_block
 
-    return replace_block(readme, README_BEGIN, README_END, block)
+    if profile == "paper":
+        return replace_block(readme, README_BEGIN, README_END, block)
+    return replace_block(readme, f"<!-- estimate-{profile}:begin (python -m bench.estimate --profile {profile}) -->",
+                         f"<!-- estimate-{profile}:end -->", block)
 
 
 @command
@@ -139,10 +216,15 @@ def main(argv: list[str] | None = None) -> None:
 
     p = command_parser("python -m bench.estimate", __doc__)
     p.add_argument("tables", nargs="?", default="all", help="sweep names joined by commas, or all (default)")
-    p.add_argument("--perf", default=DEFAULT_PERF, help=f"a bench.perf --size paper JSON (default: {DEFAULT_PERF})")
-    p.add_argument("--seeds", type=int, help="seeds per row (default: the paper profile's)")
-    p.add_argument("--readme", help="rewrite this README's estimate block instead of printing only")
+    p.add_argument("--profile", default="paper", choices=("paper", "gpu"),
+                   help="paper: RefCOCO+'s size, cells one after another; gpu: the synthetic testbed's own "
+                        "datasets, cells packed (default: paper)")
+    p.add_argument("--perf", help=f"a bench.perf JSON: --size paper (default: {DEFAULT_PERF}), or for "
+                                  f"--profile gpu a --size gpu --procs N one (default: {DEFAULT_PACKED_PERF})")
+    p.add_argument("--seeds", type=int, help="seeds per row (default: the profile's)")
+    p.add_argument("--readme", help="rewrite this README's estimate block of the profile instead of printing only")
     args = p.parse_args(argv)
+    args.perf = args.perf or (DEFAULT_PERF if args.profile == "paper" else DEFAULT_PACKED_PERF)
     tables = list_sweeps() if args.tables == "all" else args.tables.split(",")
     unknown = sorted(set(tables) - set(list_sweeps()))
     if unknown:
@@ -150,13 +232,18 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.perf).exists():
         raise UserError(f"{args.perf}: no such perf JSON (python -m bench.perf --size paper --out ... makes one)")
     perf = json.loads(Path(args.perf).read_text())
-    if perf.get("size") != "paper":
-        raise UserError(f"{args.perf} was measured at size {perf.get('size')!r}; the estimate needs --size paper")
-    seeds = args.seeds or DEFAULT_SEEDS["paper"]
-    block = markdown(estimate(tables, perf, "paper", seeds), perf, args.perf, "paper", seeds)
+    if perf.get("size") != args.profile:
+        raise UserError(f"{args.perf} was measured at size {perf.get('size')!r}; --profile {args.profile} needs "
+                        f"bench.perf --size {args.profile}")
+    if args.profile != "paper" and (perf.get("procs") or 1) < 2:
+        raise UserError(f"{args.perf} timed one process; --profile {args.profile} needs a packed measurement "
+                        "(bench.perf --procs N)")
+    seeds = args.seeds or DEFAULT_SEEDS[args.profile]
+    block = markdown(estimate(tables, perf, args.profile, seeds), perf, args.perf, args.profile, seeds)
     print(block)
     if args.readme:
-        print(f"{args.readme}: estimate block {'updated' if update_readme(args.readme, block) else 'unchanged'}")
+        changed = update_readme(args.readme, block, args.profile)
+        print(f"{args.readme}: {args.profile} estimate block {'updated' if changed else 'unchanged'}")
 
 
 if __name__ == "__main__":

@@ -64,3 +64,66 @@ def test_the_readme_block_is_current(tmp_path):
 
     block = E.markdown(E.estimate(list_sweeps(), p), p, E.DEFAULT_PERF, "paper", DEFAULT_SEEDS["paper"])
     assert not E.update_readme(readme, block), "README's estimate block is stale: python -m bench.estimate --readme README.md"
+
+
+def packed_perf(ehin=600.0, tris=1200.0, procs=16) -> dict:
+    return {"size": "gpu", "device": "cuda", "procs": procs, "levers": {"channels_last": True},
+            "environment": {"gpu": "test GPU", "mps": True},
+            "results": {"ehin": {"stage1_train": {"images_per_s": ehin}},
+                        "tris": {"stage1_train": {"images_per_s": tris}}}}
+
+
+@pytest.fixture
+def sizes(monkeypatch):
+    """Every dataset 1,000 train refs and 300 val expressions (the real ones need the gpu profile's datasets)."""
+    monkeypatch.setattr(E, "dataset_sizes", lambda cfg: (1000, {"val": 300, "testA": 200, "testB": 100}))
+
+
+def test_packed_training_seconds_by_hand(sizes):
+    from bench.perf import CONFIGS
+    from ehin.config import load_config
+
+    ehin = load_config(profile="gpu")  # 20 epochs, evaluated every 5 on val
+    s, ok = E.packed_training_seconds(ehin, "1", packed_perf())
+    assert ok and s == pytest.approx((20 * 1000 + 4 * 300) / 600)
+    tris = load_config(profile="gpu", overrides=CONFIGS["tris"])
+    s, _ = E.packed_training_seconds(tris, "1", packed_perf())
+    assert s == pytest.approx((20 * 1000 + 4 * 300) / 1200)  # the TRIS-like architecture at its own rate
+    s, ok = E.packed_training_seconds(ehin, "2", packed_perf())
+    assert not ok and s == pytest.approx((20 * 1000 + 4 * 300) / 600)  # stage 2 not measured packed
+
+
+def test_packed_estimate_adds_shares_and_runs_identical_cells_once(sizes):
+    (t5,) = E.estimate(["table5"], packed_perf(), profile="gpu")
+    assert (t5["cells"], t5["trainings"]) == (35, 35) and t5["complete"]
+    assert t5["one_gpu_s"] == pytest.approx(35 * (20 * 1000 + 4 * 300) / 600)
+    (t10,) = E.estimate(["table10"], packed_perf(), profile="gpu")
+    assert t10["trainings"] == 0 and t10["one_gpu_s"] == 0
+    rows = E.estimate(["table5", "table6"], packed_perf(), profile="gpu")
+    assert rows[-1]["trainings"] < rows[0]["trainings"] + rows[1]["trainings"]
+    md = E.markdown(rows + [t10], packed_perf(), "p.json", "gpu", 5)
+    assert "16 processes at once under MPS" in md and "| table10 | 10 | 0 | - | - |" in md
+
+
+def test_dataset_sizes_count_the_generated_splits():
+    from ehin.config import load_config
+    from ehin.data import prepare_dataset
+
+    cfg = load_config(profile="smoke")
+    refer = prepare_dataset(cfg, progress=False)
+    train, expressions = E.dataset_sizes(cfg)
+    assert train == len(refer.refs(cfg["data"]["train_split"])) > 0
+    assert expressions["val"] == sum(len(r["sentences"]) for r in refer.refs("val")) > 0
+
+
+def test_packed_profile_refuses_a_single_process_measurement(tmp_path, capsys):
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(packed_perf(procs=1)))
+    with pytest.raises(SystemExit):
+        E.main(["--profile", "gpu", "--perf", str(one)])
+    assert "needs a packed measurement" in capsys.readouterr().err
+    paper = tmp_path / "paper.json"
+    paper.write_text(json.dumps(perf()))
+    with pytest.raises(SystemExit):
+        E.main(["--profile", "gpu", "--perf", str(paper)])
+    assert "--size gpu" in capsys.readouterr().err
