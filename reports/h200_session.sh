@@ -12,7 +12,10 @@
 #   table10  Table 10's inference-time cells, one at a time on an otherwise idle GPU -> reports/gpu/store/
 #   rerun    the positive control's cells run again, seeds 0..RERUN_SEEDS-1 (default 5), for TESTBED §2.4's
 #            run-to-run spread -> reports/testbed/control-gpu-h200clip-rerun/
-#   tables   the paper's tables ($TABLES, Table 10 apart), JOBS cells at once -> reports/gpu/store/
+#   tables   the paper's tables ($TABLES, Table 10 apart), TABLE_JOBS cells at once (default 20: an EHIN
+#            training's share of the packed H200 is about 68 s by `python -m bench.estimate --profile gpu`, so
+#            20 at once end in about 23 minutes, within one sitting; 30 would not, and a cell that has not
+#            ended when the sitting does is lost) -> reports/gpu/store/
 #   clip     session 21's pre-registered remedy (reports/testbed/README.md, last section): the control with
 #            train.grad_clip=1.0 on synth-refcoco+ and synth-refcocog (umd), seeds 0-9 (20 cells)
 #            -> reports/testbed/control-gpu-clip1/
@@ -96,7 +99,7 @@ _tasks)
       table10) python3 -m bench.run table10 --profile gpu --jobs 1 --results $G --reports /tmp/p/reports ;;
       rerun) python3 -m bench.testbed --profile gpu --seeds ${RERUN_SEEDS:-5} --results $RR --jobs ${JOBS:-30} \
                "${PACKED[@]}" --name rerun --out /tmp/p/rep ;;
-      tables) python3 -m bench.run "$TABLES" --profile gpu --jobs ${JOBS:-30} "${PACKED[@]}" --results $G \
+      tables) python3 -m bench.run "$TABLES" --profile gpu --jobs ${TABLE_JOBS:-20} "${PACKED[@]}" --results $G \
                 --reports /tmp/p/reports ;;
       clip) python3 -m bench.testbed --profile gpu --seeds 10 --rows "refcoco+,refcocog (umd)" --set train.grad_clip=1.0 \
               --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" --name clip1 --out /tmp/p/rep ;;
