@@ -338,9 +338,15 @@ def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | N
     return out
 
 
-def claims_report(profile: str, store: ResultStore, reports: str | Path = "reports") -> tuple[list[dict], Path]:
+def claims_report(profile: str, store: ResultStore, reports: str | Path = "reports",
+                  seeds: int | None = None) -> tuple[list[dict], Path]:
+    """The paper's claims judged on the records each table's sweep declares: its rows, seeds 0..`seeds`-1
+    (default: the profile's, as bench.run renders them) and their config hashes."""
     from bench.render import split_by_config
+    from bench.run import DEFAULT_SEEDS
     from bench.sweeps import list_sweeps, load_sweep
+
+    declared_seeds = list(range(seeds or DEFAULT_SEEDS[profile]))
 
     rows = []
     for name in list_sweeps():
@@ -348,8 +354,7 @@ def claims_report(profile: str, store: ResultStore, reports: str | Path = "repor
         # The declared config's records only, as its rendered table shows them (bench.render.split_by_config):
         # a --set run of a row, or cells of the profile before it changed, are not the table's claim.
         stored = store.select(table=name, profile=profile, latest_only=False)
-        seeds = sorted({int(r.get("seed", 0)) for r in stored})
-        expected = {(c.row, c.seed): c.config_hash() for c in sweep.cells(profile, seeds)} if seeds else {}
+        expected = {(c.row, c.seed): c.config_hash() for c in sweep.cells(profile, declared_seeds)} if stored else {}
         records, _ = split_by_config(stored, expected)
         for claim in sweep.claims:
             rows.extend(evaluate_claim(sweep, claim, records, store.root))
@@ -424,12 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spread", help="with --update: a results folder holding several seeds of the same cells")
     p.add_argument("--rerun", help="with --update: a results folder holding a repeated run (run-to-run spread)")
     p.add_argument("--claims", action="store_true", help="report the paper's claims instead of drift")
+    p.add_argument("--seeds", type=int, help="with --claims: seeds per row, as bench.run --seeds (default: the "
+                                             "profile's)")
     p.add_argument("--all", action="store_true", help="print every checked metric, not only failures")
     args = p.parse_args(argv)
 
     store = _existing_store(args.results or Path("results") / args.profile, "--results")
     if args.claims:
-        rows, path = claims_report(args.profile, store, args.reports)
+        rows, path = claims_report(args.profile, store, args.reports, args.seeds)
         print(path.read_text())
         return 0
     tables = [t for t in args.tables.split(",") if t]

@@ -22,10 +22,12 @@ expressions in val / testA / testB. Every dataset is taken at that size.
 A synthetic profile (gpu) is estimated from a packed measurement (`bench.perf --size gpu --procs N`, the
 rate summed over N processes sharing one GPU, as bench.run --jobs packs cells): each training costs its
 share of the GPU, epochs x train refs / summed rate, at the TRIS-like rate for a cell of the TRIS-like
-architecture (one BP layer over tokens) and at EHIN's for every other (fewer layers or a smaller K cost
-less: an upper bound), plus its evaluations counted as training images (forward only costs less). Sizes
-are each cell's own dataset, generated into the cache if it is not there yet. With many cells packed
-the GPU is busy throughout, so the shares add up to the wall time; a cell alone runs slower than its share.
+config (bench.perf's CONFIGS["tris"]) and at EHIN's for every other, plus its evaluations counted as
+training images (forward only costs less). An estimate, not a bound: rows with fewer BP layers or a
+smaller K cost less than EHIN, rows with more layers, K = 9 or a smaller batch (more steps for the same
+images) cost more, and the measurement's step does not clip gradients. Sizes are each cell's own dataset,
+generated into the cache if it is not there yet. With many cells packed the GPU is busy throughout, so the
+shares add up to the wall time; a cell alone runs slower than its share.
 """
 from __future__ import annotations
 
@@ -71,29 +73,43 @@ def _packed_rate(cfg: dict, perf: dict) -> float:
     """The summed stage-1 training rate of cells like `cfg` packed on one GPU (a `--procs` measurement)."""
     from bench.perf import CONFIGS
 
-    tris = all(cfg["model"].get(k.split(".")[1]) == v for k, v in CONFIGS["tris"].items() if k.startswith("model."))
-    name = "tris" if tris else "ehin"
+    def value(dotted: str):
+        section, key = dotted.split(".")
+        return cfg.get(section, {}).get(key)
+
+    name = "tris" if all(value(k) == v for k, v in CONFIGS["tris"].items()) else "ehin"
     rate = perf["results"].get(name, {}).get("stage1_train", {}).get("images_per_s")
     if not rate:
         raise UserError(f"the perf JSON holds no {name} stage-1 training rate (bench.perf --configs ehin,tris)")
     return rate
 
 
-_SIZES: dict[tuple, tuple[int, dict[str, int]]] = {}
+_SIZES: dict[tuple, tuple[dict[str, int], dict[str, int]]] = {}
 
 
 def dataset_sizes(cfg: dict) -> tuple[int, dict[str, int]]:
-    """(train refs, expressions per split) of the dataset `cfg` names, generated into the cache if needed."""
+    """(refs of data.train_split, expressions per split) of the dataset `cfg` names, generated into the
+    cache if needed."""
     from ehin.data import prepare_dataset
 
     d = cfg["data"]
     key = (d["dataset"], d["split_by"], json.dumps(cfg.get("synthetic"), sort_keys=True, default=str), d.get("root"))
     if key not in _SIZES:
         refer = prepare_dataset(cfg, progress=False)
-        splits = {split: sum(len(r["sentences"]) for r in refer.refs(split))
-                  for split in refer.splits()}
-        _SIZES[key] = (len(refer.refs(d["train_split"])), splits)
-    return _SIZES[key]
+        splits = {split: refer.refs(split) for split in refer.splits()}
+        _SIZES[key] = ({k: len(v) for k, v in splits.items()},
+                       {k: sum(len(r["sentences"]) for r in v) for k, v in splits.items()})
+    refs, expressions = _SIZES[key]
+    if d["train_split"] not in refs:
+        raise UserError(f"{d['dataset']} has no split {d['train_split']!r} (data.train_split)")
+    return refs[d["train_split"]], expressions
+
+
+def _split_expressions(cfg: dict, split: str) -> int:
+    expressions = dataset_sizes(cfg)[1]
+    if split not in expressions:
+        raise UserError(f"{cfg['data']['dataset']} has no split {split!r} to evaluate")
+    return expressions[split]
 
 
 def packed_training_seconds(cfg: dict, stage: str, perf: dict) -> tuple[float, bool]:
@@ -101,11 +117,12 @@ def packed_training_seconds(cfg: dict, stage: str, perf: dict) -> tuple[float, b
     stage 1 with its evaluations at the packed training rate; a chain's stage 2 is not measured packed,
     so it counts its stage 1 only and says so."""
     rate = _packed_rate(cfg, perf)
-    train_refs, expressions = dataset_sizes(cfg)
+    train_refs, _ = dataset_sizes(cfg)
     epochs, every = int(cfg["train"]["epochs"]), int(cfg["eval"].get("every", 1))
-    evals = (1 + bool(cfg["eval"].get("select_split"))) * (epochs // every + bool(epochs % every))
-    s = (epochs * train_refs + evals * expressions.get(cfg["eval"]["split"], 0)) / rate
-    return s, stage != "2"
+    evals = epochs // every + bool(epochs % every)
+    evaluated = sum(_split_expressions(cfg, split) for split in (cfg["eval"]["split"], cfg["eval"].get("select_split"))
+                    if split)
+    return (epochs * train_refs + evals * evaluated) / rate, stage != "2"
 
 
 def makespan(durations: list[float], gpus: int) -> float:
@@ -142,6 +159,7 @@ def estimate(tables: list[str], perf: dict, profile: str = "paper", seeds: int |
 
 def _row(name: str, specs: list, perf: dict, infer: float, packed: bool = False) -> dict:
     trainings: dict[str, tuple[float, bool]] = {}
+    chains: set[str] = set()
     extra_eval = 0.0
     for spec in specs:
         if spec.stage == "inference":
@@ -149,17 +167,28 @@ def _row(name: str, specs: list, perf: dict, infer: float, packed: bool = False)
             continue
         trained = spec.extra.get("trained")
         key = trained["dir"] if trained else spec.run_dir
-        if key not in trainings:
-            cfg = spec.config if not trained else {**spec.config, "eval": {**spec.config["eval"], "split": trained["split"]}}
-            trainings[key] = (packed_training_seconds if packed else training_seconds)(cfg, spec.stage, perf)
+        seconds = packed_training_seconds if packed else training_seconds
+        cfg = spec.config if not trained else {**spec.config, "eval": {**spec.config["eval"], "split": trained["split"]}}
+        stage1 = spec.extra.get("stage1_dir")
+        if spec.stage == "2" and stage1:
+            # the chain builds on the Stage-1 cell's model (bench.run.share_trainings): that training is
+            # counted once, under its folder, and this chain adds its pseudo-labels and stage 2 to it
+            if key not in chains:
+                chains.add(key)
+                s1, _ = seconds(cfg, "1", perf)
+                whole, ok = seconds(cfg, "2", perf)
+                base, base_ok = trainings.get(stage1, (s1, True))
+                trainings[stage1] = (base + whole - s1, base_ok and ok)
+        elif key not in trainings:  # else counted already: a shared training, or the model a chain built on
+            trainings[key] = seconds(cfg, spec.stage, perf)
         if trained and trained["split"] != spec.config["eval"]["split"]:
             # the shared model's final evaluation on this split (stage 1 and stage 2 for a chain)
             split = spec.config["eval"]["split"]
-            share = (dataset_sizes(spec.config)[1].get(split, 0) / _packed_rate(spec.config, perf) if packed
+            share = (_split_expressions(spec.config, split) / _packed_rate(spec.config, perf) if packed
                      else _expressions(split) / infer)
             extra_eval += share * (1 + (spec.stage == "2"))
     durations = [d for d, _ in trainings.values()]
-    return {"table": name, "cells": len(specs), "trainings": len(trainings),
+    return {"table": name, "cells": len(specs), "trainings": len(trainings) + len(chains),  # a chain's stage 2 too
             "one_gpu_s": sum(durations) + extra_eval, "two_gpus_s": makespan(durations, 2) + extra_eval / 2,
             "complete": all(ok for _, ok in trainings.values())}
 
@@ -178,10 +207,11 @@ def markdown(rows: list[dict], perf: dict, perf_path: str, profile: str, seeds: 
         lines = [f"Estimated from `{perf_path}` ({gpu}; {perf.get('procs')} processes at once{mps}; levers: "
                  f"{', '.join(f'{k}={v}' if v is not True else k for k, v in perf.get('levers', {}).items() if v)}) "
                  f"by `python -m bench.estimate --profile {profile}`: {seeds} seed(s), each cell's own dataset, "
-                 "cells packed on each GPU, so a training costs its share of the summed rate (every "
-                 "non-TRIS-like cell at full EHIN's rate and evaluations as training images over-count; each "
-                 "wave's process start and compilation, minutes, are not counted; \">=\": a two-stage chain "
-                 "counts its stage 1 only; \"-\": Table 10's timing cells, run alone, are not counted).",
+                 "cells packed on each GPU, so a training costs its share of the summed rate (an estimate: "
+                 "every cell not TRIS-like at EHIN's rate, though rows with more BP layers, K = 9 or smaller "
+                 "batches cost more and those with fewer less, evaluations as training images; each wave's "
+                 "process start and compilation, minutes, are not counted; \">=\": a two-stage chain counts "
+                 "its stage 1 only; \"-\": Table 10's timing cells, run alone, are not counted).",
                  "", "| table | cells | trainings | one GPU | two GPUs |", "|---|---:|---:|---:|---:|"]
         for r in rows:
             one, two = ((_hours(r["one_gpu_s"], r["complete"]), _hours(r["two_gpus_s"], r["complete"]))
@@ -230,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise UserError(f"unknown table(s) {', '.join(unknown)} (have: {', '.join(list_sweeps())})")
     if not Path(args.perf).exists():
-        raise UserError(f"{args.perf}: no such perf JSON (python -m bench.perf --size paper --out ... makes one)")
+        raise UserError(f"{args.perf}: no such perf JSON (python -m bench.perf --size {args.profile}"
+                        f"{' --procs 16 --mps' if args.profile != 'paper' else ''} --out ... makes one)")
     perf = json.loads(Path(args.perf).read_text())
     if perf.get("size") != args.profile:
         raise UserError(f"{args.perf} was measured at size {perf.get('size')!r}; --profile {args.profile} needs "

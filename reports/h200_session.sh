@@ -11,11 +11,14 @@
 # sitting that ends first loses only the cells still running:
 #   table10  Table 10's inference-time cells, one at a time on an otherwise idle GPU -> reports/gpu/store/
 #   rerun    the positive control's cells run again, seeds 0..RERUN_SEEDS-1 (default 5), for TESTBED §2.4's
-#            run-to-run spread -> reports/testbed/control-gpu-h200clip-rerun/
+#            run-to-run spread -> reports/testbed/control-gpu-clip1-rerun/ (session 21's, of the profile
+#            before train.grad_clip, is control-gpu-h200clip-rerun/)
 #   tables   the paper's tables ($TABLES, Table 10 apart), TABLE_JOBS cells at once (default 20: an EHIN
-#            training's share of the packed H200 is about 68 s by `python -m bench.estimate --profile gpu`, so
-#            20 at once end in about 23 minutes, within one sitting; 30 would not, and a cell that has not
-#            ended when the sitting does is lost) -> reports/gpu/store/
+#            training's share of the packed H200 is about a minute by `python -m bench.estimate --profile gpu`,
+#            so 20 at once should end in about 25 minutes with their start, within a sitting that runs
+#            nothing before them; 30 would not, and a cell that has not ended when the sitting does is lost.
+#            Rows with more BP layers, K = 9 or small batches cost more; Table 2's chains add CPU pseudo-labels
+#            and stage 2, so run it alone with fewer) -> reports/gpu/store/
 #   clip     session 21's pre-registered remedy (reports/testbed/README.md, last section): the control with
 #            train.grad_clip=1.0 on synth-refcoco+ and synth-refcocog (umd), seeds 0-9 (20 cells)
 #            -> reports/testbed/control-gpu-clip1/
@@ -84,7 +87,7 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
   echo "clip, datasets, CRF: $(( $(date +%s) - t0 )) s"
   mkdir -p $G $RR
   cp -r reports/gpu/store/. $G/ 2>/dev/null
-  cp -r reports/testbed/control-gpu-h200clip-rerun/. $RR/ 2>/dev/null
+  cp -r reports/testbed/control-gpu-clip1-rerun/. $RR/ 2>/dev/null
   mkdir -p $CL && cp -r reports/testbed/control-gpu-clip1/. $CL/ 2>/dev/null
   touch /tmp/p/stamp  # what is newer goes back
   rm -f /tmp/p/tasks.done

@@ -225,6 +225,15 @@ def test_claims_judge_only_the_declared_config(tmp_path):
     md = (tmp_path / "rep" / "claims" / "synthetic.md").read_text()
     line = next(x for x in md.splitlines() if x.startswith("| table10 "))
     assert "| +0.01 |" in line and "| holds |" in line  # the newest EHIN records (0.040) are another config's
+    for seed in (3, 4):  # beyond the synthetic profile's 3 seeds: judged only when --seeds asks for them
+        store.append(declared("table10", "TRIS", seed, {"seconds_per_sample": 0.010}))
+        store.append(declared("table10", "EHIN", seed, {"seconds_per_sample": 0.050}))
+    assert check_main(args) == 0
+    md = (tmp_path / "rep" / "claims" / "synthetic.md").read_text()
+    assert "| holds |" in next(x for x in md.splitlines() if x.startswith("| table10 "))
+    assert check_main([*args, "--seeds", "5"]) == 0
+    md = (tmp_path / "rep" / "claims" / "synthetic.md").read_text()
+    assert "| does not hold |" in next(x for x in md.splitlines() if x.startswith("| table10 "))
     other = ResultStore(tmp_path / "only-other")
     for seed in range(3):
         for row in ("TRIS", "EHIN"):

@@ -127,3 +127,24 @@ def test_packed_profile_refuses_a_single_process_measurement(tmp_path, capsys):
     with pytest.raises(SystemExit):
         E.main(["--profile", "gpu", "--perf", str(paper)])
     assert "--size gpu" in capsys.readouterr().err
+
+
+def test_a_chain_builds_on_its_stage1_cell_without_training_it_again():
+    """Table 2's Stage-2 cells reuse the Stage-1 cell's model (bench.run.share_trainings): the estimate adds
+    each chain's pseudo-labels (and stage 2, unmeasured here) to that training, not a second stage 1."""
+    from bench.run import build_specs
+    from bench.sweeps import load_sweep
+
+    specs = build_specs(load_sweep("table2"), "paper", 1, Path("/nonexistent"))
+    chains = {s.extra["trained"]["dir"] if s.extra.get("trained") else s.run_dir for s in specs if s.stage == "2"}
+    assert chains and all(s.extra.get("stage1_dir") for s in specs if s.stage == "2")
+    p = perf()
+    stage1 = E._row("s1", [s for s in specs if s.stage == "1"], p, 500.0)
+    both = E._row("all", specs, p, 500.0)
+    # a chain's model evaluated on its other splits: stage 1's and stage 2's (bench.jobs)
+    other_splits = sum(2 * E._expressions(s.config["eval"]["split"]) / 500.0 for s in specs
+                       if s.stage == "2" and s.extra.get("trained")
+                       and s.extra["trained"]["split"] != s.config["eval"]["split"])
+    pseudo = len(chains) * 42_278 / 500.0
+    assert both["one_gpu_s"] == pytest.approx(stage1["one_gpu_s"] + pseudo + other_splits)
+    assert both["trainings"] == stage1["trainings"] + len(chains)
