@@ -13,12 +13,15 @@
 #   rerun    the positive control's cells run again, seeds 0..RERUN_SEEDS-1 (default 5), for TESTBED §2.4's
 #            run-to-run spread -> reports/testbed/control-gpu-clip1-rerun/ (session 21's, of the profile
 #            before train.grad_clip, is control-gpu-h200clip-rerun/)
-#   tables   the paper's tables ($TABLES, Table 10 apart), TABLE_JOBS cells at once (default 20: an EHIN
+#   tables   the paper's tables ($TABLES: all but Tables 10 and 2), TABLE_JOBS cells at once (default 20: an EHIN
 #            training's share of the packed H200 is about a minute by `python -m bench.estimate --profile gpu`,
 #            so 20 at once should end in about 25 minutes with their start, within a sitting that runs
 #            nothing before them; 30 would not, and a cell that has not ended when the sitting does is lost.
 #            Rows with more BP layers, K = 9 or small batches cost more; Table 2's chains add CPU pseudo-labels
-#            and stage 2, so run it alone with fewer) -> reports/gpu/store/
+#            and stage 2, so it has its own task) -> reports/gpu/store/
+#   table2   Table 2 alone, TABLE2_JOBS cells at once (default 6): a Stage-2 chain trains stage 1, labels its
+#            20,000 train refs with the dense CRF on the CPU (about 10 CPU-minutes a chain, session 22's note)
+#            and trains stage 2, all within the sitting or lost -> reports/gpu/store/
 #   clip     session 21's pre-registered remedy (reports/testbed/README.md, last section): the control with
 #            train.grad_clip=1.0 on synth-refcoco+ and synth-refcocog (umd), seeds 0-9 (20 cells)
 #            -> reports/testbed/control-gpu-clip1/
@@ -52,7 +55,7 @@ crf() {  # pydensecrf2 (the pseudo-labels' dense CRF, Table 2's Stage-2 cells) i
 RECIPE="synthetic:scenes=cluttered,scene_on_black=1.0,captions=referring,steps=1200,n_train=16000"
 FROZEN=clip-tiny-rn-2195732df831-939486c5.pt
 PACKED=(--mps --compile-wait 240 --set train.compile=reduce-overhead)
-TABLES=${TABLES:-table5,table6,table3,table4,table7,table8,fig7,table9,table2}
+TABLES=${TABLES:-table5,table6,table3,table4,table7,table8,fig7,table9}
 G=/tmp/p/g RR=/tmp/p/rr CL=/tmp/p/cl  # the stores on this machine
 
 case "${1:-}" in
@@ -103,6 +106,8 @@ _tasks)
       rerun) python3 -m bench.testbed --profile gpu --seeds ${RERUN_SEEDS:-5} --results $RR --jobs ${JOBS:-30} \
                "${PACKED[@]}" --name rerun --out /tmp/p/rep ;;
       tables) python3 -m bench.run "$TABLES" --profile gpu --jobs ${TABLE_JOBS:-20} "${PACKED[@]}" --results $G \
+                --reports /tmp/p/reports ;;
+      table2) python3 -m bench.run table2 --profile gpu --jobs ${TABLE2_JOBS:-6} "${PACKED[@]}" --results $G \
                 --reports /tmp/p/reports ;;
       clip) python3 -m bench.testbed --profile gpu --seeds 10 --rows "refcoco+,refcocog (umd)" --set train.grad_clip=1.0 \
               --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" --name clip1 --out /tmp/p/rep ;;
