@@ -342,20 +342,15 @@ def claims_report(profile: str, store: ResultStore, reports: str | Path = "repor
                   seeds: int | None = None) -> tuple[list[dict], Path]:
     """The paper's claims judged on the records each table's sweep declares: its rows, seeds 0..`seeds`-1
     (default: the profile's, as bench.run renders them) and their config hashes."""
-    from bench.render import split_by_config
-    from bench.run import DEFAULT_SEEDS
+    from bench.run import DEFAULT_SEEDS, declared_records
     from bench.sweeps import list_sweeps, load_sweep
-
-    declared_seeds = list(range(seeds or DEFAULT_SEEDS[profile]))
 
     rows = []
     for name in list_sweeps():
         sweep = load_sweep(name)
-        # The declared config's records only, as its rendered table shows them (bench.render.split_by_config):
-        # a --set run of a row, or cells of the profile before it changed, are not the table's claim.
-        stored = store.select(table=name, profile=profile, latest_only=False)
-        expected = {(c.row, c.seed): c.config_hash() for c in sweep.cells(profile, declared_seeds)} if stored else {}
-        records, _ = split_by_config(stored, expected)
+        # the records its rendered table shows: a --set run of a row, or cells of the profile before it
+        # changed, are not the table's claim
+        records, _ = declared_records(sweep, profile, store, seeds or DEFAULT_SEEDS[profile])
         for claim in sweep.claims:
             rows.extend(evaluate_claim(sweep, claim, records, store.root))
     out = Path(reports) / "claims"

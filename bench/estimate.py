@@ -57,8 +57,7 @@ def training_seconds(cfg: dict, stage: str, perf: dict) -> tuple[float, bool]:
     if not train or not infer:
         raise UserError("the perf JSON holds no EHIN stage-1 training and batch-64 inference rates")
     epochs = int(cfg["train"]["epochs"])
-    every = int(cfg["eval"].get("every", 1))
-    evals = (1 + bool(cfg["eval"].get("select_split"))) * (epochs // every + bool(epochs % every))
+    evals = (1 + bool(cfg["eval"].get("select_split"))) * _evaluations(cfg)
     s = epochs * TRAIN_REFS / train + evals * _expressions(cfg["eval"]["split"]) / infer
     if stage != "2":
         return s, True
@@ -67,6 +66,12 @@ def training_seconds(cfg: dict, stage: str, perf: dict) -> tuple[float, bool]:
     if not stage2:
         return s, False
     return s + int(cfg["stage2"]["epochs"]) * (TRAIN_REFS / stage2 + _expressions(cfg["eval"]["split"]) / infer), True
+
+
+def _evaluations(cfg: dict) -> int:
+    """How often a training evaluates: every eval.every epochs, and after the last."""
+    epochs, every = int(cfg["train"]["epochs"]), int(cfg["eval"].get("every", 1))
+    return epochs // every + bool(epochs % every)
 
 
 def _packed_rate(cfg: dict, perf: dict) -> float:
@@ -118,11 +123,9 @@ def packed_training_seconds(cfg: dict, stage: str, perf: dict) -> tuple[float, b
     so it counts its stage 1 only and says so."""
     rate = _packed_rate(cfg, perf)
     train_refs, _ = dataset_sizes(cfg)
-    epochs, every = int(cfg["train"]["epochs"]), int(cfg["eval"].get("every", 1))
-    evals = epochs // every + bool(epochs % every)
     evaluated = sum(_split_expressions(cfg, split) for split in (cfg["eval"]["split"], cfg["eval"].get("select_split"))
                     if split)
-    return (epochs * train_refs + evals * evaluated) / rate, stage != "2"
+    return (int(cfg["train"]["epochs"]) * train_refs + _evaluations(cfg) * evaluated) / rate, stage != "2"
 
 
 def makespan(durations: list[float], gpus: int) -> float:

@@ -188,17 +188,29 @@ def failed_rows(specs: list[CellSpec], store: ResultStore, outcomes=()) -> set[s
             and (_identity(s) in bad or (Path(s.run_dir) / "error.txt").exists())}
 
 
+def declared_records(sweep, profile: str, store: ResultStore, seeds: int,
+                     extra_overrides: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """(shown, left_out) of a table's stored records: the newest of each cell the command declares (every
+    row, seeds 0..`seeds`-1, the --set overrides, by config hash) and every other record of the table.
+    Rendered tables and the claims report (bench.check --claims) both read these."""
+    from bench.render import split_by_config
+
+    stored = store.select(table=sweep.name, profile=profile, latest_only=False)
+    if not stored:
+        return [], []
+    expected = {(c.row, c.seed): c.config_hash() for c in sweep.cells(profile, list(range(seeds)), extra_overrides)}
+    return split_by_config(stored, expected)
+
+
 def render(sweep, profile: str, root: Path, reports: str | Path = "reports", seeds: int | None = None,
            failed: set[str] | frozenset[str] = frozenset(), extra_overrides: dict | None = None) -> Path:
     """Render the table of the cells this invocation declares (every row, `seeds` seeds, the same
     --set overrides): records of any other config stay out and the header counts them."""
     from bench.plots import write_plots
-    from bench.render import split_by_config, write_tables
+    from bench.render import write_tables
 
     n = seeds or DEFAULT_SEEDS[profile]
-    expected = {(s.row, s.seed): s.config_hash for s in build_specs(sweep, profile, n, root, None, extra_overrides)}
-    stored = ResultStore(root).select(table=sweep.name, profile=profile, latest_only=False)
-    records, left_out = split_by_config(stored, expected)
+    records, left_out = declared_records(sweep, profile, ResultStore(root), n, extra_overrides)
     out = reports_dir(sweep.name, profile, reports)
     write_tables(sweep, records, out, profile=profile, seeds=list(range(n)), failed=failed, left_out=left_out,
                  fidelity_file=Path(reports) / "testbed" / "fidelity.json")

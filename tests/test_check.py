@@ -1,4 +1,5 @@
 """bench.check: drift against baselines (with a real code change on a copy) and the claims report."""
+import functools
 import os
 import shutil
 import subprocess
@@ -24,9 +25,14 @@ def rec(table, row, seed, metrics, h="h1", profile="smoke"):
             "cell_id": f"{profile}/{table}/{row}/seed{seed}/{h}", "metrics": metrics}
 
 
+@functools.lru_cache(maxsize=None)
+def _sweep(table):
+    return load_sweep(table)
+
+
 def declared(table, row, seed, metrics, profile="synthetic"):
     """A record of the config `table`'s sweep declares for (row, seed) on `profile` (its real hash)."""
-    (cell,) = load_sweep(table).cells(profile, [seed], rows=[row])
+    (cell,) = _sweep(table).cells(profile, [seed], rows=[row])
     return rec(table, row, seed, metrics, h=cell.config_hash(), profile=profile)
 
 
