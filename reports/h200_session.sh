@@ -84,7 +84,7 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
     tr '\r' '\n' < /tmp/p/clip.log | grep -a -v "it/s" | tail -n 3
     name=$(basename "$(ls /tmp/frozen/*.pt)")
     [ "$name" = "$FROZEN" ] || { echo "remade $name, not $FROZEN: stop"; exit 3; }
-    mkdir -p frozen && cp /tmp/frozen/* frozen/ && cp /tmp/frozen/*.json /tmp/p/clip.log "$OUT/"
+    mkdir -p frozen && cp /tmp/frozen/* frozen/ && cp /tmp/frozen/* /tmp/p/clip.log "$OUT/"  # the .pt too: carried next time
   fi
   python3 -c "import pydensecrf.densecrf" || { tail -n 5 /tmp/p/crf.log; echo "pydensecrf2 did not build: Stage-2 cells will fail"; }
   echo "clip, datasets, CRF: $(( $(date +%s) - t0 )) s"
