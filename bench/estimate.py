@@ -11,8 +11,8 @@ val split and each extra split's final evaluation at the batch-64 inference rate
 pseudo-labels (one inference pass over the train refs; the CPU's dense CRF is not counted) and stage-2
 epochs at the JSON's stage-2 rate; without one they count stage 1 and the pseudo-labels and show ">=". Cells run one
 after another on one GPU; on two, the trainings are spread by longest-first (cells are independent:
-no DDP). Several cells packed on one GPU run faster than this (the GPU is far from busy), so these are
-upper bounds for the levers the JSON names.
+no DDP). Several cells packed on one GPU run faster than this (the GPU is far from busy), so packing
+can only shorten these serial figures; a ">=" figure leaves out work the JSON has no rate for.
 
 Sizes: RefCOCO+ (unc) as released (REFER, Yu et al. 2016): 42,278 train refs; 10,758 / 5,726 / 4,889
 expressions in val / testA / testB. Every dataset is taken at that size.
@@ -223,8 +223,8 @@ def markdown(rows: list[dict], perf: dict, perf_path: str, profile: str, seeds: 
         return "\n".join(lines) + "\n"
     lines = [f"Estimated from `{perf_path}` ({gpu}; levers: {levers}) by `python -m bench.estimate`: profile "
              f"{profile}, {seeds} seed(s), every dataset at RefCOCO+'s size, cells one after another on each GPU "
-             "(upper bounds; \">=\": the JSON has no stage-2 rate, so the two-stage chains count their stage 1 "
-             "and pseudo-labels only).", "",
+             "(packing cells would shorten them; \">=\": the JSON has no stage-2 rate, so the two-stage chains "
+             "count their stage 1 and pseudo-labels only).", "",
              "| table | cells | trainings | one GPU | two GPUs |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['table']} | {r['cells']} | {r['trainings']} | {_hours(r['one_gpu_s'], r['complete'])} | "
