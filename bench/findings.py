@@ -124,7 +124,7 @@ def control_section(reports: Path, root: Path) -> str:
     files = sorted((reports / "testbed").glob("control-*.json"))
     if not files:
         return "## The positive control (TESTBED §2.3-2.4)\n\nNot run yet: `python -m bench.testbed --profile gpu`.\n"
-    from bench.testbed import control_sweep  # the table's columns: the control's variants, in its order
+    from bench.sweeps import control_sweep  # the table's columns: the control's variants, in its order
     control_rows = list(control_sweep().rows)
     lines = _header("The positive control (TESTBED §2.3-2.4)",
                     "The TRIS-like configuration on every variant's val (`sweeps/testbed/control.yaml`), against the "

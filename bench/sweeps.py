@@ -174,6 +174,12 @@ def list_sweeps(sweeps_dir: Path | None = None) -> list[str]:
     return sorted(names, key=order)
 
 
+def control_sweep() -> Sweep:
+    """TESTBED §2.3's positive control, the TRIS-like config on every variant (sweeps/testbed/control.yaml):
+    run by bench.testbed, its variants the columns of docs/findings.md's control table."""
+    return load_sweep("control", sweeps_dir=SWEEPS_DIR / "testbed")
+
+
 def load_sweep(name: str, *, sweeps_dir: Path | None = None, paper_dir: Path | None = None,
                validate: bool = True) -> Sweep:
     """Read `sweeps/<name>.yaml`, join the paper's CSV and (with validate) resolve every row."""

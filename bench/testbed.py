@@ -36,22 +36,16 @@ from bench.executors import EXECUTORS
 from bench.mps import add_mps_arg
 from bench.run import DEFAULT_SEEDS, add_compile_wait_arg, build_specs, positive_int, results_root, run_tables
 from bench.store import ResultStore
-from bench.sweeps import SWEEPS_DIR, load_sweep
+from bench.sweeps import control_sweep
 from ehin.cli import UserError, command, command_parser
 from ehin.config import parse_assignments
 
-CONTROL = "control"
-TESTBED_SWEEPS = SWEEPS_DIR / "testbed"
 MARGIN = 15.0            # §2.3: control >= language-blind + 15 PointM
 BLIND_MAX = 30.0         # §2.3: language-blind <= 30 PointM
 POOLED_STD_MAX = 3.0     # §2.4
 VARIANT_STD_MAX = 4.0    # §2.4
 MIN_EXPRESSIONS = 2000   # §2.4
 POWER_SEEDS = 10         # §2.4
-
-
-def control_sweep():
-    return load_sweep(CONTROL, sweeps_dir=TESTBED_SWEEPS)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:

@@ -7,7 +7,8 @@ import pytest
 
 from bench.run import build_specs
 from bench.store import ResultStore
-from bench.testbed import control_sweep, markdown, verdicts
+from bench.sweeps import control_sweep
+from bench.testbed import markdown, verdicts
 from ehin.config import PROFILES
 
 # PointM by variant row and seed (3 seeds), and a fake language-blind guess of 15 on every variant
