@@ -32,6 +32,8 @@ from bench.store import ResultStore, cell_id
 from ehin.cli import UserError, command, command_parser
 from ehin.config import config_hash
 
+PROJECT_REPORTS = Path(__file__).resolve().parents[1] / "reports"  # the committed reports beside README.md
+
 DEFAULT_SEEDS = {"smoke": 1, "synthetic": 3, "gpu": 5, "paper": 1}
 
 
@@ -337,10 +339,28 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
             if md.exists():
                 print(md.read_text())
             print(f"  rendered into {out}/")
+        if Path(reports).resolve() == PROJECT_REPORTS and (PROJECT_REPORTS.parent / "README.md").is_file():
+            refresh_views(PROJECT_REPORTS)
     if failed:
         print(f"{failed} cell(s) failed; rerun the same command to retry only those.", file=sys.stderr)
         return 1
     return 0
+
+
+def refresh_views(reports: Path) -> None:
+    """Rewrite what the tests keep equal to the project's reports/ (tests/test_render.py,
+    tests/test_findings.py): reports/index.html, the README's results block and docs/findings.md. A
+    table rendered there (the README's main job) changes them too, so the README's test command
+    that follows it finds the checkout consistent."""
+    from bench.findings import FINDINGS, findings
+    from bench.report import update_readme, write_index
+
+    root = reports.parent
+    write_index(reports)
+    update_readme(root / "README.md", reports)
+    (root / FINDINGS).parent.mkdir(parents=True, exist_ok=True)
+    (root / FINDINGS).write_text(findings(reports, root))
+    print(f"  refreshed {reports / 'index.html'}, README.md's results block and {FINDINGS} from {reports}/")
 
 
 def positive_int(text: str) -> int:

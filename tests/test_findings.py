@@ -1,5 +1,6 @@
 """docs/findings.md is written from the committed records (bench.findings) and kept current."""
 import json
+import shutil
 from pathlib import Path
 
 from bench.findings import FINDINGS, findings, main
@@ -74,3 +75,20 @@ def test_check_says_when_the_file_is_stale(tmp_path, capsys):
     assert "stale" in capsys.readouterr().out
     assert main(["--reports", str(ROOT / "reports"), "--out", str(out)]) == 0
     assert main(["--reports", str(ROOT / "reports"), "--out", str(out), "--check"]) == 0
+
+
+def test_rendering_into_the_project_reports_refreshes_its_views(tmp_path):
+    """bench.run.refresh_views (run after a table is rendered into the project's reports/): the
+    README's results block, docs/findings.md and the index are rewritten from that folder, so the
+    README's main job followed by its tests finds them current."""
+    from bench.report import README_BEGIN, README_END, results_summary
+    from bench.run import refresh_views
+
+    reports = tmp_path / "reports"
+    shutil.copytree(ROOT / "reports" / "table5", reports / "table5")
+    (tmp_path / "README.md").write_text(f"# x\n{README_BEGIN}\nstale\n{README_END}\ntail\n")
+    refresh_views(reports)
+    block = (tmp_path / "README.md").read_text().split(README_BEGIN, 1)[1].split(README_END, 1)[0]
+    assert block == "\n" + results_summary(reports) and "Table 5" in block
+    assert (tmp_path / FINDINGS).read_text() == findings(reports, tmp_path)
+    assert (reports / "index.html").is_file()
