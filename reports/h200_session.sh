@@ -30,6 +30,9 @@
 #   perf     bench.perf of the gpu profile's EHIN and TRIS-like stage-1 training, 16 processes under MPS
 #            with reduce-overhead (what a packed cell costs) -> reports/perf/, through poll
 # The cells run packed on the GPU under MPS with train.compile=reduce-overhead (neither is hashed).
+# A machine goes back after 30 minutes held, its start included, whatever runs (session 24 lost a wave so):
+# a sitting's tasks have about 27 minutes with frozen/ carried, about 24 without; a wave of 10 control cells
+# takes about 10 minutes.
 #
 # Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
 # device README's pip download command (--python-version 3.12, manylinux platforms) into .whl/:
@@ -84,7 +87,10 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
     tr '\r' '\n' < /tmp/p/clip.log | grep -a -v "it/s" | tail -n 3
     name=$(basename "$(ls /tmp/frozen/*.pt)")
     [ "$name" = "$FROZEN" ] || { echo "remade $name, not $FROZEN: stop"; exit 3; }
-    mkdir -p frozen && cp /tmp/frozen/* frozen/ && cp /tmp/frozen/* /tmp/p/clip.log "$OUT/"  # the .pt too: carried next time
+    mkdir -p frozen && cp /tmp/frozen/* frozen/ && cp /tmp/frozen/*.json /tmp/p/clip.log "$OUT/"
+    # the .pt too, to be carried next time: a file back from $OUT is at most 16 MiB, so in parts
+    # (here: cat $FILES_AT/$FROZEN.part-* > frozen/$FROZEN; its sha256 is checked at the next start)
+    split -b 15M -d "frozen/$FROZEN" "$OUT/$FROZEN.part-"
   fi
   python3 -c "import pydensecrf.densecrf" || { tail -n 5 /tmp/p/crf.log; echo "pydensecrf2 did not build: Stage-2 cells will fail"; }
   echo "clip, datasets, CRF: $(( $(date +%s) - t0 )) s"
