@@ -30,9 +30,11 @@
 #   perf     bench.perf of the gpu profile's EHIN and TRIS-like stage-1 training, 16 processes under MPS
 #            with reduce-overhead (what a packed cell costs) -> reports/perf/, through poll
 # The cells run packed on the GPU under MPS with train.compile=reduce-overhead (neither is hashed).
-# A machine goes back after 30 minutes held, its start included, whatever runs (session 24 lost a wave so):
-# a sitting's tasks have about 27 minutes with frozen/ carried, about 24 without; a wave of 10 control cells
-# takes about 10 minutes.
+# A machine goes back 30 s after a call ends unless the next call comes (session 24 lost a wave of 10 cells
+# so: its next poll came later; the new machine it started held nothing), and after 30 minutes held in any
+# case; a session has 30 device-minutes, starts included. So: one poll right after another, each with a
+# LIMIT near 560; a start that remakes the frozen CLIP takes about 190 s of them, and a wave of 10 control
+# cells about 10 minutes.
 #
 # Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
 # device README's pip download command (--python-version 3.12, manylinux platforms) into .whl/:
