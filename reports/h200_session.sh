@@ -5,7 +5,7 @@
 #
 #   bash reports/h200_session.sh start     # frozen CLIP, datasets, then $TASKS in one detached process
 #   bash reports/h200_session.sh poll      # wait for the tasks (at most $LIMIT s); new records to $OUT
-#   PERF_ARGS="..." NAME=... bash reports/h200_session.sh perf    # (issue 20) bench.perf (TRACE=1: profiled)
+#   PERF_ARGS="..." NAME=... bash reports/h200_session.sh perf    # (issue 20) bench.perf (TRACE=1: profiled); or TASKS="... infer" after the cells
 #
 # TASKS (default "control table10 tables"), one after another, each resuming from its committed store, so a
 # sitting that ends first loses only the cells still running:
@@ -27,6 +27,8 @@
 #            -> reports/testbed/control-gpu-clip1/
 #   control  the rule adopted it (session 22): the control's other 30 cells with train.grad_clip=1.0 (the
 #            gpu profile's since), same store -> reports/testbed/control-gpu-clip1/
+#   infer    (issue 20) bench.perf of inference alone, $PERF_ARGS (default $INFER_ARGS: batch 1 and 64 at the paper size,
+#            compiled with reduce-overhead) -> reports/perf/$NAME.json, through poll; after the cells, on an idle GPU
 #   perf     bench.perf of the gpu profile's EHIN and TRIS-like stage-1 training, 16 processes under MPS
 #            with reduce-overhead (what a packed cell costs) -> reports/perf/, through poll
 # The cells run packed on the GPU under MPS with train.compile=reduce-overhead (neither is hashed).
@@ -60,6 +62,7 @@ crf() {  # pydensecrf2 (the pseudo-labels' dense CRF, Table 2's Stage-2 cells) i
 RECIPE="synthetic:scenes=cluttered,scene_on_black=1.0,captions=referring,steps=1200,n_train=16000"
 FROZEN=clip-tiny-rn-2195732df831-939486c5.pt
 PACKED=(--mps --compile-wait 240 --set train.compile=reduce-overhead)
+INFER_ARGS="--size paper --configs ehin --skip train,stage2 --amp --channels-last --fold-bn --compile reduce-overhead"
 TABLES=${TABLES:-table5,table6,table3,table4,table7,table8,fig7,table9}
 G=/tmp/p/g RR=/tmp/p/rr CL=/tmp/p/cl  # the stores on this machine
 
@@ -121,6 +124,7 @@ _tasks)
               --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" --name clip1 --out /tmp/p/rep ;;
       control) python3 -m bench.testbed --profile gpu --seeds 10 --set train.grad_clip=1.0 \
                  --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" --name clip1 --out /tmp/p/rep ;;
+      infer) timeout ${INFER_LIMIT:-420} python3 -m bench.perf ${PERF_ARGS:-$INFER_ARGS} --out /tmp/p/${NAME:-h200_infer}.json ;;
       perf) python3 -m bench.perf --size gpu --configs ehin,tris --skip infer,stage2 --channels-last --fused-adamw \
               --procs 16 --mps --compile-train reduce-overhead --out /tmp/p/h200_gpu_ehin_tris_procs16_mps_ro.json ;;
       *) echo "unknown task $task"; false ;;
@@ -150,9 +154,9 @@ poll)
    ls g/store.jsonl rr/store.jsonl cl/store.jsonl h200_*.json util.txt tasks.log 2>/dev/null >> new.txt
    tar czf "$OUT/stores.tgz" --ignore-failed-read -T new.txt) || echo "tar: exit $?"
   ;;
-perf)  # issue 20: bench.perf with $PERF_ARGS (default: inference at batch 1 and 64 of the paper size), as
+perf)  # issue 20: bench.perf with $PERF_ARGS (default $INFER_ARGS), as
        # $OUT/$NAME.json; TRACE=1: profiled, tables and traces in $OUT/t
-  timeout ${LIMIT:-300} python3 -m bench.perf ${PERF_ARGS:---size paper --configs ehin --skip train,stage2 --amp --channels-last --fold-bn} \
+  timeout ${LIMIT:-300} python3 -m bench.perf ${PERF_ARGS:-$INFER_ARGS} \
     ${TRACE:+--trace "$OUT/t"} --out "$OUT/${NAME:-h200_infer}.json" > /tmp/p/perf.log 2>&1
   rc=$?
   grep -a -v "it/s" /tmp/p/perf.log | tail -n 8
