@@ -28,7 +28,8 @@
 #   control  the rule adopted it (session 22): the control's other 30 cells with train.grad_clip=1.0 (the
 #            gpu profile's since), same store -> reports/testbed/control-gpu-clip1/
 #   infer    (issue 20) bench.perf of inference alone, $PERF_ARGS (default $INFER_ARGS: batch 1 and 64 at the paper size,
-#            compiled with reduce-overhead) -> reports/perf/$NAME.json, through poll; after the cells, on an idle GPU
+#            compiled with reduce-overhead) -> reports/perf/$NAME.json, through poll (which returns h200_*.json);
+#            after the cells, on an idle GPU
 #   perf     bench.perf of the gpu profile's EHIN and TRIS-like stage-1 training, 16 processes under MPS
 #            with reduce-overhead (what a packed cell costs) -> reports/perf/, through poll
 # The cells run packed on the GPU under MPS with train.compile=reduce-overhead (neither is hashed).
@@ -65,6 +66,10 @@ PACKED=(--mps --compile-wait 240 --set train.compile=reduce-overhead)
 INFER_ARGS="--size paper --configs ehin --skip train,stage2 --amp --channels-last --fold-bn --compile reduce-overhead"
 TABLES=${TABLES:-table5,table6,table3,table4,table7,table8,fig7,table9}
 G=/tmp/p/g RR=/tmp/p/rr CL=/tmp/p/cl  # the stores on this machine
+infer() {  # bench.perf with $PERF_ARGS (default $INFER_ARGS) for at most $1 s, as $2/$NAME.json (TRACE=1: profiled,
+           # tables and traces in $2/t)
+  timeout "$1" python3 -m bench.perf ${PERF_ARGS:-$INFER_ARGS} ${TRACE:+--trace "$2/t"} --out "$2/${NAME:-h200_infer}.json"
+}
 
 case "${1:-}" in
 start)
@@ -124,7 +129,7 @@ _tasks)
               --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" --name clip1 --out /tmp/p/rep ;;
       control) python3 -m bench.testbed --profile gpu --seeds 10 --set train.grad_clip=1.0 \
                  --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" --name clip1 --out /tmp/p/rep ;;
-      infer) timeout ${INFER_LIMIT:-420} python3 -m bench.perf ${PERF_ARGS:-$INFER_ARGS} --out /tmp/p/${NAME:-h200_infer}.json ;;
+      infer) infer ${INFER_LIMIT:-420} /tmp/p ;;
       perf) python3 -m bench.perf --size gpu --configs ehin,tris --skip infer,stage2 --channels-last --fused-adamw \
               --procs 16 --mps --compile-train reduce-overhead --out /tmp/p/h200_gpu_ehin_tris_procs16_mps_ro.json ;;
       *) echo "unknown task $task"; false ;;
@@ -154,10 +159,8 @@ poll)
    ls g/store.jsonl rr/store.jsonl cl/store.jsonl h200_*.json util.txt tasks.log 2>/dev/null >> new.txt
    tar czf "$OUT/stores.tgz" --ignore-failed-read -T new.txt) || echo "tar: exit $?"
   ;;
-perf)  # issue 20: bench.perf with $PERF_ARGS (default $INFER_ARGS), as
-       # $OUT/$NAME.json; TRACE=1: profiled, tables and traces in $OUT/t
-  timeout ${LIMIT:-300} python3 -m bench.perf ${PERF_ARGS:-$INFER_ARGS} \
-    ${TRACE:+--trace "$OUT/t"} --out "$OUT/${NAME:-h200_infer}.json" > /tmp/p/perf.log 2>&1
+perf)  # issue 20: bench.perf (infer, above) in the foreground, into $OUT
+  infer ${LIMIT:-300} "$OUT" > /tmp/p/perf.log 2>&1
   rc=$?
   grep -a -v "it/s" /tmp/p/perf.log | tail -n 8
   if [ -n "${TRACE:-}" ]; then head -n 40 "$OUT"/t/*bs64.txt 2>/dev/null; fi
