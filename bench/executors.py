@@ -161,6 +161,7 @@ def dispatch(
     compile_group: Callable[[Any], tuple[Hashable, Path] | None] | None = None,
     compile_wait_s: float = COMPILE_WAIT_S,
     shared_training: Callable[[Any], tuple[Hashable | None, tuple[Hashable, ...]]] | None = None,
+    start_within_s: float | None = None,
 ) -> list[Outcome]:
     """Run `runner(spec)` for every spec (default: `CellRunner`, specs are `CellSpec`s) on `executor`,
     at most `jobs` at a time locally. `view` replaces the sweep's status line (a search shows its
@@ -175,27 +176,45 @@ def dispatch(
     cell that needs a model another cell of this dispatch trains (Table 2's other splits and Stage-2 cells,
     bench.run.share_trainings) waits, without taking a slot, until that cell ends, and then runs before
     every cell still queued: the model it reads lives only on this machine (a GPU lent for a sitting is
-    gone with it, and a later sitting would train that model again)."""
+    gone with it, and a later sitting would train that model again).
+
+    `start_within_s`: inline or local, no spec starts later than this many seconds after the dispatch
+    began; the ones not started get no outcome (a sweep shows them pending, and the same command runs
+    them). A machine lent for a known time loses every cell still running when it goes, and cells
+    started late also slow the ones already running; so a sitting starts its cells early and lets them
+    end."""
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
+    if start_within_s is not None and executor == "slurm":
+        raise ValueError("start_within_s is for the inline and local executors (SLURM queues the whole array at once)")
     if not specs:
         return []
+    deadline = None if start_within_s is None else time.time() + start_within_s
     runner = runner or CellRunner()
     if executor == "inline":
-        return _run_inline(specs, runner, view or LiveView(len(specs), 1), on_outcome)
+        return _run_inline(specs, runner, view or LiveView(len(specs), 1), on_outcome, deadline)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if executor == "local":
         return _run_local(specs, runner, view or LiveView(len(specs), jobs), jobs, folder, poll_s, on_outcome,
-                          local_timeout_min, compile_group, compile_wait_s, shared_training)
+                          local_timeout_min, compile_group, compile_wait_s, shared_training, deadline)
     opts = slurm or SlurmOptions()
     return _run_slurm(specs, runner, view or LiveView(len(specs), opts.array_parallelism), opts, folder, poll_s,
                       on_outcome)
 
 
-def _run_inline(specs, runner: Runner, view: LiveView, on_outcome) -> list[Outcome]:
+def _not_started(view: LiveView, n: int) -> None:
+    if n:
+        view.note(f"{view.prefix} {n} cell(s) not started: the time to start cells (--start-within) has passed; "
+                  "the same command runs them")
+
+
+def _run_inline(specs, runner: Runner, view: LiveView, on_outcome, deadline: float | None = None) -> list[Outcome]:
     outcomes: list[Outcome] = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
+        if deadline is not None and time.time() > deadline:
+            _not_started(view, len(specs) - i)
+            break
         view.update(sum(o.ok for o in outcomes), 1, sum(not o.ok for o in outcomes))
         t0 = time.time()
         try:
@@ -230,7 +249,7 @@ def gpu_slot(index: int, n_gpus: int) -> dict:
 
 def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_outcome,
                timeout_min: int, compile_group=None, compile_wait_s: float = COMPILE_WAIT_S,
-               shared_training=None) -> list[Outcome]:
+               shared_training=None, deadline: float | None = None) -> list[Outcome]:
     ex = submitit.LocalExecutor(folder=str(folder / "%j"))
     ex.update_parameters(timeout_min=timeout_min)
     n_gpus = local_gpus()
@@ -249,6 +268,9 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
     compiled: set[Hashable] = set()
     # LocalExecutor starts every submitted job at once, so keep at most `jobs` in flight.
     while queue or running:
+        if queue and deadline is not None and time.time() > deadline:
+            _not_started(view, len(queue))
+            queue = []
         for group, (job, marker, t0) in list(compiling.items()):
             if marker.exists() or job.done() or time.time() - t0 > compile_wait_s:
                 compiled.add(group)

@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
     add_mps_arg(p)
     add_compile_wait_arg(p)
+    add_start_within_arg(p)
     p.add_argument("--no-render", action="store_true", help="run the cells without rendering the tables")
     p.add_argument("--render-only", action="store_true",
                    help="render the tables from the stored records without running a cell (a sweep run over "
@@ -269,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                       results_root(args.profile, args.results), executor=args.executor, jobs=args.jobs,
                       rows=rows, extra=extra, slurm=slurm_options(args, array_parallelism=args.jobs),
                       reports=args.reports, render_tables=not args.no_render, dry_run=args.dry_run,
-                      mps=args.mps, compile_wait_s=args.compile_wait, run_cells=not args.render_only)
+                      mps=args.mps, compile_wait_s=args.compile_wait, run_cells=not args.render_only,
+                      start_within_s=args.start_within)
 
 
 def add_compile_wait_arg(p: argparse.ArgumentParser) -> None:
@@ -279,16 +281,27 @@ def add_compile_wait_arg(p: argparse.ArgumentParser) -> None:
                         f"long (default: {COMPILE_WAIT_S:.0f}; 0: start them all at once)")
 
 
+def add_start_within_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--start-within", type=float, metavar="SECONDS",
+                   help="inline or local: start no cell later than this many seconds after the first, and end when "
+                        "the started ones have (a machine lent for a known time loses the cells still running when "
+                        "it goes; make it longer than --compile-wait, which holds cells back); the cells not started "
+                        "stay pending for the same command (default: no limit)")
+
+
 def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: str = "local",
                jobs: int = 2, rows: list[str] | None = None, extra: dict | None = None,
                slurm: dict | None = None, reports: str | Path = "reports", render_tables: bool = True,
                dry_run: bool = False, mps: bool = False, compile_wait_s: float = COMPILE_WAIT_S,
-               run_cells: bool = True) -> int:
+               run_cells: bool = True, start_within_s: float | None = None) -> int:
     """Run the cells of `sweeps` missing from ROOT/store.jsonl as one queue, then render each table;
     returns the exit status (1 when a cell failed). `mps`: the local cells run under NVIDIA's MPS
     daemon (bench.mps). `compile_wait_s`: how long a compiled graph's other cells wait for its first
     cell's first step (`bench.jobs.compile_group`; 0: they all start at once). `run_cells=False` renders
-    what is stored without running anything."""
+    what is stored without running anything. `start_within_s`: no cell starts later than this many seconds
+    after the first (executors.dispatch)."""
+    if start_within_s is not None and executor == "slurm":
+        raise UserError("--start-within is for --executor local or inline (a SLURM array is queued at once: --slurm-time)")
     if mps and executor != "local":
         raise UserError("--mps is for --executor local (on SLURM, ask the cluster for MPS: --gres=mps)")
     if mps and not dry_run and run_cells:
@@ -329,7 +342,8 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
         with mps_daemon() if mps else nullcontext():
             outcomes = dispatch(to_run, executor, jobs=jobs, folder=root / "submitit", slurm=slurm,
                                 compile_group=compile_group if compile_wait_s > 0 else None,
-                                compile_wait_s=compile_wait_s, shared_training=shared_training)
+                                compile_wait_s=compile_wait_s, shared_training=shared_training,
+                                start_within_s=start_within_s)
     reuse_identical_cells(copies, store)  # a copy whose cell failed stays missing, as that cell
     failed = sum(not o.ok for o in outcomes)
     if render_tables:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from bench.executors import EXECUTORS
 from bench.mps import add_mps_arg
-from bench.run import DEFAULT_SEEDS, add_compile_wait_arg, build_specs, positive_int, results_root, run_tables
+from bench.run import (DEFAULT_SEEDS, add_compile_wait_arg, add_start_within_arg, build_specs, positive_int,
+                       results_root, run_tables)
 from bench.store import ResultStore
 from bench.sweeps import control_sweep
 from ehin.cli import UserError, command, command_parser
@@ -347,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="cells at once, as bench.run (default: 2)")
     add_mps_arg(p)
     add_compile_wait_arg(p)
+    add_start_within_arg(p)
     p.add_argument("--results", help="results folder (default results/<profile>)")
     p.add_argument("--rerun", help="a second results folder holding the same cells run again (default: none)")
     p.add_argument("--rerun-set", dest="rerun_overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -376,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         rc = run_tables([control_sweep()], args.profile, args.seeds, root, executor=args.executor,
                         jobs=args.jobs, rows=rows, extra=extra, render_tables=False, mps=args.mps,
-                        compile_wait_s=args.compile_wait)
+                        compile_wait_s=args.compile_wait, start_within_s=args.start_within)
     v = verdicts(args.profile, args.seeds, root, Path(args.rerun) if args.rerun else None, extra=extra, rows=rows,
                  rerun_extra=parse_assignments(args.rerun_overrides))
     out = Path(args.out)

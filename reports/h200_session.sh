@@ -7,18 +7,20 @@
 #   bash reports/h200_session.sh poll      # wait for the tasks (at most $LIMIT s); new records to $OUT
 #   PERF_ARGS="..." NAME=... bash reports/h200_session.sh perf    # (issue 20) bench.perf (TRACE=1: profiled); or TASKS="... infer" after the cells
 #
-# TASKS (default "control table10 tables"), one after another, each resuming from its committed store, so a
+# TASKS (default "rerun table10 tables"), one after another, each resuming from its committed store, so a
 # sitting that ends first loses only the cells still running:
 #   table10  Table 10's inference-time cells, one at a time on an otherwise idle GPU -> reports/gpu/store/
 #   rerun    the positive control's cells run again, seeds 0..RERUN_SEEDS-1 (default 5), for TESTBED §2.4's
 #            run-to-run spread -> reports/testbed/control-gpu-clip1-rerun/ (session 21's, of the profile
 #            before train.grad_clip, is control-gpu-h200clip-rerun/)
-#   tables   the paper's tables ($TABLES: all but Tables 10 and 2), TABLE_JOBS cells at once (default 20: an EHIN
-#            training's share of the packed H200 is about a minute by `python -m bench.estimate --profile gpu`,
-#            so 20 at once should end in about 25 minutes with their start, within a sitting that runs
-#            nothing before them; 30 would not, and a cell that has not ended when the sitting does is lost.
-#            Rows with more BP layers, K = 9 or small batches cost more; Table 2's chains add CPU pseudo-labels
-#            and stage 2, so it has its own task) -> reports/gpu/store/
+#   tables   the paper's tables ($TABLES: all but Tables 10 and 2), TABLE_JOBS cells at once (default 14). Packed,
+#            the GPU does about 12,000 TRIS-like training images a second in all, 16 cells or 20 (session 25's
+#            control: 20 cells of 21,500 refs x 20 epochs at 34-37 s an epoch each) and about half as many
+#            EHIN ones (reports/perf/h200_gpu_ehin_tris_procs16_mps_ro.json), so an EHIN cell's share is about
+#            70 s (`python -m bench.estimate --profile gpu`), plus its compiled first epoch and evaluations:
+#            14 at once should end in about 19 minutes, within a sitting that runs nothing before them. Rows
+#            with more BP layers, K = 9 or small batches cost more; Table 2's chains add CPU pseudo-labels and
+#            stage 2, so it has its own task -> reports/gpu/store/
 #   table2   Table 2 alone, TABLE2_JOBS cells at once (default 6): a Stage-2 chain trains stage 1, labels its
 #            20,000 train refs with the dense CRF on the CPU (about 10 CPU-minutes a chain, session 22's note)
 #            and trains stage 2, all within the sitting or lost -> reports/gpu/store/
@@ -35,9 +37,13 @@
 # The cells run packed on the GPU under MPS with train.compile=reduce-overhead (neither is hashed).
 # A machine goes back 30 s after a call ends unless the next call comes (session 24 lost a wave of 10 cells
 # so: its next poll came later; the new machine it started held nothing), and after 30 minutes held in any
-# case; a session has 30 device-minutes, starts included. So: one poll right after another, each with a
-# LIMIT near 560; a start that remakes the frozen CLIP takes about 190 s of them, and a wave of 10 control
-# cells about 10 minutes.
+# case (about 90 s of them pass before `start` runs); a session has 30 device-minutes, starts included. So: one
+# poll right after another, each with a LIMIT near 560 (poll returns before the machine goes, SITTING_S
+# (1650) after start began); a start that remakes the frozen CLIP takes about 210 s, one that carries it
+# about 90. A cell still running when the machine goes is lost, so a task starts cells only while a wave of
+# them can still end (bench.run --start-within): TABLE_WAVE_S (1320) for tables and table2, CONTROL_WAVE_S
+# (1080) for the control's tasks (20 TRIS-like cells packed took 16 min 54 s in session 25, 25 took 19 min 19
+# s in session 21), TABLE10_WAVE_S (60) for Table 10's timing cells; a task with no such time left is skipped.
 #
 # Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
 # device README's pip download command (--python-version 3.12, manylinux platforms) into .whl/:
@@ -108,28 +114,38 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
   cp -r reports/gpu/store/. $G/ 2>/dev/null
   cp -r reports/testbed/control-gpu-clip1-rerun/. $RR/ 2>/dev/null
   mkdir -p $CL && cp -r reports/testbed/control-gpu-clip1/. $CL/ 2>/dev/null
+  # the machine goes back 30 minutes after it was taken, about 90 s before this call began: a sweep task starts
+  # cells only while a wave still has time to end before then (--start-within), and poll returns before it
+  echo $(( t0 + ${SITTING_S:-1650} )) > /tmp/p/deadline
   touch /tmp/p/stamp  # what is newer goes back
   rm -f /tmp/p/tasks.done
   setsid nohup bash "$0" _tasks > /tmp/p/tasks.log 2>&1 < /dev/null &
   echo $! > /tmp/p/tasks.pid
-  echo "tasks '${TASKS:-control table10 tables}' launched after $(( $(date +%s) - t0 )) s"
+  echo "tasks '${TASKS:-rerun table10 tables}' launched after $(( $(date +%s) - t0 )) s"
   ;;
 _tasks)
-  for task in ${TASKS:-control table10 tables}; do
+  for task in ${TASKS:-rerun table10 tables}; do
     echo "== $task $(date +%T)"
+    case $task in  # the seconds a wave of the task's cells needs to end (20 TRIS-like cells packed: 17 min)
+      table10) wave=${TABLE10_WAVE_S:-60} ;; infer|perf) wave=0 ;; tables|table2) wave=${TABLE_WAVE_S:-1320} ;;
+      *) wave=${CONTROL_WAVE_S:-1080} ;;
+    esac
+    w=$(( $(cat /tmp/p/deadline) - $(date +%s) - wave ))
+    if [ "$w" -lt 0 ]; then echo "== $task skipped: a wave needs ${wave} s, the machine goes in $(( w + wave )) s"; continue; fi
+    W=(--start-within "$w")
     case $task in
-      table10) python3 -m bench.run table10 --profile gpu --jobs 1 --results $G --reports /tmp/p/reports ;;
+      table10) python3 -m bench.run table10 --profile gpu --jobs 1 "${W[@]}" --results $G --reports /tmp/p/reports ;;
       rerun) python3 -m bench.testbed --profile gpu --seeds ${RERUN_SEEDS:-5} --results $RR --jobs ${JOBS:-30} \
-               "${PACKED[@]}" --name rerun --out /tmp/p/rep ;;
-      tables) python3 -m bench.run "$TABLES" --profile gpu --jobs ${TABLE_JOBS:-20} "${PACKED[@]}" --results $G \
+               "${PACKED[@]}" "${W[@]}" --name rerun --out /tmp/p/rep ;;
+      tables) python3 -m bench.run "$TABLES" --profile gpu --jobs ${TABLE_JOBS:-14} "${PACKED[@]}" "${W[@]}" --results $G \
                 --reports /tmp/p/reports ;;
-      table2) python3 -m bench.run table2 --profile gpu --jobs ${TABLE2_JOBS:-6} "${PACKED[@]}" --results $G \
+      table2) python3 -m bench.run table2 --profile gpu --jobs ${TABLE2_JOBS:-6} "${PACKED[@]}" "${W[@]}" --results $G \
                 --reports /tmp/p/reports ;;
       clip) python3 -m bench.testbed --profile gpu --seeds 10 --rows "refcoco+,refcocog (umd)" --set train.grad_clip=1.0 \
-              --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" --name clip1 --out /tmp/p/rep ;;
+              --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" "${W[@]}" --name clip1 --out /tmp/p/rep ;;
       control) python3 -m bench.testbed --profile gpu --seeds 10 --set train.grad_clip=1.0 \
-                 --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" --name clip1 --out /tmp/p/rep ;;
-      infer) infer ${INFER_LIMIT:-420} /tmp/p ;;
+                 --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" "${W[@]}" --name clip1 --out /tmp/p/rep ;;
+      infer) infer $(( w < ${INFER_LIMIT:-420} ? w : ${INFER_LIMIT:-420} )) /tmp/p ;;
       perf) python3 -m bench.perf --size gpu --configs ehin,tris --skip infer,stage2 --channels-last --fused-adamw \
               --procs 16 --mps --compile-train reduce-overhead --out /tmp/p/h200_gpu_ehin_tris_procs16_mps_ro.json ;;
       *) echo "unknown task $task"; false ;;
@@ -142,6 +158,8 @@ _tasks)
 poll)
   [ -f /tmp/p/tasks.pid ] || { echo "no tasks were started on this machine (a new one: run start)"; exit 5; }
   limit=${LIMIT:-560} t0=$(date +%s)
+  left=$(( $(cat /tmp/p/deadline) - t0 - 20 ))  # back before the machine goes, with what it has
+  [ "$left" -lt "$limit" ] && limit=$(( left > 0 ? left : 0 ))
   while [ ! -f /tmp/p/tasks.done ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 10; done
   [ -f /tmp/p/tasks.done ] && echo "tasks done after $(( $(date +%s) - t0 )) s" \
     || echo "tasks still running after $(( $(date +%s) - t0 )) s"

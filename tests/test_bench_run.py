@@ -314,3 +314,59 @@ def test_compile_wait_reaches_the_executor_and_zero_turns_the_groups_off(tmp_pat
     assert seen["compile_group"] is None
     run_main(args("--no-render", "--compile-wait", "120", results=tmp_path / "res", reports=tmp_path / "rep"))
     assert seen["compile_group"] is compile_group and seen["compile_wait_s"] == 120
+
+
+class _SleepingRunner:
+    """A picklable runner: spec = (name, folder); writes NAME.start, sleeps, returns."""
+
+    def __call__(self, spec):
+        name, folder = spec
+        Path(folder, f"{name}.start").write_text(str(time.time()))
+        time.sleep(1.5)
+        return {"name": name}
+
+    def label(self, spec):
+        return spec[0]
+
+    def error_log(self, spec):
+        return None
+
+
+@pytest.mark.parametrize("executor", ["inline", "local"])
+def test_no_cell_starts_after_start_within_and_the_started_ones_end(tmp_path, executor):
+    """--start-within: with one slot and cells of 1.5 s, a window of 0.5 s starts the first cell only; it
+    runs to its end, and the others get no outcome (a sweep shows them pending) and never start."""
+    from bench import executors
+
+    specs = [(name, str(tmp_path)) for name in "abc"]
+    out = executors.dispatch(specs, executor, jobs=1, folder=tmp_path / "submitit", poll_s=0.05,
+                             runner=_SleepingRunner(), start_within_s=0.5)
+    assert [o.spec[0] for o in out] == ["a"] and out[0].ok and out[0].seconds >= 1.5
+    assert sorted(p.stem for p in tmp_path.glob("*.start")) == ["a"]
+    # without the window every cell runs
+    out = executors.dispatch(specs[1:], executor, jobs=1, folder=tmp_path / "submitit2", poll_s=0.05,
+                             runner=_SleepingRunner())
+    assert [o.spec[0] for o in out] == ["b", "c"]
+    with pytest.raises(ValueError, match="inline and local"):
+        executors.dispatch(specs, "slurm", start_within_s=1.0, runner=_SleepingRunner())
+
+
+def test_start_within_reaches_the_executor_and_slurm_refuses_it(tmp_path, monkeypatch, capsys):
+    from bench import run as run_module
+
+    seen = {}
+
+    def fake_dispatch(specs, executor, **kw):
+        seen.update(kw)
+        return []
+
+    monkeypatch.setattr(run_module, "dispatch", fake_dispatch)
+    run_main(args("--no-render", "--start-within", "600", results=tmp_path / "res", reports=tmp_path / "rep"))
+    assert seen["start_within_s"] == 600
+    seen.clear()
+    run_main(args("--no-render", results=tmp_path / "res", reports=tmp_path / "rep"))
+    assert seen["start_within_s"] is None
+    with pytest.raises(SystemExit):
+        run_main(args("--no-render", "--executor", "slurm", "--start-within", "60", results=tmp_path / "res",
+                      reports=tmp_path / "rep"))
+    assert "--start-within is for --executor local or inline" in capsys.readouterr().err
