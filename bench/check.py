@@ -358,6 +358,10 @@ def claims_report(profile: str, store: ResultStore, reports: str | Path = "repor
     md = _claims_markdown(profile, rows)
     (out / f"{profile}.md").write_text(md)
     (out / f"{profile}.html").write_text(_claims_html(profile, rows))
+    # the same rows as data, which docs/findings.md reads (bench.findings)
+    data = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+    (out / f"{profile}.json").write_text(json.dumps({"profile": profile, "store": str(store.root), "claims": data},
+                                                    indent=1) + "\n")
     return rows, out / f"{profile}.md"
 
 

@@ -243,10 +243,77 @@ def perf_section(reports: Path, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def claims_section(reports: Path, root: Path) -> str:
+    """Claim by claim, per profile, from reports/claims/<profile>.json (bench.check --claims): each judged
+    claim-metric pair's margin, its standard error and their ratio, which says how far the verdict is
+    from noise."""
+    files = sorted((reports / "claims").glob("*.json"))
+    unjudged = sorted(p.stem for p in (reports / "claims").glob("*.md") if not p.with_suffix(".json").is_file())
+    if not files and not unjudged:
+        return ""
+    lines = ["## The paper's claims, claim by claim", "",
+             "From `reports/claims/<profile>.json` (`python -m bench.check --claims --profile <profile> --results "
+             "<store>`), judged on the records each table declares: margin > 0 means the claim holds; SE is the "
+             "margin's standard error (the test column says whether over the same expressions and seeds or over "
+             "the seeds' means); margin / SE says how far the verdict is from noise (beyond noise: more than 2). "
+             "Claim-metric pairs whose rows have no results yet are counted, not listed."]
+    for f in files:
+        d = json.loads(f.read_text())
+        rows = d["claims"]
+        judged = [r for r in rows if r["status"] in ("holds", "does not hold")]
+        held = [r for r in judged if r["status"] == "holds"]
+        beyond = lambda rs: sum(bool(r.get("significant")) for r in rs)  # noqa: E731
+        head = f"**{d['profile']}** (`{_rel(f, root)}`, from `{d['store']}`): "
+        if not judged:
+            lines += ["", head + f"no pair judged yet ({len(rows)} without results)."]
+            continue
+        lines += ["", head + f"{len(held)} of {len(judged)} judged pairs hold, {beyond(held)} of them beyond noise; "
+                      f"{len(judged) - len(held)} do not, {beyond(judged) - beyond(held)} of them beyond noise; "
+                      f"{len(rows) - len(judged)} without results."]
+        lines += ["", "| table | claim | metric | compared | margin | SE | margin / SE | test | verdict |",
+                  "|---|---|---|---|---:|---:|---:|---|---|"]
+        for r in judged:
+            se = r.get("noise")
+            ratio = "—" if not se else f"{r['margin'] / se:+.1f}"
+            noise = ("beyond noise" if r.get("significant") else
+                     "within noise" if se else "noise unknown (one seed)")
+            lines.append(f"| {r['table']} | {r['text']} | {r['metric']} | {r.get('compared', '—')} | "
+                         f"{r['margin']:+.2f} | {_f(se, '.2f')} | {ratio} | {r.get('test', '—')} | "
+                         f"{r['status']}, {noise} |")
+    if unjudged:
+        lines += ["", "Not summarized here (their claims report predates its JSON; the command above rewrites "
+                      "both): " + ", ".join(f"`reports/claims/{n}.md`" for n in unjudged) + "."]
+    return "\n".join(lines) + "\n"
+
+
+CANNOT_SHOW = """\
+## What this testbed cannot show
+
+The gpu profile's scenes and small CLIP were fixed by TESTBED's criteria (next section) before any EHIN table
+ran on them, so a claim's verdict there says whether EHIN's mechanisms do what the paper says on scenes
+that have the properties they rely on. It does not say:
+
+- how large any figure is on RefCOCO, RefCOCO+, RefCOCOg or ReferIt: the tables' absolute IoU and
+  PointM are of synthetic shapes at 128 px, so only a row's difference from another row, and its
+  direction, carry over as a hypothesis, not the paper's columns beside them;
+- anything that rests on what web-scale CLIP knows: open-vocabulary names, attributes and relations
+  in free English, long RefCOCOg sentences, people (testA), textures, lighting and real occlusion; the
+  small CLIP knows the synthetic grammars' words and nothing else, and the frozen scorer only imitates
+  how CLIP treats masked photographs (§2.2);
+- how the pseudo-labels of Stage 2 fare on real photographs, whose edges the dense CRF and IRNet's
+  random walk follow; their synthetic scenes have clean ones;
+- the paper's inference times: Table 10 on the gpu profile times the 128-px small model, and
+  `bench.perf --size paper` the paper-size model with random weights (Throughput, below), not RN50 on
+  the paper's GPU;
+- label noise: the synthetic annotations are exact, where real evaluation sets carry wrong ones.
+"""
+
+
 def findings(reports: str | Path = "reports", root: str | Path = ".") -> str:
     """The text of docs/findings.md from the records under `reports`."""
     reports, root = Path(reports), Path(root)
-    parts = [INTRO, tables_section(reports, root), criteria_section(reports, root), control_section(reports, root),
+    parts = [INTRO, tables_section(reports, root), claims_section(reports, root), CANNOT_SHOW,
+             criteria_section(reports, root), control_section(reports, root),
              ceilings_section(reports, root),
              scorer_section(reports, root), perf_section(reports, root), LESSONS]
     return "\n".join(p for p in parts if p)

@@ -1,10 +1,10 @@
 """bench.check: drift against baselines (with a real code change on a copy) and the claims report."""
 import functools
+import json
 import os
 import shutil
 import subprocess
 import sys
-import json
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +203,12 @@ def test_claims_report_is_written(tmp_path):
     md = (tmp_path / "rep" / "claims" / "synthetic.md").read_text()
     assert "two BP layers beat 1, 3 and 4 on IoU" in md and "does not hold" in md
     assert (tmp_path / "rep" / "claims" / "synthetic.html").exists()
+    # the same rows as JSON (docs/findings.md reads them): strict JSON, a missing noise as null
+    data = json.loads((tmp_path / "rep" / "claims" / "synthetic.json").read_text(),
+                      parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    (bp,) = [r for r in data["claims"] if r["text"] == "two BP layers beat 1, 3 and 4 on IoU"]
+    assert bp["status"] == "does not hold" and bp["margin"] == pytest.approx(-2.0) and data["profile"] == "synthetic"
+    assert any(r["status"] == "no results" for r in data["claims"])  # the other tables' claims
 
 
 def test_claims_show_small_margins_in_seconds_not_as_zero(tmp_path):
