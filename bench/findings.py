@@ -4,7 +4,8 @@
     python -m bench.findings --check         # exit 1 if docs/findings.md is not what the records give
 
 Every figure in that file is read from a record under reports/ and the record is named beside it: the
-rendered paper tables (cells.json), the positive control's verdicts (reports/testbed/control-*.json),
+rendered paper tables (cells.json), the paper's claims as bench.check --claims judged them
+(reports/claims/<profile>.json), the positive control's verdicts (reports/testbed/control-*.json),
 the scene and word-ceiling measurements (reports/testbed/scenes-*.json), the frozen scorer's criteria
 (reports/testbed/scorer-*.json) and the throughput runs
 (reports/perf/*.json). The prose around them holds no figure (a test checks that the file is current).
