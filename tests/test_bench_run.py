@@ -316,20 +316,14 @@ def test_compile_wait_reaches_the_executor_and_zero_turns_the_groups_off(tmp_pat
     assert seen["compile_group"] is compile_group and seen["compile_wait_s"] == 120
 
 
-class _SleepingRunner:
-    """A picklable runner: spec = (name, folder); writes NAME.start, sleeps, returns."""
+class _SleepingRunner(_StampingRunner):
+    """spec = (name, folder): writes NAME.start and takes 1.5 s."""
 
     def __call__(self, spec):
         name, folder = spec
         Path(folder, f"{name}.start").write_text(str(time.time()))
         time.sleep(1.5)
         return {"name": name}
-
-    def label(self, spec):
-        return spec[0]
-
-    def error_log(self, spec):
-        return None
 
 
 @pytest.mark.parametrize("executor", ["inline", "local"])
