@@ -299,9 +299,10 @@ def test_compile_group_is_the_compiled_graph_not_the_dataset_or_seed(tmp_path):
     assert any(len({r.split(" ")[-1] for r in rows}) > 1 for rows in methods.values())
 
 
-def test_compile_wait_reaches_the_executor_and_zero_turns_the_groups_off(tmp_path, monkeypatch):
+@pytest.fixture
+def dispatched(monkeypatch) -> dict:
+    """bench.run's dispatch replaced by one that runs nothing and keeps the keyword arguments it got."""
     from bench import run as run_module
-    from bench.jobs import compile_group
 
     seen = {}
 
@@ -310,6 +311,13 @@ def test_compile_wait_reaches_the_executor_and_zero_turns_the_groups_off(tmp_pat
         return []
 
     monkeypatch.setattr(run_module, "dispatch", fake_dispatch)
+    return seen
+
+
+def test_compile_wait_reaches_the_executor_and_zero_turns_the_groups_off(tmp_path, dispatched):
+    from bench.jobs import compile_group
+
+    seen = dispatched
     run_main(args("--no-render", "--compile-wait", "0", results=tmp_path / "res", reports=tmp_path / "rep"))
     assert seen["compile_group"] is None
     run_main(args("--no-render", "--compile-wait", "120", results=tmp_path / "res", reports=tmp_path / "rep"))
@@ -345,16 +353,8 @@ def test_no_cell_starts_after_start_within_and_the_started_ones_end(tmp_path, ex
         executors.dispatch(specs, "slurm", start_within_s=1.0, runner=_SleepingRunner())
 
 
-def test_start_within_reaches_the_executor_and_slurm_refuses_it(tmp_path, monkeypatch, capsys):
-    from bench import run as run_module
-
-    seen = {}
-
-    def fake_dispatch(specs, executor, **kw):
-        seen.update(kw)
-        return []
-
-    monkeypatch.setattr(run_module, "dispatch", fake_dispatch)
+def test_start_within_reaches_the_executor_and_slurm_refuses_it(tmp_path, dispatched, capsys):
+    seen = dispatched
     run_main(args("--no-render", "--start-within", "600", results=tmp_path / "res", reports=tmp_path / "rep"))
     assert seen["start_within_s"] == 600
     seen.clear()
