@@ -13,6 +13,8 @@
 # Environment knobs: EHIN_SLURM_START_TIMEOUT (s, default 90), EHIN_SLURM_PARTITION (default debug),
 # EHIN_SLURM_DEF_MEM_PER_CPU (MB, default min(2048, RealMemory/CPUs)).
 set -euo pipefail
+# The daemons live in /usr/sbin, which a minimal PATH (cron, env -i, a non-login shell) leaves out.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 PACKAGES=(slurmctld slurmd slurmdbd slurm-client munge mariadb-server)
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)   # start order; stop goes in reverse
