@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.render import format_margin
 from bench.store import ResultStore
 from ehin.cli import command, command_parser, UserError
 
@@ -365,14 +366,6 @@ def claims_report(profile: str, store: ResultStore, reports: str | Path = "repor
     return rows, out / f"{profile}.md"
 
 
-def _fmtn(x) -> str:
-    """A margin or its noise: two decimals, or two significant digits below 0.1 (Table 10's seconds would
-    all read +0.00)."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:+.2f}" if x == 0 or abs(x) >= 0.1 else f"{x:+.2g}"
-
-
 def _claims_markdown(profile: str, rows: list[dict]) -> str:
     lines = [f"# The paper's claims on the {profile} profile", "",
              "margin > 0 means the claim holds; 'beyond noise' = |margin| > 2 x its standard error ('-' with one "
@@ -384,7 +377,7 @@ def _claims_markdown(profile: str, rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['table']} | {r['text']} | {r['metric']} | {r.get('compared', '-')} | "
-                     f"{_fmtn(r.get('margin'))} | {_fmtn(r.get('noise'))} | {r.get('test', '-')} | {r['status']} | "
+                     f"{format_margin(r.get('margin'))} | {format_margin(r.get('noise'))} | {r.get('test', '-')} | {r['status']} | "
                      f"{'yes' if r.get('significant') else ('no' if 'significant' in r else '-')} |")
     held = sum(r["status"] == "holds" for r in rows)
     evaluated = sum(r["status"] in ("holds", "does not hold") for r in rows)
@@ -397,8 +390,8 @@ def _claims_html(profile: str, rows: list[dict]) -> str:
     body = "".join(
         f"<tr class='{'ok' if r['status'] == 'holds' else ('bad' if r['status'] == 'does not hold' else '')}'>"
         + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-            r["table"], r["text"], r["metric"], r.get("compared", "-"), _fmtn(r.get("margin")),
-            _fmtn(r.get("noise")), r.get("test", "-"), r["status"],
+            r["table"], r["text"], r["metric"], r.get("compared", "-"), format_margin(r.get("margin")),
+            format_margin(r.get("noise")), r.get("test", "-"), r["status"],
             "yes" if r.get("significant") else ("no" if "significant" in r else "-"))) + "</tr>"
         for r in rows)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>claims: {profile}</title>

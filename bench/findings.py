@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from bench.render import format_margin
 from ehin.cli import command, command_parser
 
 FINDINGS = Path("docs/findings.md")
@@ -279,7 +280,8 @@ def claims_section(reports: Path, root: Path) -> str:
             noise = ("beyond noise" if r.get("significant") else
                      "within noise" if se else "noise unknown (one seed)")
             lines.append(f"| {r['table']} | {r['text']} | {r['metric']} | {r.get('compared', '—')} | "
-                         f"{r['margin']:+.2f} | {_f(se, '.2f')} | {ratio} | {r.get('test', '—')} | "
+                         f"{format_margin(r['margin'])} | {format_margin(se).lstrip('+') if se else '—'} | {ratio} | "
+                         f"{r.get('test', '—')} | "
                          f"{r['status']}, {noise} |")
     if unjudged:
         lines += ["", "Not summarized here (their claims report predates its JSON; the command above rewrites "

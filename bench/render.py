@@ -22,6 +22,14 @@ from bench.sweeps import Sweep
 PENDING, PARTIAL, DONE, FAILED = "pending", "partial", "done", "failed"
 CELL_FIELDS = ["n", "mean", "std", "paper", "diff"]
 
+def format_margin(x) -> str:
+    """A margin or its noise: two decimals, or two significant digits below 0.1 (Table 10's seconds would
+    all read +0.00)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:+.2f}" if x == 0 or abs(x) >= 0.1 else f"{x:+.2g}"
+
+
 _REAL_NAMES = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg", "referit": "ReferIt"}
 
 
