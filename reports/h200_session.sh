@@ -18,7 +18,9 @@
 #            control: 20 cells of 21,500 refs x 20 epochs at 34-37 s an epoch each) and about half as many
 #            EHIN ones (reports/perf/h200_gpu_ehin_tris_procs16_mps_ro.json), so an EHIN cell's share is about
 #            70 s (`python -m bench.estimate --profile gpu`), plus its compiled first epoch and evaluations:
-#            14 at once should end in about 19 minutes, within a sitting that runs nothing before them. Rows
+#            14 at once should end in about 19 minutes, within a sitting that runs nothing before them (session
+#            26: 14 EHIN cells of Tables 5, 6, 3, 4 and 7 packed ended 771-1000 s after they began, 37-48 s an
+#            epoch each; the task took 17 min 37 s). Rows
 #            with more BP layers, K = 9 or small batches cost more; Table 2's chains add CPU pseudo-labels and
 #            stage 2, so it has its own task -> reports/gpu/store/
 #   table2   Table 2 alone, TABLE2_JOBS cells at once (default 6): a Stage-2 chain trains stage 1, labels its
@@ -119,8 +121,12 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
   echo $(( t0 + ${SITTING_S:-1650} )) > /tmp/p/deadline
   touch /tmp/p/stamp  # what is newer goes back
   rm -f /tmp/p/tasks.done
-  setsid nohup bash "$0" _tasks > /tmp/p/tasks.log 2>&1 < /dev/null &
-  echo $! > /tmp/p/tasks.pid
+  # the tasks run from a copy of this tree: each device call copies the working tree here anew, and a module
+  # imported while that copy is made is missing (session 26 lost its rerun and a table cell to
+  # "No module named 'ehin.train_stage1'" and "cannot import name 'mps'" as a poll began)
+  rm -rf /tmp/p/src && cp -a "$PWD" /tmp/p/src
+  (cd /tmp/p/src && setsid nohup bash reports/h200_session.sh _tasks > /tmp/p/tasks.log 2>&1 < /dev/null &
+   echo $! > /tmp/p/tasks.pid)
   echo "tasks '${TASKS:-rerun table10 tables}' launched after $(( $(date +%s) - t0 )) s"
   ;;
 _tasks)
