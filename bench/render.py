@@ -160,7 +160,7 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
         if text not in pairs:
             pairs.append(text)
     hardware = sorted({_hardware(r) for r in recs})
-    from ehin.metrics import PROTOCOL_BEFORE  # records before the protocol was recorded
+    from ehin.metrics import COLLAPSED_PCT, PROTOCOL_BEFORE  # PROTOCOL_BEFORE: records before it was recorded
 
     return {
         "table": sweep.name,
@@ -176,9 +176,21 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
                       "code_version": r.get("code_version")} for r in left_out],
         "metrics_protocols": sorted({str(r.get("metrics_protocol", PROTOCOL_BEFORE)) for r in recs}),
         "hardware": hardware,
+        "collapsed": collapsed_cells(recs, COLLAPSED_PCT),
         "testbed": (testbed_status(recs, profile, fidelity, fidelity_source) if recs else "-")
         if fidelity_source is not None else None,
     }
+
+
+def collapsed_cells(records: Iterable[dict], threshold: float) -> list[dict[str, Any]]:
+    """The cells whose last evaluation gave an empty map (no pixel > 0) on at least `threshold` percent of
+    the val expressions (the trainer's `empty_maps`): row, seed and that share, in the records' order."""
+    out = []
+    for r in records:
+        evaluated = [h for h in r.get("history") or [] if "empty_maps" in h]
+        if evaluated and evaluated[-1]["empty_maps"] >= threshold:
+            out.append({"row": r.get("row"), "seed": r.get("seed"), "empty_maps": evaluated[-1]["empty_maps"]})
+    return out
 
 
 # TESTBED §2's criteria as bench.testbed --fidelity names them in fidelity.json's per-variant "met".
@@ -271,7 +283,22 @@ def header_lines(info: dict[str, Any]) -> list[str]:
         "configs: " + _configs_line(info),
         "evaluation: " + (", ".join(info.get("metrics_protocols", [])) or "-"),
         "hardware: " + (", ".join(info["hardware"]) or "-"),
-    ] + ([f"testbed: {info['testbed']}"] if info.get("testbed") else [])  # older cells.json: no testbed key
+    ] + ([f"testbed: {info['testbed']}"] if info.get("testbed") else []) + _collapsed_lines(info)
+    # older cells.json files have no testbed or collapsed key
+
+
+def _collapsed_lines(info: dict[str, Any]) -> list[str]:
+    from ehin.metrics import COLLAPSED_PCT
+
+    cells = info.get("collapsed") or []
+    if not cells:
+        return []
+    by_row: dict[str, list[str]] = {}
+    for c in cells:
+        by_row.setdefault(str(c["row"]), []).append(f"{c['seed']} ({c['empty_maps']:.0f} %)")
+    rows = "; ".join(f"{row}, seed {', '.join(seeds)}" for row, seeds in by_row.items())
+    return [f"collapsed (an empty map on ≥ {COLLAPSED_PCT:g} % of the val expressions at the last evaluation: "
+            f"the scores of predicting no foreground, not of ranking regions): {rows}"]
 
 
 def _configs_line(info: dict[str, Any]) -> str:

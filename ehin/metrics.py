@@ -97,6 +97,10 @@ def format_result(label: str, values: dict, keys: Sequence[str] = METRIC_KEYS) -
 # Records without it were scored by the earlier protocol (ReLU on the grid, BoxAcc at 0.5 of the max).
 PROTOCOL = "tris-validate"
 PROTOCOL_BEFORE = "pre-tris (ReLU on the grid, BoxAcc at 0.5 of the max)"
+# Share of val expressions with an empty stage-1 map (no pixel > 0) at or above which a run is called
+# collapsed: its scores are those of predicting no foreground, not of ranking regions (the trainer warns;
+# a rendered table names such rows).
+COLLAPSED_PCT = 95.0
 
 NORM_EPS = 1e-5  # TRIS: pred / (max + 1e-5)
 FG_EPS = 1e-9  # TRIS: foreground = normalised map > 1e-9

@@ -48,7 +48,7 @@ from ehin.cli import command, command_parser, UserError
 from ehin.config import add_run_args, clip_spec, config_for_run, config_hash
 from ehin.distributed import (RankBatches, all_gather_list, all_gather_with_grad, all_ranks, barrier, resolve_device,
                               data_parallel, dist_env, mean_over_ranks, start_run, sync_batchnorm)
-from ehin.metrics import format_metrics, format_result
+from ehin.metrics import COLLAPSED_PCT, format_metrics, format_result
 from ehin.training_log import TrainingLog, run_summary
 
 
@@ -108,8 +108,6 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-# Share of val expressions with an empty map (no pixel > 0) above which the run is called collapsed.
-COLLAPSED_PCT = 95.0
 PER_EXPRESSION = "per_expression.npz"  # the final evaluation's scores per expression, in the run folder
 # Written in the run folder once this process has taken a training step: by then torch.compile has compiled
 # the step (forward and backward) into inductor's on-disk cache, which cells of the same graph started after

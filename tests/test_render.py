@@ -350,3 +350,23 @@ def test_header_names_the_testbed_criteria_its_records_miss(tmp_path, monkeypatc
     assert "testbed: judged in fidelity.json (" in write_tables(sweep("table5"), recs, "rel", fidelity_file=fid)["md"].read_text()
     plain = write_tables(sweep("table5"), recs, tmp_path / "plain")  # no verdicts file asked for: no line
     assert "testbed:" not in plain["md"].read_text()
+
+
+def test_header_names_collapsed_cells(tmp_path):
+    """A cell whose last evaluation gave empty maps on ≥ COLLAPSED_PCT % of the expressions is named in
+    the header (its zeros are not a ranking); an earlier collapse that recovered is not."""
+    from ehin.metrics import COLLAPSED_PCT
+
+    recs = table5_records()
+    bg0 = next(i for i, r in enumerate(recs) if r["row"] == "bg" and r["seed"] == 0)
+    recs[bg0] = {**recs[bg0], "history": [{"epoch": 1, "empty_maps": 0.0}, {"epoch": 2, "loss": 0.1},
+                                          {"epoch": 3, "empty_maps": 100.0}, {"epoch": 4, "loss": 0.1}]}
+    fg0 = next(i for i, r in enumerate(recs) if r["row"] == "fg" and r["seed"] == 0)
+    recs[fg0] = {**recs[fg0], "history": [{"epoch": 1, "empty_maps": 100.0}, {"epoch": 2, "empty_maps": 3.0}]}
+    out = write_tables(sweep("table5"), recs, tmp_path)
+    md = out["md"].read_text()
+    assert f"- collapsed (an empty map on ≥ {COLLAPSED_PCT:g} % " in md
+    assert md.count("collapsed") == 1 and ": bg, seed 0 (100 %)\n" in md
+    assert json.loads(out["json"].read_text())["header"]["collapsed"] == [{"row": "bg", "seed": 0, "empty_maps": 100.0}]
+    recs[bg0]["history"][2]["empty_maps"] = COLLAPSED_PCT - 1
+    assert "collapsed" not in write_tables(sweep("table5"), recs, tmp_path / "below")["md"].read_text()
