@@ -275,6 +275,7 @@ def _hardware(record: dict) -> str:
 
 
 def header_lines(info: dict[str, Any]) -> list[str]:
+    # cells.json files written before a key existed lack it (testbed, collapsed): no line then
     seeds = ", ".join(map(str, info["seeds"])) or "none"
     return [
         f"profile: {info['profile']}; seeds: {seeds} ({info['records']} records)",
@@ -284,7 +285,6 @@ def header_lines(info: dict[str, Any]) -> list[str]:
         "evaluation: " + (", ".join(info.get("metrics_protocols", [])) or "-"),
         "hardware: " + (", ".join(info["hardware"]) or "-"),
     ] + ([f"testbed: {info['testbed']}"] if info.get("testbed") else []) + _collapsed_lines(info)
-    # older cells.json files have no testbed or collapsed key
 
 
 def _collapsed_lines(info: dict[str, Any]) -> list[str]:
