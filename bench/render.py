@@ -22,6 +22,7 @@ from bench.sweeps import Sweep
 PENDING, PARTIAL, DONE, FAILED = "pending", "partial", "done", "failed"
 CELL_FIELDS = ["n", "mean", "std", "paper", "diff"]
 
+
 def format_margin(x) -> str:
     """A margin or its noise: two decimals, or two significant digits below 0.1 (Table 10's seconds would
     all read +0.00)."""
