@@ -25,8 +25,10 @@
 
    For each claim: does it hold on our results, by what margin, and does the margin exceed the noise:
    paired over the same expressions and seeds where the cells kept their per-expression scores (the
-   store's per_expression/ folder; a bootstrap over expressions), else over the seeds' means. The
-   report's test column says which. A claim that does not hold is a finding, never a CI failure (exit 0).
+   store's per_expression/ folder; a bootstrap over expressions plus the per-seed differences' spread,
+   since a training's noise moves every expression of a row at once), else over the seeds' means. The
+   report's test column says which; with one seed the noise is unknown. A claim that does not hold is
+   a finding, never a CI failure (exit 0).
 """
 from __future__ import annotations
 
@@ -225,6 +227,11 @@ PAIRED_METRICS = {"point_mask": 100.0, "point_box": 100.0, "box_acc": 100.0, "po
 BOOTSTRAP_SAMPLES = 2000
 
 
+def _beyond(margin: float, noise: float) -> bool | None:
+    """|margin| > 2 standard errors; None where the error is unknown (one seed)."""
+    return None if math.isnan(noise) else bool(abs(margin) > 2 * noise)
+
+
 def _scores(records: list[dict], row: str, metric: str, store_root: Path | None) -> dict[int, dict]:
     """seed -> {(ref_id, sent_id): score} of a row, from the per-expression files its records name."""
     from ehin.evaluate import read_per_expression
@@ -241,24 +248,38 @@ def _scores(records: list[dict], row: str, metric: str, store_root: Path | None)
 
 
 def paired_difference(a: dict[int, dict], b: dict[int, dict], seed: int = 0) -> tuple[float, float, int, int] | None:
-    """Row a minus row b over the seeds and expressions both have: (mean difference, its bootstrap
-    standard error resampling expressions, expressions, seeds); None when nothing pairs. An expression
-    is one unit across seeds (its seeds' differences are averaged first), so the error counts each
-    expression once however many seeds share it."""
+    """Row a minus row b over the seeds and expressions both have: (mean difference, its standard error,
+    expressions, seeds); None when nothing pairs. The error has two parts, added in quadrature:
+    - the expressions': a bootstrap resampling expressions, each one unit across seeds (its seeds'
+      differences averaged first), so an expression counts once however many seeds share it;
+    - the training's: the spread of the per-seed mean differences over seeds (std / sqrt(seeds)). A
+      training's noise moves all of a row's expressions together, which resampling expressions cannot
+      see (even a cell run twice on a GPU does not repeat its number: reports/testbed/control-gpu-clip1.md,
+      run-to-run), so one seed cannot measure it and the error is NaN (noise unknown) until a second
+      seed pairs.
+    The sum counts the expression-by-seed interaction in both parts, so it errs large, never small."""
     seeds = sorted(set(a) & set(b))
     keys = sorted(set.intersection(*[set(a[s]) & set(b[s]) for s in seeds])) if seeds else []
     if not keys:
         return None
-    d = np.array([[a[s][k] - b[s][k] for s in seeds] for k in keys]).mean(axis=1)  # [expressions]
+    diffs = np.array([[a[s][k] - b[s][k] for s in seeds] for k in keys])  # [expressions, seeds]
+    d = diffs.mean(axis=1)
     rng = np.random.default_rng(seed)
     boot = d[rng.integers(0, len(d), size=(BOOTSTRAP_SAMPLES, len(d)))].mean(axis=1)
-    return float(d.mean()), float(boot.std(ddof=1)), len(keys), len(seeds)
+    if len(seeds) < 2:
+        return float(d.mean()), math.nan, len(keys), 1
+    training = diffs.mean(axis=0).std(ddof=1) / math.sqrt(len(seeds))
+    return float(d.mean()), float(math.hypot(boot.std(ddof=1), training)), len(keys), len(seeds)
 
 
 def _paired(records, a_row: str, b_row: str, metric: str, store_root: Path | None):
     if metric not in PAIRED_METRICS:
         return None
     return paired_difference(_scores(records, a_row, metric, store_root), _scores(records, b_row, metric, store_root))
+
+
+def _paired_test(paired: tuple) -> str:
+    return f"paired ({paired[2]} expressions x {paired[3]} seed{'s' if paired[3] != 1 else ''})"
 
 
 def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | None = None) -> list[dict]:
@@ -290,7 +311,7 @@ def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | N
             paired = _paired(records, row, rival, m, store_root)
             if paired is not None:
                 margin = paired[0] if kind == "best" else -paired[0]
-                noise, test = paired[1], f"paired ({paired[2]} expressions x {paired[3]} seeds)"
+                noise, test = paired[1], _paired_test(paired)
             res.update(compared=f"{row} vs {rival}", value=a[0], rival=others[rival][0], margin=margin, noise=noise,
                        test=test)
         elif kind in ("greater", "less"):
@@ -303,7 +324,7 @@ def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | N
                     continue
                 paired = _paired(records, str(a_row), str(b_row), m, store_root)
                 diff, noise, test = (a[0] - b[0], _noise(a, b), "seeds") if paired is None else \
-                    (paired[0], paired[1], f"paired ({paired[2]} expressions x {paired[3]} seeds)")
+                    (paired[0], paired[1], _paired_test(paired))
                 margins.append(diff if kind == "greater" else -diff)
                 noises.append(noise)
                 tests.append(test)
@@ -317,7 +338,7 @@ def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | N
             i = int(np.argmin(margins))
             res.update(compared="; ".join(pairs), margin=margins[i], noise=noises[i], required_margin=need, test=tests[i])
             res["status"] = "holds" if holds else "does not hold"
-            res["significant"] = bool(not math.isnan(noises[i]) and abs(margins[i]) > 2 * noises[i])
+            res["significant"] = _beyond(margins[i], noises[i])
             out.append(res)
             continue
         elif kind == "approx":
@@ -333,8 +354,7 @@ def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | N
             out.append({**res, "status": f"unknown kind {kind}"})
             continue
         res["status"] = "holds" if res["margin"] > 0 else "does not hold"
-        noise = res.get("noise", math.nan)
-        res["significant"] = bool(not math.isnan(noise) and abs(res["margin"]) > 2 * noise)
+        res["significant"] = _beyond(res["margin"], res.get("noise", math.nan))
         out.append(res)
     return out
 
@@ -366,23 +386,28 @@ def claims_report(profile: str, store: ResultStore, reports: str | Path = "repor
     return rows, out / f"{profile}.md"
 
 
+def _beyond_text(r: dict) -> str:
+    return {True: "yes", False: "no"}.get(r.get("significant"), "-")
+
+
 def _claims_markdown(profile: str, rows: list[dict]) -> str:
     lines = [f"# The paper's claims on the {profile} profile", "",
-             "margin > 0 means the claim holds; 'beyond noise' = |margin| > 2 x its standard error ('-' with one "
-             "seed and no per-expression scores). Test: 'paired' compares the two rows over the same expressions "
-             "and seeds (a bootstrap over expressions of the per-expression differences, "
-             f"{BOOTSTRAP_SAMPLES} samples); 'seeds' compares the rows' means over seeds (the standard error of a "
-             "difference of means), used where a row has no per-expression scores.", "",
+             "margin > 0 means the claim holds; 'beyond noise' = |margin| > 2 x its standard error ('-' where a "
+             "row has one seed: a training's own spread needs two to measure). Test: 'paired' compares the two rows "
+             "over the same expressions and seeds (the error of a bootstrap over expressions of the per-expression "
+             f"differences, {BOOTSTRAP_SAMPLES} samples, and of the per-seed mean differences over seeds, added in "
+             "quadrature); 'seeds' compares the rows' means over seeds (the standard error of a difference of "
+             "means), used where a row has no per-expression scores.", "",
              "| table | claim | metric | compared | margin | noise (SE) | test | status | beyond noise |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['table']} | {r['text']} | {r['metric']} | {r.get('compared', '-')} | "
                      f"{format_margin(r.get('margin'))} | {format_margin(r.get('noise'))} | {r.get('test', '-')} | {r['status']} | "
-                     f"{'yes' if r.get('significant') else ('no' if 'significant' in r else '-')} |")
+                     f"{_beyond_text(r)} |")
     held = sum(r["status"] == "holds" for r in rows)
     evaluated = sum(r["status"] in ("holds", "does not hold") for r in rows)
     lines += ["", f"{held} of {evaluated} evaluated claim-metric pairs hold; "
-                  f"{sum(r.get('significant', False) and r['status'] == 'holds' for r in rows)} of them beyond noise."]
+                  f"{sum(bool(r.get('significant')) and r['status'] == 'holds' for r in rows)} of them beyond noise."]
     return "\n".join(lines) + "\n"
 
 
@@ -392,14 +417,15 @@ def _claims_html(profile: str, rows: list[dict]) -> str:
         + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
             r["table"], r["text"], r["metric"], r.get("compared", "-"), format_margin(r.get("margin")),
             format_margin(r.get("noise")), r.get("test", "-"), r["status"],
-            "yes" if r.get("significant") else ("no" if "significant" in r else "-"))) + "</tr>"
+            _beyond_text(r))) + "</tr>"
         for r in rows)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>claims: {profile}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}}td,th{{border-bottom:1px solid #ddd;padding:3px 8px;
 font-size:0.9em}}tr.ok td{{background:#eefbea}}tr.bad td{{background:#fdecea}}</style></head><body>
 <h1>The paper's claims on the {profile} profile</h1><p>margin &gt; 0: the claim holds. Beyond noise: |margin| &gt; 2 x
-its standard error: paired over the same expressions and seeds (a bootstrap over expressions) where both rows
-have per-expression scores, else over the seeds' means (the test column says which).</p><table><tr><th>table</th>
+its standard error: paired over the same expressions and seeds (a bootstrap over expressions, and the
+per-seed differences' spread over seeds) where both rows have per-expression scores, else over the seeds' means
+(the test column says which); unknown (-) where a row has one seed.</p><table><tr><th>table</th>
 <th>claim</th><th>metric</th><th>compared</th><th>margin</th><th>noise (SE)</th><th>test</th><th>status</th>
 <th>beyond noise</th></tr>{body}</table></body></html>
 """

@@ -1,5 +1,6 @@
 """Claims paired over the same expressions and seeds (bench.check): per-expression scores kept beside
 the store, a bootstrap over expressions, and the fallback to seeds' means where they are missing."""
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,9 +16,14 @@ def test_paired_difference_by_hand():
     diff, se, n, seeds = paired_difference(a, b)
     assert (n, seeds) == (3, 1)  # seed 0 only; expression (3, 1) is b's alone
     assert diff == pytest.approx(100 / 3)
-    # bootstrap SE of the mean of [100, 0, 0]: about its std (47.1) / sqrt(3) = 27.2
-    assert 20 < se < 34
+    assert math.isnan(se)  # one seed: the training's spread is unmeasured, so the error is unknown
     assert paired_difference(a, {5: {(1, 1): 0.0}}) is None
+    # two seeds whose differences are +100/3 (seed 0) and -100/3 (seed 1, every expression alike)
+    b[1] = {(1, 1): 100.0, (1, 2): 100.0, (2, 1): 100.0}
+    diff, se, n, seeds = paired_difference(a, b)
+    assert (n, seeds, diff) == (3, 2, pytest.approx(0.0))
+    # the seeds' part alone: std(+33.3, -33.3) / sqrt(2) = 33.3; the expressions' adds to it
+    assert se >= 100 / 3
 
 
 def _records(tmp_path, row: str, scores: dict[int, np.ndarray]) -> list[dict]:
@@ -61,3 +67,28 @@ def test_a_small_consistent_gain_is_beyond_noise_only_when_paired(tmp_path):
     (seeds,) = evaluate_claim(sweep, claim, [{k: v for k, v in r.items() if k != "per_expression"} for r in records],
                               tmp_path)
     assert seeds["test"] == "seeds" and seeds["margin"] == pytest.approx(4.0) and not seeds["significant"]
+
+
+def test_a_gain_that_changes_with_the_seed_is_within_noise_when_paired(tmp_path):
+    """The same 500 expressions and three seeds, but the trainings disagree: row A is +8 points ahead of B
+    in seed 0, level in seed 1 and 2 behind in seed 2. Resampling expressions alone would call the +2
+    mean beyond noise (its error about 0.5); the seeds' spread (std 5.3 over 3 seeds: 3.1) says it is not."""
+    rng = np.random.default_rng(1)
+    base = {s: (rng.random(500) < 0.5).astype(float) for s in range(3)}
+    other = {}
+    for s, shift in zip(range(3), (40, 0, -10)):  # expressions flipped: +8, 0, -2 points of 500
+        b = base[s].copy()
+        idx = np.flatnonzero(b == (0 if shift > 0 else 1))[:abs(shift)]
+        b[idx] = 1.0 if shift > 0 else 0.0
+        other[s] = b
+    records = _records(tmp_path, "B", base) + _records(tmp_path, "A", other)
+    sweep = SimpleNamespace(name="t", rows=["A", "B"])
+    claim = {"id": "c", "text": "A beats B", "kind": "greater", "a": "A", "b": "B", "metric": "point_mask"}
+    (paired,) = evaluate_claim(sweep, claim, records, tmp_path)
+    assert paired["test"].startswith("paired (500 expressions x 3 seeds)")
+    assert paired["margin"] == pytest.approx(2.0) and paired["status"] == "holds"
+    assert paired["noise"] > 3.0 and paired["significant"] is False
+    # one seed of each: the error cannot be measured, and the verdict says so rather than "beyond noise"
+    (one,) = evaluate_claim(sweep, claim, [r for r in records if r["seed"] == 0], tmp_path)
+    assert one["margin"] == pytest.approx(8.0) and one["status"] == "holds"
+    assert one["significant"] is None and math.isnan(one["noise"])
