@@ -7,8 +7,8 @@
 #   bash reports/h200_session.sh poll      # wait for the tasks (at most $LIMIT s); new records to $OUT
 #   PERF_ARGS="..." NAME=... bash reports/h200_session.sh perf    # (issue 20) bench.perf (TRACE=1: profiled); or TASKS="... infer" after the cells
 #
-# TASKS (default "rerun table10 tables"), one after another, each resuming from its committed store, so a
-# sitting that ends first loses only the cells still running:
+# TASKS (default "table10 tables"; session 27 ran the rerun), one after another, each resuming from its
+# committed store, so a sitting that ends first loses only the cells still running:
 #   table10  Table 10's inference-time cells, one at a time on an otherwise idle GPU -> reports/gpu/store/
 #   rerun    the positive control's cells run again, seeds 0..RERUN_SEEDS-1 (default 5), for TESTBED §2.4's
 #            run-to-run spread -> reports/testbed/control-gpu-clip1-rerun/ (session 21's, of the profile
@@ -127,10 +127,10 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
   rm -rf /tmp/p/src && cp -a "$PWD" /tmp/p/src
   (cd /tmp/p/src && setsid nohup bash reports/h200_session.sh _tasks > /tmp/p/tasks.log 2>&1 < /dev/null &
    echo $! > /tmp/p/tasks.pid)
-  echo "tasks '${TASKS:-rerun table10 tables}' launched after $(( $(date +%s) - t0 )) s"
+  echo "tasks '${TASKS:-table10 tables}' launched after $(( $(date +%s) - t0 )) s"
   ;;
 _tasks)
-  for task in ${TASKS:-rerun table10 tables}; do
+  for task in ${TASKS:-table10 tables}; do
     echo "== $task $(date +%T)"
     case $task in  # the seconds a wave of the task's cells needs to end (20 TRIS-like cells packed: 17 min)
       table10) wave=${TABLE10_WAVE_S:-60} ;; infer|perf) wave=0 ;; tables|table2) wave=${TABLE_WAVE_S:-1320} ;;
