@@ -46,26 +46,35 @@ def test_per_expression_files_round_trip(tmp_path):
         assert z["ref_id"].tolist() == [7] and z["point_mask"].tolist() == [1] and z["iou"][0] == pytest.approx(0.25)
 
 
+CLAIM = {"id": "c", "text": "A beats B", "kind": "greater", "a": "A", "b": "B", "metric": "point_mask"}
+
+
+def _moved(base: dict[int, np.ndarray], shifts: dict[int, int]) -> dict[int, np.ndarray]:
+    """`base` with `shifts[seed]` more expressions right (fewer where negative) in each seed."""
+    out = {}
+    for s, pm in base.items():
+        b, n = pm.copy(), shifts[s]
+        b[np.flatnonzero(pm == (0 if n > 0 else 1))[:abs(n)]] = 1.0 if n > 0 else 0.0
+        out[s] = b
+    return out
+
+
+def _judge(tmp_path, a: dict, b: dict) -> tuple[list[dict], dict]:
+    records = _records(tmp_path, "B", b) + _records(tmp_path, "A", a)
+    return records, evaluate_claim(SimpleNamespace(name="t", rows=["A", "B"]), CLAIM, records, tmp_path)[0]
+
+
 def test_a_small_consistent_gain_is_beyond_noise_only_when_paired(tmp_path):
     """Seeds whose means scatter widely (30 % to 70 %) hide a +4-point gain on the same expressions from
     a comparison of means; paired over expressions it stands far beyond noise."""
     rng = np.random.default_rng(0)
     base = {s: (rng.random(500) < p).astype(float) for s, p in zip(range(3), (0.3, 0.5, 0.7))}
-    better = {}
-    for s, pm in base.items():
-        b = pm.copy()
-        flip = np.flatnonzero(pm == 0)[:20]  # 20 expressions the better row gets right as well
-        b[flip] = 1.0
-        better[s] = b
-    records = _records(tmp_path, "B", base) + _records(tmp_path, "A", better)
-    sweep = SimpleNamespace(name="t", rows=["A", "B"])
-    claim = {"id": "c", "text": "A beats B", "kind": "greater", "a": "A", "b": "B", "metric": "point_mask"}
-    (paired,) = evaluate_claim(sweep, claim, records, tmp_path)
+    records, paired = _judge(tmp_path, _moved(base, {0: 20, 1: 20, 2: 20}), base)  # 20 of 500 more right
     assert paired["test"].startswith("paired (500 expressions x 3 seeds)")
     assert paired["margin"] == pytest.approx(4.0) and paired["status"] == "holds" and paired["significant"]
     # without the per-expression files: the seeds' means, and the same gain is within their noise
-    (seeds,) = evaluate_claim(sweep, claim, [{k: v for k, v in r.items() if k != "per_expression"} for r in records],
-                              tmp_path)
+    (seeds,) = evaluate_claim(SimpleNamespace(name="t", rows=["A", "B"]), CLAIM,
+                              [{k: v for k, v in r.items() if k != "per_expression"} for r in records], tmp_path)
     assert seeds["test"] == "seeds" and seeds["margin"] == pytest.approx(4.0) and not seeds["significant"]
 
 
@@ -75,20 +84,13 @@ def test_a_gain_that_changes_with_the_seed_is_within_noise_when_paired(tmp_path)
     mean beyond noise (its error about 0.5); the seeds' spread (std 5.3 over 3 seeds: 3.1) says it is not."""
     rng = np.random.default_rng(1)
     base = {s: (rng.random(500) < 0.5).astype(float) for s in range(3)}
-    other = {}
-    for s, shift in zip(range(3), (40, 0, -10)):  # expressions flipped: +8, 0, -2 points of 500
-        b = base[s].copy()
-        idx = np.flatnonzero(b == (0 if shift > 0 else 1))[:abs(shift)]
-        b[idx] = 1.0 if shift > 0 else 0.0
-        other[s] = b
-    records = _records(tmp_path, "B", base) + _records(tmp_path, "A", other)
-    sweep = SimpleNamespace(name="t", rows=["A", "B"])
-    claim = {"id": "c", "text": "A beats B", "kind": "greater", "a": "A", "b": "B", "metric": "point_mask"}
-    (paired,) = evaluate_claim(sweep, claim, records, tmp_path)
+    other = _moved(base, {0: 40, 1: 0, 2: -10})  # +8, 0 and -2 points of 500
+    records, paired = _judge(tmp_path, other, base)
     assert paired["test"].startswith("paired (500 expressions x 3 seeds)")
     assert paired["margin"] == pytest.approx(2.0) and paired["status"] == "holds"
     assert paired["noise"] > 3.0 and paired["significant"] is False
     # one seed of each: the error cannot be measured, and the verdict says so rather than "beyond noise"
-    (one,) = evaluate_claim(sweep, claim, [r for r in records if r["seed"] == 0], tmp_path)
+    _, one = _judge(tmp_path, {0: other[0]}, {0: base[0]})
+    assert one["test"] == "paired (500 expressions x 1 seed)"
     assert one["margin"] == pytest.approx(8.0) and one["status"] == "holds"
     assert one["significant"] is None and math.isnan(one["noise"])
