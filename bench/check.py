@@ -264,10 +264,10 @@ def paired_difference(a: dict[int, dict], b: dict[int, dict], seed: int = 0) -> 
         return None
     diffs = np.array([[a[s][k] - b[s][k] for s in seeds] for k in keys])  # [expressions, seeds]
     d = diffs.mean(axis=1)
+    if len(seeds) < 2:  # no error to give, so no bootstrap to draw
+        return float(d.mean()), math.nan, len(keys), 1
     rng = np.random.default_rng(seed)
     boot = d[rng.integers(0, len(d), size=(BOOTSTRAP_SAMPLES, len(d)))].mean(axis=1)
-    if len(seeds) < 2:
-        return float(d.mean()), math.nan, len(keys), 1
     training = diffs.mean(axis=0).std(ddof=1) / math.sqrt(len(seeds))
     return float(d.mean()), float(math.hypot(boot.std(ddof=1), training)), len(keys), len(seeds)
 

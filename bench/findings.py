@@ -258,7 +258,8 @@ def claims_section(reports: Path, root: Path) -> str:
              "<store>`), judged on the records each table declares: margin > 0 means the claim holds; SE is the "
              "margin's standard error (the test column says whether over the same expressions and seeds, which "
              "counts the expressions' sampling and the training's spread over seeds, or over the seeds' means; "
-             "unknown while a row has one seed); margin / SE says how far the verdict is from noise (beyond noise: more than 2). "
+             "unknown while a row has one seed); margin / SE says how far the verdict is from noise (beyond "
+             "noise: more than 2). "
              "Claim-metric pairs whose rows have no results yet are counted, not listed."]
     for f in files:
         d = json.loads(f.read_text())

@@ -1,5 +1,6 @@
 """Claims paired over the same expressions and seeds (bench.check): per-expression scores kept beside
-the store, a bootstrap over expressions, and the fallback to seeds' means where they are missing."""
+the store, an error from the expressions' bootstrap and the seeds' spread, and the fallback to seeds'
+means where the scores are missing."""
 import math
 from types import SimpleNamespace
 
@@ -47,6 +48,7 @@ def test_per_expression_files_round_trip(tmp_path):
 
 
 CLAIM = {"id": "c", "text": "A beats B", "kind": "greater", "a": "A", "b": "B", "metric": "point_mask"}
+SWEEP = SimpleNamespace(name="t", rows=["A", "B"])
 
 
 def _moved(base: dict[int, np.ndarray], shifts: dict[int, int]) -> dict[int, np.ndarray]:
@@ -61,7 +63,7 @@ def _moved(base: dict[int, np.ndarray], shifts: dict[int, int]) -> dict[int, np.
 
 def _judge(tmp_path, a: dict, b: dict) -> tuple[list[dict], dict]:
     records = _records(tmp_path, "B", b) + _records(tmp_path, "A", a)
-    return records, evaluate_claim(SimpleNamespace(name="t", rows=["A", "B"]), CLAIM, records, tmp_path)[0]
+    return records, evaluate_claim(SWEEP, CLAIM, records, tmp_path)[0]
 
 
 def test_a_small_consistent_gain_is_beyond_noise_only_when_paired(tmp_path):
@@ -73,8 +75,8 @@ def test_a_small_consistent_gain_is_beyond_noise_only_when_paired(tmp_path):
     assert paired["test"].startswith("paired (500 expressions x 3 seeds)")
     assert paired["margin"] == pytest.approx(4.0) and paired["status"] == "holds" and paired["significant"]
     # without the per-expression files: the seeds' means, and the same gain is within their noise
-    (seeds,) = evaluate_claim(SimpleNamespace(name="t", rows=["A", "B"]), CLAIM,
-                              [{k: v for k, v in r.items() if k != "per_expression"} for r in records], tmp_path)
+    (seeds,) = evaluate_claim(SWEEP, CLAIM, [{k: v for k, v in r.items() if k != "per_expression"} for r in records],
+                              tmp_path)
     assert seeds["test"] == "seeds" and seeds["margin"] == pytest.approx(4.0) and not seeds["significant"]
 
 
