@@ -105,3 +105,17 @@ def test_host_info_names_the_packages_that_make_a_runs_floats():
 
     info = host_info()
     assert info["packages"]["numpy"] == numpy.__version__ and "pillow" in info["packages"]
+
+
+def test_committed_stores_keep_per_expression_files_only_for_their_records():
+    """A cell that fails after its scores were copied beside the store leaves a file no record names
+    (session 26's Table 7 cell did; a rerun of the cell overwrites it): a committed store holds neither
+    such a file nor a record whose file is missing (claims read them paired, bench.check)."""
+    from pathlib import Path
+
+    folders = sorted(Path(__file__).resolve().parents[1].glob("reports/**/per_expression"))
+    assert folders  # the gpu store and the testbed's controls are committed
+    for folder in folders:
+        named = {r["per_expression"] for r in ResultStore(folder.parent).read() if r.get("per_expression")}
+        kept = {f"per_expression/{f.name}" for f in folder.iterdir()}
+        assert kept == named, (folder.parent, sorted(kept ^ named)[:3])
