@@ -27,7 +27,8 @@
    paired over the same expressions and seeds where the cells kept their per-expression scores (the
    store's per_expression/ folder; a bootstrap over expressions plus the per-seed differences' spread,
    since a training's noise moves every expression of a row at once), else over the seeds' means. The
-   report's test column says which; with one seed the noise is unknown. A claim that does not hold is
+   report's test column says which; with one seed the noise is unknown. Beyond noise: |margin| > t x SE,
+   t Student's at the error's degrees of freedom (few seeds, few degrees, a large t). A claim that does not hold is
    a finding, never a CI failure (exit 0).
 """
 from __future__ import annotations
@@ -38,11 +39,11 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from bench.render import format_margin
+from bench.render import format_df, format_margin
 from bench.store import ResultStore
 from ehin.cli import command, command_parser, UserError
 
@@ -215,10 +216,45 @@ def _row_stats(sweep, records: list[dict], row: str, metric: str) -> tuple[float
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan, len(vals)
 
 
-def _noise(*stats) -> float:
-    """Standard error of a difference of means; NaN when a row has one seed."""
-    parts = [s ** 2 / n for _, s, n in stats if n]
-    return math.sqrt(sum(parts)) if parts and all(not math.isnan(p) for p in parts) else math.nan
+def _noise(*stats) -> tuple[float, float]:
+    """Standard error of a difference of means and its degrees of freedom (Welch-Satterthwaite); NaN
+    when a row has one seed."""
+    parts = [(s ** 2 / n, n - 1) for _, s, n in stats if n]
+    if not parts or any(math.isnan(v) for v, _ in parts):
+        return math.nan, math.nan
+    return math.sqrt(sum(v for v, _ in parts)), effective_df(parts)
+
+
+def effective_df(parts: list[tuple[float, float]]) -> float:
+    """Welch-Satterthwaite degrees of freedom of a sum of independent variance estimates, each given as
+    (variance, its degrees of freedom): (sum v)^2 / sum(v^2 / df). It lies between the smallest part's
+    df and the sum of them, so an error whose larger part comes from two seeds has about one degree."""
+    num = sum(v for v, _ in parts) ** 2
+    den = sum(v * v / df for v, df in parts if v > 0)
+    return num / den if den > 0 else float(max(df for _, df in parts))  # no spread at all: any df
+
+
+def student_t_quantile(p: float, df: float) -> float:
+    """The p-quantile (p > 0.5) of Student's t with df > 0 degrees of freedom, by bisection on its CDF
+    (Simpson's rule over the density from 0); the normal's beyond 1e6 degrees."""
+    from statistics import NormalDist
+
+    if df > 1e6:
+        return NormalDist().inv_cdf(p)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float) -> float:
+        t = np.linspace(0.0, x, 4001)
+        f = np.exp(log_c - (df + 1) / 2 * np.log1p(t * t / df))
+        return 0.5 + (x / 12000) * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+    lo, hi = 0.0, 2.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
 
 
 # Metrics that are means over expressions (ehin.metrics.aggregate) and so split into per-expression
@@ -227,9 +263,17 @@ PAIRED_METRICS = {"point_mask": 100.0, "point_box": 100.0, "box_acc": 100.0, "po
 BOOTSTRAP_SAMPLES = 2000
 
 
-def _beyond(margin: float, noise: float) -> bool | None:
-    """|margin| > 2 standard errors; None where the error is unknown (one seed)."""
-    return None if math.isnan(noise) else bool(abs(margin) > 2 * noise)
+# A margin is beyond noise when it lies outside the two-sided 95 % band of its error: |margin| > t x SE,
+# t Student's at the error's degrees of freedom. An error estimated from a few seeds is itself uncertain
+# (two seeds: one degree, t = 12.7; five: about four, t = 2.8); with many, t tends to 1.96.
+BEYOND_NOISE_P = 0.975
+
+
+def _beyond(margin: float, noise: float, df: float) -> bool | None:
+    """|margin| > t(df) standard errors; None where the error is unknown (one seed)."""
+    if math.isnan(noise) or math.isnan(df):
+        return None
+    return bool(abs(margin) > student_t_quantile(BEYOND_NOISE_P, df) * noise)
 
 
 def _scores(records: list[dict], row: str, metric: str, store_root: Path | None) -> dict[int, dict]:
@@ -247,9 +291,17 @@ def _scores(records: list[dict], row: str, metric: str, store_root: Path | None)
     return out
 
 
-def paired_difference(a: dict[int, dict], b: dict[int, dict], seed: int = 0) -> tuple[float, float, int, int] | None:
-    """Row a minus row b over the seeds and expressions both have: (mean difference, its standard error,
-    expressions, seeds); None when nothing pairs. The error has two parts, added in quadrature:
+class Paired(NamedTuple):
+    diff: float         # row a minus row b, mean over expressions and seeds
+    se: float           # its standard error (NaN with one seed)
+    df: float           # the error's degrees of freedom (Welch-Satterthwaite over its two parts)
+    expressions: int
+    seeds: int
+
+
+def paired_difference(a: dict[int, dict], b: dict[int, dict], seed: int = 0) -> Paired | None:
+    """Row a minus row b over the seeds and expressions both have; None when nothing pairs. The error has
+    two parts, added in quadrature (their degrees of freedom: expressions - 1 and seeds - 1):
     - the expressions': a bootstrap resampling expressions, each one unit across seeds (its seeds'
       differences averaged first), so an expression counts once however many seeds share it;
     - the training's: the spread of the per-seed mean differences over seeds (std / sqrt(seeds)). A
@@ -265,11 +317,12 @@ def paired_difference(a: dict[int, dict], b: dict[int, dict], seed: int = 0) -> 
     diffs = np.array([[a[s][k] - b[s][k] for s in seeds] for k in keys])  # [expressions, seeds]
     d = diffs.mean(axis=1)
     if len(seeds) < 2:  # no error to give, so no bootstrap to draw
-        return float(d.mean()), math.nan, len(keys), 1
+        return Paired(float(d.mean()), math.nan, math.nan, len(keys), 1)
     rng = np.random.default_rng(seed)
-    boot = d[rng.integers(0, len(d), size=(BOOTSTRAP_SAMPLES, len(d)))].mean(axis=1)
+    boot = d[rng.integers(0, len(d), size=(BOOTSTRAP_SAMPLES, len(d)))].mean(axis=1).std(ddof=1)
     training = diffs.mean(axis=0).std(ddof=1) / math.sqrt(len(seeds))
-    return float(d.mean()), float(math.hypot(boot.std(ddof=1), training)), len(keys), len(seeds)
+    df = effective_df([(boot ** 2, len(keys) - 1), (training ** 2, len(seeds) - 1)])
+    return Paired(float(d.mean()), float(math.hypot(boot, training)), df, len(keys), len(seeds))
 
 
 def _paired(records, a_row: str, b_row: str, metric: str, store_root: Path | None):
@@ -278,8 +331,8 @@ def _paired(records, a_row: str, b_row: str, metric: str, store_root: Path | Non
     return paired_difference(_scores(records, a_row, metric, store_root), _scores(records, b_row, metric, store_root))
 
 
-def _paired_test(paired: tuple) -> str:
-    return f"paired ({paired[2]} expressions x {paired[3]} seed{'s' if paired[3] != 1 else ''})"
+def _paired_test(paired: Paired) -> str:
+    return f"paired ({paired.expressions} expressions x {paired.seeds} seed{'s' if paired.seeds != 1 else ''})"
 
 
 def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | None = None) -> list[dict]:
@@ -307,26 +360,27 @@ def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | N
             else:
                 rival = min(others, key=lambda o: others[o][0])
                 margin = others[rival][0] - a[0]
-            noise, test = _noise(a, others[rival]), "seeds"
+            (noise, df), test = _noise(a, others[rival]), "seeds"
             paired = _paired(records, row, rival, m, store_root)
             if paired is not None:
-                margin = paired[0] if kind == "best" else -paired[0]
-                noise, test = paired[1], _paired_test(paired)
+                margin = paired.diff if kind == "best" else -paired.diff
+                noise, df, test = paired.se, paired.df, _paired_test(paired)
             res.update(compared=f"{row} vs {rival}", value=a[0], rival=others[rival][0], margin=margin, noise=noise,
-                       test=test)
+                       noise_df=df, test=test)
         elif kind in ("greater", "less"):
             aa = claim["a"] if isinstance(claim["a"], list) else [claim["a"]]
             bb = claim["b"] if isinstance(claim["b"], list) else [claim["b"]]
-            margins, noises, pairs, tests = [], [], [], []
+            margins, noises, dfs, pairs, tests = [], [], [], [], []
             for a_row, b_row in zip(aa, bb):
                 a, b = _row_stats(sweep, records, str(a_row), m), _row_stats(sweep, records, str(b_row), m)
                 if not (a[2] and b[2]):
                     continue
                 paired = _paired(records, str(a_row), str(b_row), m, store_root)
-                diff, noise, test = (a[0] - b[0], _noise(a, b), "seeds") if paired is None else \
-                    (paired[0], paired[1], _paired_test(paired))
+                diff, (noise, df), test = (a[0] - b[0], _noise(a, b), "seeds") if paired is None else \
+                    (paired.diff, (paired.se, paired.df), _paired_test(paired))
                 margins.append(diff if kind == "greater" else -diff)
                 noises.append(noise)
+                dfs.append(df)
                 tests.append(test)
                 pairs.append(f"{a_row} vs {b_row}")
             if not margins:
@@ -336,9 +390,10 @@ def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | N
             held = [mg > need for mg in margins]
             holds = (sum(held) > len(held) / 2) if claim.get("quantifier") == "most" else all(held)
             i = int(np.argmin(margins))
-            res.update(compared="; ".join(pairs), margin=margins[i], noise=noises[i], required_margin=need, test=tests[i])
+            res.update(compared="; ".join(pairs), margin=margins[i], noise=noises[i], noise_df=dfs[i],
+                       required_margin=need, test=tests[i])
             res["status"] = "holds" if holds else "does not hold"
-            res["significant"] = _beyond(margins[i], noises[i])
+            res["significant"] = _beyond(margins[i], noises[i], dfs[i])
             out.append(res)
             continue
         elif kind == "approx":
@@ -349,12 +404,12 @@ def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | N
             tol = max(2.0, 2 * a[1]) if not math.isnan(a[1]) else 2.0
             margin = tol - abs(a[0] - float(claim["value"]))
             res.update(compared=f"{claim['row']} vs {claim['value']}", value=a[0], margin=margin, noise=a[1],
-                       test="seeds (std)")
+                       noise_df=a[2] - 1 if a[2] > 1 else math.nan, test="seeds (std)")
         else:
             out.append({**res, "status": f"unknown kind {kind}"})
             continue
         res["status"] = "holds" if res["margin"] > 0 else "does not hold"
-        res["significant"] = _beyond(res["margin"], res.get("noise", math.nan))
+        res["significant"] = _beyond(res["margin"], res.get("noise", math.nan), res.get("noise_df", math.nan))
         out.append(res)
     return out
 
@@ -392,18 +447,20 @@ def _beyond_text(r: dict) -> str:
 
 def _claims_markdown(profile: str, rows: list[dict]) -> str:
     lines = [f"# The paper's claims on the {profile} profile", "",
-             "margin > 0 means the claim holds; 'beyond noise' = |margin| > 2 x its standard error ('-' where a "
-             "row has one seed: a training's own spread needs two to measure). Test: 'paired' compares the two rows "
-             "over the same expressions and seeds (the error of a bootstrap over expressions of the per-expression "
-             f"differences, {BOOTSTRAP_SAMPLES} samples, and of the per-seed mean differences over seeds, added in "
-             "quadrature); 'seeds' compares the rows' means over seeds (the standard error of a difference of "
-             "means), used where a row has no per-expression scores.", "",
-             "| table | claim | metric | compared | margin | noise (SE) | test | status | beyond noise |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "margin > 0 means the claim holds; 'beyond noise' = |margin| > t x its standard error, t the "
+             f"{100 * BEYOND_NOISE_P:g} % point of Student's t at the error's degrees of freedom (df; 12.7 at one, "
+             "2.8 at four, 1.96 at many), '-' where a row has one seed: a training's own spread needs two to "
+             "measure. Test: 'paired' compares the two rows over the same expressions and seeds (the error of a "
+             f"bootstrap over expressions of the per-expression differences, {BOOTSTRAP_SAMPLES} samples, df "
+             "expressions - 1, and of the per-seed mean differences over seeds, df seeds - 1, added in quadrature, "
+             "their df by Welch-Satterthwaite); 'seeds' compares the rows' means over seeds (the standard error of "
+             "a difference of means, Welch's df), used where a row has no per-expression scores.", "",
+             "| table | claim | metric | compared | margin | noise (SE) | df | test | status | beyond noise |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['table']} | {r['text']} | {r['metric']} | {r.get('compared', '-')} | "
-                     f"{format_margin(r.get('margin'))} | {format_margin(r.get('noise'))} | {r.get('test', '-')} | {r['status']} | "
-                     f"{_beyond_text(r)} |")
+                     f"{format_margin(r.get('margin'))} | {format_margin(r.get('noise'))} | {format_df(r.get('noise_df'))} | "
+                     f"{r.get('test', '-')} | {r['status']} | {_beyond_text(r)} |")
     held = sum(r["status"] == "holds" for r in rows)
     evaluated = sum(r["status"] in ("holds", "does not hold") for r in rows)
     lines += ["", f"{held} of {evaluated} evaluated claim-metric pairs hold; "
@@ -416,17 +473,17 @@ def _claims_html(profile: str, rows: list[dict]) -> str:
         f"<tr class='{'ok' if r['status'] == 'holds' else ('bad' if r['status'] == 'does not hold' else '')}'>"
         + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
             r["table"], r["text"], r["metric"], r.get("compared", "-"), format_margin(r.get("margin")),
-            format_margin(r.get("noise")), r.get("test", "-"), r["status"],
+            format_margin(r.get("noise")), format_df(r.get("noise_df")), r.get("test", "-"), r["status"],
             _beyond_text(r))) + "</tr>"
         for r in rows)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>claims: {profile}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}}td,th{{border-bottom:1px solid #ddd;padding:3px 8px;
 font-size:0.9em}}tr.ok td{{background:#eefbea}}tr.bad td{{background:#fdecea}}</style></head><body>
-<h1>The paper's claims on the {profile} profile</h1><p>margin &gt; 0: the claim holds. Beyond noise: |margin| &gt; 2 x
-its standard error: paired over the same expressions and seeds (a bootstrap over expressions, and the
+<h1>The paper's claims on the {profile} profile</h1><p>margin &gt; 0: the claim holds. Beyond noise: |margin| &gt; t x
+its standard error (t: Student's two-sided 95 % point at the error's degrees of freedom, df): paired over the same expressions and seeds (a bootstrap over expressions, and the
 per-seed differences' spread over seeds) where both rows have per-expression scores, else over the seeds' means
 (the test column says which); unknown (-) where a row has one seed.</p><table><tr><th>table</th>
-<th>claim</th><th>metric</th><th>compared</th><th>margin</th><th>noise (SE)</th><th>test</th><th>status</th>
+<th>claim</th><th>metric</th><th>compared</th><th>margin</th><th>noise (SE)</th><th>df</th><th>test</th><th>status</th>
 <th>beyond noise</th></tr>{body}</table></body></html>
 """
 

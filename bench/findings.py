@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.render import format_margin
+from bench.render import format_df, format_margin
 from ehin.cli import command, command_parser
 
 FINDINGS = Path("docs/findings.md")
@@ -259,7 +259,8 @@ def claims_section(reports: Path, root: Path) -> str:
              "margin's standard error (the test column says whether over the same expressions and seeds, which "
              "counts the expressions' sampling and the training's spread over seeds, or over the seeds' means; "
              "unknown while a row has one seed); margin / SE says how far the verdict is from noise (beyond "
-             "noise: more than 2). "
+             "noise: more than Student's t at the error's degrees of freedom, df: 12.7 at one, 2.8 at four, 1.96 "
+             "at many). "
              "Claim-metric pairs whose rows have no results yet are counted, not listed."]
     for f in files:
         d = json.loads(f.read_text())
@@ -274,15 +275,16 @@ def claims_section(reports: Path, root: Path) -> str:
         lines += ["", head + f"{len(held)} of {len(judged)} judged pairs hold, {beyond(held)} of them beyond noise; "
                       f"{len(judged) - len(held)} do not, {beyond(judged) - beyond(held)} of them beyond noise; "
                       f"{len(rows) - len(judged)} without results."]
-        lines += ["", "| table | claim | metric | compared | margin | SE | margin / SE | test | verdict |",
-                  "|---|---|---|---|---:|---:|---:|---|---|"]
+        lines += ["", "| table | claim | metric | compared | margin | SE | df | margin / SE | test | verdict |",
+                  "|---|---|---|---|---:|---:|---:|---:|---|---|"]
         for r in judged:
             se = r.get("noise")
             ratio = "—" if not se else f"{r['margin'] / se:+.1f}"
             noise = ("beyond noise" if r.get("significant") else
                      "within noise" if se else "noise unknown (one seed)")
             lines.append(f"| {r['table']} | {r['text']} | {r['metric']} | {r.get('compared', '—')} | "
-                         f"{format_margin(r['margin'])} | {format_margin(se).lstrip('+') if se else '—'} | {ratio} | "
+                         f"{format_margin(r['margin'])} | {format_margin(se).lstrip('+') if se else '—'} | "
+                         f"{format_df(r.get('noise_df')).replace('-', '—')} | {ratio} | "
                          f"{r.get('test', '—')} | "
                          f"{r['status']}, {noise} |")
     if unjudged:

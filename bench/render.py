@@ -31,6 +31,13 @@ def format_margin(x) -> str:
     return f"{x:+.2f}" if x == 0 or abs(x) >= 0.1 else f"{x:+.2g}"
 
 
+def format_df(df: float | None) -> str:
+    """An error's degrees of freedom (bench.check): one decimal below 100, whole above, '-' when unknown."""
+    if df is None or math.isnan(df):
+        return "-"
+    return f"{df:.1f}" if df < 100 else f"{df:.0f}"
+
+
 _REAL_NAMES = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "RefCOCOg", "referit": "ReferIt"}
 
 

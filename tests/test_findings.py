@@ -95,15 +95,16 @@ def test_rendering_into_the_project_reports_refreshes_its_views(tmp_path):
 
 
 def test_claims_section_says_how_far_each_verdict_is_from_noise(tmp_path):
-    """Per profile, from reports/claims/<profile>.json: judged pairs listed with margin / SE, the verdict
-    beyond noise when |margin| > 2 SE; pairs without results counted; a report without JSON named."""
+    """Per profile, from reports/claims/<profile>.json: judged pairs listed with margin / SE and the error's
+    degrees of freedom, the verdict as bench.check judged it; pairs without results counted; a report without
+    JSON named."""
     claims = tmp_path / "reports" / "claims"
     claims.mkdir(parents=True)
     rows = [{"table": "table6", "text": "HIPM helps", "metric": "point_mask", "compared": "EHIN vs w/o HIPM",
-             "margin": 3.0, "noise": 1.0, "test": "paired (100 expressions x 5 seeds)", "status": "holds",
+             "margin": 3.0, "noise": 1.0, "noise_df": 6.2, "test": "paired (100 expressions x 5 seeds)", "status": "holds",
              "significant": True},
             {"table": "table5", "text": "full loss best", "metric": "iou", "compared": "all vs fg", "margin": -0.5,
-             "noise": 1.0, "test": "seeds", "status": "does not hold", "significant": False},
+             "noise": 1.0, "noise_df": 1.0, "test": "seeds", "status": "does not hold", "significant": False},
             {"table": "table9", "text": "K=6 best", "metric": "iou", "margin": 1.2, "noise": None, "test": "seeds",
              "status": "holds"},
             {"table": "table2", "text": "EHIN beats TRIS", "metric": "iou", "status": "no results"}]
@@ -112,9 +113,9 @@ def test_claims_section_says_how_far_each_verdict_is_from_noise(tmp_path):
     text = findings(tmp_path / "reports", tmp_path)
     assert ("**gpu** (`reports/claims/gpu.json`, from `reports/gpu/store`): 2 of 3 judged pairs hold, 1 of them "
             "beyond noise; 1 do not, 0 of them beyond noise; 1 without results.") in text
-    assert ("| table6 | HIPM helps | point_mask | EHIN vs w/o HIPM | +3.00 | 1.00 | +3.0 | paired (100 expressions x 5 "
+    assert ("| table6 | HIPM helps | point_mask | EHIN vs w/o HIPM | +3.00 | 1.00 | 6.2 | +3.0 | paired (100 expressions x 5 "
             "seeds) | holds, beyond noise |") in text
-    assert "| table5 | full loss best | iou | all vs fg | -0.50 | 1.00 | -0.5 | seeds | does not hold, within noise |" in text
-    assert "| table9 | K=6 best | iou | — | +1.20 | — | — | seeds | holds, noise unknown (one seed) |" in text
+    assert "| table5 | full loss best | iou | all vs fg | -0.50 | 1.00 | 1.0 | -0.5 | seeds | does not hold, within noise |" in text
+    assert "| table9 | K=6 best | iou | — | +1.20 | — | — | — | seeds | holds, noise unknown (one seed) |" in text
     assert "EHIN beats TRIS" not in text and "`reports/claims/smoke.md`" in text
     assert "## What this testbed cannot show" in text

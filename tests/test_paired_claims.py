@@ -7,24 +7,25 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bench.check import evaluate_claim, paired_difference
+from bench.check import effective_df, evaluate_claim, paired_difference, student_t_quantile
 from ehin.evaluate import read_per_expression, write_per_expression
 
 
 def test_paired_difference_by_hand():
     a = {0: {(1, 1): 100.0, (1, 2): 0.0, (2, 1): 100.0}, 1: {(1, 1): 100.0, (1, 2): 0.0, (2, 1): 100.0}}
     b = {0: {(1, 1): 0.0, (1, 2): 0.0, (2, 1): 100.0, (3, 1): 0.0}, 2: {(1, 1): 0.0}}
-    diff, se, n, seeds = paired_difference(a, b)
+    diff, se, df, n, seeds = paired_difference(a, b)
     assert (n, seeds) == (3, 1)  # seed 0 only; expression (3, 1) is b's alone
     assert diff == pytest.approx(100 / 3)
-    assert math.isnan(se)  # one seed: the training's spread is unmeasured, so the error is unknown
+    assert math.isnan(se) and math.isnan(df)  # one seed: the training's spread is unmeasured, the error unknown
     assert paired_difference(a, {5: {(1, 1): 0.0}}) is None
     # two seeds whose differences are +100/3 (seed 0) and -100/3 (seed 1, every expression alike)
     b[1] = {(1, 1): 100.0, (1, 2): 100.0, (2, 1): 100.0}
-    diff, se, n, seeds = paired_difference(a, b)
+    diff, se, df, n, seeds = paired_difference(a, b)
     assert (n, seeds, diff) == (3, 2, pytest.approx(0.0))
     # the seeds' part alone: std(+33.3, -33.3) / sqrt(2) = 33.3; the expressions' adds to it
     assert se >= 100 / 3
+    assert 1.0 <= df <= 3.0  # one degree from the seeds, two from the expressions: Welch-Satterthwaite between
 
 
 def _records(tmp_path, row: str, scores: dict[int, np.ndarray]) -> list[dict]:
@@ -96,3 +97,28 @@ def test_a_gain_that_changes_with_the_seed_is_within_noise_when_paired(tmp_path)
     assert one["test"] == "paired (500 expressions x 1 seed)"
     assert one["margin"] == pytest.approx(8.0) and one["status"] == "holds"
     assert one["significant"] is None and math.isnan(one["noise"])
+
+
+def test_student_t_quantiles_and_welch_satterthwaite():
+    # tabulated two-sided 95 % points; df = 1 is the Cauchy's tan(0.475 pi)
+    assert student_t_quantile(0.975, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-6)
+    for df, t in ((2, 4.3027), (4, 2.7764), (30, 2.0423), (1e9, 1.9600)):
+        assert student_t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
+    # equal variances of 1 and 4 degrees: (2v)^2 / (v^2/1 + v^2/4) = 3.2; a part with no spread adds nothing
+    assert effective_df([(1.0, 1), (1.0, 4)]) == pytest.approx(3.2)
+    assert effective_df([(2.0, 1), (0.0, 499)]) == pytest.approx(1.0)
+    assert effective_df([(0.0, 1), (0.0, 499)]) == 499
+
+
+def test_two_seeds_need_a_margin_far_beyond_twice_their_error(tmp_path):
+    """Two seeds whose paired differences are +5 and +3 points of 500 expressions: a +4 margin about three
+    errors away, which '2 x SE' would call beyond noise. Half its variance is the two seeds' spread (one
+    degree of freedom), so by Welch-Satterthwaite the error has about two, t is about 4, and the margin is
+    within noise; five seeds that agree as closely make it beyond noise."""
+    rng = np.random.default_rng(2)
+    base = {s: (rng.random(500) < 0.5).astype(float) for s in range(5)}
+    records, two = _judge(tmp_path, _moved({s: base[s] for s in (0, 1)}, {0: 25, 1: 15}), {s: base[s] for s in (0, 1)})
+    assert two["margin"] == pytest.approx(4.0) and 2.5 < two["margin"] / two["noise"] < 4
+    assert 1 < two["noise_df"] < 3 and two["significant"] is False
+    _, five = _judge(tmp_path, _moved(base, {0: 25, 1: 15, 2: 20, 3: 22, 4: 18}), base)
+    assert five["margin"] == pytest.approx(4.0) and five["noise_df"] > 3 and five["significant"] is True
