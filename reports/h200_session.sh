@@ -19,14 +19,17 @@
 #   rerun    the positive control's cells run again, seeds 0..RERUN_SEEDS-1 (default 5), for TESTBED §2.4's
 #            run-to-run spread -> reports/testbed/control-gpu-clip1-rerun/ (session 21's, of the profile
 #            before train.grad_clip, is control-gpu-h200clip-rerun/)
-#   tables   the paper's tables ($TABLES: all but Tables 10 and 2), TABLE_JOBS cells at once (default 14). Packed,
+#   tables   the paper's tables ($TABLES: all but Tables 10 and 2), TABLE_JOBS cells at once (default 16). Packed,
 #            the GPU does about 12,000 TRIS-like training images a second in all, 16 cells or 20 (session 25's
 #            control: 20 cells of 21,500 refs x 20 epochs at 34-37 s an epoch each) and about half as many
 #            EHIN ones (reports/perf/h200_gpu_ehin_tris_procs16_mps_ro.json), so an EHIN cell's share is about
 #            70 s (`python -m bench.estimate --profile gpu`), plus its compiled first epoch and evaluations:
 #            14 at once should end in about 19 minutes, within a sitting that runs nothing before them (session
 #            26: 14 EHIN cells of Tables 5, 6, 3, 4 and 7 packed ended 771-1000 s after they began, 37-48 s an
-#            epoch each; the task took 17 min 37 s). Rows
+#            epoch each; the task took 17 min 37 s; sessions 28 and 29, 14 again: 17 min 34 s and 17 min 48 s, the
+#            GPU at 100 % and the 16 cores 84 % busy). The GPU bounds a wave, so 16 (one a core) should end in
+#            about 16/14 x 1,070 s = 20 min 20 s, about 7 minutes before the machine goes: 2 trainings more a
+#            sitting, for no change to any record (--jobs 16 leaves train.threads at 1). Rows
 #            with more BP layers, K = 9 or small batches cost more; Table 2's chains add CPU pseudo-labels and
 #            stage 2, so it has its own task -> reports/gpu/store/
 #   table2   Table 2 alone, TABLE2_JOBS cells at once (default 6): a Stage-2 chain trains stage 1, labels its
@@ -149,7 +152,7 @@ _tasks)
       table10) python3 -m bench.run table10 --profile gpu --jobs 1 "${W[@]}" --results $G --reports /tmp/p/reports ;;
       rerun) python3 -m bench.testbed --profile gpu --seeds ${RERUN_SEEDS:-5} --results $RR --jobs ${JOBS:-30} \
                "${PACKED[@]}" "${W[@]}" --name rerun --out /tmp/p/rep ;;
-      tables) python3 -m bench.run "$TABLES" --profile gpu --jobs ${TABLE_JOBS:-14} "${PACKED[@]}" "${W[@]}" --results $G \
+      tables) python3 -m bench.run "$TABLES" --profile gpu --jobs ${TABLE_JOBS:-16} "${PACKED[@]}" "${W[@]}" --results $G \
                 --reports /tmp/p/reports ;;
       table2) python3 -m bench.run table2 --profile gpu --jobs ${TABLE2_JOBS:-6} "${PACKED[@]}" "${W[@]}" --results $G \
                 --reports /tmp/p/reports ;;
