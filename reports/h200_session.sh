@@ -23,13 +23,11 @@
 #            the GPU does about 12,000 TRIS-like training images a second in all, 16 cells or 20 (session 25's
 #            control: 20 cells of 21,500 refs x 20 epochs at 34-37 s an epoch each) and about half as many
 #            EHIN ones (reports/perf/h200_gpu_ehin_tris_procs16_mps_ro.json), so an EHIN cell's share is about
-#            70 s (`python -m bench.estimate --profile gpu`), plus its compiled first epoch and evaluations:
-#            14 at once should end in about 19 minutes, within a sitting that runs nothing before them (session
-#            26: 14 EHIN cells of Tables 5, 6, 3, 4 and 7 packed ended 771-1000 s after they began, 37-48 s an
-#            epoch each; the task took 17 min 37 s; sessions 28 and 29, 14 again: 17 min 34 s and 17 min 48 s, the
-#            GPU at 100 % and the 16 cores 84 % busy). The GPU bounds a wave, so 16 (one a core) should end in
-#            about 16/14 x 1,070 s = 20 min 20 s, about 7 minutes before the machine goes: 2 trainings more a
-#            sitting, for no change to any record (--jobs 16 leaves train.threads at 1). Rows
+#            70 s (`python -m bench.estimate --profile gpu`), plus its compiled first epoch and evaluations.
+#            Measured: 14 packed took 17 min 37 s, 17 min 34 s and 17 min 48 s (sessions 26, 28, 29; cells
+#            771-1,009 s each), the GPU at 100 % and the 16 cores 84 % busy. The GPU bounds a wave, so 16 (one
+#            a core) should take about 16/14 x 1,070 s = 20 min 20 s and end about 7 minutes before the
+#            machine goes: 2 trainings more a sitting, no record changed (--jobs 16 keeps train.threads 1). Rows
 #            with more BP layers, K = 9 or small batches cost more; Table 2's chains add CPU pseudo-labels and
 #            stage 2, so it has its own task -> reports/gpu/store/
 #   table2   Table 2 alone, TABLE2_JOBS cells at once (default 6): a Stage-2 chain trains stage 1, labels its
