@@ -25,9 +25,10 @@
 #            EHIN ones (reports/perf/h200_gpu_ehin_tris_procs16_mps_ro.json), so an EHIN cell's share is about
 #            70 s (`python -m bench.estimate --profile gpu`), plus its compiled first epoch and evaluations.
 #            Measured: 14 packed took 17 min 37 s, 17 min 34 s and 17 min 48 s (sessions 26, 28, 29; cells
-#            771-1,009 s each), the GPU at 100 % and the 16 cores 84 % busy. The GPU bounds a wave, so 16 (one
-#            a core) should take about 16/14 x 1,070 s = 20 min 20 s and end about 7 minutes before the
-#            machine goes: 2 trainings more a sitting, no record changed (--jobs 16 keeps train.threads 1). Rows
+#            771-1,009 s each), the GPU at 100 % and the 16 cores 84 % busy. 16 at once (one a core; --jobs 16
+#            keeps train.threads 1, no record changed): each cell took 1.17-1.18 x its time in a wave of 14,
+#            the cores 98 % busy (session 30; its first 8 ended at 15.5-18.1 min, the other 8 were lost with
+#            the machine), so a wave is about 21 min and ends about 5 minutes before the machine goes. Rows
 #            with more BP layers, K = 9 or small batches cost more; Table 2's chains add CPU pseudo-labels and
 #            stage 2, so it has its own task -> reports/gpu/store/
 #   table2   Table 2 alone, TABLE2_JOBS cells at once (default 6): a Stage-2 chain trains stage 1, labels its
@@ -46,10 +47,12 @@
 # The cells run packed on the GPU under MPS with train.compile=reduce-overhead (neither is hashed).
 # A machine goes back 30 s after a call ends unless the next call comes (session 24 lost a wave of 10 cells
 # so: its next poll came later; the new machine it started held nothing), and after 30 minutes held in any
-# case (about 90 s of them pass before `start` runs); a session has 30 device-minutes, starts included. So: one
-# poll right after another, each with a LIMIT near 560 (poll returns before the machine goes, SITTING_S
-# (1650) after start began); a start that remakes the frozen CLIP takes about 210 s, one that carries it
-# about 90. A cell still running when the machine goes is lost, so a task starts cells only while a wave of
+# case (about 90 s of them pass before `start` runs, 183 s in session 30); a session has 30 device-minutes,
+# starts and failed starts (about 90 s each) included, and none is started with less than 4 left. So: one
+# poll right after another, each with a LIMIT near 560, no pause between them (session 30 lost 8 cells of a
+# wave so), poll returning before the machine goes, SITTING_S (1650) after start began; with less device
+# time than 1,800 s left at `start`, set SITTING_S to that less 200. A start that remakes the frozen CLIP takes
+# about 210 s, one that carries it about 90. A cell still running when the machine goes is lost, so a task starts cells only while a wave of
 # them can still end (bench.run --start-within): TABLE_WAVE_S (1320) for tables and table2, CONTROL_WAVE_S
 # (1080) for the control's tasks (20 TRIS-like cells packed took 16 min 54 s in session 25, 25 took 19 min 19
 # s in session 21), TABLE10_WAVE_S (60) for Table 10's timing cells; a task with no such time left is skipped.
