@@ -48,14 +48,15 @@
 # A machine goes back 30 s after a call ends unless the next call comes (session 24 lost a wave of 10 cells
 # so: its next poll came later; the new machine it started held nothing), and after 30 minutes held in any
 # case (about 90 s of them pass before `start` runs, 183 s in session 30); a session has 30 device-minutes,
-# starts and failed starts (about 90 s each) included, and none is started with less than 4 left. So: one
-# poll right after another, each with a LIMIT near 560, no pause between them (session 30 lost 8 cells of a
-# wave so), poll returning before the machine goes, SITTING_S (1650) after start began; with less device
-# time than 1,800 s left at `start`, set SITTING_S to that less 200. A start that remakes the frozen CLIP takes
-# about 210 s, one that carries it about 90. A cell still running when the machine goes is lost, so a task starts cells only while a wave of
-# them can still end (bench.run --start-within): TABLE_WAVE_S (1320) for tables and table2, CONTROL_WAVE_S
-# (1080) for the control's tasks (20 TRIS-like cells packed took 16 min 54 s in session 25, 25 took 19 min 19
-# s in session 21), TABLE10_WAVE_S (60) for Table 10's timing cells; a task with no such time left is skipped.
+# starts and failed starts (about 90 s each) included, and none is started with less than 4 left. So: one poll
+# right after another, each with a LIMIT near 560, no pause between them (session 30 lost 8 cells of a wave so),
+# poll returning before the machine goes, SITTING_S (1650) after start began; with less device time than 1,800 s
+# left at `start`, set SITTING_S to that less 200. A start that remakes the frozen CLIP takes about 210 s, one
+# that carries it about 90. A cell still running when the machine goes is lost, so a task starts cells only
+# while a wave of them can still end (bench.run --start-within): TABLE_WAVE_S (1320) for tables and table2,
+# CONTROL_WAVE_S (1080) for the control's tasks (20 TRIS-like cells packed took 16 min 54 s in session 25, 25
+# took 19 min 19 s in session 21), TABLE10_WAVE_S (60) for Table 10's timing cells; a task with no such time
+# left is skipped.
 #
 # Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
 # device README's pip download command (--python-version 3.12, manylinux platforms) into .whl/:
