@@ -5,7 +5,8 @@
   started it.
 - otherwise a cluster is started in a fresh temp dir and stopped (and the dir removed) at the end.
 - where the script says it cannot run here at all (exit 3: not root, apt-get failed, not Debian),
-  the tests skip with its reason; any other start failure fails them, with the script's log tail.
+  the tests skip with its reason; any other start failure fails them, with the script's log tail
+  (in a temp dir after a second try in a fresh one).
 
 The fixture sets `SLURM_CONF` in `os.environ` (sbatch/squeue/sacct and submitit find the cluster
 through it) and yields a `SlurmCluster` with `.dir`, `.partition`, `.slurm_conf`.
@@ -80,6 +81,14 @@ def _acquire() -> SlurmCluster:
         was_running = False
 
     proc = _run_script("start", directory, START_TIMEOUT_S)
+    if proc.returncode not in (0, CANNOT_RUN_HERE) and not preset:
+        # Once, under the README's test command (two workers, a training beside it), slurmdbd exited while
+        # starting, and the same tests passed when run again (session 30; the cause was not found): one more
+        # try, in a fresh dir (fresh ports), before the tests fail. The failure below names the second try.
+        _run_script("stop", directory, 120)
+        _cleanup_tmp()
+        directory = _state["tmp"] = Path(tempfile.mkdtemp(prefix="ehin-slurm-"))
+        proc = _run_script("start", directory, START_TIMEOUT_S)
     if proc.returncode == CANNOT_RUN_HERE:
         _state["skip"] = f"local SLURM cluster cannot run here: {_reason(proc)}"
         _cleanup_tmp()
