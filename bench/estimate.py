@@ -18,6 +18,7 @@ Sizes: RefCOCO+ (unc) as released (REFER, Yu et al. 2016): 42,278 train refs; 10
 expressions in val / testA / testB. Every dataset is taken at that size.
 
     python -m bench.estimate --profile gpu --perf reports/perf/h200_gpu_ehin_tris_procs16_mps_ro.json
+    python -m bench.estimate --profile gpu --results reports/gpu/store   # + what that store holds, and the rest
 
 A synthetic profile (gpu) is estimated from a packed measurement (`bench.perf --size gpu --procs N`, the
 rate summed over N processes sharing one GPU, as bench.run --jobs packs cells): each training costs its
@@ -28,6 +29,10 @@ smaller K cost less than EHIN, rows with more layers, K = 9 or a smaller batch (
 images) cost more, and the measurement's step does not clip gradients. Sizes are each cell's own dataset,
 generated into the cache if it is not there yet. With many cells packed the GPU is busy throughout, so the
 shares add up to the wall time; a cell alone runs slower than its share.
+
+With --results, each table also says how many of its trainings that store holds (a cell with a record; a
+training several cells or tables share, once; a Table 2 chain once its Stage-2 cell is stored) and the
+estimated time of the rest: a sweep run over several sittings, counted from its records.
 """
 from __future__ import annotations
 
@@ -136,9 +141,12 @@ def makespan(durations: list[float], gpus: int) -> float:
     return max(loads)
 
 
-def estimate(tables: list[str], perf: dict, profile: str = "paper", seeds: int | None = None) -> list[dict]:
+def estimate(tables: list[str], perf: dict, profile: str = "paper", seeds: int | None = None,
+             stored: set[str] | None = None) -> list[dict]:
     """Per table (and `all`, the one queue with identical cells run once): cells, trainings and the
-    wall time on one and two GPUs in seconds, and whether every part was measured."""
+    wall time on one and two GPUs in seconds, and whether every part was measured. With `stored` (the
+    cell ids a results store holds) also how many of the trainings are stored and the share of one GPU
+    the others still take."""
     from bench.run import DEFAULT_SEEDS, build_specs, one_queue
     from bench.sweeps import load_sweep
 
@@ -154,22 +162,33 @@ def estimate(tables: list[str], perf: dict, profile: str = "paper", seeds: int |
     for name in tables:
         specs = build_specs(load_sweep(name), profile, seeds, Path("/nonexistent"))
         queue += specs
-        rows.append(_row(name, specs, perf, infer, packed))
+        rows.append(_row(name, specs, perf, infer, packed, stored))
     if len(tables) > 1:
-        rows.append(_row("all", one_queue(queue)[0], perf, infer, packed))
+        rows.append(_row("all", one_queue(queue)[0], perf, infer, packed, stored))
     return rows
 
 
-def _row(name: str, specs: list, perf: dict, infer: float, packed: bool = False) -> dict:
+def _row(name: str, specs: list, perf: dict, infer: float, packed: bool = False,
+         stored: set[str] | None = None) -> dict:
     trainings: dict[str, tuple[float, bool]] = {}
     chains: set[str] = set()
     extra_eval = 0.0
+    # What is stored: a training whose cell (any of the cells sharing it) has a record, a chain whose
+    # Stage-2 cell has; the rest, and the evaluations of cells not stored, are what is left to run.
+    stored = stored or set()
+    done = {_training_key(s) for s in specs if s.cell_id in stored and s.stage != "2"}
+    done_chains = {_training_key(s) for s in specs if s.cell_id in stored and s.stage == "2"}
+    stage1_cells = {_training_key(s) for s in specs if s.stage != "2"}
+    left: dict[str, float] = {}
+    left_eval = 0.0
     for spec in specs:
         if spec.stage == "inference":
-            extra_eval += 0.0 if packed else _expressions(spec.config["eval"]["split"]) / infer
+            share = 0.0 if packed else _expressions(spec.config["eval"]["split"]) / infer
+            extra_eval += share
+            left_eval += 0.0 if spec.cell_id in stored else share
             continue
         trained = spec.extra.get("trained")
-        key = trained["dir"] if trained else spec.run_dir
+        key = _training_key(spec)
         seconds = packed_training_seconds if packed else training_seconds
         cfg = spec.config if not trained else {**spec.config, "eval": {**spec.config["eval"], "split": trained["split"]}}
         stage1 = spec.extra.get("stage1_dir")
@@ -182,18 +201,33 @@ def _row(name: str, specs: list, perf: dict, infer: float, packed: bool = False)
                 whole, ok = seconds(cfg, "2", perf)
                 base, base_ok = trainings.get(stage1, (s1, True))
                 trainings[stage1] = (base + whole - s1, base_ok and ok)
+                if stage1 not in stage1_cells and key in done_chains:
+                    done.add(stage1)  # a stored chain trained its stage 1 too
+                left[stage1] = (left.get(stage1, 0.0 if stage1 in done else s1)
+                                + (0.0 if key in done_chains else whole - s1))
         elif key not in trainings:  # else counted already: a shared training, or the model a chain built on
             trainings[key] = seconds(cfg, spec.stage, perf)
+            if key not in done:
+                left[key] = trainings[key][0]
         if trained and trained["split"] != spec.config["eval"]["split"]:
             # the shared model's final evaluation on this split (stage 1 and stage 2 for a chain)
             split = spec.config["eval"]["split"]
             share = (_split_expressions(spec.config, split) / _packed_rate(spec.config, perf) if packed
                      else _expressions(split) / infer)
             extra_eval += share * (1 + (spec.stage == "2"))
+            left_eval += 0.0 if spec.cell_id in stored else share * (1 + (spec.stage == "2"))
     durations = [d for d, _ in trainings.values()]
     return {"table": name, "cells": len(specs), "trainings": len(trainings) + len(chains),  # a chain's stage 2 too
             "one_gpu_s": sum(durations) + extra_eval, "two_gpus_s": makespan(durations, 2) + extra_eval / 2,
-            "complete": all(ok for _, ok in trainings.values())}
+            "complete": all(ok for _, ok in trainings.values()),
+            "stored": len(done & trainings.keys()) + len(done_chains & chains),
+            "left_one_gpu_s": sum(left.values()) + left_eval}
+
+
+def _training_key(spec) -> str:
+    """The folder a cell's model is trained in: its shared training's (bench.run.share_trainings), else its own."""
+    trained = spec.extra.get("trained")
+    return trained["dir"] if trained else spec.run_dir
 
 
 def _hours(seconds: float, complete: bool = True) -> str:
@@ -202,43 +236,65 @@ def _hours(seconds: float, complete: bool = True) -> str:
     return text if complete else f">= {text}"
 
 
-def markdown(rows: list[dict], perf: dict, perf_path: str, profile: str, seeds: int) -> str:
+def markdown(rows: list[dict], perf: dict, perf_path: str, profile: str, seeds: int,
+             results: str | None = None) -> str:
+    """The README's estimate block; `results`: the store the rows' `stored` counts came from."""
     gpu = perf.get("environment", {}).get("gpu", perf.get("device", "?"))
     levers = ", ".join(k for k, v in perf.get("levers", {}).items() if v) or "none"
     if profile != "paper":
         mps = " under MPS" if perf.get("environment", {}).get("mps") else ""
         lines = [f"Estimated from `{perf_path}` ({gpu}; {perf.get('procs')} processes at once{mps}; levers: "
                  f"{', '.join(f'{k}={v}' if v is not True else k for k, v in perf.get('levers', {}).items() if v)}) "
-                 f"by `python -m bench.estimate --profile {profile}`: {seeds} seed(s), each cell's own dataset, "
+                 f"by `{command_line(profile, results)}`: {seeds} seed(s), each cell's own dataset, "
                  "cells packed on each GPU, so a training costs its share of the summed rate (an estimate: "
                  "every cell not TRIS-like at EHIN's rate, though rows with more BP layers, K = 9 or smaller "
                  "batches cost more and those with fewer less, evaluations as training images; each wave's "
                  "process start and compilation, minutes, are not counted; \">=\": a two-stage chain counts "
                  "its stage 1 only; \"-\": Table 10's timing cells, run alone, are not counted).",
-                 "", "| table | cells | trainings | one GPU | two GPUs |", "|---|---:|---:|---:|---:|"]
-        for r in rows:
-            one, two = ((_hours(r["one_gpu_s"], r["complete"]), _hours(r["two_gpus_s"], r["complete"]))
-                        if r["trainings"] else ("-", "-"))
-            lines.append(f"| {r['table']} | {r['cells']} | {r['trainings']} | {one} | {two} |")
-        return "\n".join(lines) + "\n"
-    lines = [f"Estimated from `{perf_path}` ({gpu}; levers: {levers}) by `python -m bench.estimate`: profile "
+                 ""]
+        return "\n".join(lines + _table(rows, results)) + "\n"
+    lines = [f"Estimated from `{perf_path}` ({gpu}; levers: {levers}) by `{command_line(profile, results)}`: profile "
              f"{profile}, {seeds} seed(s), every dataset at RefCOCO+'s size, cells one after another on each GPU "
              "(packing cells would shorten them; \">=\": the JSON has no stage-2 rate, so the two-stage chains "
-             "count their stage 1 and pseudo-labels only).", "",
-             "| table | cells | trainings | one GPU | two GPUs |", "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['table']} | {r['cells']} | {r['trainings']} | {_hours(r['one_gpu_s'], r['complete'])} | "
-                     f"{_hours(r['two_gpus_s'], r['complete'])} |")
-    return "\n".join(lines) + "\n"
+             "count their stage 1 and pseudo-labels only).", ""]
+    return "\n".join(lines + _table(rows, results)) + "\n"
 
 
-def update_readme(readme: str | Path, block: str, profile: str = "paper") -> bool:
-    """Rewrite the README's estimate block of `profile`; True when it changed."""
+def _table(rows: list[dict], results: str | None) -> list[str]:
+    """The estimate's table; with `results`, how many trainings that store holds and what the rest take."""
+    lines = []
+    head = "| table | cells | trainings | one GPU | two GPUs |"
+    if results:
+        lines = [f"Stored: the trainings with a record in `{results}` (one shared by several cells or tables "
+                 "counted once, as in `trainings`); the rest: what the others take on one GPU, estimated as "
+                 "above.", ""]
+        head += " stored | the rest, one GPU |"
+    return lines + [head, "|" + "---|" + "---:|" * (head.count("|") - 2)] + [_table_row(r, results) for r in rows]
+
+
+def _table_row(r: dict, results: str | None) -> str:
+    cols = [r["table"], r["cells"], r["trainings"]]
+    timed = r["one_gpu_s"] > 0  # else Table 10's timing cells on a packed profile: not counted
+    cols += [_hours(r["one_gpu_s"], r["complete"]), _hours(r["two_gpus_s"], r["complete"])] if timed else ["-", "-"]
+    if results:
+        rest = r["left_one_gpu_s"]
+        cols += [r["stored"], "-" if not timed else _hours(rest, r["complete"]) if rest > 0 else "none"]
+    return "| " + " | ".join(str(c) for c in cols) + " |"
+
+
+def command_line(profile: str = "paper", results: str | None = None) -> str:
+    """The command that writes an estimate block (the README's markers name it)."""
+    return ("python -m bench.estimate" + (f" --profile {profile}" if profile != "paper" else "")
+            + (f" --results {results}" if results else ""))
+
+
+def update_readme(readme: str | Path, block: str, profile: str = "paper", results: str | None = None) -> bool:
+    """Rewrite the README's estimate block of `profile` (of `results` too); True when it changed."""
     from bench.report import replace_block
 
-    if profile == "paper":
+    if profile == "paper" and not results:
         return replace_block(readme, README_BEGIN, README_END, block)
-    return replace_block(readme, f"<!-- estimate-{profile}:begin (python -m bench.estimate --profile {profile}) -->",
+    return replace_block(readme, f"<!-- estimate-{profile}:begin ({command_line(profile, results)}) -->",
                          f"<!-- estimate-{profile}:end -->", block)
 
 
@@ -255,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--perf", help=f"a bench.perf JSON: --size paper (default: {DEFAULT_PERF}), or for "
                                   f"--profile gpu a --size gpu --procs N one (default: {DEFAULT_PACKED_PERF})")
     p.add_argument("--seeds", type=int, help="seeds per row (default: the profile's)")
+    p.add_argument("--results", help="a results folder holding store.jsonl: also count the trainings it holds "
+                                     "and estimate the rest")
     p.add_argument("--readme", help="rewrite this README's estimate block of the profile instead of printing only")
     args = p.parse_args(argv)
     args.perf = args.perf or (DEFAULT_PERF if args.profile == "paper" else DEFAULT_PACKED_PERF)
@@ -272,11 +330,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile != "paper" and (perf.get("procs") or 1) < 2:
         raise UserError(f"{args.perf} timed one process; --profile {args.profile} needs a packed measurement "
                         "(bench.perf --procs N)")
+    stored = None
+    if args.results:
+        from bench.store import STORE_NAME, ResultStore
+
+        if not (Path(args.results) / STORE_NAME).is_file():
+            raise UserError(f"{args.results}: no {STORE_NAME} here (--results names the folder bench.run --results wrote)")
+        stored = ResultStore(args.results).finished_ids()
     seeds = args.seeds or DEFAULT_SEEDS[args.profile]
-    block = markdown(estimate(tables, perf, args.profile, seeds), perf, args.perf, args.profile, seeds)
+    block = markdown(estimate(tables, perf, args.profile, seeds, stored), perf, args.perf, args.profile, seeds,
+                     args.results)
     print(block)
     if args.readme:
-        changed = update_readme(args.readme, block, args.profile)
+        changed = update_readme(args.readme, block, args.profile, args.results)
         print(f"{args.readme}: {args.profile} estimate block {'updated' if changed else 'unchanged'}")
 
 

@@ -148,3 +148,62 @@ def test_a_chain_builds_on_its_stage1_cell_without_training_it_again():
     pseudo = len(chains) * 42_278 / 500.0
     assert both["one_gpu_s"] == pytest.approx(stage1["one_gpu_s"] + pseudo + other_splits)
     assert both["trainings"] == stage1["trainings"] + len(chains)
+
+
+def test_stored_trainings_and_the_rest(sizes):
+    """A training counts as stored once any cell of it has a record; the rest is the others' share."""
+    from bench.run import build_specs
+    from bench.sweeps import load_sweep
+
+    specs = build_specs(load_sweep("table5"), "gpu", 5, Path("/nonexistent"))
+    share = (20 * 1000 + 4 * 300) / 600  # one EHIN training's share, as in the test above
+    stored = {s.cell_id for s in specs if s.seed == 0} | {"gpu/table5/not-declared/seed0/0"}
+    (t5,) = E.estimate(["table5"], packed_perf(), profile="gpu", stored=stored)
+    assert t5["stored"] == 7 and t5["left_one_gpu_s"] == pytest.approx(28 * share)
+    (none,) = E.estimate(["table5"], packed_perf(), profile="gpu")
+    assert none["stored"] == 0 and none["left_one_gpu_s"] == pytest.approx(none["one_gpu_s"])
+    (both,) = E.estimate(["table5"], packed_perf(), profile="gpu", stored={s.cell_id for s in specs})
+    assert both["stored"] == 35 and both["left_one_gpu_s"] == 0
+    md = E.markdown([t5], packed_perf(), "p.json", "gpu", 5, "some/store")
+    assert "--results some/store" in md and "| table5 | 35 | 35 | 21 min | 11 min | 7 | 16 min |" in md  # 35 and 28 shares of 35.3 s
+
+
+def test_a_stored_chain_stores_its_stage1_and_its_stage2():
+    """Table 2: a Stage-2 cell's record means its chain ran (stage 1 included); a Stage-1 cell's record
+    leaves the chain's pseudo-labels and stage 2 to run."""
+    from bench.run import build_specs
+    from bench.sweeps import load_sweep
+
+    specs = build_specs(load_sweep("table2"), "paper", 1, Path("/nonexistent"))
+    p = perf(stage2=1000.0)
+    (full,) = E.estimate(["table2"], p)
+    stage1 = {s.cell_id for s in specs if s.stage == "1"}
+    (half,) = E.estimate(["table2"], p, stored=stage1)
+    chains = len({s.extra["trained"]["dir"] if s.extra.get("trained") else s.run_dir for s in specs if s.stage == "2"})
+    assert half["stored"] == full["trainings"] - chains
+    s1_only = E._row("s1", [s for s in specs if s.stage == "1"], p, 500.0)
+    assert half["left_one_gpu_s"] == pytest.approx(full["one_gpu_s"] - s1_only["one_gpu_s"])
+    (done,) = E.estimate(["table2"], p, stored={s.cell_id for s in specs})
+    assert done["stored"] == full["trainings"] and done["left_one_gpu_s"] == 0
+
+
+def test_the_readme_counts_what_the_gpu_store_holds(monkeypatch):
+    """The README's gpu estimate block names reports/gpu/store; its `stored` column must be that store's
+    (the times need the gpu profile's datasets, so only the counts are compared here)."""
+    splits = {"val": 300, "testA": 200, "testB": 100, "test": 100}  # every split the tables evaluate
+    monkeypatch.setattr(E, "dataset_sizes", lambda cfg: (1000, splits))
+    from bench.run import DEFAULT_SEEDS
+    from bench.store import ResultStore
+    from bench.sweeps import list_sweeps
+
+    text = (ROOT / "README.md").read_text()
+    marker = f"<!-- estimate-gpu:begin ({E.command_line('gpu', 'reports/gpu/store')}) -->"
+    assert marker in text, "the README's gpu estimate block no longer names reports/gpu/store"
+    block = text.split(marker, 1)[1].split("<!-- estimate-gpu:end -->", 1)[0]
+    shown = {line.split("|")[1].strip(): int(line.split("|")[6]) for line in block.splitlines()
+             if line.startswith("| ") and not line.startswith("| table |")}
+    stored = ResultStore(ROOT / "reports/gpu/store").finished_ids()
+    rows = E.estimate(list_sweeps(), packed_perf(), "gpu", DEFAULT_SEEDS["gpu"], stored)
+    assert shown == {r["table"]: r["stored"] for r in rows}, (
+        "README's gpu estimate block is stale: python -m bench.estimate --profile gpu --results reports/gpu/store "
+        "--readme README.md")
