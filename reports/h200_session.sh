@@ -54,12 +54,12 @@
 # left at `start`, set SITTING_S to that less 200. A machine can also go with no pause at all (session 31: the
 # second poll, sent at once, found a new one; 16 cells lost); with under about 1,500 s left no wave of 16 fits,
 # and a small one does: SITTING_S=740 TABLE_JOBS=5 TABLE_WAVE_S=560 TASKS=tables ran 5 cells in 8 min 44 s
-# (each 0.52 x its time in a wave of 14, so about 1.75 device-minutes a cell against 1.26). A start that remakes the frozen CLIP takes about 210 s, one
-# that carries it about 90. A cell still running when the machine goes is lost, so a task starts cells only
-# while a wave of them can still end (bench.run --start-within): TABLE_WAVE_S (1320) for tables and table2,
-# CONTROL_WAVE_S (1080) for the control's tasks (20 TRIS-like cells packed took 16 min 54 s in session 25, 25
-# took 19 min 19 s in session 21), TABLE10_WAVE_S (60) for Table 10's timing cells; a task with no such time
-# left is skipped.
+# (each 0.52 x its time in a wave of 14, so about 1.75 device-minutes a cell against 1.26). A start that remakes
+# the frozen CLIP takes about 210 s, one that carries it about 90. A cell still running when the machine goes is
+# lost, so a task starts cells only while a wave of them can still end (bench.run --start-within): TABLE_WAVE_S
+# (1320) for tables and table2, CONTROL_WAVE_S (1080) for the control's tasks (20 TRIS-like cells packed took 16
+# min 54 s in session 25, 25 took 19 min 19 s in session 21), TABLE10_WAVE_S (60) for Table 10's timing cells; a
+# task with no such time left is skipped.
 #
 # Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
 # device README's pip download command (--python-version 3.12, manylinux platforms) into .whl/:
