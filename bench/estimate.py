@@ -147,7 +147,7 @@ def estimate(tables: list[str], perf: dict, profile: str = "paper", seeds: int |
     wall time on one and two GPUs in seconds, and whether every part was measured. With `stored` (the
     cell ids a results store holds) also how many of the trainings are stored and the share of one GPU
     the others still take."""
-    from bench.run import DEFAULT_SEEDS, build_specs, one_queue
+    from bench.run import DEFAULT_SEEDS, build_specs, cell_identity, one_queue
     from bench.sweeps import load_sweep
 
     seeds = seeds or DEFAULT_SEEDS[profile]
@@ -158,11 +158,16 @@ def estimate(tables: list[str], perf: dict, profile: str = "paper", seeds: int |
         infer = perf["results"].get("ehin", {}).get("stage1_infer", {}).get("images_per_s_bs64")
         if not infer:
             raise UserError("the perf JSON holds no EHIN batch-64 inference rate")
-    rows, queue = [], []
-    for name in tables:
-        specs = build_specs(load_sweep(name), profile, seeds, Path("/nonexistent"))
-        queue += specs
-        rows.append(_row(name, specs, perf, infer, packed, stored))
+    specs_of = {name: build_specs(load_sweep(name), profile, seeds, Path("/nonexistent")) for name in tables}
+    queue = [spec for specs in specs_of.values() for spec in specs]
+    if stored:
+        # a cell identical to a stored one (Table 6's EHIN is Table 5's full loss) is stored too: bench.run
+        # copies that record instead of training it again (reuse_identical_cells)
+        same = {}
+        for spec in queue:
+            same.setdefault(cell_identity(spec), []).append(spec.cell_id)
+        stored = set(stored) | {c for ids in same.values() if stored.intersection(ids) for c in ids}
+    rows = [_row(name, specs, perf, infer, packed, stored) for name, specs in specs_of.items()]
     if len(tables) > 1:
         rows.append(_row("all", one_queue(queue)[0], perf, infer, packed, stored))
     return rows

@@ -132,7 +132,7 @@ def shared_training(spec: CellSpec) -> tuple[str | None, tuple[str, ...]]:
     return (training_dir(spec) if leads else None), needs
 
 
-def _identity(spec_or_record) -> tuple:
+def cell_identity(spec_or_record) -> tuple:
     """What makes two cells the same computation: config hash, seed, stage and the job's extra
     arguments (inference cells differ only there)."""
     get = spec_or_record.get if isinstance(spec_or_record, dict) else lambda k, d=None: getattr(spec_or_record, k, d)
@@ -142,10 +142,10 @@ def _identity(spec_or_record) -> tuple:
 def reuse_identical_cells(todo: list[CellSpec], store: ResultStore) -> list[CellSpec]:
     """A cell whose exact config and seed already ran for another table (Table 6's EHIN is Table 5's
     full loss) gets a copy of that record instead of a second training run; returns the rest."""
-    ran = {_identity(r): r for r in store.read() if "config_hash" in r}
+    ran = {cell_identity(r): r for r in store.read() if "config_hash" in r}
     rest = []
     for spec in todo:
-        src = ran.get(_identity(spec))
+        src = ran.get(cell_identity(spec))
         if src is None:
             rest.append(spec)
             continue
@@ -160,10 +160,10 @@ def one_queue(todo: list[CellSpec]) -> tuple[list[CellSpec], list[CellSpec]]:
     first: dict[tuple, CellSpec] = {}
     copies = []
     for spec in todo:
-        if _identity(spec) in first:
+        if cell_identity(spec) in first:
             copies.append(spec)
         else:
-            first[_identity(spec)] = spec
+            first[cell_identity(spec)] = spec
     return list(first.values()), copies
 
 
@@ -185,9 +185,9 @@ def failed_rows(specs: list[CellSpec], store: ResultStore, outcomes=()) -> set[s
     """Rows with a cell missing from the store whose last attempt failed: in this run, or earlier
     (the job leaves RUN_DIR/error.txt), so that the table says "failed" rather than "pending"."""
     done = store.finished_ids()
-    bad = {_identity(o.spec) for o in outcomes if not o.ok}  # a copy of a failed cell failed with it
+    bad = {cell_identity(o.spec) for o in outcomes if not o.ok}  # a copy of a failed cell failed with it
     return {s.row for s in specs if s.cell_id not in done
-            and (_identity(s) in bad or (Path(s.run_dir) / "error.txt").exists())}
+            and (cell_identity(s) in bad or (Path(s.run_dir) / "error.txt").exists())}
 
 
 def declared_records(sweep, profile: str, store: ResultStore, seeds: int,
