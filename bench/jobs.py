@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import signal
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -182,6 +184,16 @@ def _inputs(cfg: dict) -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def let_requeue_outlive_sigterm() -> None:
+    """Ignore SIGTERM from here on, in a job that submitit is about to requeue. Right after `checkpoint`
+    returns, submitit runs `scontrol requeue` in a child process; the requeue, or a preemption's SIGTERM
+    that arrives late, signals every process of the job, that child too, and a killed `scontrol` makes the
+    handler raise: the attempt then ends as failed though the job was requeued (CI, session 31). A child
+    keeps an ignored signal across exec, so `scontrol` finishes; this process exits right after the requeue."""
+    if threading.current_thread() is threading.main_thread():  # submitit calls it from its signal handler
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class CellRunner(submitit.helpers.Checkpointable):
     """`runner(spec)` runs a cell and appends its record; used with `map_array` on SLURM."""
 
@@ -225,6 +237,7 @@ class CellRunner(submitit.helpers.Checkpointable):
 
     def checkpoint(self, spec: CellSpec) -> submitit.helpers.DelayedSubmission:
         # Requeue the same cell; the trainer resumes from <run_dir>/checkpoints/last.pt.
+        let_requeue_outlive_sigterm()
         return submitit.helpers.DelayedSubmission(CellRunner(), spec)
 
     def label(self, spec: CellSpec) -> str:
@@ -267,4 +280,5 @@ class DistributedTraining(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         # Requeue the same training; it resumes from <out_dir>/checkpoints/last.pt.
+        let_requeue_outlive_sigterm()
         return submitit.helpers.DelayedSubmission(DistributedTraining(), *args, **kwargs)
