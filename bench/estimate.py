@@ -175,15 +175,17 @@ def estimate(tables: list[str], perf: dict, profile: str = "paper", seeds: int |
 
 def _row(name: str, specs: list, perf: dict, infer: float, packed: bool = False,
          stored: set[str] | None = None) -> dict:
+    from bench.jobs import training_dir
+
     trainings: dict[str, tuple[float, bool]] = {}
     chains: set[str] = set()
     extra_eval = 0.0
     # What is stored: a training whose cell (any of the cells sharing it) has a record, a chain whose
     # Stage-2 cell has; the rest, and the evaluations of cells not stored, are what is left to run.
     stored = stored or set()
-    done = {_training_key(s) for s in specs if s.cell_id in stored and s.stage != "2"}
-    done_chains = {_training_key(s) for s in specs if s.cell_id in stored and s.stage == "2"}
-    stage1_cells = {_training_key(s) for s in specs if s.stage != "2"}
+    done = {training_dir(s) for s in specs if s.cell_id in stored and s.stage != "2"}
+    done_chains = {training_dir(s) for s in specs if s.cell_id in stored and s.stage == "2"}
+    stage1_cells = {training_dir(s) for s in specs if s.stage != "2"}
     left: dict[str, float] = {}
     left_eval = 0.0
     for spec in specs:
@@ -193,7 +195,7 @@ def _row(name: str, specs: list, perf: dict, infer: float, packed: bool = False,
             left_eval += 0.0 if spec.cell_id in stored else share
             continue
         trained = spec.extra.get("trained")
-        key = _training_key(spec)
+        key = training_dir(spec)
         seconds = packed_training_seconds if packed else training_seconds
         cfg = spec.config if not trained else {**spec.config, "eval": {**spec.config["eval"], "split": trained["split"]}}
         stage1 = spec.extra.get("stage1_dir")
@@ -227,12 +229,6 @@ def _row(name: str, specs: list, perf: dict, infer: float, packed: bool = False,
             "complete": all(ok for _, ok in trainings.values()),
             "stored": len(done & trainings.keys()) + len(done_chains & chains),
             "left_one_gpu_s": sum(left.values()) + left_eval}
-
-
-def _training_key(spec) -> str:
-    """The folder a cell's model is trained in: its shared training's (bench.run.share_trainings), else its own."""
-    trained = spec.extra.get("trained")
-    return trained["dir"] if trained else spec.run_dir
 
 
 def _hours(seconds: float, complete: bool = True) -> str:
