@@ -61,6 +61,11 @@
 # min 54 s in session 25, 25 took 19 min 19 s in session 21), TABLE10_WAVE_S (60) for Table 10's timing cells; a
 # task with no such time left is skipped.
 #
+# Session 32: with about 1,350 s left, SITTING_S=1270 TABLE_JOBS=12 TABLE_WAVE_S=1000 ran 12 cells in 15 min 48 s
+# (about 1.32 device-minutes a cell). Session 33 lost three machines within seconds of a call's end (after a poll
+# and after a start) and got nothing back; one call can do both (`... start && LIMIT=480 ... poll`, 600 s at
+# most), which no gap can break, but only cells that end within about 480 s fit it, and three packed did not. A
+# running cell's checkpoint (about 58 MB, model and AdamW moments) fits neither $OUT nor carry, so it is not kept.#
 # Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
 # device README's pip download command (--python-version 3.12, manylinux platforms) into .whl/:
 # open_clip_torch==3.3.0 pycocotools==2.0.11 optuna==5.0.0 submitit==1.5.4 ftfy wcwidth alembic sqlalchemy
