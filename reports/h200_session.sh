@@ -19,7 +19,7 @@
 #   rerun    the positive control's cells run again, seeds 0..RERUN_SEEDS-1 (default 5), for TESTBED §2.4's
 #            run-to-run spread -> reports/testbed/control-gpu-clip1-rerun/ (session 21's, of the profile
 #            before train.grad_clip, is control-gpu-h200clip-rerun/)
-#   tables   the paper's tables ($TABLES: all but Tables 10 and 2), TABLE_JOBS cells at once (default 16). Packed,
+#   tables   the paper's tables ($TABLES: all but Tables 10 and 2), TABLE_JOBS cells at once (default 14). Packed,
 #            the GPU does about 12,000 TRIS-like training images a second in all, 16 cells or 20 (session 25's
 #            control: 20 cells of 21,500 refs x 20 epochs at 34-37 s an epoch each) and about half as many
 #            EHIN ones (reports/perf/h200_gpu_ehin_tris_procs16_mps_ro.json), so an EHIN cell's share is about
@@ -49,7 +49,7 @@
 # so: its next poll came later; the new machine it started held nothing), and after 30 minutes held in any
 # case (about 90 s of them pass before `start` runs, 183 s in session 30); a session has 30 device-minutes,
 # starts and failed starts (about 90 s each) included, and none is started with less than 4 left. So: one poll
-# right after another, each with a LIMIT near 560, no pause between them (session 30 lost 8 cells of a wave so),
+# right after another, each with a LIMIT near 580, no pause between them (session 30 lost 8 cells of a wave so),
 # poll returning before the machine goes, SITTING_S (1650) after start began; with less device time than 1,800 s
 # left at `start`, set SITTING_S to that less 200. A machine can also go with no pause at all (session 31: the
 # second poll, sent at once, found a new one; 16 cells lost); with under about 1,500 s left no wave of 16 fits,
@@ -65,7 +65,12 @@
 # (about 1.32 device-minutes a cell). Session 33 lost three machines within seconds of a call's end (after a poll
 # and after a start) and got nothing back; one call can do both (`... start && LIMIT=480 ... poll`, 600 s at
 # most), which no gap can break, but only cells that end within about 480 s fit it, and three packed did not. A
-# running cell's checkpoint (about 58 MB, model and AdamW moments) fits neither $OUT nor carry, so it is not kept.#
+# running cell's checkpoint (about 58 MB, model and AdamW moments) fits neither $OUT nor carry, so it is not kept.
+# Hence TABLE_JOBS' default 14 (was 16, session 29 on) and LIMIT's 580 (was 560): a wave of 14 (17 min 34-48 s
+# measured) ends within the two polls that follow `start`, where one of 16 (about 21 min) needs a third call,
+# and each gap between calls is a chance to lose the machine and the wave (four of the nine in sessions 31-33
+# lost it, one of them after a pause on this side).
+#
 # Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
 # device README's pip download command (--python-version 3.12, manylinux platforms) into .whl/:
 # open_clip_torch==3.3.0 pycocotools==2.0.11 optuna==5.0.0 submitit==1.5.4 ftfy wcwidth alembic sqlalchemy
@@ -162,7 +167,7 @@ _tasks)
       table10) python3 -m bench.run table10 --profile gpu --jobs 1 "${W[@]}" --results $G --reports /tmp/p/reports ;;
       rerun) python3 -m bench.testbed --profile gpu --seeds ${RERUN_SEEDS:-5} --results $RR --jobs ${JOBS:-30} \
                "${PACKED[@]}" "${W[@]}" --name rerun --out /tmp/p/rep ;;
-      tables) python3 -m bench.run "$TABLES" --profile gpu --jobs ${TABLE_JOBS:-16} "${PACKED[@]}" "${W[@]}" --results $G \
+      tables) python3 -m bench.run "$TABLES" --profile gpu --jobs ${TABLE_JOBS:-14} "${PACKED[@]}" "${W[@]}" --results $G \
                 --reports /tmp/p/reports ;;
       table2) python3 -m bench.run table2 --profile gpu --jobs ${TABLE2_JOBS:-6} "${PACKED[@]}" "${W[@]}" --results $G \
                 --reports /tmp/p/reports ;;
@@ -182,7 +187,7 @@ _tasks)
   ;;
 poll)
   [ -f /tmp/p/tasks.pid ] || { echo "no tasks were started on this machine (a new one: run start)"; exit 5; }
-  limit=${LIMIT:-560} t0=$(date +%s)
+  limit=${LIMIT:-580} t0=$(date +%s)
   left=$(( $(cat /tmp/p/deadline) - t0 - 20 ))  # back before the machine goes, with what it has
   [ "$left" -lt "$limit" ] && limit=$(( left > 0 ? left : 0 ))
   while [ ! -f /tmp/p/tasks.done ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 10; done
