@@ -52,7 +52,7 @@
 # right after another, each with a LIMIT near 580, no pause between them (session 30 lost 8 cells of a wave so),
 # poll returning before the machine goes, SITTING_S (1650) after start began; with less device time than 1,800 s
 # left at `start`, set SITTING_S to that less 200. A machine can also go with no pause at all (session 31: the
-# second poll, sent at once, found a new one; 16 cells lost); with under about 1,500 s left no wave of 16 fits,
+# second poll, sent at once, found a new one; 16 cells lost); with under about 1,350 s left no wave of 14 fits,
 # and a small one does: SITTING_S=740 TABLE_JOBS=5 TABLE_WAVE_S=560 TASKS=tables ran 5 cells in 8 min 44 s
 # (each 0.52 x its time in a wave of 14, so about 1.75 device-minutes a cell against 1.26). A start that remakes
 # the frozen CLIP takes about 210 s, one that carries it about 90. A cell still running when the machine goes is
@@ -61,15 +61,11 @@
 # min 54 s in session 25, 25 took 19 min 19 s in session 21), TABLE10_WAVE_S (60) for Table 10's timing cells; a
 # task with no such time left is skipped.
 #
-# Session 32: with about 1,350 s left, SITTING_S=1270 TABLE_JOBS=12 TABLE_WAVE_S=1000 ran 12 cells in 15 min 48 s
-# (about 1.32 device-minutes a cell). Session 33 lost three machines within seconds of a call's end (after a poll
-# and after a start) and got nothing back; one call can do both (`... start && LIMIT=480 ... poll`, 600 s at
-# most), which no gap can break, but only cells that end within about 480 s fit it, and three packed did not. A
-# running cell's checkpoint (about 58 MB, model and AdamW moments) fits neither $OUT nor carry, so it is not kept.
-# Hence TABLE_JOBS' default 14 (was 16, session 29 on) and LIMIT's 580 (was 560): a wave of 14 (17 min 34-48 s
-# measured) ends within the two polls that follow `start`, where one of 16 (about 21 min) needs a third call,
-# and each gap between calls is a chance to lose the machine and the wave (four of the nine in sessions 31-33
-# lost it, one of them after a pause on this side).
+# Waves of 14 by default (TABLE_JOBS, was 16) and polls of up to 580 s (LIMIT, was 560): a wave of 14 ends
+# within the two polls after `start`, one of 16 needs a third call, and four of the nine gaps between calls in
+# sessions 31-33 lost the machine. With about 1,350 s left, SITTING_S=1270 TABLE_JOBS=12 TABLE_WAVE_S=1000 ran 12
+# cells in 15 min 48 s (session 32). A running cell's checkpoint (about 58 MB) fits neither $OUT nor carry, so a
+# lost wave stays lost. reports/testbed/README.md (sessions 32 and 33) has the measurements.
 #
 # Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
 # device README's pip download command (--python-version 3.12, manylinux platforms) into .whl/:
