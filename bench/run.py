@@ -112,6 +112,22 @@ def _stage1_hash(spec: CellSpec) -> str:
     return config_hash({**spec.config, "eval": {**spec.config["eval"], "split": _training_split(spec)}}, stage="1")
 
 
+def cell_state(spec: CellSpec, done: set[str]) -> str:
+    """--dry-run's word for a cell: done (stored), failed (its error.txt), started (epochs logged in the
+    folder it trains in but no record: running now, or stopped and resumed by the same command; a lent
+    machine's poll names so the cells a lost machine took with it), else todo."""
+    if spec.cell_id in done:
+        return "done"
+    if (Path(spec.run_dir) / "error.txt").exists():
+        return "failed"
+    logs = sorted(Path(training_dir(spec)).rglob("metrics.jsonl"))
+    if not logs:
+        return "todo"
+    epochs = sum(len(f.read_text().splitlines()) for f in logs)
+    of = f" of {spec.config['train']['epochs']}" if spec.stage == "1" else ""  # Stage 2 logs both stages'
+    return f"started, epochs logged: {epochs}{of}"
+
+
 def leaders_first(specs: list[CellSpec]) -> list[CellSpec]:
     """The queue with the cells that train a shared model first and those that only evaluate it after
     (stable otherwise): the later ones then mostly find the model trained instead of waiting for it."""
@@ -240,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", help="comma-separated subset of rows (default: every row)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every cell (changes the cells' config hash)")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cells: done, started (epochs logged, no record), failed or todo")
     add_mps_arg(p)
     add_compile_wait_arg(p)
     add_start_within_arg(p)
@@ -324,9 +341,7 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
               f"{store.path}, {len(todo)} to run), profile {profile}, executor {executor}")
         if dry_run:
             for s in specs:
-                state = ("done" if s.cell_id in done else
-                         "failed" if (Path(s.run_dir) / "error.txt").exists() else "todo")
-                print(f"  [{state}] {s.cell_id}")
+                print(f"  [{cell_state(s, done)}] {s.cell_id}")
     if dry_run:
         return 0
     to_run, copies = one_queue(queue)

@@ -192,6 +192,9 @@ poll)
   echo "stored: tables $(cat $G/store.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l), clip $(cat $CL/store.jsonl 2>/dev/null | wc -l)"
   grep -a "^==" /tmp/p/tasks.log  # each task's start and end; then failures, without the [sweep] progress lines
   grep -a "failed\|Error" /tmp/p/tasks.log | grep -a -v "^\[sweep\]" | tail -n 10; grep -a "\[sweep\]" /tmp/p/tasks.log | tail -n 2
+  # the table cells started and not stored, with their epochs: what a machine lost now would take with it
+  [ -d $G/runs ] && python3 -m bench.run "$TABLES" --profile gpu --jobs ${TABLE_JOBS:-14} "${PACKED[@]}" --results $G \
+    --dry-run 2>&1 | grep -a "\[started" | sed 's/^ */running or stopped: /'
   # is a packed wave bound by the GPU or by the 16 cores? both utilisations, the CPU's over 5 s
   { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
     read -r _ a1 a2 a3 a4 a5 a6 a7 _ < /proc/stat; sleep 5; read -r _ b1 b2 b3 b4 b5 b6 b7 _ < /proc/stat

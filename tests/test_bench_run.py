@@ -364,3 +364,27 @@ def test_start_within_reaches_the_executor_and_slurm_refuses_it(tmp_path, dispat
         run_main(args("--no-render", "--executor", "slurm", "--start-within", "60", results=tmp_path / "res",
                       reports=tmp_path / "rep"))
     assert "--start-within is for --executor local or inline" in capsys.readouterr().err
+
+
+def test_dry_run_names_a_started_cell_with_its_epochs(tmp_path):
+    """A cell with epochs logged but no record (running now, or stopped): --dry-run says how far it got,
+    counting the epochs of the folder it trains in (its own, or a shared training's)."""
+    from bench.jobs import CellSpec
+    from bench.run import cell_state
+
+    def spec(run_dir, stage="1", extra=None):
+        return CellSpec("table5", "bg+fg", 0, "smoke", stage, {}, {"train": {"epochs": 3}}, "h", str(run_dir),
+                        str(tmp_path), "smoke/table5/bg+fg/seed0/h", extra or {})
+
+    own, shared = tmp_path / "own", tmp_path / "shared"
+    assert cell_state(spec(own), set()) == "todo"
+    own.mkdir()
+    (own / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    assert cell_state(spec(own), set()) == "started, epochs logged: 2 of 3"
+    assert cell_state(spec(own), {"smoke/table5/bg+fg/seed0/h"}) == "done"
+    (shared / "stage2").mkdir(parents=True)
+    (shared / "stage2" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert cell_state(spec(tmp_path / "evaluates", "2", {"trained": {"dir": str(shared)}}), set()) == \
+        "started, epochs logged: 1"
+    (own / "error.txt").write_text("boom")
+    assert cell_state(spec(own), set()) == "failed"
