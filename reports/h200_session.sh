@@ -67,12 +67,13 @@
 # sessions 31-33 lost the machine. With about 1,350 s left, SITTING_S=1270 TABLE_JOBS=12 TABLE_WAVE_S=1000 ran 12
 # cells in 15 min 48 s (session 32). A running cell's checkpoint (about 58 MB) fits neither $OUT nor carry, so a
 # lost wave stays lost. reports/testbed/README.md (sessions 32 and 33) has the measurements.
-# That holds for TRIS-like cells. Table 8's small batches take longer: in session 34's wave of 14, 12 cells ended
-# within 18 min 51 s, N=12 s0 took 1,323 s, and one cell (not named; N=6 s0 is the one seed-0 row of Table 8 not
-# stored) still ran at 24 min 52 s, when the device time ran out. So Table 8 now comes last in $TABLES (a cell
-# waiting for its graph to compile lets later ones start, so it can still be reached early: TABLES=table7,fig7,table9
-# keeps it out), and its N=6 and N=12 rows go in sittings of their own (TABLES=table8 TABLE_ROWS=N=6,N=12 and fewer
-# TABLE_JOBS), whose time is not measured yet. poll lists the cells running, with their epochs so far.
+# That holds for cells of the profile's batch (24). Table 8's smaller ones take longer: in session 34's wave of 14,
+# 12 cells ended within 18 min 51 s, N=12 s0 took 1,323 s, and one cell (not named; N=6 s0 is the one seed-0 row of
+# Table 8 not stored) still ran at 24 min 52 s, when the device time ran out. So Table 8 now comes last in $TABLES
+# (a cell waiting for its graph to compile lets later ones start, so it can still be reached early:
+# TABLES=table7,fig7,table9 keeps it out), and its N=6 and N=12 rows go in sittings of their own (TABLES=table8
+# TABLE_ROWS=N=6,N=12 and fewer TABLE_JOBS), whose time is not measured yet. poll lists the cells running, with
+# their epochs so far.
 #
 # Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
 # device README's pip download command (--python-version 3.12, manylinux platforms) into .whl/:
