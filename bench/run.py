@@ -20,6 +20,7 @@ reports/<profile>/<table>/ (other profiles).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from contextlib import nullcontext
@@ -113,19 +114,37 @@ def _stage1_hash(spec: CellSpec) -> str:
 
 
 def cell_state(spec: CellSpec, done: set[str]) -> str:
-    """--dry-run's word for a cell: done (stored), failed (its error.txt), started (epochs logged in the
-    folder it trains in but no record: running now, or stopped and resumed by the same command; a lent
-    machine's poll names so the cells a lost machine took with it), else todo."""
+    """--dry-run's word for a cell: done (stored), failed (its error.txt), started (its run folder exists
+    but no record: running now, or stopped, and then the same command resumes it), else todo. A started
+    cell says how many epochs of each stage its trainings have logged (the folder it trains in, which a
+    shared training or a Stage-2 cell's stage 1 may place elsewhere), so a lent machine's poll can name
+    what a lost machine takes with it."""
     if spec.cell_id in done:
         return "done"
-    if (Path(spec.run_dir) / "error.txt").exists():
+    run_dir = Path(spec.run_dir)
+    if (run_dir / "error.txt").exists():
         return "failed"
-    logs = sorted(Path(training_dir(spec)).rglob("metrics.jsonl"))
-    if not logs:
+    if not (run_dir / "config.yaml").exists():  # bench.jobs.run_cell writes it first
         return "todo"
-    epochs = sum(len(f.read_text().splitlines()) for f in logs)
-    of = f" of {spec.config['train']['epochs']}" if spec.stage == "1" else ""  # Stage 2 logs both stages'
-    return f"started, epochs logged: {epochs}{of}"
+    cfg = spec.config
+    if spec.stage == "1":
+        logs = [(training_dir(spec), cfg["train"]["epochs"], "")]
+    elif spec.stage == "2":
+        stage1 = spec.extra.get("stage1_dir") or Path(training_dir(spec)) / "stage1"
+        logs = [(stage1, cfg["train"]["epochs"], "stage 1 "), (Path(training_dir(spec)) / "stage2",
+                                                               cfg["stage2"]["epochs"], "stage 2 ")]
+    else:
+        return "started"
+    return "started, epochs logged: " + ", ".join(f"{name}{logged_epochs(Path(d))} of {n}" for d, n, name in logs)
+
+
+def logged_epochs(folder: Path) -> int:
+    """The epochs a training's metrics.jsonl holds, each once (a run killed between its epoch's line and its
+    checkpoint logs that epoch again when resumed)."""
+    log = folder / "metrics.jsonl"
+    if not log.is_file():
+        return 0
+    return len({json.loads(line).get("epoch") for line in log.read_text().splitlines() if line.strip()})
 
 
 def leaders_first(specs: list[CellSpec]) -> list[CellSpec]:
@@ -155,9 +174,10 @@ def cell_identity(spec_or_record) -> tuple:
     return get("config_hash"), get("seed"), get("stage"), repr(sorted((get("extra") or {}).items()))
 
 
-def reuse_identical_cells(todo: list[CellSpec], store: ResultStore) -> list[CellSpec]:
+def reuse_identical_cells(todo: list[CellSpec], store: ResultStore, write: bool = True) -> list[CellSpec]:
     """A cell whose exact config and seed already ran for another table (Table 6's EHIN is Table 5's
-    full loss) gets a copy of that record instead of a second training run; returns the rest."""
+    full loss) gets a copy of that record instead of a second training run; returns the rest. With
+    write=False (a dry run) nothing is stored: the copies are only left out of the rest."""
     ran = {cell_identity(r): r for r in store.read() if "config_hash" in r}
     rest = []
     for spec in todo:
@@ -165,8 +185,9 @@ def reuse_identical_cells(todo: list[CellSpec], store: ResultStore) -> list[Cell
         if src is None:
             rest.append(spec)
             continue
-        store.append({**src, "table": spec.table, "row": spec.row, "cell_id": spec.cell_id,
-                      "overrides": spec.overrides, "extra": spec.extra, "reused_from": src["cell_id"]})
+        if write:
+            store.append({**src, "table": spec.table, "row": spec.row, "cell_id": spec.cell_id,
+                          "overrides": spec.overrides, "extra": spec.extra, "reused_from": src["cell_id"]})
     return rest
 
 
@@ -335,13 +356,15 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
     all_specs, queue = {}, []
     for sweep in sweeps:
         specs = all_specs[sweep.name] = build_specs(sweep, profile, seeds, root, rows, extra)
-        todo = reuse_identical_cells([s for s in specs if s.cell_id not in done], store)
+        todo = reuse_identical_cells([s for s in specs if s.cell_id not in done], store, write=not dry_run)
         queue += todo
         print(f"{sweep.name}: {sweep.title}\n  {len(specs)} cells ({len(specs) - len(todo)} already in "
               f"{store.path}, {len(todo)} to run), profile {profile}, executor {executor}")
         if dry_run:
+            copied = {s.cell_id for s in specs if s.cell_id not in done} - {s.cell_id for s in todo}
             for s in specs:
-                print(f"  [{cell_state(s, done)}] {s.cell_id}")
+                state = "a stored cell's copy, written when run" if s.cell_id in copied else cell_state(s, done)
+                print(f"  [{state}] {s.cell_id}")
     if dry_run:
         return 0
     to_run, copies = one_queue(queue)

@@ -72,8 +72,8 @@
 # Table 8 not stored) still ran at 24 min 52 s, when the device time ran out. So Table 8 now comes last in $TABLES
 # (a cell waiting for its graph to compile lets later ones start, so it can still be reached early:
 # TABLES=table7,fig7,table9 keeps it out), and its N=6 and N=12 rows go in sittings of their own (TABLES=table8
-# TABLE_ROWS=N=6,N=12 and fewer TABLE_JOBS), whose time is not measured yet. poll lists the cells running, with
-# their epochs so far.
+# TABLE_ROWS=N=6,N=12 and fewer TABLE_JOBS), whose time is not measured yet. poll lists the cells started and not
+# stored, with their epochs so far.
 #
 # Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
 # device README's pip download command (--python-version 3.12, manylinux platforms) into .whl/:
@@ -148,6 +148,7 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
   # cells only while a wave still has time to end before then (--start-within), and poll returns before it
   echo $(( t0 + ${SITTING_S:-1650} )) > /tmp/p/deadline
   touch /tmp/p/stamp  # what is newer goes back
+  printf 'TABLES=%q TABLE_ROWS=%q TABLE_JOBS=%q\n' "$TABLES" "${TABLE_ROWS:-}" "${TABLE_JOBS:-14}" > /tmp/p/tables.env
   rm -f /tmp/p/tasks.done
   # the tasks run from a copy of this tree: each device call copies the working tree here anew, and a module
   # imported while that copy is made is missing (session 26 lost its rerun and a table cell to
@@ -201,10 +202,11 @@ poll)
   echo "stored: tables $(cat $G/store.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l), clip $(cat $CL/store.jsonl 2>/dev/null | wc -l)"
   grep -a "^==" /tmp/p/tasks.log  # each task's start and end; then failures, without the [sweep] progress lines
   grep -a "failed\|Error" /tmp/p/tasks.log | grep -a -v "^\[sweep\]" | tail -n 10; grep -a "\[sweep\]" /tmp/p/tasks.log | tail -n 2
-  # the table cells started and not stored, with their epochs: what a machine lost now would take with it
-  [ -d $G/runs ] && python3 -m bench.run "$TABLES" --profile gpu ${TABLE_ROWS:+--rows "$TABLE_ROWS"} \
-    --jobs ${TABLE_JOBS:-14} "${PACKED[@]}" --results $G \
-    --dry-run 2>&1 | grep -a "\[started" | sed 's/^ */running or stopped: /'
+  # the table cells started and not stored, with their epochs: what a machine lost now would take with it (the
+  # tasks' code and table settings, saved by start; a dry run writes nothing)
+  [ -d $G/runs ] && (. /tmp/p/tables.env && cd /tmp/p/src && PYTHONPATH=/tmp/site:/tmp/p/src timeout 60 \
+    python3 -m bench.run "$TABLES" --profile gpu ${TABLE_ROWS:+--rows "$TABLE_ROWS"} --jobs $TABLE_JOBS \
+    "${PACKED[@]}" --results $G --dry-run 2>&1 | grep -a "\[started\|Error\|error:" | sed 's/^ */started, not stored: /')
   # is a packed wave bound by the GPU or by the 16 cores? both utilisations, the CPU's over 5 s
   { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
     read -r _ a1 a2 a3 a4 a5 a6 a7 _ < /proc/stat; sleep 5; read -r _ b1 b2 b3 b4 b5 b6 b7 _ < /proc/stat

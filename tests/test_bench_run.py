@@ -367,24 +367,51 @@ def test_start_within_reaches_the_executor_and_slurm_refuses_it(tmp_path, dispat
 
 
 def test_dry_run_names_a_started_cell_with_its_epochs(tmp_path):
-    """A cell with epochs logged but no record (running now, or stopped): --dry-run says how far it got,
-    counting the epochs of the folder it trains in (its own, or a shared training's)."""
+    """A cell whose run folder exists but has no record (running now, or stopped): --dry-run says how far
+    its trainings got, each epoch once, in the folders they train in (a shared training's, a stage 1 made
+    for another cell)."""
     from bench.jobs import CellSpec
     from bench.run import cell_state
 
     def spec(run_dir, stage="1", extra=None):
-        return CellSpec("table5", "bg+fg", 0, "smoke", stage, {}, {"train": {"epochs": 3}}, "h", str(run_dir),
-                        str(tmp_path), "smoke/table5/bg+fg/seed0/h", extra or {})
+        return CellSpec("table5", "bg+fg", 0, "smoke", stage, {}, {"train": {"epochs": 3}, "stage2": {"epochs": 2}},
+                        "h", str(run_dir), str(tmp_path), "smoke/table5/bg+fg/seed0/h", extra or {})
 
-    own, shared = tmp_path / "own", tmp_path / "shared"
-    assert cell_state(spec(own), set()) == "todo"
-    own.mkdir()
-    (own / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    def log(folder, *epochs):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.jsonl").write_text("".join(f'{{"epoch": {e}}}\n' for e in epochs))
+
+    own = tmp_path / "own"
+    log(own, 1, 2, 2)  # epoch 2 logged twice: killed before its checkpoint, then resumed
+    assert cell_state(spec(own), set()) == "todo"  # epochs of an earlier run, but this cell has not started
+    (own / "config.yaml").write_text("{}")
     assert cell_state(spec(own), set()) == "started, epochs logged: 2 of 3"
     assert cell_state(spec(own), {"smoke/table5/bg+fg/seed0/h"}) == "done"
-    (shared / "stage2").mkdir(parents=True)
-    (shared / "stage2" / "metrics.jsonl").write_text('{"epoch": 1}\n')
-    assert cell_state(spec(tmp_path / "evaluates", "2", {"trained": {"dir": str(shared)}}), set()) == \
-        "started, epochs logged: 1"
+
+    follower = tmp_path / "follower"
+    (follower).mkdir()
+    (follower / "config.yaml").write_text("{}")
+    assert cell_state(spec(follower, extra={"trained": {"dir": str(own)}}), set()) == "started, epochs logged: 2 of 3"
+    stage1 = tmp_path / "stage1_elsewhere"
+    log(stage1, 1, 2, 3)
+    log(follower / "stage2", 1)
+    assert cell_state(spec(follower, "2", {"stage1_dir": str(stage1)}), set()) == \
+        "started, epochs logged: stage 1 3 of 3, stage 2 1 of 2"
+    assert cell_state(spec(follower, "inference"), set()) == "started"
     (own / "error.txt").write_text("boom")
     assert cell_state(spec(own), set()) == "failed"
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    """Table 6's EHIN is Table 5's full loss: a dry run names it as a copy to make and leaves the store as it was."""
+    res, rep = tmp_path / "res", tmp_path / "rep"
+    assert run_main(args(results=res, reports=rep, rows="bg+fg+cl")) == 0
+    before = (res / "store.jsonl").read_text()
+    capsys.readouterr()
+    a = ["table6", "--profile", "smoke", "--rows", "EHIN", "--results", str(res), "--reports", str(rep),
+         "--executor", "inline", "--dry-run"]
+    for t in TINY:
+        a += ["--set", t]
+    assert run_main(a) == 0
+    assert "[a stored cell's copy, written when run]" in capsys.readouterr().out
+    assert (res / "store.jsonl").read_text() == before
