@@ -20,7 +20,6 @@ reports/<profile>/<table>/ (other profiles).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from contextlib import nullcontext
@@ -32,6 +31,7 @@ from bench.mps import add_mps_arg, mps_control, mps_daemon
 from bench.store import ResultStore, cell_id
 from ehin.cli import UserError, command, command_parser
 from ehin.config import config_hash
+from ehin.training_log import logged_epochs
 
 PROJECT_REPORTS = Path(__file__).resolve().parents[1] / "reports"  # the committed reports beside README.md
 
@@ -130,21 +130,12 @@ def cell_state(spec: CellSpec, done: set[str]) -> str:
     if spec.stage == "1":
         logs = [(training_dir(spec), cfg["train"]["epochs"], "")]
     elif spec.stage == "2":
-        stage1 = spec.extra.get("stage1_dir") or Path(training_dir(spec)) / "stage1"
-        logs = [(stage1, cfg["train"]["epochs"], "stage 1 "), (Path(training_dir(spec)) / "stage2",
-                                                               cfg["stage2"]["epochs"], "stage 2 ")]
+        trained = Path(training_dir(spec))  # ehin.two_stage's layout: stage1/ (or a stage 1 made elsewhere), stage2/
+        logs = [(spec.extra.get("stage1_dir") or trained / "stage1", cfg["train"]["epochs"], "stage 1 "),
+                (trained / "stage2", cfg["stage2"]["epochs"], "stage 2 ")]
     else:
         return "started"
-    return "started, epochs logged: " + ", ".join(f"{name}{logged_epochs(Path(d))} of {n}" for d, n, name in logs)
-
-
-def logged_epochs(folder: Path) -> int:
-    """The epochs a training's metrics.jsonl holds, each once (a run killed between its epoch's line and its
-    checkpoint logs that epoch again when resumed)."""
-    log = folder / "metrics.jsonl"
-    if not log.is_file():
-        return 0
-    return len({json.loads(line).get("epoch") for line in log.read_text().splitlines() if line.strip()})
+    return "started, epochs logged: " + ", ".join(f"{name}{logged_epochs(d)} of {n}" for d, n, name in logs)
 
 
 def leaders_first(specs: list[CellSpec]) -> list[CellSpec]:

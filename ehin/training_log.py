@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 LOSS_KEYS = ("loss", "fg", "cl", "bg", "bce", "dice", "consistency")  # stage 1 and stage 2 terms
+METRICS = "metrics.jsonl"  # one JSON line per epoch, in the run folder
 
 
 def _tag(key: str) -> str | None:
@@ -55,6 +56,15 @@ def run_summary(history: list[dict], train_s: float, t_start: float, device) -> 
     }
 
 
+def logged_epochs(out_dir: str | Path) -> int:
+    """The epochs a run folder's metrics.jsonl holds, each once: a run killed between an epoch's line
+    and its checkpoint logs that epoch again when it resumes (TrainingLog appends unless fresh)."""
+    log = Path(out_dir) / METRICS
+    if not log.is_file():
+        return 0
+    return len({json.loads(line).get("epoch") for line in log.read_text().splitlines() if line.strip()})
+
+
 class TrainingLog:
     """`log = TrainingLog(out_dir, fresh=...)`, then `log.epoch(entry)` per epoch and `log.close()`."""
 
@@ -64,7 +74,7 @@ class TrainingLog:
 
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = self.out_dir / "metrics.jsonl" if jsonl else None
+        self.jsonl = self.out_dir / METRICS if jsonl else None
         if fresh and self.jsonl is not None and self.jsonl.exists():
             self.jsonl.unlink()  # a fresh run does not append to an old run's lines
         self.writer = SummaryWriter(str(self.out_dir / tb))
