@@ -161,6 +161,10 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
     recs = [r for r in recs if r.get("row") in sweep.rows]
     real = sweep.datasets_used(None)
     used = sweep.datasets_used(profile) if profile else {}
+    for row in used:  # what the records ran on, where a --set changed the declared dataset or split
+        ran = sorted({text for r in recs if r.get("row") == row and (text := _dataset_run(r))})
+        if ran:
+            used[row] = " / ".join(ran)
     pairs: list[str] = []
     for row in sweep.rows:
         paper_ds = _pretty_dataset(real[row])
@@ -185,9 +189,31 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
         "metrics_protocols": sorted({str(r.get("metrics_protocol", PROTOCOL_BEFORE)) for r in recs}),
         "hardware": hardware,
         "collapsed": collapsed_cells(recs, COLLAPSED_PCT),
+        "set": extra_overrides(sweep, recs, profile),
         "testbed": (testbed_status(recs, profile, fidelity, fidelity_source) if recs else "-")
         if fidelity_source is not None else None,
     }
+
+
+# Overrides the executor sets on every cell, not the table: the seed, the CPU threads, the compile lever.
+CELL_KEYS = ("train.seed", "train.threads", "train.compile")
+
+
+def extra_overrides(sweep: Sweep, records: Iterable[dict], profile: str | None) -> list[str]:
+    """ "key=value" of every override the records ran with beyond their rows' declaration (a
+    `bench.run --set`), sorted: a table run so is not the paper's table, and its header says how not."""
+    from bench.sweeps import dataset_for_profile
+
+    out: set[str] = set()
+    for r in records:
+        if r.get("row") not in sweep.rows:
+            continue
+        declared = sweep.row_overrides(r["row"], profile)
+        if profile and "data.dataset" in declared:
+            declared["data.dataset"] = dataset_for_profile(declared["data.dataset"], profile)
+        out |= {f"{k}={v}" for k, v in (r.get("overrides") or {}).items()
+                if k not in CELL_KEYS and (k not in declared or declared[k] != v)}
+    return sorted(out)
 
 
 def collapsed_cells(records: Iterable[dict], threshold: float) -> list[dict[str, Any]]:
@@ -262,6 +288,19 @@ def _power_misses(fidelity: dict, variants_off: list[str]) -> list[str]:
     return off
 
 
+def _dataset_run(record: dict) -> str | None:
+    """ "<dataset> [(<split_by>)] <split>" as the record ran it (its overrides, with `bench.run --set`'s),
+    in `Sweep.datasets_used`'s form; None for a record that names no dataset."""
+    o = record.get("overrides") or {}
+    name = o.get("data.dataset")
+    if not name:
+        return None
+    split_by = o.get("data.split_by") or ((record.get("inputs") or {}).get("dataset") or {}).get("split_by")
+    if "refcocog" in str(name) and split_by:  # the only dataset with two split schemes (google / umd)
+        name = f"{name} ({split_by})"
+    return f"{name} {o.get('eval.split', 'val')}"
+
+
 def _pretty_dataset(text: str) -> str:
     name, _, rest = text.partition(" ")
     return f"{_REAL_NAMES.get(name, name)} {rest}".strip()
@@ -292,7 +331,9 @@ def header_lines(info: dict[str, Any]) -> list[str]:
         "configs: " + _configs_line(info),
         "evaluation: " + (", ".join(info.get("metrics_protocols", [])) or "-"),
         "hardware: " + (", ".join(info["hardware"]) or "-"),
-    ] + ([f"testbed: {info['testbed']}"] if info.get("testbed") else []) + _collapsed_lines(info)
+    ] + ([f"testbed: {info['testbed']}"] if info.get("testbed") else []) + (
+        [f"run with `--set {' '.join(info['set'])}` (not the paper's configuration)"] if info.get("set") else []
+    ) + _collapsed_lines(info)
 
 
 def _collapsed_lines(info: dict[str, Any]) -> list[str]:

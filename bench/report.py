@@ -253,7 +253,9 @@ def results_summary(reports: str | Path = "reports") -> str:
         parts.append(
             f"**{info.get('title', folder.name)}** (`reports/{rel}/`; profile {info.get('profile')}, seeds "
             f"{', '.join(map(str, info.get('seeds', [])))}; code {', '.join(info.get('code_versions', []))}; "
-            f"evaluation {', '.join(info.get('metrics_protocols', [])) or 'pre-tris'})\n\n"
+            f"evaluation {', '.join(info.get('metrics_protocols', [])) or 'pre-tris'}"
+            + (f"; run with `--set {' '.join(info['set'])}`, not the paper's configuration" if info.get("set") else "")
+            + ")\n\n"
             + "| row | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
             # a row may name its split after a '|' (Table 2): escaped, or it would open a column
             + "".join(f"| {r.replace('|', chr(92) + '|')} | " + " | ".join(cell(r, c) for c in cols) + " |\n"

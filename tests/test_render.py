@@ -370,3 +370,20 @@ def test_header_names_collapsed_cells(tmp_path):
     assert json.loads(out["json"].read_text())["header"]["collapsed"] == [{"row": "bg", "seed": 0, "empty_maps": 100.0}]
     recs[bg0]["history"][2]["empty_maps"] = COLLAPSED_PCT - 1
     assert "collapsed" not in write_tables(sweep("table5"), recs, tmp_path / "below")["md"].read_text()
+
+
+def test_header_names_the_dataset_the_records_ran_on(tmp_path):
+    """A row run with `bench.run --set data.dataset=...` (its records' overrides) is named with the dataset
+    it ran on, not the sweep's; a row whose records follow the declaration, or with no records, keeps it."""
+    recs = [r for r in table5_records() if r["row"] in ("fg", "bg+fg+cl")]
+    for r in recs:
+        moved = r["row"] == "fg"
+        r["overrides"] = {"data.dataset": "synth-refcocog" if moved else "synth-refcoco+",
+                          "data.K": 1, "eval.split": "val", **({"data.split_by": "umd"} if moved else {})}
+    md = write_tables(sweep("table5"), recs, tmp_path)["md"].read_text()
+    assert ("- dataset: synth-refcoco+ val (paper: RefCOCO+ val); synth-refcocog (umd) val (paper: RefCOCO+ val)\n"
+            in md)
+    # ... and says the table ran beyond its declaration (data.K is declared by no row of Table 5)
+    assert "- run with `--set data.K=1 data.dataset=synth-refcocog data.split_by=umd` (not the paper's configuration)\n" in md
+    untouched = write_tables(sweep("table5"), table5_records(), tmp_path / "declared")["md"].read_text()
+    assert "- dataset: synth-refcoco+ val (paper: RefCOCO+ val)\n" in untouched and "--set" not in untouched
