@@ -13,11 +13,13 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
+import yaml
 
-from bench.sweeps import Sweep
+from bench.sweeps import Sweep, dataset_for_profile
+from ehin.config import HASH_IGNORE
 
 PENDING, PARTIAL, DONE, FAILED = "pending", "partial", "done", "failed"
 CELL_FIELDS = ["n", "mean", "std", "paper", "diff"]
@@ -161,12 +163,20 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
     recs = [r for r in recs if r.get("row") in sweep.rows]
     real = sweep.datasets_used(None)
     used = sweep.datasets_used(profile) if profile else {}
-    for row in used:  # what the records ran on, where a --set changed the declared dataset or split
-        ran = sorted({text for r in recs if r.get("row") == row and (text := _dataset_run(r))})
+    beyond = overrides_beyond_rows(sweep, recs, profile)
+    # a --set of the data leaves the declaration of the rows not run yet untrue too: they are left out
+    data_moved = any(a.split("=", 1)[0] in ("data.dataset", "data.split_by", "eval.split") for a in beyond)
+    for row in list(used):  # what the records ran on, where a --set changed the declared dataset or split
+        ran = sorted({text for r in recs if r.get("row") == row
+                      and (text := _dataset_run(r, lambda: sweep.resolved(row, "data.split_by")))})
         if ran:
             used[row] = " / ".join(ran)
+        elif data_moved:
+            del used[row]
     pairs: list[str] = []
     for row in sweep.rows:
+        if data_moved and row not in used:
+            continue
         paper_ds = _pretty_dataset(real[row])
         text = f"{used[row]} (paper: {paper_ds})" if row in used else f"paper: {paper_ds}"
         if text not in pairs:
@@ -189,21 +199,23 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
         "metrics_protocols": sorted({str(r.get("metrics_protocol", PROTOCOL_BEFORE)) for r in recs}),
         "hardware": hardware,
         "collapsed": collapsed_cells(recs, COLLAPSED_PCT),
-        "set": extra_overrides(sweep, recs, profile),
+        "set": beyond,
         "testbed": (testbed_status(recs, profile, fidelity, fidelity_source) if recs else "-")
         if fidelity_source is not None else None,
     }
 
 
-# Overrides the executor sets on every cell, not the table: the seed, the CPU threads, the compile lever.
-CELL_KEYS = ("train.seed", "train.threads", "train.compile")
+# Overrides that say how or where a cell ran, not what: the seed (a row's seeds are the table's), the
+# speed levers that leave results alone (HASH_IGNORE), and where the data and weights lie (the paper
+# profile's documented --set; the records' `inputs` hold the files' sha256).
+NOT_A_CHANGE = ("train.seed", *HASH_IGNORE, "data.root", "data.image_root", "backbone.pretrained",
+                "scorer.pretrained")
 
 
-def extra_overrides(sweep: Sweep, records: Iterable[dict], profile: str | None) -> list[str]:
-    """ "key=value" of every override the records ran with beyond their rows' declaration (a
-    `bench.run --set`), sorted: a table run so is not the paper's table, and its header says how not."""
-    from bench.sweeps import dataset_for_profile
-
+def overrides_beyond_rows(sweep: Sweep, records: Iterable[dict], profile: str | None) -> list[str]:
+    """ "key=value" (the value as YAML, as `--set` reads it) of every override the records ran with beyond
+    their rows' declaration (a `bench.run --set`), sorted: a table run so is not the paper's table, and
+    its header says how not."""
     out: set[str] = set()
     for r in records:
         if r.get("row") not in sweep.rows:
@@ -211,9 +223,13 @@ def extra_overrides(sweep: Sweep, records: Iterable[dict], profile: str | None) 
         declared = sweep.row_overrides(r["row"], profile)
         if profile and "data.dataset" in declared:
             declared["data.dataset"] = dataset_for_profile(declared["data.dataset"], profile)
-        out |= {f"{k}={v}" for k, v in (r.get("overrides") or {}).items()
-                if k not in CELL_KEYS and (k not in declared or declared[k] != v)}
+        out |= {f"{k}={_yaml_scalar(v)}" for k, v in (r.get("overrides") or {}).items()
+                if k not in NOT_A_CHANGE and (k not in declared or declared[k] != v)}
     return sorted(out)
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
 
 
 def collapsed_cells(records: Iterable[dict], threshold: float) -> list[dict[str, Any]]:
@@ -288,15 +304,17 @@ def _power_misses(fidelity: dict, variants_off: list[str]) -> list[str]:
     return off
 
 
-def _dataset_run(record: dict) -> str | None:
+def _dataset_run(record: dict, declared_split_by: Callable[[], Any]) -> str | None:
     """ "<dataset> [(<split_by>)] <split>" as the record ran it (its overrides, with `bench.run --set`'s),
-    in `Sweep.datasets_used`'s form; None for a record that names no dataset."""
+    in `Sweep.datasets_used`'s form; None for a record that names no dataset. The split scheme: the
+    record's override, else the one its inputs name, else `declared_split_by()` (the row's resolved one)."""
     o = record.get("overrides") or {}
     name = o.get("data.dataset")
     if not name:
         return None
-    split_by = o.get("data.split_by") or ((record.get("inputs") or {}).get("dataset") or {}).get("split_by")
-    if "refcocog" in str(name) and split_by:  # the only dataset with two split schemes (google / umd)
+    if "refcocog" in str(name):  # the only dataset with two split schemes (google / umd)
+        split_by = (o.get("data.split_by") or ((record.get("inputs") or {}).get("dataset") or {}).get("split_by")
+                    or declared_split_by())
         name = f"{name} ({split_by})"
     return f"{name} {o.get('eval.split', 'val')}"
 
@@ -332,8 +350,13 @@ def header_lines(info: dict[str, Any]) -> list[str]:
         "evaluation: " + (", ".join(info.get("metrics_protocols", [])) or "-"),
         "hardware: " + (", ".join(info["hardware"]) or "-"),
     ] + ([f"testbed: {info['testbed']}"] if info.get("testbed") else []) + (
-        [f"run with `--set {' '.join(info['set'])}` (not the paper's configuration)"] if info.get("set") else []
+        [f"run with `{set_flags(info['set'])}` (not the paper's configuration)"] if info.get("set") else []
     ) + _collapsed_lines(info)
+
+
+def set_flags(assignments: Iterable[str]) -> str:
+    """The `bench.run` flags that give these overrides: one `--set KEY=VALUE` each."""
+    return " ".join(f"--set {a}" for a in assignments)
 
 
 def _collapsed_lines(info: dict[str, Any]) -> list[str]:

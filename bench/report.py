@@ -20,7 +20,7 @@ import re
 import time
 from pathlib import Path
 
-from bench.render import header_lines, rewrite_tables
+from bench.render import header_lines, rewrite_tables, set_flags
 from bench.sweeps import list_sweeps, load_sweep
 from ehin.cli import command, command_parser, UserError
 
@@ -254,7 +254,7 @@ def results_summary(reports: str | Path = "reports") -> str:
             f"**{info.get('title', folder.name)}** (`reports/{rel}/`; profile {info.get('profile')}, seeds "
             f"{', '.join(map(str, info.get('seeds', [])))}; code {', '.join(info.get('code_versions', []))}; "
             f"evaluation {', '.join(info.get('metrics_protocols', [])) or 'pre-tris'}"
-            + (f"; run with `--set {' '.join(info['set'])}`, not the paper's configuration" if info.get("set") else "")
+            + (f"; run with `{set_flags(info['set'])}`, not the paper's configuration" if info.get("set") else "")
             + ")\n\n"
             + "| row | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
             # a row may name its split after a '|' (Table 2): escaped, or it would open a column

@@ -384,6 +384,14 @@ def test_header_names_the_dataset_the_records_ran_on(tmp_path):
     assert ("- dataset: synth-refcoco+ val (paper: RefCOCO+ val); synth-refcocog (umd) val (paper: RefCOCO+ val)\n"
             in md)
     # ... and says the table ran beyond its declaration (data.K is declared by no row of Table 5)
-    assert "- run with `--set data.K=1 data.dataset=synth-refcocog data.split_by=umd` (not the paper's configuration)\n" in md
+    assert ("- run with `--set data.K=1 --set data.dataset=synth-refcocog --set data.split_by=umd` (not the paper's "
+            "configuration)\n" in md)
+    # how and where a cell ran is not a change (speed levers, data and weight paths); values as YAML
+    for r in recs:
+        r["overrides"] = {"data.dataset": "synth-refcoco+", "train.channels_last": True, "data.root": "/data",
+                          "backbone.pretrained": "/w/RN50.pt", "train.seed": r["seed"], "train.grad_clip": None,
+                          "model.residual": False}
+    md = write_tables(sweep("table5"), recs, tmp_path / "paths")["md"].read_text()
+    assert "- run with `--set model.residual=false --set train.grad_clip=null` (not the paper's configuration)\n" in md
     untouched = write_tables(sweep("table5"), table5_records(), tmp_path / "declared")["md"].read_text()
     assert "- dataset: synth-refcoco+ val (paper: RefCOCO+ val)\n" in untouched and "--set" not in untouched
