@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reports", default="reports", help="where rendered tables and plots go (default: reports)")
     p.add_argument("--rows", help="comma-separated subset of rows (default: every row)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config override for every cell (changes the cells' config hash)")
+                   help="extra config override for every cell (changes the cells' config hash; the rendered "
+                        "table's header names it and the dataset the cells ran on)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells: done, started (epochs logged, no record), failed or todo")
     add_mps_arg(p)
