@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 import yaml
 
-from bench.sweeps import Sweep, dataset_for_profile
+from bench.sweeps import Sweep, dataset_text
 from ehin.config import HASH_IGNORE
 
 PENDING, PARTIAL, DONE, FAILED = "pending", "partial", "done", "failed"
@@ -220,9 +220,7 @@ def overrides_beyond_rows(sweep: Sweep, records: Iterable[dict], profile: str | 
     for r in records:
         if r.get("row") not in sweep.rows:
             continue
-        declared = sweep.row_overrides(r["row"], profile)
-        if profile and "data.dataset" in declared:
-            declared["data.dataset"] = dataset_for_profile(declared["data.dataset"], profile)
+        declared = sweep.run_overrides(r["row"], profile)
         out |= {f"{k}={_yaml_scalar(v)}" for k, v in (r.get("overrides") or {}).items()
                 if k not in NOT_A_CHANGE and (k not in declared or declared[k] != v)}
     return sorted(out)
@@ -309,14 +307,11 @@ def _dataset_run(record: dict, declared_split_by: Callable[[], Any]) -> str | No
     in `Sweep.datasets_used`'s form; None for a record that names no dataset. The split scheme: the
     record's override, else the one its inputs name, else `declared_split_by()` (the row's resolved one)."""
     o = record.get("overrides") or {}
-    name = o.get("data.dataset")
-    if not name:
+    if not o.get("data.dataset"):
         return None
-    if "refcocog" in str(name):  # the only dataset with two split schemes (google / umd)
-        split_by = (o.get("data.split_by") or ((record.get("inputs") or {}).get("dataset") or {}).get("split_by")
-                    or declared_split_by())
-        name = f"{name} ({split_by})"
-    return f"{name} {o.get('eval.split', 'val')}"
+    return dataset_text(o["data.dataset"], lambda: o.get("data.split_by") or (
+        (record.get("inputs") or {}).get("dataset") or {}).get("split_by") or declared_split_by(),
+        o.get("eval.split", "val"))
 
 
 def _pretty_dataset(text: str) -> str:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import yaml
@@ -103,6 +103,14 @@ class Sweep:
         flat.update(self.rows[row])
         return flat
 
+    def run_overrides(self, row: str, profile: str | None) -> dict[str, Any]:
+        """`row_overrides` as a cell of `profile` runs them: the dataset mapped to the profile's synth-*
+        mirror (`dataset_for_profile`); the declaration itself when profile is None."""
+        flat = self.row_overrides(row, profile)
+        if profile is not None and "data.dataset" in flat:
+            flat["data.dataset"] = dataset_for_profile(flat["data.dataset"], profile)
+        return flat
+
     def resolved(self, row: str, key: str) -> Any:
         """The value a row uses for a dotted key: its overrides, else base.yaml's default."""
         flat = self.row_overrides(row)
@@ -121,8 +129,7 @@ class Sweep:
         for row in self.rows:
             if rows and row not in rows:
                 continue
-            base = self.row_overrides(row, profile)
-            base["data.dataset"] = dataset_for_profile(base["data.dataset"], profile)
+            base = self.run_overrides(row, profile)
             for seed in seeds:
                 overrides = {**base, "train.seed": int(seed), **(extra_overrides or {})}
                 try:
@@ -137,12 +144,16 @@ class Sweep:
         """row -> "<dataset> <split>" as run under `profile` (the real one when profile is None)."""
         out = {}
         for row in self.rows:
-            flat = self.row_overrides(row, profile)
-            ds = flat["data.dataset"] if profile is None else dataset_for_profile(flat["data.dataset"], profile)
-            if "refcocog" in ds:  # the only dataset with two split schemes (google / umd)
-                ds += f" ({flat.get('data.split_by') or self.resolved(row, 'data.split_by')})"
-            out[row] = f"{ds} {flat.get('eval.split', 'val')}"
+            flat = self.run_overrides(row, profile)
+            out[row] = dataset_text(flat["data.dataset"], lambda: flat.get("data.split_by")
+                                    or self.resolved(row, "data.split_by"), flat.get("eval.split", "val"))
         return out
+
+
+def dataset_text(dataset: str, split_by: Callable[[], Any], split: str) -> str:
+    """ "<dataset> [(<split_by>)] <split>", as table headers name what a row ran on; `split_by()` is asked
+    only for refcocog, the one dataset with two split schemes (google / umd)."""
+    return f"{dataset} ({split_by()}) {split}" if "refcocog" in str(dataset) else f"{dataset} {split}"
 
 
 @lru_cache(maxsize=1)
