@@ -1,7 +1,7 @@
 """One cell of a sweep, or one multi-node training, as a submitit job (dinov2/MAE launcher style).
 
 `CellRunner` is the callable every executor runs: inline, local processes or SLURM array tasks.
-Heavy imports stay inside `__call__` so the driver and submitit's pickling stay light. The job
+It writes a cell's record once: a cell already in its store is not run again. Heavy imports stay inside `__call__` so the driver and submitit's pickling stay light. The job
 writes its own record into the store when it finishes, so a result survives the driver dying.
 When SLURM preempts or times a job out, submitit calls `checkpoint`, which requeues the same
 cell; the trainer then resumes from the run folder's last epoch checkpoint.
@@ -202,6 +202,14 @@ class CellRunner(submitit.helpers.Checkpointable):
         from ehin.metrics import PROTOCOL
         from ehin.train_stage1 import StoppedBySignal
 
+        store = ResultStore(spec.store_root)
+        # SLURM kills a requeued job KillWait seconds after its SIGTERM, which submitit's job lets pass, so an
+        # attempt can append its record and be requeued before it exits (CI, session 36): that attempt finished
+        # the cell, and this one returns its record rather than evaluate again and append a second.
+        finished = [r for r in store.read() if r.get("cell_id") == spec.cell_id]
+        if finished:
+            print(f"{spec.cell_id}: an earlier attempt of this job already stored its record in {store.path}")
+            return finished[-1]
         start = time.time()
         # error.txt marks the last attempt as failed (bench.run renders the cell "failed"): a new attempt clears it.
         (Path(spec.run_dir) / "error.txt").unlink(missing_ok=True)
@@ -232,7 +240,7 @@ class CellRunner(submitit.helpers.Checkpointable):
             "device": result.get("device", "cpu"),
             **({"inputs": _inputs(spec.config)} if spec.stage in ("1", "2") else {}),
         }
-        ResultStore(spec.store_root).append(record)
+        store.append(record)
         return record
 
     def checkpoint(self, spec: CellSpec) -> submitit.helpers.DelayedSubmission:

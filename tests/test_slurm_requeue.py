@@ -29,9 +29,11 @@ from tests.test_slurm_cluster import result_within, sacct_states
 
 pytestmark = pytest.mark.slurm
 
-EPOCHS = 4
+EPOCHS = 8
 # The tiny stage-1 config of tests/test_train_stage1.py (random-weight tiny CLIP, 60 scenes), with
-# enough epochs that the job is still training when the first epoch's checkpoint appears.
+# enough epochs that the job is still training when the first epoch's checkpoint appears, and still
+# when SLURM kills it KillWait (3 s, bench/slurm/local_cluster.sh) after the requeue's SIGTERM: at about
+# 2 s an epoch, 4 epochs once let the first attempt finish and store its record first (CI, session 36).
 OVERRIDES = {"backbone.pretrained": None, "synthetic.images": 60, "train.epochs": EPOCHS,
              "eval.max_items": 20, "train.threads": 1, "model.hidden_dim": 32}
 START_S = 120       # until the job has written its first epoch
