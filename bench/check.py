@@ -30,6 +30,11 @@
    report's test column says which; with one seed the noise is unknown. Beyond noise: |margin| > t x SE,
    t Student's at the error's degrees of freedom (few seeds, few degrees, a large t). A claim that does not hold is
    a finding, never a CI failure (exit 0).
+
+3. Two rows of one table compared by the same paired test, whatever config their records ran (a
+   diagnostic run with `bench.run --set`, which the claims leave out because its hashes are not the sweep's):
+
+    python -m bench.check --pair fg+cl fg --tables table5 --results reports/testbed/diag-refcoco-k6
 """
 from __future__ import annotations
 
@@ -331,6 +336,26 @@ def _paired(records, a_row: str, b_row: str, metric: str, store_root: Path | Non
     return paired_difference(_scores(records, a_row, metric, store_root), _scores(records, b_row, metric, store_root))
 
 
+def pair_rows(store: ResultStore, table: str, a_row: str, b_row: str) -> dict[str, Paired | None]:
+    """Row a minus row b of a table, per paired metric, over every record the store holds of them (the
+    newest per seed), paired over the same expressions and seeds as the claims are."""
+    records = store.select(table=table)
+    return {m: _paired(records, a_row, b_row, m, store.root) for m in PAIRED_METRICS}
+
+
+def _pair_text(a_row: str, b_row: str, table: str, pairs: dict[str, Paired | None]) -> str:
+    lines = [f"{table}: {a_row} - {b_row}, paired over the same expressions and seeds (beyond noise: |diff| > t x SE)"]
+    for m, pr in pairs.items():
+        if pr is None:
+            lines.append(f"  {m:<17} nothing pairs")
+            continue
+        beyond = _beyond(pr.diff, pr.se, pr.df)
+        verdict = {None: "noise unknown (one seed)", True: "beyond noise", False: "within noise"}[beyond]
+        lines.append(f"  {m:<17} {pr.diff:+7.2f} SE {pr.se:5.2f} (df {format_df(pr.df)})  {verdict}; "
+                     f"{pr.expressions} expressions x {pr.seeds} seed{'s' if pr.seeds != 1 else ''}")
+    return "\n".join(lines)
+
+
 def _paired_test(paired: Paired) -> str:
     return f"paired ({paired.expressions} expressions x {paired.seeds} seed{'s' if paired.seeds != 1 else ''})"
 
@@ -507,9 +532,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, help="with --claims: seeds per row, as bench.run --seeds (default: the "
                                              "profile's)")
     p.add_argument("--all", action="store_true", help="print every checked metric, not only failures")
+    p.add_argument("--pair", nargs=2, metavar=("ROW_A", "ROW_B"),
+                   help="print row A minus row B of the one table --tables names, paired over expressions and seeds")
     args = p.parse_args(argv)
 
     store = _existing_store(args.results or Path("results") / args.profile, "--results")
+    if args.pair:
+        tables = [t for t in args.tables.split(",") if t]
+        if len(tables) != 1:
+            raise UserError(f"--pair compares two rows of one table: give it with --tables (got {args.tables!r})")
+        have = {r.get("row") for r in store.select(table=tables[0])}
+        missing = [r for r in args.pair if r not in have]
+        if missing:
+            raise UserError(f"--pair: {store.path} holds no {tables[0]} record of row {missing[0]!r} "
+                            f"(rows: {', '.join(sorted(map(str, have))) or 'none'})")
+        print(_pair_text(*args.pair, tables[0], pair_rows(store, tables[0], *args.pair)))
+        return 0
     if args.claims:
         rows, path = claims_report(args.profile, store, args.reports, args.seeds)
         print(path.read_text())

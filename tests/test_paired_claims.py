@@ -122,3 +122,25 @@ def test_two_seeds_need_a_margin_far_beyond_twice_their_error(tmp_path):
     assert 1 < two["noise_df"] < 3 and two["significant"] is False
     _, five = _judge(tmp_path, _moved(base, {0: 25, 1: 15, 2: 20, 3: 22, 4: 18}), base)
     assert five["margin"] == pytest.approx(4.0) and five["noise_df"] > 3 and five["significant"] is True
+
+
+def test_pair_compares_two_rows_of_any_store_through_the_cli(tmp_path, capsys):
+    """`bench.check --pair A B --tables T`: the claims' paired test on two rows of a store whose records ran
+    with `--set` (no sweep hash to match): +4 points in every seed is beyond noise, a typo is one line."""
+    from bench.check import main
+    from bench.store import ResultStore
+
+    rng = np.random.default_rng(0)
+    base = {s: (rng.random(500) < p).astype(float) for s, p in zip(range(3), (0.3, 0.5, 0.7))}
+    store = ResultStore(tmp_path)
+    for r in _records(tmp_path, "B", base) + _records(tmp_path, "A", _moved(base, {0: 20, 1: 20, 2: 20})):
+        store.append({**r, "table": "t", "cell_id": f"x/t/{r['row']}/seed{r['seed']}/h"})
+    assert main(["--pair", "A", "B", "--tables", "t", "--results", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (pm,) = [x for x in lines if x.split()[0] == "point_mask"]
+    assert pm.split()[1] == "+4.00" and "beyond noise; 500 expressions x 3 seeds" in pm
+    (bx,) = [x for x in lines if x.split()[0] == "box_acc"]
+    assert bx.split()[1] == "+0.00" and "within noise" in bx      # box_acc is False in both rows
+    with pytest.raises(SystemExit) as e:
+        main(["--pair", "A", "C", "--tables", "t", "--results", str(tmp_path)])
+    assert e.value.code == 2 and "no t record of row 'C' (rows: A, B)" in capsys.readouterr().err
