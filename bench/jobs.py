@@ -1,8 +1,9 @@
 """One cell of a sweep, or one multi-node training, as a submitit job (dinov2/MAE launcher style).
 
 `CellRunner` is the callable every executor runs: inline, local processes or SLURM array tasks.
-It writes a cell's record once: a cell already in its store is not run again. Heavy imports stay inside `__call__` so the driver and submitit's pickling stay light. The job
-writes its own record into the store when it finishes, so a result survives the driver dying.
+Heavy imports stay inside `__call__` so the driver and submitit's pickling stay light. The job
+writes its own record into the store when it finishes, so a result survives the driver dying, and
+writes it once: a cell its store already holds is not run again.
 When SLURM preempts or times a job out, submitit calls `checkpoint`, which requeues the same
 cell; the trainer then resumes from the run folder's last epoch checkpoint.
 
