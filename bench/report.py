@@ -43,8 +43,10 @@ def _tables(reports: Path) -> list[tuple[Path, dict]]:
     return sorted(found, key=order)
 
 
-def _table_section(folder: Path, info: dict, reports: Path, heading: str, anchor: str) -> str:
-    """A rendered table: its files, where its numbers came from, the table itself, its plots."""
+def _table_section(folder: Path, info: dict, reports: Path, heading: str, anchor: str,
+                   others: list[Path] = ()) -> str:
+    """A rendered table: its files, where its numbers came from, the table itself, its plots, and links to
+    the other renderings of the same table and profile (`others`: diagnostics from other stores)."""
     rel = folder.relative_to(reports)
     files = [f for f in ("table.html", "table.md", "table.tex", "cells.json", "claims.html") if (folder / f).exists()]
     links = " · ".join(f'<a href="{_esc(rel / f)}">{f}</a>' for f in files)
@@ -56,9 +58,12 @@ def _table_section(folder: Path, info: dict, reports: Path, heading: str, anchor
             + "</details></li>")
     plots = "".join(f'<a href="{_esc(rel / p.name)}"><img src="{_esc(rel / p.name)}" alt="{_esc(p.stem)}"></a>'
                     for p in sorted(folder.glob("*.png")))
+    also = ("<p class=\"links\">also rendered from other stores: " + " · ".join(
+        f'<a href="{_esc(o.relative_to(reports) / "table.html")}">{html.escape(str(o.relative_to(reports)))}</a>'
+        for o in others) + "</p>") if others else ""
     return (f'<section id="{anchor}"><h3>{html.escape(heading)}</h3><p class="links">{links}</p>'
             f'<ul class="provenance">{provenance}</ul>{_embedded_table(folder)}'
-            f'<div class="plots">{plots}</div></section>')
+            f'<div class="plots">{plots}</div>{also}</section>')
 
 
 def _not_run_section(heading: str, command: str, anchor: str) -> str:
@@ -113,8 +118,15 @@ def _profiles_shown(tables: list[tuple[Path, dict]]) -> list[str]:
 def _profile_sections(reports: Path, tables: list[tuple[Path, dict]]) -> tuple[list[str], list[str]]:
     """(sections, contents lines): per profile shown, every sweep in sweeps/*.yaml, rendered or with
     the command that would render it; then any rendered table no sweep declares any more."""
-    rendered = {(str(info.get("profile")), str(info.get("table", folder.name))): (folder, info)
-                for folder, info in tables}
+    # Several renderings of one (profile, table): the section shows the one run as its sweep declares it
+    # (no --set) from the shallowest folder (reports/table5/ before reports/testbed/diag-*/table5/), and
+    # links the others (diagnostics) under it.
+    by_key: dict[tuple[str, str], list[tuple[Path, dict]]] = {}
+    for folder, info in tables:
+        by_key.setdefault((str(info.get("profile")), str(info.get("table", folder.name))), []).append((folder, info))
+    for group in by_key.values():
+        group.sort(key=lambda t: (bool(t[1].get("set")), len(t[0].relative_to(reports).parts), str(t[0])))
+    rendered = {key: group[0] for key, group in by_key.items()}
     sections, contents = [], []
     for profile in _profiles_shown(tables):
         sections.append(f'<h2 id="{profile}">Profile: {html.escape(profile)}</h2>')
@@ -127,7 +139,8 @@ def _profile_sections(reports: Path, tables: list[tuple[Path, dict]]) -> tuple[l
             heading = f"{title} [{profile}]"
             if (profile, name) in rendered:
                 folder, info = rendered[(profile, name)]
-                sections.append(_table_section(folder, info, reports, heading, anchor))
+                others = [f for f, _ in by_key[(profile, name)][1:]]
+                sections.append(_table_section(folder, info, reports, heading, anchor, others))
                 links.append(f'<a href="#{anchor}">{html.escape(name)}</a>')
             else:
                 sections.append(_not_run_section(heading, run_command(name, profile), anchor))

@@ -63,3 +63,20 @@ def test_rerender_from_cells_json_matches_the_store_render(tmp_path):
     assert rerender(reports) == [folder]
     assert {f: (folder / f).read_text() for f in before} == before
     assert (folder / "table5_bars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_diagnostic_rendering_does_not_replace_the_profiles_table_in_the_index(tmp_path):
+    """reports/testbed/diag/table5/ (a `--set` run of the same table and profile) sorts after reports/table5/;
+    the section still shows reports/table5/'s numbers, and links the diagnostic under them."""
+    reports = _reports(tmp_path)
+    diag = reports / "testbed" / "diag" / "table5"
+    write_tables(sweep("table5"), [{**r, "metrics": {k: v + 50 for k, v in r["metrics"].items()}}
+                                   for r in table5_records()], diag, seeds=[0, 1])
+    cells = json.loads((diag / "cells.json").read_text())
+    cells["header"]["set"] = {"data.dataset": "synth-refcoco"}
+    (diag / "cells.json").write_text(json.dumps(cells))
+    page = write_index(reports).read_text()
+    section = page.split('id="synthetic-table5"')[1].split("</section>")[0]
+    assert '<a href="table5/table.html">' in section and "run with" not in section
+    assert 'also rendered from other stores: <a href="testbed/diag/table5/table.html">testbed/diag/table5</a>' in section
+    assert page.count("also rendered from other stores") == 1     # the smoke section has one rendering
