@@ -54,14 +54,16 @@ def _executor(cluster, folder: Path) -> submitit.AutoExecutor:
 
 
 def _release_when_pending(job_id: str, timeout_s: float) -> None:
-    """Start the requeued job now: slurmctld holds a requeued job back (BeginTime about two minutes
-    ahead), which would only make this test wait."""
+    """Start the requeued job soon: slurmctld holds a requeued job back (BeginTime about two minutes
+    ahead), which would only make this test wait. Not at once: slurmd refuses to launch a job in the same
+    second as it killed the job's last attempt ("Job credential revoked", "already killed, do not launch
+    batch job"; the job then ends FAILED with no second attempt: CI, session 36), so two seconds on."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         state = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"],
                                capture_output=True, text=True).stdout.strip()
         if state == "PENDING":
-            subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True)
+            subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now+2"], check=True)
             return
         if state in ("", "COMPLETED", "FAILED", "CANCELLED"):
             return
