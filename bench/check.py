@@ -336,11 +336,10 @@ def _paired(records, a_row: str, b_row: str, metric: str, store_root: Path | Non
     return paired_difference(_scores(records, a_row, metric, store_root), _scores(records, b_row, metric, store_root))
 
 
-def pair_rows(store: ResultStore, table: str, a_row: str, b_row: str) -> dict[str, Paired | None]:
-    """Row a minus row b of a table, per paired metric, over every record the store holds of them (the
-    newest per seed), paired over the same expressions and seeds as the claims are."""
-    records = store.select(table=table)
-    return {m: _paired(records, a_row, b_row, m, store.root) for m in PAIRED_METRICS}
+def pair_rows(records: list[dict], store_root: Path, a_row: str, b_row: str) -> dict[str, Paired | None]:
+    """Row a minus row b, per paired metric, over the records given (one table's, the newest per seed),
+    paired over the same expressions and seeds as the claims are."""
+    return {m: _paired(records, a_row, b_row, m, store_root) for m in PAIRED_METRICS}
 
 
 def _pair_text(a_row: str, b_row: str, table: str, pairs: dict[str, Paired | None]) -> str:
@@ -351,13 +350,16 @@ def _pair_text(a_row: str, b_row: str, table: str, pairs: dict[str, Paired | Non
             continue
         beyond = _beyond(pr.diff, pr.se, pr.df)
         verdict = {None: "noise unknown (one seed)", True: "beyond noise", False: "within noise"}[beyond]
-        lines.append(f"  {m:<17} {pr.diff:+7.2f} SE {pr.se:5.2f} (df {format_df(pr.df)})  {verdict}; "
-                     f"{pr.expressions} expressions x {pr.seeds} seed{'s' if pr.seeds != 1 else ''}")
+        lines.append(f"  {m:<17} {pr.diff:+7.2f} SE {pr.se:5.2f} (df {format_df(pr.df)})  {verdict}; {_paired_n(pr)}")
     return "\n".join(lines)
 
 
+def _paired_n(paired: Paired) -> str:
+    return f"{paired.expressions} expressions x {paired.seeds} seed{'s' if paired.seeds != 1 else ''}"
+
+
 def _paired_test(paired: Paired) -> str:
-    return f"paired ({paired.expressions} expressions x {paired.seeds} seed{'s' if paired.seeds != 1 else ''})"
+    return f"paired ({_paired_n(paired)})"
 
 
 def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | None = None) -> list[dict]:
@@ -541,12 +543,13 @@ def main(argv: list[str] | None = None) -> int:
         tables = [t for t in args.tables.split(",") if t]
         if len(tables) != 1:
             raise UserError(f"--pair compares two rows of one table: give it with --tables (got {args.tables!r})")
-        have = {r.get("row") for r in store.select(table=tables[0])}
+        records = store.select(table=tables[0])
+        have = {r.get("row") for r in records}
         missing = [r for r in args.pair if r not in have]
         if missing:
             raise UserError(f"--pair: {store.path} holds no {tables[0]} record of row {missing[0]!r} "
                             f"(rows: {', '.join(sorted(map(str, have))) or 'none'})")
-        print(_pair_text(*args.pair, tables[0], pair_rows(store, tables[0], *args.pair)))
+        print(_pair_text(*args.pair, tables[0], pair_rows(records, store.root, *args.pair)))
         return 0
     if args.claims:
         rows, path = claims_report(args.profile, store, args.reports, args.seeds)
