@@ -1,4 +1,4 @@
-"""Two checks, kept apart.
+"""Checks, kept apart.
 
 1. Drift of our own numbers (detectron2 EXPECTED_RESULTS style):
 
@@ -35,6 +35,11 @@
    diagnostic run with `bench.run --set`, which the claims leave out because its hashes are not the sweep's):
 
     python -m bench.check --pair fg+cl fg --tables table5 --results reports/testbed/diag-refcoco-k6
+
+4. The same rows of two stores, by the same paired test: the same cells run two ways (data-parallel
+   against one process, a speed lever against none):
+
+    python -m bench.check --against reports/gpu/store --tables table5 --rows full --results results/ranks2
 """
 from __future__ import annotations
 
@@ -342,6 +347,13 @@ def pair_rows(records: list[dict], store_root: Path, a_row: str, b_row: str) -> 
     return {m: _paired(records, a_row, b_row, m, store_root) for m in PAIRED_METRICS}
 
 
+def pair_stores(a: list[dict], a_root: Path, b: list[dict], b_root: Path, row: str) -> dict[str, Paired | None]:
+    """Row `row` of records `a` (store a_root) minus the same row of records `b` (store b_root), per paired
+    metric, paired over the same expressions and seeds: the same cells run two ways (bench.run --ranks 2
+    against one process, a speed lever against none, two sittings of a GPU)."""
+    return {m: paired_difference(_scores(a, row, m, a_root), _scores(b, row, m, b_root)) for m in PAIRED_METRICS}
+
+
 def _pair_text(a_row: str, b_row: str, table: str, pairs: dict[str, Paired | None]) -> str:
     lines = [f"{table}: {a_row} - {b_row}, paired over the same expressions and seeds (beyond noise: |diff| > t x SE)"]
     for m, pr in pairs.items():
@@ -536,9 +548,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="print every checked metric, not only failures")
     p.add_argument("--pair", nargs=2, metavar=("ROW_A", "ROW_B"),
                    help="print row A minus row B of the one table --tables names, paired over expressions and seeds")
+    p.add_argument("--against", metavar="RESULTS_B",
+                   help="print each row of the one table --tables names (--rows: those) in --results minus the same "
+                        "row in the store RESULTS_B, paired over expressions and seeds (the same cells run two ways)")
     args = p.parse_args(argv)
 
     store = _existing_store(args.results or Path("results") / args.profile, "--results")
+    if args.against:
+        if args.pair or args.claims or args.update:
+            raise UserError("--against compares two stores; it goes with neither --pair, --claims nor --update")
+        print(_against(store, _existing_store(args.against, "--against"), args.tables, args.rows))
+        return 0
     if args.pair:
         tables = [t for t in args.tables.split(",") if t]
         if len(tables) != 1:
@@ -589,6 +609,33 @@ def main(argv: list[str] | None = None) -> int:
     for note in environment_notes(store, baselines):
         print(f"note: run environment differs from the baseline's: {note}")
     return 1 if failures else 0
+
+
+def _against(store: ResultStore, other: ResultStore, tables: str, rows: str | None) -> str:
+    """bench.check --against: each row both stores hold (or those of `rows`) of the one table, this
+    store's minus the other's; a note where the two ran other configs (their hashes differ)."""
+    names = [t for t in tables.split(",") if t]
+    if len(names) != 1:
+        raise UserError(f"--against compares the rows of one table: give it with --tables (got {tables!r})")
+    a, b = store.select(table=names[0]), other.select(table=names[0])
+    both = [r for r in dict.fromkeys(str(x.get("row")) for x in a) if r in {str(x.get("row")) for x in b}]
+    wanted = [r.strip() for r in rows.split(",") if r.strip()] if rows else both
+    missing = [r for r in wanted if r not in both]
+    if missing or not wanted:
+        raise UserError(f"--against: {names[0]} row {missing[0]!r} is not in both {store.path} and {other.path}"
+                        if missing else f"--against: no {names[0]} row is in both {store.path} and {other.path}")
+    out = []
+    for row in wanted:
+        out.append(_pair_text(f"{row} [{store.root}]", f"{row} [{other.root}]", names[0],
+                              pair_stores(a, store.root, b, other.root, row)))
+        hashes = [sorted({str(r.get("config_hash")) for r in recs if str(r.get("row")) == row}) for recs in (a, b)]
+        if hashes[0] != hashes[1]:
+            out.append(f"  note: the stores ran other configs of this row (config hashes {', '.join(hashes[0])} "
+                       f"and {', '.join(hashes[1])})")
+        sizes = [sorted({r.get("world_size", 1) for r in recs if str(r.get("row")) == row}) for recs in (a, b)]
+        if sizes[0] != sizes[1]:
+            out.append(f"  processes per training: {'/'.join(map(str, sizes[0]))} against {'/'.join(map(str, sizes[1]))}")
+    return "\n".join(out)
 
 
 def _existing_store(root: str | Path, option: str) -> ResultStore:

@@ -364,29 +364,22 @@ def _wait_all(children: list, option: str) -> None:
 
 def data_parallel_scaling(argv: list[str], ranks: int, device: str) -> dict:
     """Time this command (`argv`, without --ddp/--out) in one process, then as `ranks` DDP ranks of one
-    job on this machine (torchrun's environment, a free local port); rank 0's report with the single
+    job on this machine (ehin.distributed.run_local_ranks); rank 0's report with the single
     process's results beside it and `scaling`: each throughput of the job over the single process's."""
-    import os
-    import socket
     import subprocess
+
+    from ehin.distributed import RankFailed, run_local_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
         single = Path(tmp) / "single.json"
         _wait_all([subprocess.Popen([sys.executable, "-m", "bench.perf", *argv, "--out", str(single)],
                                     stdout=subprocess.DEVNULL)], "--ddp (the single process)")
-        outs = [Path(tmp) / f"rank{i}.json" for i in range(ranks)]
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": str(ranks)}
-        if device == "cpu":
-            # On CPU the ranks share the cores: each gets its part, not all of them (oversubscribed, gloo crawls).
-            env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // ranks))
-        with socket.socket() as sock:  # a free port for the ranks' rendezvous, chosen just before they start
-            sock.bind(("127.0.0.1", 0))
-            env["MASTER_PORT"] = str(sock.getsockname()[1])
-        children = [subprocess.Popen([sys.executable, "-m", "bench.perf", *argv, "--out", str(out)],
-                                     stdout=subprocess.DEVNULL, env={**env, "RANK": str(i), "LOCAL_RANK": str(i)})
-                    for i, out in enumerate(outs)]
-        _wait_all(children, "--ddp")
-        report, alone = json.loads(outs[0].read_text()), json.loads(single.read_text())
+        job = Path(tmp) / "job.json"  # rank 0 writes the job's report
+        try:
+            run_local_ranks(["-m", "bench.perf", *argv, "--out", str(job)], ranks, device, what="bench.perf --ddp")
+        except RankFailed as e:
+            raise SystemExit(str(e)) from None
+        report, alone = json.loads(job.read_text()), json.loads(single.read_text())
     # each part's one throughput (stage 1: images_per_s; stage 2: train_images_per_s), job over single process
     report.update(ddp=ranks, single=alone["results"], scaling={
         name: {part: next(v / alone["results"][name][part][k] for k, v in figures.items() if k.endswith("_per_s"))
@@ -525,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
             r["stage2"] = stage2_speed(cfg, device, amp=args.amp, warmup=warmup, repeats=repeats, rank=rank, world=world)
         report["results"][name] = r
         print(name, json.dumps(r, indent=1))
-    _write(report, args.out)
+    if rank == 0:  # under --ddp, the job's report
+        _write(report, args.out)
     if world > 1:
         torch.distributed.destroy_process_group()
 

@@ -271,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
                         "table's header names it and the dataset the cells ran on)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells: done, started (epochs logged, no record), failed or todo")
+    p.add_argument("--ranks", type=positive_int, default=1,
+                   help="train each stage-1 cell as one data-parallel job of this many processes on its machine "
+                        "(one GPU each; gloo on CPU), the same gradient as one process on the global batch "
+                        "(docs/method.md, D-DDP); records say world_size; give it its own --results to compare "
+                        "with one process (bench.check --against) (default: 1)")
     add_mps_arg(p)
     add_compile_wait_arg(p)
     add_start_within_arg(p)
@@ -301,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                       rows=rows, extra=extra, slurm=slurm_options(args, array_parallelism=args.jobs),
                       reports=args.reports, render_tables=not args.no_render, dry_run=args.dry_run,
                       mps=args.mps, compile_wait_s=args.compile_wait, run_cells=not args.render_only,
-                      start_within_s=args.start_within)
+                      start_within_s=args.start_within, ranks=args.ranks)
 
 
 def add_compile_wait_arg(p: argparse.ArgumentParser) -> None:
@@ -323,13 +328,14 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
                jobs: int = 2, rows: list[str] | None = None, extra: dict | None = None,
                slurm: dict | None = None, reports: str | Path = "reports", render_tables: bool = True,
                dry_run: bool = False, mps: bool = False, compile_wait_s: float = COMPILE_WAIT_S,
-               run_cells: bool = True, start_within_s: float | None = None) -> int:
+               run_cells: bool = True, start_within_s: float | None = None, ranks: int = 1) -> int:
     """Run the cells of `sweeps` missing from ROOT/store.jsonl as one queue, then render each table;
     returns the exit status (1 when a cell failed). `mps`: the local cells run under NVIDIA's MPS
     daemon (bench.mps). `compile_wait_s`: how long a compiled graph's other cells wait for its first
     cell's first step (`bench.jobs.compile_group`; 0: they all start at once). `run_cells=False` renders
     what is stored without running anything. `start_within_s`: no cell starts later than this many seconds
-    after the first (executors.dispatch)."""
+    after the first (executors.dispatch). `ranks`: each stage-1 cell trains as one data-parallel job of
+    that many processes (bench.jobs.train_stage1)."""
     if start_within_s is not None and executor == "slurm":
         raise UserError("--start-within is for --executor local or inline (a SLURM array is queued at once: --slurm-time)")
     if mps and executor != "local":
@@ -340,7 +346,7 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
     extra = dict(extra or {})
     if executor == "local":
         # Share the cores between the cells running at once (thread count is not part of the hash).
-        extra.setdefault("train.threads", max(1, (os.cpu_count() or 1) // max(1, jobs)))
+        extra.setdefault("train.threads", max(1, (os.cpu_count() or 1) // max(1, jobs * ranks)))
     # One queue for every table named (`all` included): the executor keeps its --jobs slots busy
     # across tables, and a cell that several tables declare (Table 6's EHIN is Table 5's full loss)
     # trains once; the tables are rendered when the queue is empty.
@@ -348,6 +354,8 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
     all_specs, queue = {}, []
     for sweep in sweeps:
         specs = all_specs[sweep.name] = build_specs(sweep, profile, seeds, root, rows, extra)
+        if ranks > 1:
+            data_parallel_cells(specs, ranks)
         todo = reuse_identical_cells([s for s in specs if s.cell_id not in done], store, write=not dry_run)
         queue += todo
         print(f"{sweep.name}: {sweep.title}\n  {len(specs)} cells ({len(specs) - len(todo)} already in "
@@ -389,6 +397,29 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
         print(f"{failed} cell(s) failed; rerun the same command to retry only those.", file=sys.stderr)
         return 1
     return 0
+
+
+def data_parallel_cells(specs: list[CellSpec], ranks: int) -> None:
+    """Mark each stage-1 cell to train as one job of `ranks` processes (spec.extra["ranks"]: not hashed, so
+    the cell and its store record keep their identity; bench.run.cell_identity tells the two computations
+    apart). Refuses, before anything runs, what the ranks could not run: a Stage-2 chain (its stage 2
+    trains in one process here; bench.launch_ddp runs one data-parallel), a global batch they cannot
+    split, or more ranks than this machine has GPUs."""
+    import torch
+
+    for spec in specs:
+        if spec.stage == "2":
+            raise UserError(f"--ranks {ranks}: {spec.table} has Stage-2 chains, which train in one process here; "
+                            "leave them out (--rows) or run them without --ranks")
+        if spec.stage != "1":
+            continue  # Table 10's timing cells run as they are
+        batch = spec.config["train"]["batch_size"]
+        if batch % ranks:
+            raise UserError(f"--ranks {ranks}: train.batch_size {batch} of {spec.table} {spec.row!r} "
+                            f"is not divisible by the {ranks} ranks")
+        spec.extra["ranks"] = ranks
+    if torch.cuda.is_available() and ranks > torch.cuda.device_count():
+        raise UserError(f"--ranks {ranks}: one GPU per rank, and this machine has {torch.cuda.device_count()}")
 
 
 def refresh_views(reports: Path) -> None:

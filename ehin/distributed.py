@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -58,6 +59,52 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     return rank, world, device
+
+
+class RankFailed(RuntimeError):
+    """A process of a data-parallel job on this machine failed (`run_local_ranks`)."""
+
+
+def run_local_ranks(argv: list[str], ranks: int, device_type: str, *, logs: Path | None = None,
+                    what: str = "data-parallel job") -> None:
+    """Run `python argv` as `ranks` processes of one data-parallel job on this machine, with the
+    environment torchrun gives (RANK, LOCAL_RANK, WORLD_SIZE, a free local port for the rendezvous), and
+    wait for all. Rank r writes its output to logs/rank{r}.log (else stdout is dropped). On CPU the
+    ranks share the cores, each its part (oversubscribed, gloo crawls). One failed rank would leave the
+    others waiting in a collective until the timeout, so they are stopped and RankFailed names it."""
+    import socket
+    import subprocess
+    import time
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": str(ranks)}
+    if device_type == "cpu":
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // ranks))
+    with socket.socket() as sock:  # a free port, chosen just before the ranks start
+        sock.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(sock.getsockname()[1])
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+    outs = [open(logs / f"rank{r}.log", "w") if logs is not None else subprocess.DEVNULL for r in range(ranks)]
+    try:
+        children = [subprocess.Popen([sys.executable, *argv], stdout=out,
+                                     stderr=subprocess.STDOUT if logs is not None else None,
+                                     env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+                    for r, out in enumerate(outs)]
+        while any(c.poll() is None for c in children) and not any(c.poll() for c in children):
+            time.sleep(0.1)
+        failed = [r for r, c in enumerate(children) if c.poll()]
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+            c.wait()
+    finally:
+        for out in outs:
+            if out is not subprocess.DEVNULL:
+                out.close()
+    if failed:
+        where = f"; see {logs}/rank{failed[0]}.log" if logs is not None else ""
+        raise RankFailed(f"{what}: rank(s) {', '.join(map(str, failed))} of {ranks} failed "
+                         f"(exit {children[failed[0]].returncode}){where}")
 
 
 def start_run(cfg: dict, out_dir, device: torch.device) -> tuple[int, int, torch.device, bool]:

@@ -45,6 +45,12 @@
 #            after the cells, on an idle GPU
 #   perf     bench.perf of the gpu profile's EHIN and TRIS-like stage-1 training, 16 processes under MPS
 #            with reduce-overhead (what a packed cell costs) -> reports/perf/, through poll
+#   ddp2     (issue 20; a sitting of kind nvidia-h200-x2, not run yet) bench.perf --ddp 2 at the paper size, both
+#            stages, bf16 + channels-last + fused AdamW (per-step `scaling` of two GPUs over one) -> reports/perf/,
+#            then Table 5's full loss, seeds 0..4, each cell one job of two ranks (bench.run --ranks 2, eager: CUDA
+#            graphs with NCCL's collectives are untested here; compile is not hashed, so the cells are the
+#            stored ones) -> reports/gpu/store-ranks2/, compared by seed with the one-GPU cells:
+#            python -m bench.check --against reports/gpu/store --tables table5 --rows bg+fg+cl --results reports/gpu/store-ranks2
 # The cells run packed on the GPU under MPS with train.compile=reduce-overhead (neither is hashed).
 # A machine goes back 30 s after a call ends unless the next call comes (session 24 lost a wave of 10 cells
 # so: its next poll came later; the new machine it started held nothing), and after 30 minutes held in any
@@ -102,7 +108,7 @@ FROZEN=clip-tiny-rn-2195732df831-939486c5.pt
 PACKED=(--mps --compile-wait 240 --set train.compile=reduce-overhead)
 INFER_ARGS="--size paper --configs ehin --skip train,stage2 --amp --channels-last --fold-bn --compile reduce-overhead"
 TABLES=${TABLES:-table5,table6,table3,table4,table7,fig7,table9}  # Table 8 in sittings of its own (the comment above)
-G=/tmp/p/g RR=/tmp/p/rr CL=/tmp/p/cl  # the stores on this machine
+G=/tmp/p/g RR=/tmp/p/rr CL=/tmp/p/cl D2=/tmp/p/d2  # the stores on this machine
 infer() {  # bench.perf with $PERF_ARGS (default $INFER_ARGS) for at most $1 s, as $2/$NAME.json (TRACE=1: profiled,
            # tables and traces in $2/t)
   timeout "$1" python3 -m bench.perf ${PERF_ARGS:-$INFER_ARGS} ${TRACE:+--trace "$2/t"} --out "$2/${NAME:-h200_infer}.json"
@@ -163,7 +169,7 @@ _tasks)
   for task in ${TASKS:-table10 tables}; do
     echo "== $task $(date +%T)"
     case $task in  # the seconds a wave of the task's cells needs to end (20 TRIS-like cells packed: 17 min)
-      table10) wave=${TABLE10_WAVE_S:-60} ;; infer|perf) wave=0 ;; tables|table2) wave=${TABLE_WAVE_S:-1320} ;;
+      table10) wave=${TABLE10_WAVE_S:-60} ;; infer|perf|ddp2) wave=0 ;; tables|table2) wave=${TABLE_WAVE_S:-1320} ;;
       *) wave=${CONTROL_WAVE_S:-1080} ;;
     esac
     w=$(( $(cat /tmp/p/deadline) - $(date +%s) - wave ))
@@ -185,6 +191,12 @@ _tasks)
       infer) infer $(( w < ${INFER_LIMIT:-420} ? w : ${INFER_LIMIT:-420} )) /tmp/p ;;
       perf) python3 -m bench.perf --size gpu --configs ehin,tris --skip infer,stage2 --channels-last --fused-adamw \
               --procs 16 --mps --compile-train reduce-overhead --out /tmp/p/h200_gpu_ehin_tris_procs16_mps_ro.json ;;
+      ddp2) timeout $(( w < 420 ? w : 420 )) python3 -m bench.perf --size paper --configs ehin --skip infer --amp \
+              --channels-last --fused-adamw --ddp 2 --out /tmp/p/h200_x2_ddp2_bf16_cl_fused.json
+            w=$(( $(cat /tmp/p/deadline) - $(date +%s) - ${DDP_WAVE_S:-900} ))
+            [ "$w" -gt 0 ] && mkdir -p $D2 && cp -r reports/gpu/store-ranks2/. $D2/ 2>/dev/null
+            [ "$w" -gt 0 ] && python3 -m bench.run table5 --rows bg+fg+cl --profile gpu --ranks 2 --jobs 5 --mps \
+              --start-within "$w" --results $D2 --reports /tmp/p/reports ;;
       *) echo "unknown task $task"; false ;;
     esac
     rc=$?
@@ -200,7 +212,7 @@ poll)
   while [ ! -f /tmp/p/tasks.done ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 10; done
   [ -f /tmp/p/tasks.done ] && echo "tasks done after $(( $(date +%s) - t0 )) s" \
     || echo "tasks still running after $(( $(date +%s) - t0 )) s"
-  echo "stored: tables $(cat $G/store.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l), clip $(cat $CL/store.jsonl 2>/dev/null | wc -l)"
+  echo "stored: tables $(cat $G/store.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l), clip $(cat $CL/store.jsonl 2>/dev/null | wc -l), ranks2 $(cat $D2/store.jsonl 2>/dev/null | wc -l)"
   grep -a "^==" /tmp/p/tasks.log  # each task's start and end; then failures, without the [sweep] progress lines
   grep -a "failed\|Error" /tmp/p/tasks.log | grep -a -v "^\[sweep\]" | tail -n 10; grep -a "\[sweep\]" /tmp/p/tasks.log | tail -n 2
   # the table cells started and not stored, with their epochs: what a machine lost now would take with it (the
@@ -216,8 +228,9 @@ poll)
   } > /tmp/p/util.txt 2>&1
   cat /tmp/p/util.txt
   # the stores whole (small), and of the per-expression scores only those written in this sitting
-  (cd /tmp/p && find g/per_expression rr/per_expression cl/per_expression -newer stamp -type f 2>/dev/null > new.txt
-   ls g/store.jsonl rr/store.jsonl cl/store.jsonl h200_*.json util.txt tasks.log 2>/dev/null >> new.txt
+  (cd /tmp/p && find g/per_expression rr/per_expression cl/per_expression d2/per_expression -newer stamp -type f \
+     2>/dev/null > new.txt
+   ls g/store.jsonl rr/store.jsonl cl/store.jsonl d2/store.jsonl h200_*.json util.txt tasks.log 2>/dev/null >> new.txt
    tar czf "$OUT/stores.tgz" --ignore-failed-read -T new.txt) || echo "tar: exit $?"
   ;;
 perf)  # issue 20: bench.perf (infer, above) in the foreground, into $OUT

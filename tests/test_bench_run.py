@@ -415,3 +415,41 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     assert run_main(a) == 0
     assert "[a stored cell's copy, written when run]" in capsys.readouterr().out
     assert (res / "store.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_ranks_train_each_cell_as_one_data_parallel_job(tmp_path, capsys):
+    """--ranks 2 on CPU (gloo): each stage-1 cell trains as one job of two processes, whose record says so;
+    the tiny CLIP holds no batch statistics, so the job computes one process's gradient on the same global
+    batch (D-DDP) and its epoch's mean loss equals the single process's up to float rounding. bench.check
+    --against then pairs the two stores' rows."""
+    from bench.check import main as check_main
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_main(args(results=one, reports=tmp_path / "rep", rows="bg+fg")) == 0
+    assert run_main(args("--ranks", "2", results=two, reports=tmp_path / "rep", rows="bg+fg")) == 0
+    [single], [ddp] = ResultStore(one).read(), ResultStore(two).read()
+    assert "world_size" not in single and ddp["world_size"] == 2
+    assert ddp["cell_id"] == single["cell_id"]  # the same cell, trained another way
+    assert ddp["history"][0]["loss"] == pytest.approx(single["history"][0]["loss"], rel=1e-4)
+    assert ddp["metrics"]["n"] == single["metrics"]["n"] > 0
+    run_dir = Path(ddp["run_dir"])
+    assert {p.name for p in (run_dir / "ranks").iterdir()} == {"rank0.log", "rank1.log"}
+    assert (two / ddp["per_expression"]).is_file()
+
+    capsys.readouterr()
+    assert check_main(["--against", str(one), "--results", str(two), "--tables", "table5"]) == 0
+    out = capsys.readouterr().out
+    assert f"table5: bg+fg [{two}] - bg+fg [{one}], paired over the same expressions and seeds" in out
+    assert "point_mask" in out and "nothing pairs" not in out and "processes per training: 2 against 1" in out
+
+
+def test_ranks_refuse_what_they_cannot_run(tmp_path, capsys):
+    """Before any cell runs: a Stage-2 chain, and a global batch the ranks cannot split."""
+    with pytest.raises(SystemExit) as e:
+        run_main(["table2", "--profile", "smoke", "--ranks", "2", "--results", str(tmp_path)])
+    assert e.value.code == 2 and "--ranks 2: table2 has Stage-2 chains" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run_main(args("--ranks", "5", results=tmp_path / "res", reports=tmp_path / "rep", rows="bg+fg"))
+    assert e.value.code == 2 and "train.batch_size 24 of table5 'bg+fg' is not divisible by the 5 ranks" in capsys.readouterr().err
+    assert not (tmp_path / "res" / "store.jsonl").exists()

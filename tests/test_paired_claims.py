@@ -144,3 +144,28 @@ def test_pair_compares_two_rows_of_any_store_through_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--pair", "A", "C", "--tables", "t", "--results", str(tmp_path)])
     assert e.value.code == 2 and "no t record of row 'C' (rows: A, B)" in capsys.readouterr().err
+
+
+def test_against_pairs_the_same_row_of_two_stores(tmp_path, capsys):
+    """`bench.check --against B --results A --tables T`: each row both stores hold, A's minus B's by the same
+    paired test (the same cells run two ways); a row only one holds is one line."""
+    from bench.check import main
+    from bench.store import ResultStore
+
+    rng = np.random.default_rng(1)
+    base = {s: (rng.random(400) < p).astype(float) for s, p in zip(range(3), (0.4, 0.5, 0.6))}
+    runs = {"a": _moved(base, {0: -12, 1: -12, 2: -12}), "b": base}
+    for name, scores in runs.items():
+        store = ResultStore(tmp_path / name)
+        for r in _records(tmp_path / name, "A", scores):
+            store.append({**r, "table": "t", "config_hash": "h", "cell_id": f"x/t/A/seed{r['seed']}/h"})
+    ResultStore(tmp_path / "a").append({"row": "Z", "seed": 0, "table": "t", "cell_id": "x/t/Z/seed0/h"})
+    assert main(["--against", str(tmp_path / "b"), "--tables", "t", "--results", str(tmp_path / "a")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"t: A [{tmp_path / 'a'}] - A [{tmp_path / 'b'}], paired")  # Z: only in a
+    (pm,) = [x for x in lines if x.split()[0] == "point_mask"]
+    assert pm.split()[1] == "-3.00" and "beyond noise; 400 expressions x 3 seeds" in pm
+    assert not any("note:" in x or "processes" in x for x in lines)  # same config, one process each
+    with pytest.raises(SystemExit) as e:
+        main(["--against", str(tmp_path / "b"), "--tables", "t", "--rows", "Z", "--results", str(tmp_path / "a")])
+    assert e.value.code == 2 and "t row 'Z' is not in both" in capsys.readouterr().err
