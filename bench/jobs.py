@@ -13,7 +13,6 @@ rank each, on one or several nodes; `bench.executors.submit_distributed`, `pytho
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import signal
 import threading
@@ -83,37 +82,22 @@ def run_cell(spec: CellSpec) -> dict:
     if spec.stage == "1":
         from filelock import FileLock
 
+        from ehin.launch import train_stage
+
         with FileLock(str(run_dir) + ".lock"):  # a Stage-2 cell may build on this run (bench.run.share_trainings)
-            return {**train_stage1(cfg, run_dir, spec.extra.get("ranks", 1)),
+            return {**train_stage(1, cfg, run_dir, ranks=spec.extra.get("ranks", 1)),
                     "per_expression_file": str(run_dir / PER_EXPRESSION)}
     if spec.stage == "2":
         from ehin.two_stage import run_two_stage
 
-        return {**run_two_stage(cfg, run_dir, resume=True, stage1_dir=spec.extra.get("stage1_dir")),
+        return {**run_two_stage(cfg, run_dir, resume=True, stage1_dir=spec.extra.get("stage1_dir"),
+                                ranks=spec.extra.get("ranks", 1)),
                 "per_expression_file": str(run_dir / "stage2" / PER_EXPRESSION)}
     if spec.stage == "inference":
         from bench.perf import inference_time_cell
 
         return inference_time_cell(cfg, run_dir, **spec.extra)
     raise ValueError(f"unknown stage {spec.stage!r} for cell {spec.cell_id}")
-
-
-def train_stage1(cfg: dict, out_dir: Path, ranks: int = 1) -> dict:
-    """Train stage 1 into `out_dir` (resuming) and return the trainer's result: in this process, or as one
-    data-parallel job of `ranks` processes on this machine (`bench.run --ranks`; one GPU each, gloo on
-    CPU), which computes the single process's gradient on the same global batch (docs/method.md, D-DDP).
-    The ranks read the config run_cell saved in `out_dir`; rank r's output goes to out_dir/ranks/rank{r}.log."""
-    from ehin.train_stage1 import run
-
-    if ranks == 1:
-        return run(cfg, out_dir, resume=True)
-    from ehin.distributed import resolve_device, run_local_ranks
-
-    result_file = out_dir / "result.json"  # rank 0 writes it when the training ends
-    result_file.unlink(missing_ok=True)
-    run_local_ranks(["-m", "ehin.train_stage1", "--out", str(out_dir), "--resume"], ranks, resolve_device(cfg).type,
-                    logs=out_dir / "ranks", what=f"stage-1 training in {out_dir}")
-    return json.loads(result_file.read_text())
 
 
 def _run_shared(spec: CellSpec) -> dict:
@@ -124,6 +108,8 @@ def _run_shared(spec: CellSpec) -> dict:
 
     from ehin.config import save_config
 
+    from ehin.launch import train_stage
+
     trained = spec.extra["trained"]
     train_dir, split = Path(trained["dir"]), spec.config["eval"]["split"]
     train_cfg = {**spec.config, "eval": {**spec.config["eval"], "split": trained["split"]}}
@@ -131,11 +117,12 @@ def _run_shared(spec: CellSpec) -> dict:
     with FileLock(str(train_dir) + ".lock"):
         save_config(train_cfg, train_dir / "config.yaml")
         if spec.stage == "1":
-            result = train_stage1(train_cfg, train_dir, spec.extra.get("ranks", 1))
+            result = train_stage(1, train_cfg, train_dir, ranks=spec.extra.get("ranks", 1))
         else:
             from ehin.two_stage import run_two_stage
 
-            result = run_two_stage(train_cfg, train_dir, resume=True, stage1_dir=spec.extra.get("stage1_dir"))
+            result = run_two_stage(train_cfg, train_dir, resume=True, stage1_dir=spec.extra.get("stage1_dir"),
+                                   ranks=spec.extra.get("ranks", 1))
     from ehin.train_stage1 import PER_EXPRESSION
 
     final = train_dir if spec.stage == "1" else train_dir / "stage2"  # the folder of the model evaluated

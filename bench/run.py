@@ -272,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells: done, started (epochs logged, no record), failed or todo")
     p.add_argument("--ranks", type=positive_int, default=1,
-                   help="train each stage-1 cell as one data-parallel job of this many processes on its machine "
-                        "(one GPU each; gloo on CPU), the same gradient as one process on the global batch "
-                        "(docs/method.md, D-DDP); records say world_size; give it its own --results to compare "
-                        "with one process (bench.check --against) (default: 1)")
+                   help="train each cell's stage 1 (a Stage-2 chain's stage 2 too) as one data-parallel job of this "
+                        "many processes on its machine (one GPU each; gloo on CPU): the same gradient as one process "
+                        "on the global batch (docs/method.md, D-DDP); records say world_size; give it its own "
+                        "--results to compare with one process (bench.check --against) (default: 1)")
     add_mps_arg(p)
     add_compile_wait_arg(p)
     add_start_within_arg(p)
@@ -334,8 +334,8 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
     daemon (bench.mps). `compile_wait_s`: how long a compiled graph's other cells wait for its first
     cell's first step (`bench.jobs.compile_group`; 0: they all start at once). `run_cells=False` renders
     what is stored without running anything. `start_within_s`: no cell starts later than this many seconds
-    after the first (executors.dispatch). `ranks`: each stage-1 cell trains as one data-parallel job of
-    that many processes (bench.jobs.train_stage1)."""
+    after the first (executors.dispatch). `ranks`: each trained cell's stage 1 (and stage 2) trains as one
+    data-parallel job of that many processes (ehin.launch.train_stage)."""
     if start_within_s is not None and executor == "slurm":
         raise UserError("--start-within is for --executor local or inline (a SLURM array is queued at once: --slurm-time)")
     if mps and executor != "local":
@@ -400,23 +400,20 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
 
 
 def data_parallel_cells(specs: list[CellSpec], ranks: int) -> None:
-    """Mark each stage-1 cell to train as one job of `ranks` processes (spec.extra["ranks"]: not hashed, so
-    the cell and its store record keep their identity; bench.run.cell_identity tells the two computations
-    apart). Refuses, before anything runs, what the ranks could not run: a Stage-2 chain (its stage 2
-    trains in one process here; bench.launch_ddp runs one data-parallel), a global batch they cannot
-    split, or more ranks than this machine has GPUs."""
+    """Mark each trained cell (a stage-1 cell, a Stage-2 chain's two trainings) to train as one job of `ranks`
+    processes (spec.extra["ranks"]: not hashed, so the cell and its store record keep their identity;
+    bench.run.cell_identity tells the two computations apart). Refuses, before anything runs, a global
+    batch the ranks cannot split, or more ranks than this machine has GPUs."""
     import torch
 
     for spec in specs:
-        if spec.stage == "2":
-            raise UserError(f"--ranks {ranks}: {spec.table} has Stage-2 chains, which train in one process here; "
-                            "leave them out (--rows) or run them without --ranks")
-        if spec.stage != "1":
+        if spec.stage not in ("1", "2"):
             continue  # Table 10's timing cells run as they are
-        batch = spec.config["train"]["batch_size"]
-        if batch % ranks:
-            raise UserError(f"--ranks {ranks}: train.batch_size {batch} of {spec.table} {spec.row!r} "
-                            f"is not divisible by the {ranks} ranks")
+        for key in ("train", "stage2") if spec.stage == "2" else ("train",):
+            batch = spec.config[key]["batch_size"]
+            if batch % ranks:
+                raise UserError(f"--ranks {ranks}: {key}.batch_size {batch} of {spec.table} {spec.row!r} "
+                                f"is not divisible by the {ranks} ranks")
         spec.extra["ranks"] = ranks
     if torch.cuda.is_available() and ranks > torch.cuda.device_count():
         raise UserError(f"--ranks {ranks}: one GPU per rank, and this machine has {torch.cuda.device_count()}")

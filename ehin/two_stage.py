@@ -21,13 +21,15 @@ from ehin.cli import command, command_parser
 
 
 def run_two_stage(cfg: dict, run_dir: str | Path, resume: bool = True, progress: bool = True,
-                  stage1_dir: str | Path | None = None) -> dict:
-    """Returns {metrics (stage-2 val), history (stage 2), timings, stage1_metrics, pseudo_quality, device}.
-    `stage1_dir`: train (or, when it is done, reuse) stage 1 there instead of run_dir/stage1, under a lock
-    on it, since the cell that owns it may be training it at the same time (a SLURM array)."""
+                  stage1_dir: str | Path | None = None, ranks: int = 1) -> dict:
+    """Returns {metrics (stage-2 val), history (stage 2), timings, stage1_metrics, pseudo_quality, device,
+    world_size}. `stage1_dir`: train (or, when it is done, reuse) stage 1 there instead of run_dir/stage1,
+    under a lock on it, since the cell that owns it may be training it at the same time (a SLURM array).
+    `ranks`: each stage trains as one data-parallel job of that many processes (ehin.launch.train_stage);
+    the pseudo-labels are made in this process."""
     from filelock import FileLock
 
-    from ehin import train_stage1, train_stage2
+    from ehin.launch import train_stage
     from ehin.pseudo_labels.pipeline import generate, load_pseudo_labels
 
     run_dir = Path(run_dir)
@@ -37,7 +39,7 @@ def run_two_stage(cfg: dict, run_dir: str | Path, resume: bool = True, progress:
     s1_dir = Path(stage1_dir) if stage1_dir is not None else run_dir / "stage1"
     s1_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(s1_dir) + ".lock"):
-        s1 = train_stage1.run(cfg, s1_dir, resume=resume, progress=progress)
+        s1 = train_stage(1, cfg, s1_dir, ranks=ranks, resume=resume, progress=progress)
     t1 = time.time()
 
     ckpt = s1_dir / "checkpoints" / "last.pt"
@@ -63,7 +65,7 @@ def run_two_stage(cfg: dict, run_dir: str | Path, resume: bool = True, progress:
         timings_path.write_text(json.dumps(pseudo["timings"]))  # a resumed chain still reports them
     t2 = time.time()
 
-    s2 = train_stage2.run(cfg, run_dir / "stage2", pseudo_path, resume=resume, progress=progress)
+    s2 = train_stage(2, cfg, run_dir / "stage2", pseudo=pseudo_path, ranks=ranks, resume=resume, progress=progress)
     t3 = time.time()
 
     result = {
@@ -78,6 +80,7 @@ def run_two_stage(cfg: dict, run_dir: str | Path, resume: bool = True, progress:
         "pseudo_quality": pseudo["quality"],
         "pseudo_label_stats": pseudo.get("label_stats"),
         "device": s2["device"],
+        "world_size": s2["world_size"],
     }
     with open(run_dir / "two_stage.json", "w") as f:
         json.dump(result, f, indent=1)

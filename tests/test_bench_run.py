@@ -444,11 +444,12 @@ def test_ranks_train_each_cell_as_one_data_parallel_job(tmp_path, capsys):
     assert "point_mask" in out and "nothing pairs" not in out and "processes per training: 2 against 1" in out
 
 
-def test_ranks_refuse_what_they_cannot_run(tmp_path, capsys):
-    """Before any cell runs: a Stage-2 chain, and a global batch the ranks cannot split."""
+def test_ranks_refuse_a_global_batch_they_cannot_split(tmp_path, capsys):
+    """Before any cell runs: stage 1's batch, and a Stage-2 chain's stage-2 batch."""
     with pytest.raises(SystemExit) as e:
-        run_main(["table2", "--profile", "smoke", "--ranks", "2", "--results", str(tmp_path)])
-    assert e.value.code == 2 and "--ranks 2: table2 has Stage-2 chains" in capsys.readouterr().err
+        run_main(["table2", "--profile", "smoke", "--ranks", "2", "--set", "stage2.batch_size=9",
+                  "--results", str(tmp_path / "res")])
+    assert e.value.code == 2 and "--ranks 2: stage2.batch_size 9 of table2" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         run_main(args("--ranks", "5", results=tmp_path / "res", reports=tmp_path / "rep", rows="bg+fg"))
     assert e.value.code == 2 and "train.batch_size 24 of table5 'bg+fg' is not divisible by the 5 ranks" in capsys.readouterr().err

@@ -71,3 +71,22 @@ def test_two_stage_chain_on_smoke(tmp_path):
     third = run_two_stage(cfg, run, progress=False)
     assert stage2_ckpt.stat().st_mtime_ns > trained_at and len(third["history"]) == 2
     assert len((run / "stage2" / "metrics.jsonl").read_text().splitlines()) == 2  # one run's epochs, not three
+
+
+@pytest.mark.slow
+def test_two_stage_chain_with_two_ranks(tmp_path):
+    """ranks=2 (bench.run --ranks): each stage trains as one data-parallel job of two processes (gloo on
+    CPU), the labels are made in between in this process, and the chain's result says so; a second call
+    resumes both trainings as done."""
+    from ehin.two_stage import run_two_stage
+
+    cfg = load_config(profile="smoke", overrides=OVERRIDES)
+    run = tmp_path / "run"
+    res = run_two_stage(cfg, run, progress=False, ranks=2)
+    assert res["world_size"] == 2 and res["metrics"]["n"] == 120 and res["stage1_metrics"]["n"] == 120
+    for stage in ("stage1", "stage2"):
+        assert json.loads((run / stage / "result.json").read_text())["world_size"] == 2
+        assert sorted(p.name for p in (run / stage / "ranks").iterdir()) == ["rank0.log", "rank1.log"]
+    assert len(res["history"]) == 2 and res["pseudo_quality"]["maps"]["n"] > 100
+    again = run_two_stage(cfg, run, progress=False, ranks=2)
+    assert again["metrics"] == res["metrics"] and again["timings"]["total_s"] < res["timings"]["total_s"]
