@@ -85,6 +85,7 @@ def run_local_ranks(argv: list[str], ranks: int, device_type: str, *, logs: Path
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)
     outs = [open(logs / f"rank{r}.log", "w") if logs is not None else subprocess.DEVNULL for r in range(ranks)]
+    children: list[subprocess.Popen] = []
     try:
         children = [subprocess.Popen([sys.executable, *argv], stdout=out,
                                      stderr=subprocess.STDOUT if logs is not None else None,
@@ -93,11 +94,13 @@ def run_local_ranks(argv: list[str], ranks: int, device_type: str, *, logs: Path
         while any(c.poll() is None for c in children) and not any(c.poll() for c in children):
             time.sleep(0.1)
         failed = [r for r, c in enumerate(children) if c.poll()]
+    finally:
+        # the rest of a failed job, or every rank when this process is stopped (a SLURM requeue's SIGTERM, a
+        # Ctrl-C): no rank outlives it holding a GPU; a rank's last epoch checkpoint stays for the resume
         for c in children:
             if c.poll() is None:
                 c.kill()
             c.wait()
-    finally:
         for out in outs:
             if out is not subprocess.DEVNULL:
                 out.close()

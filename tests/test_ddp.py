@@ -293,3 +293,18 @@ def test_launch_ddp_checks_before_queueing(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--nodes", "2"])
     assert e.value.code == 2 and "after `--`" in capsys.readouterr().err
+
+
+def test_a_failed_rank_stops_the_job_and_names_its_log(tmp_path):
+    """ehin.distributed.run_local_ranks: rank 1 exits 3 while rank 0 would wait a minute (as in a
+    collective): the job ends at once, rank 0 stopped, and the error names rank 1 and its log."""
+    from ehin.distributed import RankFailed, run_local_ranks
+
+    code = ("import os, sys, time; r = os.environ['RANK']; print('rank', r, 'of', os.environ['WORLD_SIZE']); "
+            "sys.stdout.flush(); sys.exit(3) if r == '1' else time.sleep(60)")
+    t0 = time.time()
+    with pytest.raises(RankFailed) as e:
+        run_local_ranks(["-c", code], 2, "cpu", logs=tmp_path, what="the job")
+    assert time.time() - t0 < 30
+    assert str(e.value) == f"the job: rank(s) 1 of 2 failed (exit 3); see {tmp_path}/rank1.log"
+    assert [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)] == ["rank 0 of 2\n", "rank 1 of 2\n"]
