@@ -149,7 +149,7 @@ def test_the_cell_spec_carries_its_config_and_the_job_does_not_resolve_it_again(
 
     seen = []
     monkeypatch.setattr(ehin.config, "load_config", no_resolving)
-    monkeypatch.setattr(ehin.train_stage1, "run", lambda cfg, out, resume: seen.append(cfg) or {"metrics": {}})
+    monkeypatch.setattr(ehin.train_stage1, "run", lambda cfg, out, resume, **_: seen.append(cfg) or {"metrics": {}})
     monkeypatch.setattr(ehin.train_stage1, "prepare", seen.append)
     prepare_prerequisites([spec])
     run_cell(spec)
