@@ -5,7 +5,7 @@ import torch
 
 import ehin  # noqa: F401  (torchvision shim first)
 from ehin.config import load_config
-from ehin.provenance import file_sha256, input_digests
+from ehin.provenance import file_sha256, input_digests, weights_sha256
 
 
 def _cfg(tmp_path, **loss):
@@ -22,7 +22,7 @@ def test_digests_name_the_checkpoint_and_the_dataset_by_content(tmp_path):
     cfg, ckpt = _cfg(tmp_path)
     d = input_digests(cfg)
     expected = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    assert d["backbone"] == {"file": "clip.pt", "sha256": expected}
+    assert d["backbone"] == {"file": "clip.pt", "sha256": expected, "weights_sha256": weights_sha256(ckpt)}
     assert d["scorer"] == d["backbone"]                  # scorer.pretrained null: the backbone's weights
     assert d["dataset"]["name"] == cfg["data"]["dataset"] and len(d["dataset"]["sha256"]) == 64
     assert input_digests(cfg)["dataset"] == d["dataset"]  # the generated dataset hashes the same twice
@@ -36,3 +36,19 @@ def test_no_scorer_digest_where_no_loss_uses_it_and_none_for_random_weights(tmp_
     assert "scorer" not in input_digests(cfg)
     cfg = {**cfg, "backbone": {**cfg["backbone"], "pretrained": None}}
     assert input_digests(cfg)["backbone"] is None
+
+
+def test_equal_weights_have_equal_weights_digest_whatever_else_the_file_holds(tmp_path):
+    """A small CLIP pretrained on first use keeps its training report (timings too) in the file: two
+    trainings of equal weights differ in sha256, not in weights_sha256; one changed weight changes it."""
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.tensor(0.5), "h": torch.ones(2, dtype=torch.bfloat16)}
+    a, b, c = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
+    torch.save({"state_dict": state, "report": {"seconds_train": 109.6}}, a)
+    torch.save({"state_dict": dict(state), "report": {"seconds_train": 110.3}}, b)
+    torch.save({"state_dict": {**state, "b": torch.tensor(0.25)}, "report": {"seconds_train": 109.6}}, c)
+    assert file_sha256(a) != file_sha256(b) and weights_sha256(a) == weights_sha256(b)
+    assert weights_sha256(c) != weights_sha256(a)
+    torch.save(state, c)                     # a bare state dict: the same tensors, the same digest
+    assert weights_sha256(c) == weights_sha256(a)
+    c.write_bytes(b"not a checkpoint")
+    assert weights_sha256(c) is None
