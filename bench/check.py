@@ -628,6 +628,12 @@ def _against(store: ResultStore, other: ResultStore, tables: str, rows: str | No
     for row in wanted:
         out.append(_pair_text(f"{row} [{store.root}]", f"{row} [{other.root}]", names[0],
                               pair_stores(a, store.root, b, other.root, row)))
+        by_seed = [{int(r["seed"]): r.get("metrics", {}) for r in recs if str(r.get("row")) == row} for recs in (a, b)]
+        seeds = sorted(set(by_seed[0]) & set(by_seed[1]))
+        for m in ("point_mask", "iou"):  # PointM and IoU of each seed, this store's and the other's
+            out.append(f"  by seed, {m}: " + ", ".join(
+                f"{s}: {by_seed[0][s].get(m, math.nan):.2f} - {by_seed[1][s].get(m, math.nan):.2f} = "
+                f"{by_seed[0][s].get(m, math.nan) - by_seed[1][s].get(m, math.nan):+.2f}" for s in seeds))
         hashes = [sorted({str(r.get("config_hash")) for r in recs if str(r.get("row")) == row}) for recs in (a, b)]
         if hashes[0] != hashes[1]:
             out.append(f"  note: the stores ran other configs of this row (config hashes {', '.join(hashes[0])} "
