@@ -107,7 +107,6 @@ def _run_shared(spec: CellSpec) -> dict:
     from filelock import FileLock
 
     from ehin.config import save_config
-
     from ehin.launch import train_stage
 
     trained = spec.extra["trained"]
