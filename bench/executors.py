@@ -241,10 +241,15 @@ def local_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def gpu_slot(index: int, n_gpus: int) -> dict:
+def gpu_slot(index: int, n_gpus: int, ranks: int = 1) -> dict:
     """LocalExecutor parameters for the `index`-th cell: one GPU each, round-robin (small cells
-    share a GPU well); none without GPUs."""
-    return dict(gpus_per_node=1, visible_gpus=(index % n_gpus,)) if n_gpus else {}
+    share a GPU well), or `ranks` distinct GPUs for a cell trained by that many ranks (bench.run --ranks:
+    one GPU a rank); none without GPUs."""
+    if not n_gpus:
+        return {}
+    ranks = min(ranks, n_gpus)  # bench.run.data_parallel_cells refuses more ranks than GPUs
+    first = (index * ranks) % n_gpus
+    return dict(gpus_per_node=ranks, visible_gpus=tuple((first + r) % n_gpus for r in range(ranks)))
 
 
 def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_outcome,
@@ -288,7 +293,7 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
             first = found is not None and found[0] not in compiled  # this cell compiles its group's graph
             if first:
                 Path(found[1]).unlink(missing_ok=True)  # a marker of an earlier attempt says nothing of this cache
-            ex.update_parameters(**gpu_slot(submitted, n_gpus))
+            ex.update_parameters(**gpu_slot(submitted, n_gpus, (getattr(spec, "extra", None) or {}).get("ranks", 1)))
             job = ex.submit(runner, spec)
             view.submitted(job, runner.label(spec))
             running.append((job, spec, time.time()))

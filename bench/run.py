@@ -160,9 +160,11 @@ def shared_training(spec: CellSpec) -> tuple[str | None, tuple[str, ...]]:
 
 def cell_identity(spec_or_record) -> tuple:
     """What makes two cells the same computation: config hash, seed, stage and the job's extra
-    arguments (inference cells differ only there)."""
+    arguments (inference cells differ only there), less the ranks that train it (bench.run --ranks: the
+    same gradient on the same global batch; its records say world_size)."""
     get = spec_or_record.get if isinstance(spec_or_record, dict) else lambda k, d=None: getattr(spec_or_record, k, d)
-    return get("config_hash"), get("seed"), get("stage"), repr(sorted((get("extra") or {}).items()))
+    extra = {k: v for k, v in (get("extra") or {}).items() if k != "ranks"}
+    return get("config_hash"), get("seed"), get("stage"), repr(sorted(extra.items()))
 
 
 def reuse_identical_cells(todo: list[CellSpec], store: ResultStore, write: bool = True) -> list[CellSpec]:
@@ -401,8 +403,8 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
 
 def data_parallel_cells(specs: list[CellSpec], ranks: int) -> None:
     """Mark each trained cell (a stage-1 cell, a Stage-2 chain's two trainings) to train as one job of `ranks`
-    processes (spec.extra["ranks"]: not hashed, so the cell and its store record keep their identity;
-    bench.run.cell_identity tells the two computations apart). Refuses, before anything runs, a global
+    processes (spec.extra["ranks"]: not hashed, so the cell and its store record keep their identity, and
+    the local executor gives the cell a GPU a rank: executors.gpu_slot). Refuses, before anything runs, a global
     batch the ranks cannot split, or more ranks than this machine has GPUs."""
     import torch
 

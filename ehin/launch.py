@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ehin.config import save_config
+import torch
+
+from ehin.cli import UserError
+from ehin.config import config_hash, save_config
 from ehin.distributed import resolve_device, run_local_ranks
 
 
@@ -21,7 +24,7 @@ def train_stage(stage: int, cfg: dict, out_dir: str | Path, *, pseudo: str | Pat
     this process, or as one data-parallel job of `ranks` processes on this machine (bench.run --ranks; one
     GPU each, gloo on CPU), the single process's gradient on the same global batch (D-DDP, and a mean over
     samples in stage 2). The ranks run the trainer's command on the config saved in `out_dir`; rank r's
-    output goes to out_dir/ranks/rank{r}.log."""
+    output goes to out_dir/ranks/rank{r}.log, beside the config they read."""
     out_dir = Path(out_dir)
     if ranks == 1:
         if stage == 1:
@@ -31,12 +34,25 @@ def train_stage(stage: int, cfg: dict, out_dir: str | Path, *, pseudo: str | Pat
         from ehin.train_stage2 import run as run_stage2
 
         return run_stage2(cfg, out_dir, pseudo, resume=resume, progress=progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
+    device = resolve_device(cfg)
+    if device.type == "cuda" and torch.cuda.device_count() < ranks:
+        raise UserError(f"{ranks} ranks need a GPU each, and this process sees {torch.cuda.device_count()} "
+                        "(with SLURM: --slurm-gpus at least the ranks)")
+    # The ranks' config beside their logs: the run's own config.yaml is the trainer's to write, after its
+    # resume check (a refused resume leaves the run as it was). Their threads: this process's share each.
+    threads = int(cfg["train"]["threads"] or 0)
+    rank_cfg = {**cfg, "train": {**cfg["train"], "threads": max(1, threads // ranks) if threads else 0}}
+    (out_dir / "ranks").mkdir(parents=True, exist_ok=True)
+    save_config(rank_cfg, out_dir / "ranks" / "config.yaml")
+    if not resume:  # as the trainer in this process: a new run over whatever the folder held
+        (out_dir / "checkpoints" / "last.pt").unlink(missing_ok=True)
     result_file = out_dir / "result.json"  # rank 0 writes it when the training ends
     result_file.unlink(missing_ok=True)
-    argv = ["-m", f"ehin.train_stage{stage}", "--config", str(out_dir / "config.yaml"), "--out", str(out_dir),
-            *(["--resume"] if resume else []), *(["--pseudo", str(pseudo)] if stage == 2 else [])]
-    run_local_ranks(argv, ranks, resolve_device(cfg).type, logs=out_dir / "ranks",
-                    what=f"stage-{stage} training in {out_dir}")
-    return json.loads(result_file.read_text())
+    argv = ["-m", f"ehin.train_stage{stage}", "--config", str(out_dir / "ranks" / "config.yaml"), "--out",
+            str(out_dir), "--resume", *(["--pseudo", str(pseudo)] if stage == 2 else [])]
+    run_local_ranks(argv, ranks, device.type, logs=out_dir / "ranks", what=f"stage-{stage} training in {out_dir}")
+    result = json.loads(result_file.read_text())
+    want = config_hash(cfg, stage="1") if stage == 1 else config_hash(cfg)
+    if result.get("config_hash") != want:  # the ranks trained what this process was asked to
+        raise RuntimeError(f"the ranks in {out_dir} trained config {result.get('config_hash')}, not {want}")
+    return result

@@ -154,6 +154,10 @@ def test_local_cells_get_a_gpu_each_round_robin():
     assert gpu_slot(0, 0) == {} and gpu_slot(5, 0) == {}
     assert [gpu_slot(k, 2)["visible_gpus"] for k in range(4)] == [(0,), (1,), (0,), (1,)]
     assert all(gpu_slot(k, 3)["gpus_per_node"] == 1 for k in range(3))
+    # a cell of 2 ranks (bench.run --ranks 2) gets 2 distinct GPUs, one a rank
+    assert [gpu_slot(k, 2, 2)["visible_gpus"] for k in range(3)] == [(0, 1), (0, 1), (0, 1)]
+    assert [gpu_slot(k, 4, 2)["visible_gpus"] for k in range(3)] == [(0, 1), (2, 3), (0, 1)]
+    assert gpu_slot(0, 4, 2)["gpus_per_node"] == 2
 
 
 @pytest.mark.parametrize("seeds", ["0", "-1", "two"])
@@ -243,7 +247,7 @@ def test_cells_of_one_compile_group_wait_for_its_first_cell_to_step(tmp_path, mo
     from bench import executors
 
     monkeypatch.setattr(executors, "local_gpus", lambda: 1)  # grouping applies on a GPU host only
-    monkeypatch.setattr(executors, "gpu_slot", lambda index, n: {})
+    monkeypatch.setattr(executors, "gpu_slot", lambda index, n, ranks=1: {})
     marker_a, marker_d = tmp_path / "a.marker", tmp_path / "d.marker"
     marker_a.write_text("stale")
     first = {"a": marker_a, "d": marker_d}
@@ -434,7 +438,7 @@ def test_ranks_train_each_cell_as_one_data_parallel_job(tmp_path, capsys):
     assert ddp["history"][0]["loss"] == pytest.approx(single["history"][0]["loss"], rel=1e-4)
     assert ddp["metrics"]["n"] == single["metrics"]["n"] > 0
     run_dir = Path(ddp["run_dir"])
-    assert {p.name for p in (run_dir / "ranks").iterdir()} == {"rank0.log", "rank1.log"}
+    assert {p.name for p in (run_dir / "ranks").iterdir()} == {"config.yaml", "rank0.log", "rank1.log"}
     assert (two / ddp["per_expression"]).is_file()
 
     capsys.readouterr()

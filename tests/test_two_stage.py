@@ -86,7 +86,7 @@ def test_two_stage_chain_with_two_ranks(tmp_path):
     assert res["world_size"] == 2 and res["metrics"]["n"] == 120 and res["stage1_metrics"]["n"] == 120
     for stage in ("stage1", "stage2"):
         assert json.loads((run / stage / "result.json").read_text())["world_size"] == 2
-        assert sorted(p.name for p in (run / stage / "ranks").iterdir()) == ["rank0.log", "rank1.log"]
+        assert sorted(p.name for p in (run / stage / "ranks").iterdir()) == ["config.yaml", "rank0.log", "rank1.log"]
     assert len(res["history"]) == 2 and res["pseudo_quality"]["maps"]["n"] > 100
     again = run_two_stage(cfg, run, progress=False, ranks=2)
     assert again["metrics"] == res["metrics"] and again["timings"]["total_s"] < res["timings"]["total_s"]
