@@ -71,9 +71,13 @@ def run_local_ranks(argv: list[str], ranks: int, device_type: str, *, logs: Path
     environment torchrun gives (RANK, LOCAL_RANK, WORLD_SIZE, a free local port for the rendezvous), and
     wait for all. Rank r writes its output to logs/rank{r}.log (else stdout is dropped). On CPU the
     ranks share the cores, each its part (oversubscribed, gloo crawls). One failed rank would leave the
-    others waiting in a collective until the timeout, so they are stopped and RankFailed names it."""
+    others waiting in a collective until the timeout, so they are stopped and RankFailed names it, with
+    its log's last lines. The port is free when chosen, not reserved: a job started at the same moment
+    could take it, and then fails as a rank that could not bind it."""
+    import signal
     import socket
     import subprocess
+    import threading
     import time
 
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": str(ranks)}
@@ -86,6 +90,12 @@ def run_local_ranks(argv: list[str], ranks: int, device_type: str, *, logs: Path
         logs.mkdir(parents=True, exist_ok=True)
     outs = [open(logs / f"rank{r}.log", "w") if logs is not None else subprocess.DEVNULL for r in range(ranks)]
     children: list[subprocess.Popen] = []
+    # SIGTERM to this process alone (a time limit, `kill`) would end it without the `finally` below, the ranks
+    # training on: where SIGTERM would end it, it raises here instead, and the ranks are stopped
+    on_term = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None))
+    if on_term:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         children = [subprocess.Popen([sys.executable, *argv], stdout=out,
                                      stderr=subprocess.STDOUT if logs is not None else None,
@@ -104,10 +114,19 @@ def run_local_ranks(argv: list[str], ranks: int, device_type: str, *, logs: Path
         for out in outs:
             if out is not subprocess.DEVNULL:
                 out.close()
+        if on_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if failed:
-        where = f"; see {logs}/rank{failed[0]}.log" if logs is not None else ""
+        where = ""
+        if logs is not None:
+            tail = (logs / f"rank{failed[0]}.log").read_text(errors="replace").strip().splitlines()[-3:]
+            where = f"; see {logs}/rank{failed[0]}.log" + "".join(f"\n  {line}" for line in tail)
         raise RankFailed(f"{what}: rank(s) {', '.join(map(str, failed))} of {ranks} failed "
                          f"(exit {children[failed[0]].returncode}){where}")
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def start_run(cfg: dict, out_dir, device: torch.device) -> tuple[int, int, torch.device, bool]:

@@ -296,15 +296,42 @@ def test_launch_ddp_checks_before_queueing(tmp_path, capsys):
 
 
 def test_a_failed_rank_stops_the_job_and_names_its_log(tmp_path):
-    """ehin.distributed.run_local_ranks: rank 1 exits 3 while rank 0 would wait a minute (as in a
-    collective): the job ends at once, rank 0 stopped, and the error names rank 1 and its log."""
+    """ehin.distributed.run_local_ranks: rank 1 exits 3 (once rank 0 has written its line) while rank 0
+    would wait a minute (as in a collective): the job ends at once, rank 0 stopped, and the error names
+    rank 1, its log and the log's last lines."""
     from ehin.distributed import RankFailed, run_local_ranks
 
     code = ("import os, sys, time; r = os.environ['RANK']; print('rank', r, 'of', os.environ['WORLD_SIZE']); "
-            "sys.stdout.flush(); sys.exit(3) if r == '1' else time.sleep(60)")
+            "sys.stdout.flush(); log0 = sys.argv[1]\n"
+            "if r == '1':\n    while not os.path.getsize(log0): time.sleep(0.05)\n    print('gave up'); sys.exit(3)\n"
+            "time.sleep(60)")
     t0 = time.time()
     with pytest.raises(RankFailed) as e:
-        run_local_ranks(["-c", code], 2, "cpu", logs=tmp_path, what="the job")
+        run_local_ranks(["-c", code, str(tmp_path / "rank0.log")], 2, "cpu", logs=tmp_path, what="the job")
     assert time.time() - t0 < 30
-    assert str(e.value) == f"the job: rank(s) 1 of 2 failed (exit 3); see {tmp_path}/rank1.log"
-    assert [(tmp_path / f"rank{r}.log").read_text() for r in (0, 1)] == ["rank 0 of 2\n", "rank 1 of 2\n"]
+    assert str(e.value) == f"the job: rank(s) 1 of 2 failed (exit 3); see {tmp_path}/rank1.log\n  rank 1 of 2\n  gave up"
+    assert (tmp_path / "rank0.log").read_text() == "rank 0 of 2\n"
+
+
+def test_sigterm_to_the_launcher_stops_its_ranks(tmp_path):
+    """A SIGTERM to the process that started the ranks (a time limit, `kill`) ends it and its ranks: none
+    trains on, holding a GPU and writing the run's checkpoint, after the launcher is gone."""
+    import signal
+    import subprocess
+    import sys
+
+    rank = ("import os, time; open(os.path.join(os.environ['PIDS'], os.environ['RANK']), 'w').write(str(os.getpid())); "
+            "time.sleep(120)")
+    launcher = subprocess.Popen([sys.executable, "-c", "import sys; from ehin.distributed import run_local_ranks; "
+                                 f"run_local_ranks(['-c', {rank!r}], 2, 'cpu', logs=None)"],
+                                env={**os.environ, "PIDS": str(tmp_path)})
+    deadline = time.time() + 60
+    while len(list(tmp_path.iterdir())) < 2 or any(not p.read_text() for p in tmp_path.iterdir()):
+        assert time.time() < deadline and launcher.poll() is None
+        time.sleep(0.1)
+    pids = [int(p.read_text()) for p in tmp_path.iterdir()]
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=30) == 128 + signal.SIGTERM
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
