@@ -39,7 +39,7 @@
 4. The same rows of two stores, by the same paired test: the same cells run two ways (data-parallel
    against one process, a speed lever against none):
 
-    python -m bench.check --against reports/gpu/store --tables table5 --rows full --results results/ranks2
+    python -m bench.check --against reports/gpu/store --tables table5 --rows bg+fg+cl --results results/ranks2
 """
 from __future__ import annotations
 
@@ -634,10 +634,12 @@ def _against(store: ResultStore, other: ResultStore, tables: str, rows: str | No
             out.append(f"  by seed, {m}: " + ", ".join(
                 f"{s}: {by_seed[0][s].get(m, math.nan):.2f} - {by_seed[1][s].get(m, math.nan):.2f} = "
                 f"{by_seed[0][s].get(m, math.nan) - by_seed[1][s].get(m, math.nan):+.2f}" for s in seeds))
-        hashes = [sorted({str(r.get("config_hash")) for r in recs if str(r.get("row")) == row}) for recs in (a, b)]
-        if hashes[0] != hashes[1]:
-            out.append(f"  note: the stores ran other configs of this row (config hashes {', '.join(hashes[0])} "
-                       f"and {', '.join(hashes[1])})")
+        hashes = [{int(r["seed"]): str(r.get("config_hash")) for r in recs if str(r.get("row")) == row}
+                  for recs in (a, b)]
+        other = [s for s in seeds if hashes[0][s] != hashes[1][s]]  # a seed's hash names its seed too
+        if other:
+            out.append(f"  note: the stores ran other configs of this row (seed {other[0]}: config hashes "
+                       f"{hashes[0][other[0]]} and {hashes[1][other[0]]})")
         sizes = [sorted({r.get("world_size", 1) for r in recs if str(r.get("row")) == row}) for recs in (a, b)]
         if sizes[0] != sizes[1]:
             out.append(f"  processes per training: {'/'.join(map(str, sizes[0]))} against {'/'.join(map(str, sizes[1]))}")

@@ -47,9 +47,9 @@
 #            with reduce-overhead (what a packed cell costs) -> reports/perf/, through poll
 #   ddp2     (issue 20; a sitting of kind nvidia-h200-x2, not run yet) bench.perf --ddp 2 at the paper size, both
 #            stages, bf16 + channels-last + fused AdamW (per-step `scaling` of two GPUs over one) -> reports/perf/,
-#            then Table 5's full loss, seeds 0..4, each cell one job of two ranks (bench.run --ranks 2, eager: CUDA
-#            graphs with NCCL's collectives are untested here; compile is not hashed, so the cells are the
-#            stored ones) -> reports/gpu/store-ranks2/, compared by seed with the one-GPU cells:
+#            then Table 5's full loss, seeds 0..4, each cell one job of two ranks on both GPUs (bench.run --ranks 2;
+#            eager and without MPS: CUDA graphs and MPS with NCCL's collectives are untested here; neither is
+#            hashed, so the cells are the stored ones) -> reports/gpu/store-ranks2/, compared by seed with the one-GPU cells:
 #            python -m bench.check --against reports/gpu/store --tables table5 --rows bg+fg+cl --results reports/gpu/store-ranks2
 # The cells run packed on the GPU under MPS with train.compile=reduce-overhead (neither is hashed).
 # A machine goes back 30 s after a call ends unless the next call comes (session 24 lost a wave of 10 cells
@@ -191,12 +191,15 @@ _tasks)
       infer) infer $(( w < ${INFER_LIMIT:-420} ? w : ${INFER_LIMIT:-420} )) /tmp/p ;;
       perf) python3 -m bench.perf --size gpu --configs ehin,tris --skip infer,stage2 --channels-last --fused-adamw \
               --procs 16 --mps --compile-train reduce-overhead --out /tmp/p/h200_gpu_ehin_tris_procs16_mps_ro.json ;;
-      ddp2) timeout $(( w < 420 ? w : 420 )) python3 -m bench.perf --size paper --configs ehin --skip infer --amp \
-              --channels-last --fused-adamw --ddp 2 --out /tmp/p/h200_x2_ddp2_bf16_cl_fused.json
+      ddp2) [ "$w" -gt 60 ] && timeout $(( w < 420 ? w : 420 )) python3 -m bench.perf --size paper --configs ehin \
+              --skip infer --amp --channels-last --fused-adamw --ddp 2 --out /tmp/p/h200_x2_ddp2_bf16_cl_fused.json
             w=$(( $(cat /tmp/p/deadline) - $(date +%s) - ${DDP_WAVE_S:-900} ))
-            [ "$w" -gt 0 ] && mkdir -p $D2 && cp -r reports/gpu/store-ranks2/. $D2/ 2>/dev/null
-            [ "$w" -gt 0 ] && python3 -m bench.run table5 --rows bg+fg+cl --profile gpu --ranks 2 --jobs 5 --mps \
-              --start-within "$w" --results $D2 --reports /tmp/p/reports ;;
+            if [ "$w" -le 0 ]; then echo "== ddp2's cells skipped: a wave needs ${DDP_WAVE_S:-900} s"; false; else
+              # no MPS: NCCL between processes under one MPS daemon was never tried here
+              mkdir -p $D2 && cp -r reports/gpu/store-ranks2/. $D2/ 2>/dev/null
+              python3 -m bench.run table5 --rows bg+fg+cl --profile gpu --ranks 2 --jobs 5 --start-within "$w" \
+                --results $D2 --reports /tmp/p/reports
+            fi ;;
       *) echo "unknown task $task"; false ;;
     esac
     rc=$?
