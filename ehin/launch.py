@@ -2,7 +2,7 @@
 
 `bench.run --ranks N` trains each cell's model(s) so (bench.jobs, ehin.two_stage): N processes with
 torchrun's environment (ehin.distributed.run_local_ranks), one GPU each or gloo on CPU, each running the
-trainer's own command on the config saved in the run folder. Stage 1 then computes the single process's
+trainer's own command on the config saved in the run folder's ranks/. Stage 1 then computes the single process's
 gradient on the same global batch (docs/method.md, D-DDP); stage 2's losses are means over samples, so
 plain DDP does. Lives above both trainers and ehin.distributed, which they import.
 """
@@ -23,8 +23,8 @@ def train_stage(stage: int, cfg: dict, out_dir: str | Path, *, pseudo: str | Pat
     """Train stage 1 or 2 (`pseudo`: its label file) into `out_dir` and return the trainer's result: in
     this process, or as one data-parallel job of `ranks` processes on this machine (bench.run --ranks; one
     GPU each, gloo on CPU), the single process's gradient on the same global batch (D-DDP, and a mean over
-    samples in stage 2). The ranks run the trainer's command on the config saved in `out_dir`; rank r's
-    output goes to out_dir/ranks/rank{r}.log, beside the config they read."""
+    samples in stage 2). The ranks run the trainer's command on the config saved in out_dir/ranks/; rank
+    r's output goes to out_dir/ranks/rank{r}.log beside it."""
     out_dir = Path(out_dir)
     if ranks == 1:
         if stage == 1:
