@@ -10,8 +10,8 @@
 # Bring a sitting back from the last poll's $OUT/stores.tgz: its g/store.jsonl replaces
 # reports/gpu/store/store.jsonl (it holds the committed lines first), and its g/per_expression/* are copied
 # over reports/gpu/store/per_expression/, overwriting (a rerun of a failed cell rewrites the file the failed
-# attempt left: session 28); rr/ and cl/ likewise for the testbed's stores. tests/test_store.py checks that
-# the files and the records agree.
+# attempt left: session 28); rr/ and cl/ likewise for the testbed's stores, d2/ (task ddp2) for
+# reports/gpu/store-ranks2/. tests/test_store.py checks that the files and the records agree.
 #
 # TASKS (default "table10 tables"; session 27 ran the rerun), one after another, each resuming from its
 # committed store, so a sitting that ends first loses only the cells still running:
