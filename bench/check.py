@@ -344,14 +344,15 @@ def _paired(records, a_row: str, b_row: str, metric: str, store_root: Path | Non
 def pair_rows(records: list[dict], store_root: Path, a_row: str, b_row: str) -> dict[str, Paired | None]:
     """Row a minus row b, per paired metric, over the records given (one table's, the newest per seed),
     paired over the same expressions and seeds as the claims are."""
-    return {m: _paired(records, a_row, b_row, m, store_root) for m in PAIRED_METRICS}
+    return pair_stores(records, store_root, a_row, records, store_root, b_row)
 
 
-def pair_stores(a: list[dict], a_root: Path, b: list[dict], b_root: Path, row: str) -> dict[str, Paired | None]:
-    """Row `row` of records `a` (store a_root) minus the same row of records `b` (store b_root), per paired
-    metric, paired over the same expressions and seeds: the same cells run two ways (bench.run --ranks 2
-    against one process, a speed lever against none, two sittings of a GPU)."""
-    return {m: paired_difference(_scores(a, row, m, a_root), _scores(b, row, m, b_root)) for m in PAIRED_METRICS}
+def pair_stores(a: list[dict], a_root: Path, a_row: str, b: list[dict], b_root: Path, b_row: str
+                ) -> dict[str, Paired | None]:
+    """Row a_row of records `a` (store a_root) minus row b_row of records `b` (store b_root), per paired
+    metric, paired over the same expressions and seeds: two rows of one store, or the same cells run two
+    ways (bench.run --ranks 2 against one process, a speed lever against none, two sittings of a GPU)."""
+    return {m: paired_difference(_scores(a, a_row, m, a_root), _scores(b, b_row, m, b_root)) for m in PAIRED_METRICS}
 
 
 def _pair_text(a_row: str, b_row: str, table: str, pairs: dict[str, Paired | None]) -> str:
@@ -560,16 +561,14 @@ def main(argv: list[str] | None = None) -> int:
         print(_against(store, _existing_store(args.against, "--against"), args.tables, args.rows))
         return 0
     if args.pair:
-        tables = [t for t in args.tables.split(",") if t]
-        if len(tables) != 1:
-            raise UserError(f"--pair compares two rows of one table: give it with --tables (got {args.tables!r})")
-        records = store.select(table=tables[0])
+        table = _one_table(args.tables, "--pair compares two rows")
+        records = store.select(table=table)
         have = {r.get("row") for r in records}
         missing = [r for r in args.pair if r not in have]
         if missing:
-            raise UserError(f"--pair: {store.path} holds no {tables[0]} record of row {missing[0]!r} "
+            raise UserError(f"--pair: {store.path} holds no {table} record of row {missing[0]!r} "
                             f"(rows: {', '.join(sorted(map(str, have))) or 'none'})")
-        print(_pair_text(*args.pair, tables[0], pair_rows(records, store.root, *args.pair)))
+        print(_pair_text(*args.pair, table, pair_rows(records, store.root, *args.pair)))
         return 0
     if args.claims:
         rows, path = claims_report(args.profile, store, args.reports, args.seeds)
@@ -611,36 +610,41 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
-def _against(store: ResultStore, other: ResultStore, tables: str, rows: str | None) -> str:
-    """bench.check --against: each row both stores hold (or those of `rows`) of the one table, this
-    store's minus the other's; a note where the two ran other configs (their hashes differ)."""
+def _one_table(tables: str, what: str) -> str:
+    """The one table --tables names for --pair and --against."""
     names = [t for t in tables.split(",") if t]
     if len(names) != 1:
-        raise UserError(f"--against compares the rows of one table: give it with --tables (got {tables!r})")
-    a, b = store.select(table=names[0]), other.select(table=names[0])
+        raise UserError(f"{what} of one table: give it with --tables (got {tables!r})")
+    return names[0]
+
+
+def _against(store: ResultStore, other: ResultStore, tables: str, rows: str | None) -> str:
+    """bench.check --against: each row both stores hold (or those of `rows`) of the one table, this
+    store's minus the other's, with each seed's PointM and IoU; a note where a seed ran another config."""
+    table = _one_table(tables, "--against compares the rows")
+    a, b = store.select(table=table), other.select(table=table)
     both = [r for r in dict.fromkeys(str(x.get("row")) for x in a) if r in {str(x.get("row")) for x in b}]
     wanted = [r.strip() for r in rows.split(",") if r.strip()] if rows else both
     missing = [r for r in wanted if r not in both]
     if missing or not wanted:
-        raise UserError(f"--against: {names[0]} row {missing[0]!r} is not in both {store.path} and {other.path}"
-                        if missing else f"--against: no {names[0]} row is in both {store.path} and {other.path}")
+        raise UserError(f"--against: {table} row {missing[0]!r} is not in both {store.path} and {other.path}"
+                        if missing else f"--against: no {table} row is in both {store.path} and {other.path}")
     out = []
     for row in wanted:
-        out.append(_pair_text(f"{row} [{store.root}]", f"{row} [{other.root}]", names[0],
-                              pair_stores(a, store.root, b, other.root, row)))
-        by_seed = [{int(r["seed"]): r.get("metrics", {}) for r in recs if str(r.get("row")) == row} for recs in (a, b)]
-        seeds = sorted(set(by_seed[0]) & set(by_seed[1]))
+        out.append(_pair_text(f"{row} [{store.root}]", f"{row} [{other.root}]", table,
+                              pair_stores(a, store.root, row, b, other.root, row)))
+        mine, theirs = ({int(r["seed"]): r for r in recs if str(r.get("row")) == row} for recs in (a, b))
+        seeds = sorted(set(mine) & set(theirs))
         for m in ("point_mask", "iou"):  # PointM and IoU of each seed, this store's and the other's
-            out.append(f"  by seed, {m}: " + ", ".join(
-                f"{s}: {by_seed[0][s].get(m, math.nan):.2f} - {by_seed[1][s].get(m, math.nan):.2f} = "
-                f"{by_seed[0][s].get(m, math.nan) - by_seed[1][s].get(m, math.nan):+.2f}" for s in seeds))
-        hashes = [{int(r["seed"]): str(r.get("config_hash")) for r in recs if str(r.get("row")) == row}
-                  for recs in (a, b)]
-        other = [s for s in seeds if hashes[0][s] != hashes[1][s]]  # a seed's hash names its seed too
-        if other:
-            out.append(f"  note: the stores ran other configs of this row (seed {other[0]}: config hashes "
-                       f"{hashes[0][other[0]]} and {hashes[1][other[0]]})")
-        sizes = [sorted({r.get("world_size", 1) for r in recs if str(r.get("row")) == row}) for recs in (a, b)]
+            x, y = ({s: recs[s].get("metrics", {}).get(m, math.nan) for s in seeds} for recs in (mine, theirs))
+            out.append(f"  by seed, {m}: " + ", ".join(f"{s}: {x[s]:.2f} - {y[s]:.2f} = {x[s] - y[s]:+.2f}" for s in seeds))
+        # a seed's hash names its seed too, so hashes compare seed by seed
+        changed = [s for s in seeds if mine[s].get("config_hash") != theirs[s].get("config_hash")]
+        if changed:
+            s = changed[0]
+            out.append(f"  note: the stores ran other configs of this row (seed {s}: config hashes "
+                       f"{mine[s].get('config_hash')} and {theirs[s].get('config_hash')})")
+        sizes = [sorted({r.get("world_size", 1) for r in recs.values()}) for recs in (mine, theirs)]
         if sizes[0] != sizes[1]:
             out.append(f"  processes per training: {'/'.join(map(str, sizes[0]))} against {'/'.join(map(str, sizes[1]))}")
     return "\n".join(out)
