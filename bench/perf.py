@@ -349,16 +349,12 @@ def packed(argv: list[str], procs: int) -> dict:
 
 
 def _wait_all(children: list, option: str) -> None:
-    """Wait for every child process; one that fails would leave the others waiting (at a barrier, in a
-    collective) until a timeout, so the rest are stopped and this exits naming it."""
-    while any(c.poll() is None for c in children) and not any(c.poll() for c in children):
-        time.sleep(0.1)
-    failed = [i for i, c in enumerate(children) if c.poll()]
+    """Wait for every child process (ehin.distributed.wait_all: one that fails stops the rest), and exit
+    naming the failed ones."""
+    from ehin.distributed import wait_all
+
+    failed = wait_all(children)
     if failed:
-        for c in children:
-            if c.poll() is None:
-                c.kill()
-            c.wait()
         raise SystemExit(f"bench.perf {option}: process(es) {failed} failed")
 
 

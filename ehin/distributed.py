@@ -78,7 +78,6 @@ def run_local_ranks(argv: list[str], ranks: int, device_type: str, *, logs: Path
     import socket
     import subprocess
     import threading
-    import time
 
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": str(ranks)}
     if device_type == "cpu":
@@ -101,16 +100,11 @@ def run_local_ranks(argv: list[str], ranks: int, device_type: str, *, logs: Path
                                      stderr=subprocess.STDOUT if logs is not None else None,
                                      env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
                     for r, out in enumerate(outs)]
-        while any(c.poll() is None for c in children) and not any(c.poll() for c in children):
-            time.sleep(0.1)
-        failed = [r for r, c in enumerate(children) if c.poll()]
+        failed = wait_all(children)
     finally:
-        # the rest of a failed job, or every rank when this process is stopped (a SLURM requeue's SIGTERM, a
-        # Ctrl-C): no rank outlives it holding a GPU; a rank's last epoch checkpoint stays for the resume
-        for c in children:
-            if c.poll() is None:
-                c.kill()
-            c.wait()
+        # every rank when this process is stopped (a SLURM requeue's SIGTERM, a Ctrl-C): no rank outlives it
+        # holding a GPU; a rank's last epoch checkpoint stays for the resume
+        stop_all(children)
         for out in outs:
             if out is not subprocess.DEVNULL:
                 out.close()
@@ -123,6 +117,26 @@ def run_local_ranks(argv: list[str], ranks: int, device_type: str, *, logs: Path
             where = f"; see {logs}/rank{failed[0]}.log" + "".join(f"\n  {line}" for line in tail)
         raise RankFailed(f"{what}: rank(s) {', '.join(map(str, failed))} of {ranks} failed "
                          f"(exit {children[failed[0]].returncode}){where}")
+
+
+def wait_all(children: list) -> list[int]:
+    """Wait until every child process has ended or one has failed, and return the failed ones' indices;
+    the others are then stopped: they would wait for it (at a barrier, in a collective) until a timeout."""
+    import time
+
+    while any(c.poll() is None for c in children) and not any(c.poll() for c in children):
+        time.sleep(0.1)
+    failed = [i for i, c in enumerate(children) if c.poll()]
+    stop_all(children)
+    return failed
+
+
+def stop_all(children: list) -> None:
+    """Kill the child processes still running and reap them all."""
+    for c in children:
+        if c.poll() is None:
+            c.kill()
+        c.wait()
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:
