@@ -215,12 +215,21 @@ poll)
   while [ ! -f /tmp/p/tasks.done ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 10; done
   [ -f /tmp/p/tasks.done ] && echo "tasks done after $(( $(date +%s) - t0 )) s" \
     || echo "tasks still running after $(( $(date +%s) - t0 )) s"
+  # the stores whole (small), and of the per-expression scores only those written in this sitting: packed first,
+  # so that a call cut off by its own limit during the listings below still returns them (session 38's first
+  # poll, sent with LIMIT 580, ran past the call's 600 s in the dry run below and returned nothing)
+  (cd /tmp/p && find g/per_expression rr/per_expression cl/per_expression d2/per_expression -newer stamp -type f \
+     2>/dev/null > new.txt
+   ls g/store.jsonl rr/store.jsonl cl/store.jsonl d2/store.jsonl h200_*.json tasks.log 2>/dev/null >> new.txt
+   tar czf "$OUT/stores.tgz" --ignore-failed-read -T new.txt) || echo "tar: exit $?"
   echo "stored: tables $(cat $G/store.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l), clip $(cat $CL/store.jsonl 2>/dev/null | wc -l), ranks2 $(cat $D2/store.jsonl 2>/dev/null | wc -l)"
   grep -a "^==" /tmp/p/tasks.log  # each task's start and end; then failures, without the [sweep] progress lines
   grep -a "failed\|Error" /tmp/p/tasks.log | grep -a -v "^\[sweep\]" | tail -n 10; grep -a "\[sweep\]" /tmp/p/tasks.log | tail -n 2
   # the table cells started and not stored, with their epochs: what a machine lost now would take with it (the
   # tasks' code and table settings, saved by start; a dry run writes nothing)
-  [ -d $G/runs ] && (. /tmp/p/tables.env && cd /tmp/p/src && PYTHONPATH=/tmp/site:/tmp/p/src timeout 60 \
+  # (at most 60 s, and only what a device call of 600 s has left after the wait, the 5 s below kept)
+  dry=$(( 600 - 10 - ($(date +%s) - t0) )); [ "$dry" -gt 60 ] && dry=60
+  [ -d $G/runs ] && [ "$dry" -gt 5 ] && (. /tmp/p/tables.env && cd /tmp/p/src && PYTHONPATH=/tmp/site:/tmp/p/src timeout $dry \
     python3 -m bench.run "$TABLES" --profile gpu ${TABLE_ROWS:+--rows "$TABLE_ROWS"} --jobs $TABLE_JOBS \
     "${PACKED[@]}" --results $G --dry-run 2>&1 | grep -a "\[started\|Error\|error:" | sed 's/^ */started, not stored: /')
   # is a packed wave bound by the GPU or by the 16 cores? both utilisations, the CPU's over 5 s
@@ -230,11 +239,6 @@ poll)
     echo "cpu busy $(( 100 * busy / (busy + idle) )) % of $(nproc) cores over 5 s; load $(cut -d' ' -f1-3 /proc/loadavg)"
   } > /tmp/p/util.txt 2>&1
   cat /tmp/p/util.txt
-  # the stores whole (small), and of the per-expression scores only those written in this sitting
-  (cd /tmp/p && find g/per_expression rr/per_expression cl/per_expression d2/per_expression -newer stamp -type f \
-     2>/dev/null > new.txt
-   ls g/store.jsonl rr/store.jsonl cl/store.jsonl d2/store.jsonl h200_*.json util.txt tasks.log 2>/dev/null >> new.txt
-   tar czf "$OUT/stores.tgz" --ignore-failed-read -T new.txt) || echo "tar: exit $?"
   ;;
 perf)  # issue 20: bench.perf (infer, above) in the foreground, into $OUT
   infer ${LIMIT:-300} "$OUT" > /tmp/p/perf.log 2>&1
