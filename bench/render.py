@@ -199,6 +199,8 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
         "metrics_protocols": sorted({str(r.get("metrics_protocol", PROTOCOL_BEFORE)) for r in recs}),
         "hardware": hardware,
         "collapsed": collapsed_cells(recs, COLLAPSED_PCT),
+        "below_language_blind": below_language_blind_cells(  # the table's row order, seeds ascending
+            sorted(recs, key=lambda r: (list(sweep.rows).index(r["row"]), int(r.get("seed", 0)))), profile, fidelity),
         "set": beyond,
         "testbed": (testbed_status(recs, profile, fidelity, fidelity_source) if recs else "-")
         if fidelity_source is not None else None,
@@ -238,6 +240,32 @@ def collapsed_cells(records: Iterable[dict], threshold: float) -> list[dict[str,
         evaluated = [h for h in r.get("history") or [] if "empty_maps" in h]
         if evaluated and evaluated[-1]["empty_maps"] >= threshold:
             out.append({"row": r.get("row"), "seed": r.get("seed"), "empty_maps": evaluated[-1]["empty_maps"]})
+    return out
+
+
+def below_language_blind_cells(records: Iterable[dict], profile: str | None,
+                               fidelity: dict | None) -> list[dict[str, Any]]:
+    """The cells whose PointM is below the language-blind guess of the split they were evaluated on
+    (TESTBED §2.3: the random-object guess, `language_blind` of fidelity.json's variant of that dataset,
+    split_by and split; computed from the scenes alone, no model): row, seed, PointM, the guess and the
+    share of expressions whose peak fell on any annotated object (`point_any_object`; absent in older
+    records), in the records' order. Only records that loaded the dataset fidelity.json froze (its sha256);
+    none where `fidelity` does not judge `profile`."""
+    if fidelity is None or profile != fidelity.get("profile"):
+        return []
+    guess = {(v["dataset"], v["split_by"], v["split"]): v["language_blind"]
+             for v in fidelity["variants"].values() if v.get("language_blind") is not None}
+    frozen = fidelity.get("frozen", {}).get("datasets", {})
+    out = []
+    for r in records:
+        ds = (r.get("inputs") or {}).get("dataset") or {}
+        if frozen.get(f"{ds.get('name')}:{ds.get('split_by')}") != ds.get("sha256"):
+            continue  # another dataset than the one the guess was computed on
+        blind = guess.get((ds.get("name"), ds.get("split_by"), (r.get("overrides") or {}).get("eval.split")))
+        point_m = _metric_value(r, "point_mask")
+        if blind is not None and point_m is not None and point_m < blind:
+            out.append({"row": r.get("row"), "seed": r.get("seed"), "point_mask": point_m, "language_blind": blind,
+                        "point_any_object": _metric_value(r, "point_any_object")})
     return out
 
 
@@ -346,7 +374,7 @@ def header_lines(info: dict[str, Any]) -> list[str]:
         "hardware: " + (", ".join(info["hardware"]) or "-"),
     ] + ([f"testbed: {info['testbed']}"] if info.get("testbed") else []) + (
         [f"run with `{set_flags(info['set'])}` (not the paper's configuration)"] if info.get("set") else []
-    ) + _collapsed_lines(info)
+    ) + _collapsed_lines(info) + _below_language_blind_lines(info)
 
 
 def set_flags(assignments: Iterable[str]) -> str:
@@ -366,6 +394,22 @@ def _collapsed_lines(info: dict[str, Any]) -> list[str]:
     rows = "; ".join(f"{row}, seed {', '.join(seeds)}" for row, seeds in by_row.items())
     return [f"collapsed (an empty map on ≥ {COLLAPSED_PCT:g} % of the val expressions at the last evaluation: "
             f"the scores of predicting no foreground, not of ranking regions): {rows}"]
+
+
+def _below_language_blind_lines(info: dict[str, Any]) -> list[str]:
+    cells = info.get("below_language_blind") or []
+    if not cells:
+        return []
+    by_row: dict[str, list[str]] = {}
+    for c in cells:
+        on = c.get("point_any_object")
+        by_row.setdefault(str(c["row"]), []).append(
+            f"{c['seed']} ({c['point_mask']:.1f} against {c['language_blind']:.1f}"
+            + (f"; {on:.0f} % on an object)" if on is not None else ")"))
+    rows = "; ".join(f"{row}, seed {', '.join(seeds)}" for row, seeds in by_row.items())
+    return ["below the language-blind guess (PointM under the random-object guess of its split, TESTBED §2.3, "
+            "from the testbed's verdicts file; in brackets the cell's PointM, the guess and the share of peaks "
+            f"on any annotated object): {rows}"]
 
 
 def _configs_line(info: dict[str, Any]) -> str:

@@ -372,6 +372,38 @@ def test_header_names_collapsed_cells(tmp_path):
     assert "collapsed" not in write_tables(sweep("table5"), recs, tmp_path / "below")["md"].read_text()
 
 
+def test_header_names_cells_below_the_language_blind_guess(tmp_path):
+    """A cell whose PointM is under the random-object guess of the split it was evaluated on (fidelity.json's
+    `language_blind`, TESTBED §2.3) is named in the header with the share of its peaks on any object; a cell
+    above it, one on another split or another dataset than the judged one, or another profile's, is not."""
+    from bench.render import below_language_blind_cells
+
+    guess = {"dataset": "synth-refcoco", "split_by": "unc", "split": "val", "language_blind": 14.1}
+    fidelity = _fidelity(variants={"synth-refcoco": {"met": {}, **guess}})
+    row = next(iter(sweep("table5").rows))
+
+    def cell(seed: int, point_m: float, split: str = "val", sha: str = "d" * 64) -> dict:
+        r = _testbed_record(row, seed, dataset_sha=sha)
+        return {**r, "metrics": {"point_mask": point_m, "point_any_object": 3.0}, "overrides": {"eval.split": split}}
+
+    recs = [cell(0, 0.4), cell(1, 20.0), cell(2, 0.0, split="testA"), cell(3, 0.0, sha="f" * 64)]
+    assert below_language_blind_cells(recs, "gpu", fidelity) == [
+        {"row": row, "seed": 0, "point_mask": 0.4, "language_blind": 14.1, "point_any_object": 3.0}]
+    assert below_language_blind_cells(recs, "synthetic", fidelity) == []
+    assert below_language_blind_cells(recs, "gpu", None) == []
+    fid = tmp_path / "fidelity.json"
+    fid.write_text(json.dumps(fidelity))
+    md = write_tables(sweep("table5"), recs[:2], tmp_path / "out", fidelity_file=fid)["md"].read_text()
+    assert f"- below the language-blind guess (" in md and f": {row}, seed 0 (0.4 against 14.1; 3 % on an object)\n" in md
+    above = write_tables(sweep("table5"), recs[1:2], tmp_path / "above", fidelity_file=fid)["md"].read_text()
+    assert "language-blind" not in above
+    # The results summary (README's block, docs/findings.md) names the row under its table, of how many seeds
+    from bench.report import results_summary
+
+    assert f"as the table's header details: {row} (1 of 2 seeds).\n" in results_summary(tmp_path / "out")
+    assert "language-blind" not in results_summary(tmp_path / "above")
+
+
 def test_header_names_the_dataset_the_records_ran_on(tmp_path):
     """A row run with `bench.run --set data.dataset=...` (its records' overrides) is named with the dataset
     it ran on, not the sweep's; a row whose records follow the declaration, or with no records, keeps it."""
