@@ -182,6 +182,8 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
         if text not in pairs:
             pairs.append(text)
     hardware = sorted({_hardware(r) for r in recs})
+    order = {row: i for i, row in enumerate(sweep.rows)}
+    in_order = sorted(recs, key=lambda r: (order[r["row"]], int(r.get("seed", 0))))  # rows as declared, seeds up
     from ehin.metrics import COLLAPSED_PCT, PROTOCOL_BEFORE  # PROTOCOL_BEFORE: records before it was recorded
 
     return {
@@ -198,9 +200,8 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
                       "code_version": r.get("code_version")} for r in left_out],
         "metrics_protocols": sorted({str(r.get("metrics_protocol", PROTOCOL_BEFORE)) for r in recs}),
         "hardware": hardware,
-        "collapsed": collapsed_cells(recs, COLLAPSED_PCT),
-        "below_language_blind": below_language_blind_cells(  # the table's row order, seeds ascending
-            sorted(recs, key=lambda r: (list(sweep.rows).index(r["row"]), int(r.get("seed", 0)))), profile, fidelity),
+        "collapsed": collapsed_cells(in_order, COLLAPSED_PCT),
+        "language_blind": language_blind_check(in_order, profile, fidelity),
         "set": beyond,
         "testbed": (testbed_status(recs, profile, fidelity, fidelity_source) if recs else "-")
         if fidelity_source is not None else None,
@@ -243,30 +244,35 @@ def collapsed_cells(records: Iterable[dict], threshold: float) -> list[dict[str,
     return out
 
 
-def below_language_blind_cells(records: Iterable[dict], profile: str | None,
-                               fidelity: dict | None) -> list[dict[str, Any]]:
-    """The cells whose PointM is below the language-blind guess of the split they were evaluated on
-    (TESTBED §2.3: the random-object guess, `language_blind` of fidelity.json's variant of that dataset,
-    split_by and split; computed from the scenes alone, no model): row, seed, PointM, the guess and the
-    share of expressions whose peak fell on any annotated object (`point_any_object`; absent in older
-    records), in the records' order. Only records that loaded the dataset fidelity.json froze (its sha256);
-    none where `fidelity` does not judge `profile`."""
+def language_blind_check(records: Iterable[dict], profile: str | None,
+                         fidelity: dict | None) -> dict[str, Any] | None:
+    """Each record's PointM against the language-blind guess of the split it was evaluated on (TESTBED §2.3:
+    the random-object guess, `language_blind` of fidelity.json's variant of that dataset, split_by and
+    split; computed from the scenes alone, no model). Only records that loaded the dataset fidelity.json
+    froze (its sha256) are compared. Returns {"below": [row, seed, PointM, the guess and the share of
+    expressions whose peak fell on any annotated object (`point_any_object`, None in older records)],
+    "compared": {row: records compared}, "not_compared": records without a guess (another split, dataset
+    or no checksum)}, in the records' order; None where `fidelity` does not judge `profile`."""
     if fidelity is None or profile != fidelity.get("profile"):
-        return []
-    guess = {(v["dataset"], v["split_by"], v["split"]): v["language_blind"]
-             for v in fidelity["variants"].values() if v.get("language_blind") is not None}
-    frozen = fidelity.get("frozen", {}).get("datasets", {})
-    out = []
+        return None
+    guess = {(v.get("dataset"), v.get("split_by"), v.get("split")): v["language_blind"]
+             for v in (fidelity.get("variants") or {}).values() if v.get("language_blind") is not None}
+    frozen = (fidelity.get("frozen") or {}).get("datasets") or {}
+    below, compared, not_compared = [], {}, 0
     for r in records:
         ds = (r.get("inputs") or {}).get("dataset") or {}
-        if frozen.get(f"{ds.get('name')}:{ds.get('split_by')}") != ds.get("sha256"):
-            continue  # another dataset than the one the guess was computed on
-        blind = guess.get((ds.get("name"), ds.get("split_by"), (r.get("overrides") or {}).get("eval.split")))
+        same_data = ds.get("sha256") and frozen.get(f"{ds.get('name')}:{ds.get('split_by')}") == ds.get("sha256")
+        split = (r.get("overrides") or {}).get("eval.split", "val")
+        blind = guess.get((ds.get("name"), ds.get("split_by"), split)) if same_data else None
         point_m = _metric_value(r, "point_mask")
-        if blind is not None and point_m is not None and point_m < blind:
-            out.append({"row": r.get("row"), "seed": r.get("seed"), "point_mask": point_m, "language_blind": blind,
-                        "point_any_object": _metric_value(r, "point_any_object")})
-    return out
+        if blind is None or point_m is None:
+            not_compared += 1
+            continue
+        compared[r.get("row")] = compared.get(r.get("row"), 0) + 1
+        if point_m < blind:
+            below.append({"row": r.get("row"), "seed": r.get("seed"), "point_mask": point_m, "language_blind": blind,
+                          "point_any_object": _metric_value(r, "point_any_object")})
+    return {"below": below, "compared": compared, "not_compared": not_compared}
 
 
 # TESTBED §2's criteria as bench.testbed --fidelity names them in fidelity.json's per-variant "met".
@@ -363,7 +369,7 @@ def _hardware(record: dict) -> str:
 
 
 def header_lines(info: dict[str, Any]) -> list[str]:
-    # cells.json files written before a key existed lack it (testbed, collapsed): no line then
+    # cells.json files written before a key existed lack it (testbed, collapsed, language_blind): no line then
     seeds = ", ".join(map(str, info["seeds"])) or "none"
     return [
         f"profile: {info['profile']}; seeds: {seeds} ({info['records']} records)",
@@ -397,7 +403,8 @@ def _collapsed_lines(info: dict[str, Any]) -> list[str]:
 
 
 def _below_language_blind_lines(info: dict[str, Any]) -> list[str]:
-    cells = info.get("below_language_blind") or []
+    check = info.get("language_blind") or {}
+    cells = check.get("below") or []
     if not cells:
         return []
     by_row: dict[str, list[str]] = {}
@@ -405,11 +412,13 @@ def _below_language_blind_lines(info: dict[str, Any]) -> list[str]:
         on = c.get("point_any_object")
         by_row.setdefault(str(c["row"]), []).append(
             f"{c['seed']} ({c['point_mask']:.1f} against {c['language_blind']:.1f}"
-            + (f"; {on:.0f} % on an object)" if on is not None else ")"))
+            + (f"; {on:.1f} % on an object)" if on is not None else ")"))
     rows = "; ".join(f"{row}, seed {', '.join(seeds)}" for row, seeds in by_row.items())
+    skipped = check.get("not_compared") or 0
     return ["below the language-blind guess (PointM under the random-object guess of its split, TESTBED §2.3, "
-            "from the testbed's verdicts file; in brackets the cell's PointM, the guess and the share of peaks "
-            f"on any annotated object): {rows}"]
+            "from the testbed's verdicts file; in parentheses the cell's PointM, the guess and the share of "
+            f"expressions whose peak fell on any annotated object): {rows}"
+            + (f" ({skipped} records not compared: no guess for their split or dataset)" if skipped else "")]
 
 
 def _configs_line(info: dict[str, Any]) -> str:

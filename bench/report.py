@@ -273,23 +273,23 @@ def results_summary(reports: str | Path = "reports") -> str:
             # a row may name its split after a '|' (Table 2): escaped, or it would open a column
             + "".join(f"| {r.replace('|', chr(92) + '|')} | " + " | ".join(cell(r, c) for c in cols) + " |\n"
                       for r in rows)
-            + _below_language_blind(info, {row: c.get("n") for (row, metric), c in cells.items()
-                                           if metric == "point_mask"}))
+            + _below_language_blind(info))
     return "\n".join(parts) if parts else "Nothing rendered yet: run `python -m bench.run table5`.\n"
 
 
-def _below_language_blind(info: dict, seeds_of: dict[str, int | None]) -> str:
+def _below_language_blind(info: dict) -> str:
     """A sentence under a table's rows naming those with seeds below the language-blind guess (the header's
-    `below_language_blind`, bench.render), of how many seeds the row has (`seeds_of`, its PointM cell's n):
-    their numbers are of maps that point off the referent, so a comparison between them is not a ranking.
-    Empty when none is."""
-    cells = info.get("below_language_blind") or []
-    if not cells:
+    `language_blind`, bench.render), of how many of the row's seeds were compared with it: their numbers are
+    of maps that point off every object or are empty, so a comparison between them is not a ranking. Empty
+    when none is."""
+    check = info.get("language_blind") or {}
+    if not check.get("below"):
         return ""
-    seeds: dict[str, int] = {}
-    for c in cells:
-        seeds[str(c["row"])] = seeds.get(str(c["row"]), 0) + 1
-    named = ", ".join(f"{row} ({n} of {seeds_of.get(row) or n} seeds)" for row, n in seeds.items())
+    below: dict[str, int] = {}
+    for c in check["below"]:
+        below[str(c["row"])] = below.get(str(c["row"]), 0) + 1
+    compared = check.get("compared") or {}
+    named = ", ".join(f"{row} ({n} of {compared.get(row, n)} seeds)" for row, n in below.items())
     return (f"\nBelow the language-blind guess of their split (PointM; TESTBED §2.3), as the table's header "
             f"details: {named}.\n")
 

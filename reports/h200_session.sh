@@ -215,6 +215,7 @@ poll)
   while [ ! -f /tmp/p/tasks.done ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 10; done
   [ -f /tmp/p/tasks.done ] && echo "tasks done after $(( $(date +%s) - t0 )) s" \
     || echo "tasks still running after $(( $(date +%s) - t0 )) s"
+  echo "stored: tables $(cat $G/store.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l), clip $(cat $CL/store.jsonl 2>/dev/null | wc -l), ranks2 $(cat $D2/store.jsonl 2>/dev/null | wc -l)"
   # the stores whole (small), and of the per-expression scores only those written in this sitting: packed first,
   # so that a call cut off by its own limit during the listings below still returns them (session 38's first
   # poll, sent with LIMIT 580, ran past the call's 600 s in the dry run below and returned nothing)
@@ -222,16 +223,20 @@ poll)
      2>/dev/null > new.txt
    ls g/store.jsonl rr/store.jsonl cl/store.jsonl d2/store.jsonl h200_*.json tasks.log 2>/dev/null >> new.txt
    tar czf "$OUT/stores.tgz" --ignore-failed-read -T new.txt) || echo "tar: exit $?"
-  echo "stored: tables $(cat $G/store.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l), clip $(cat $CL/store.jsonl 2>/dev/null | wc -l), ranks2 $(cat $D2/store.jsonl 2>/dev/null | wc -l)"
   grep -a "^==" /tmp/p/tasks.log  # each task's start and end; then failures, without the [sweep] progress lines
   grep -a "failed\|Error" /tmp/p/tasks.log | grep -a -v "^\[sweep\]" | tail -n 10; grep -a "\[sweep\]" /tmp/p/tasks.log | tail -n 2
   # the table cells started and not stored, with their epochs: what a machine lost now would take with it (the
   # tasks' code and table settings, saved by start; a dry run writes nothing)
-  # (at most 60 s, and only what a device call of 600 s has left after the wait, the 5 s below kept)
-  dry=$(( 600 - 10 - ($(date +%s) - t0) )); [ "$dry" -gt 60 ] && dry=60
-  [ -d $G/runs ] && [ "$dry" -gt 5 ] && (. /tmp/p/tables.env && cd /tmp/p/src && PYTHONPATH=/tmp/site:/tmp/p/src timeout $dry \
-    python3 -m bench.run "$TABLES" --profile gpu ${TABLE_ROWS:+--rows "$TABLE_ROWS"} --jobs $TABLE_JOBS \
-    "${PACKED[@]}" --results $G --dry-run 2>&1 | grep -a "\[started\|Error\|error:" | sed 's/^ */started, not stored: /')
+  # (at most 60 s, and only what a device call of CALL_S s has left after the wait, the 5 s below kept)
+  dry=$(( ${CALL_S:-600} - 10 - ($(date +%s) - t0) )); [ "$dry" -gt 60 ] && dry=60
+  if [ -d $G/runs ] && [ "$dry" -le 5 ]; then echo "cells started, not stored: not listed (${dry} s left in this call)"
+  elif [ -d $G/runs ]; then
+    (. /tmp/p/tables.env && cd /tmp/p/src && PYTHONPATH=/tmp/site:/tmp/p/src timeout -k 2 $dry \
+      python3 -m bench.run "$TABLES" --profile gpu ${TABLE_ROWS:+--rows "$TABLE_ROWS"} --jobs $TABLE_JOBS \
+      "${PACKED[@]}" --results $G --dry-run > /tmp/p/dry.txt 2>&1; echo $? > /tmp/p/dry.rc)
+    grep -a "\[started\|Error\|error:" /tmp/p/dry.txt | sed 's/^ */started, not stored: /'
+    [ "$(cat /tmp/p/dry.rc)" = 124 ] && echo "cells started, not stored: the listing ran past its ${dry} s and is incomplete"
+  fi
   # is a packed wave bound by the GPU or by the 16 cores? both utilisations, the CPU's over 5 s
   { nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
     read -r _ a1 a2 a3 a4 a5 a6 a7 _ < /proc/stat; sleep 5; read -r _ b1 b2 b3 b4 b5 b6 b7 _ < /proc/stat

@@ -374,33 +374,41 @@ def test_header_names_collapsed_cells(tmp_path):
 
 def test_header_names_cells_below_the_language_blind_guess(tmp_path):
     """A cell whose PointM is under the random-object guess of the split it was evaluated on (fidelity.json's
-    `language_blind`, TESTBED §2.3) is named in the header with the share of its peaks on any object; a cell
-    above it, one on another split or another dataset than the judged one, or another profile's, is not."""
-    from bench.render import below_language_blind_cells
+    `language_blind`, TESTBED §2.3) is named in the header, rows in the table's order, with the share of its
+    peaks on any object; a cell above it is compared but not named; one on a split or dataset without a
+    guess, or without checksums, is counted as not compared; another profile's table is not checked."""
+    from bench.render import language_blind_check
 
     guess = {"dataset": "synth-refcoco", "split_by": "unc", "split": "val", "language_blind": 14.1}
     fidelity = _fidelity(variants={"synth-refcoco": {"met": {}, **guess}})
-    row = next(iter(sweep("table5").rows))
+    first, second = list(sweep("table5").rows)[:2]
 
-    def cell(seed: int, point_m: float, split: str = "val", sha: str = "d" * 64) -> dict:
+    def cell(row: str, seed: int, point_m: float, split: str = "val", sha: str = "d" * 64,
+             on_object: float | None = 3.0) -> dict:
         r = _testbed_record(row, seed, dataset_sha=sha)
-        return {**r, "metrics": {"point_mask": point_m, "point_any_object": 3.0}, "overrides": {"eval.split": split}}
+        metrics = {"point_mask": point_m, **({"point_any_object": on_object} if on_object is not None else {})}
+        return {**r, "metrics": metrics, "overrides": {"eval.split": split}}
 
-    recs = [cell(0, 0.4), cell(1, 20.0), cell(2, 0.0, split="testA"), cell(3, 0.0, sha="f" * 64)]
-    assert below_language_blind_cells(recs, "gpu", fidelity) == [
-        {"row": row, "seed": 0, "point_mask": 0.4, "language_blind": 14.1, "point_any_object": 3.0}]
-    assert below_language_blind_cells(recs, "synthetic", fidelity) == []
-    assert below_language_blind_cells(recs, "gpu", None) == []
+    recs = [cell(first, 0, 0.4), cell(first, 1, 20.0), cell(first, 2, 0.0, split="testA"),
+            cell(first, 3, 0.0, sha="f" * 64), {**cell(first, 4, 0.0), "inputs": {}}]
+    assert language_blind_check(recs, "gpu", fidelity) == {
+        "below": [{"row": first, "seed": 0, "point_mask": 0.4, "language_blind": 14.1, "point_any_object": 3.0}],
+        "compared": {first: 2}, "not_compared": 3}
+    assert language_blind_check(recs, "synthetic", fidelity) is None
+    assert language_blind_check(recs, "gpu", None) is None
     fid = tmp_path / "fidelity.json"
     fid.write_text(json.dumps(fidelity))
-    md = write_tables(sweep("table5"), recs[:2], tmp_path / "out", fidelity_file=fid)["md"].read_text()
-    assert f"- below the language-blind guess (" in md and f": {row}, seed 0 (0.4 against 14.1; 3 % on an object)\n" in md
-    above = write_tables(sweep("table5"), recs[1:2], tmp_path / "above", fidelity_file=fid)["md"].read_text()
+    shown = [cell(second, 1, 2.0, on_object=None), cell(first, 1, 20.0), cell(first, 0, 0.4)]  # not in row order
+    md = write_tables(sweep("table5"), shown, tmp_path / "out", fidelity_file=fid)["md"].read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- below the language-blind guess ("))
+    assert line.endswith(f": {first}, seed 0 (0.4 against 14.1; 3.0 % on an object); {second}, seed 1 (2.0 against 14.1)")
+    above = write_tables(sweep("table5"), shown[1:2], tmp_path / "above", fidelity_file=fid)["md"].read_text()
     assert "language-blind" not in above
-    # The results summary (README's block, docs/findings.md) names the row under its table, of how many seeds
+    # The results summary (README's block, docs/findings.md) names the rows under their table, with how many
+    # of each row's compared seeds were below
     from bench.report import results_summary
 
-    assert f"as the table's header details: {row} (1 of 2 seeds).\n" in results_summary(tmp_path / "out")
+    assert f"header details: {first} (1 of 2 seeds), {second} (1 of 1 seeds).\n" in results_summary(tmp_path / "out")
     assert "language-blind" not in results_summary(tmp_path / "above")
 
 
