@@ -394,12 +394,17 @@ def _collapsed_lines(info: dict[str, Any]) -> list[str]:
     cells = info.get("collapsed") or []
     if not cells:
         return []
-    by_row: dict[str, list[str]] = {}
-    for c in cells:
-        by_row.setdefault(str(c["row"]), []).append(f"{c['seed']} ({c['empty_maps']:.0f} %)")
-    rows = "; ".join(f"{row}, seed {', '.join(seeds)}" for row, seeds in by_row.items())
+    rows = _seeds_by_row(cells, lambda c: f"{c['empty_maps']:.0f} %")
     return [f"collapsed (an empty map on ≥ {COLLAPSED_PCT:g} % of the val expressions at the last evaluation: "
             f"the scores of predicting no foreground, not of ranking regions): {rows}"]
+
+
+def _seeds_by_row(cells: list[dict[str, Any]], describe: Callable[[dict[str, Any]], str]) -> str:
+    """ "row, seed 0 (what), 1 (what); row2, seed ..." for a header line naming cells (in their order)."""
+    by_row: dict[str, list[str]] = {}
+    for c in cells:
+        by_row.setdefault(str(c["row"]), []).append(f"{c['seed']} ({describe(c)})")
+    return "; ".join(f"{row}, seed {', '.join(seeds)}" for row, seeds in by_row.items())
 
 
 def _below_language_blind_lines(info: dict[str, Any]) -> list[str]:
@@ -407,13 +412,8 @@ def _below_language_blind_lines(info: dict[str, Any]) -> list[str]:
     cells = check.get("below") or []
     if not cells:
         return []
-    by_row: dict[str, list[str]] = {}
-    for c in cells:
-        on = c.get("point_any_object")
-        by_row.setdefault(str(c["row"]), []).append(
-            f"{c['seed']} ({c['point_mask']:.1f} against {c['language_blind']:.1f}"
-            + (f"; {on:.1f} % on an object)" if on is not None else ")"))
-    rows = "; ".join(f"{row}, seed {', '.join(seeds)}" for row, seeds in by_row.items())
+    rows = _seeds_by_row(cells, lambda c: f"{c['point_mask']:.1f} against {c['language_blind']:.1f}" + (
+        f"; {c['point_any_object']:.1f} % on an object" if c.get("point_any_object") is not None else ""))
     skipped = check.get("not_compared") or 0
     return ["below the language-blind guess (PointM under the random-object guess of its split, TESTBED §2.3, "
             "from the testbed's verdicts file; in parentheses the cell's PointM, the guess and the share of "

@@ -18,6 +18,7 @@ import html
 import json
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 from bench.render import header_lines, rewrite_tables, set_flags
@@ -285,9 +286,7 @@ def _below_language_blind(info: dict) -> str:
     check = info.get("language_blind") or {}
     if not check.get("below"):
         return ""
-    below: dict[str, int] = {}
-    for c in check["below"]:
-        below[str(c["row"])] = below.get(str(c["row"]), 0) + 1
+    below = Counter(str(c["row"]) for c in check["below"])  # rows in the header's order
     compared = check.get("compared") or {}
     named = ", ".join(f"{row} ({n} of {compared.get(row, n)} seeds)" for row, n in below.items())
     return (f"\nBelow the language-blind guess of their split (PointM; TESTBED §2.3), as the table's header "
