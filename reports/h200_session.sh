@@ -5,6 +5,7 @@
 #
 #   bash reports/h200_session.sh start     # frozen CLIP, datasets, then $TASKS in one detached process
 #   bash reports/h200_session.sh poll      # wait for the tasks (at most $LIMIT s); new records to $OUT
+#   bash reports/h200_session.sh go        # start, then poll in the same call (LIMIT 570 counted from the start)
 #   PERF_ARGS="..." NAME=... bash reports/h200_session.sh perf    # (issue 20) bench.perf (TRACE=1: profiled); or TASKS="... infer" after the cells
 #
 # Bring a sitting back from the last poll's $OUT/stores.tgz: its g/store.jsonl replaces
@@ -59,7 +60,7 @@
 # right after another, each with a LIMIT near 580, no pause between them (session 30 lost 8 cells of a wave so),
 # poll returning before the machine goes, SITTING_S (1650) after start began; with less device time than 1,800 s
 # left at `start`, set SITTING_S to that less 200. A machine can also go with no pause at all (session 31: the
-# second poll, sent at once, found a new one; 16 cells lost); with under about 1,350 s left no wave of 14 fits,
+# second poll, sent at once, found a new one; 16 cells lost; session 39 twice, so `go` waits in the start's own call); with under about 1,350 s left no wave of 14 fits,
 # and a small one does: SITTING_S=740 TABLE_JOBS=5 TABLE_WAVE_S=560 TASKS=tables ran 5 cells in 8 min 44 s
 # (each 0.52 x its time in a wave of 14, so about 1.75 device-minutes a cell against 1.26). A start that remakes
 # the frozen CLIP takes about 210 s, one that carries it about 90. A cell still running when the machine goes is
@@ -245,6 +246,14 @@ poll)
   } > /tmp/p/util.txt 2>&1
   cat /tmp/p/util.txt
   ;;
+go)  # start and the first poll in one call: one gap between calls fewer. A machine can go in any gap, even one
+     # of seconds (sessions 31 and 39); in session 39 a `start` call returned and the poll sent at once found no
+     # machine, while `go` kept one through start and its 470 s wait (the second call, later, found none again)
+  t=$(date +%s)
+  bash "$0" start || exit $?
+  e=$(( $(date +%s) - t ))
+  LIMIT=$(( ${LIMIT:-570} - e )) CALL_S=$(( ${CALL_S:-600} - 5 - e )) exec bash "$0" poll
+  ;;
 perf)  # issue 20: bench.perf (infer, above) in the foreground, into $OUT
   infer ${LIMIT:-300} "$OUT" > /tmp/p/perf.log 2>&1
   rc=$?
@@ -252,5 +261,5 @@ perf)  # issue 20: bench.perf (infer, above) in the foreground, into $OUT
   if [ -n "${TRACE:-}" ]; then head -n 40 "$OUT"/t/*bs64.txt 2>/dev/null; fi
   exit $rc
   ;;
-*) echo "usage: $0 start|poll|perf"; exit 2 ;;
+*) echo "usage: $0 start|poll|go|perf"; exit 2 ;;
 esac
