@@ -60,7 +60,8 @@
 # right after another, each with a LIMIT near 580, no pause between them (session 30 lost 8 cells of a wave so),
 # poll returning before the machine goes, SITTING_S (1650) after start began; with less device time than 1,800 s
 # left at `start`, set SITTING_S to that less 200. A machine can also go with no pause at all (session 31: the
-# second poll, sent at once, found a new one; 16 cells lost; session 39 twice, so `go` waits in the start's own call); with under about 1,350 s left no wave of 14 fits,
+# second poll, sent at once, found a new one; 16 cells lost; session 39 too), hence `go`, whose first poll waits in
+# the start's own call; with under about 1,350 s left no wave of 14 fits,
 # and a small one does: SITTING_S=740 TABLE_JOBS=5 TABLE_WAVE_S=560 TASKS=tables ran 5 cells in 8 min 44 s
 # (each 0.52 x its time in a wave of 14, so about 1.75 device-minutes a cell against 1.26). A start that remakes
 # the frozen CLIP takes about 210 s, one that carries it about 90. A cell still running when the machine goes is
@@ -246,9 +247,8 @@ poll)
   } > /tmp/p/util.txt 2>&1
   cat /tmp/p/util.txt
   ;;
-go)  # start and the first poll in one call: one gap between calls fewer. A machine can go in any gap, even one
-     # of seconds (sessions 31 and 39); in session 39 a `start` call returned and the poll sent at once found no
-     # machine, while `go` kept one through start and its 470 s wait (the second call, later, found none again)
+go)  # start and the first poll in one call: one gap between calls fewer (the machine can go in any gap, above);
+     # session 39's `go` kept its machine through start and a 470 s wait
   t=$(date +%s)
   bash "$0" start || exit $?
   e=$(( $(date +%s) - t ))
