@@ -26,10 +26,12 @@
    For each claim: does it hold on our results, by what margin, and does the margin exceed the noise:
    paired over the same expressions and seeds where the cells kept their per-expression scores (the
    store's per_expression/ folder; a bootstrap over expressions plus the per-seed differences' spread,
-   since a training's noise moves every expression of a row at once), else over the seeds' means. The
-   report's test column says which; with one seed the noise is unknown. Beyond noise: |margin| > t x SE,
-   t Student's at the error's degrees of freedom (few seeds, few degrees, a large t). A claim that does not hold is
-   a finding, never a CI failure (exit 0).
+   since a training's noise moves every expression of a row at once), else over the means of the seeds
+   both rows have. The report's test column says which; with one seed the noise is unknown. Beyond noise:
+   |margin| > t x SE, t Student's at the error's degrees of freedom (few seeds, few degrees, a large t). A
+   claim over several pairs of rows (a best row against each other, a row against a list) is judged pair
+   by pair and names the pair that decides it; one whose rows lack results is incomplete until its pairs
+   so far decide it. A claim that does not hold is a finding, never a CI failure (exit 0).
 
 3. Two rows of one table compared by the same paired test, whatever config their records ran (a
    diagnostic run with `bench.run --set`, which the claims leave out because its hashes are not the sweep's):
@@ -375,68 +377,83 @@ def _paired_test(paired: Paired) -> str:
     return f"paired ({_paired_n(paired)})"
 
 
+def _claim_pairs(sweep, claim: dict) -> tuple[list[tuple[str, str]], int, int]:
+    """A comparative claim as (a row, b row) pairs, the sign that makes a - b > 0 the claim's side, and how
+    many pairs must hold: `best`/`worst` pair the row with every row of `over` (all must hold); `greater`/
+    `less` pair a and b element-wise, a single row standing against each row of a list (all must hold, or
+    more than half with `quantifier: most`)."""
+    kind = claim["kind"]
+    if kind in ("best", "worst"):
+        row = str(claim["row"])
+        over = [str(x) for x in claim.get("over") or [r for r in sweep.rows if r != row]]
+        return [(row, o) for o in over], (1 if kind == "best" else -1), len(over)
+    aa, bb = ([str(x) for x in (v if isinstance(v, list) else [v])] for v in (claim["a"], claim["b"]))
+    if len(aa) == 1:
+        aa = aa * len(bb)
+    if len(bb) == 1:
+        bb = bb * len(aa)
+    pairs = list(zip(aa, bb))
+    must = len(pairs) // 2 + 1 if claim.get("quantifier") == "most" else len(pairs)
+    return pairs, (1 if kind == "greater" else -1), must
+
+
+def _compare_rows(records: list[dict], a_row: str, b_row: str, metric: str, store_root: Path | None
+                  ) -> tuple[float, float, float, str] | None:
+    """Row a minus row b: (difference, its standard error, the error's df, test), over the seeds both rows
+    have; None when they share none. Paired over the same expressions and seeds where both have
+    per-expression scores, else the difference of the seeds' means (Welch)."""
+    paired = _paired(records, a_row, b_row, metric, store_root)
+    if paired is not None:
+        return paired.diff, paired.se, paired.df, _paired_test(paired)
+    by_seed = [{int(r.get("seed", 0)): r["metrics"][metric] for r in records
+                if r.get("row") == row and metric in r.get("metrics", {})} for row in (a_row, b_row)]
+    seeds = sorted(set(by_seed[0]) & set(by_seed[1]))
+    if not seeds:
+        return None
+    def stats(values: dict[int, float]) -> tuple[float, float, int]:  # mean, std, n over the shared seeds
+        v = [values[s] for s in seeds]
+        return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v)
+
+    a, b = stats(by_seed[0]), stats(by_seed[1])
+    noise, df = _noise(a, b)
+    return a[0] - b[0], noise, df, f"seeds ({len(seeds)} seed{'s' if len(seeds) != 1 else ''})"
+
+
+def _verdict(judged: list[dict], n_pairs: int, must: int) -> tuple[str, bool | None, dict]:
+    """A claim over `n_pairs` pairs of which `must` must hold, from the pairs `judged` so far (margin > 0:
+    the pair holds): its status, whether that is beyond noise, and the pair that decides it. It holds once
+    `must` pairs hold and fails once more than `n_pairs - must` fail, however the pairs without results
+    turn out; else it is incomplete. Beyond noise: as many of its pairs beyond noise on its side (None where
+    that needs pairs whose noise is unknown). The deciding pair: the must-th largest margin once it holds,
+    the (n_pairs - must + 1)-th smallest once it fails (all pairs: the smallest either way), the smallest so
+    far while incomplete."""
+    held = [j for j in judged if j["margin"] > 0]
+    failed = [j for j in judged if j["margin"] <= 0]
+    desc = sorted(judged, key=lambda j: -j["margin"])
+    if len(held) >= must:
+        status, side, needed, decider = "holds", held, must, desc[must - 1]
+    elif len(failed) > n_pairs - must:
+        status, side, needed, decider = "does not hold", failed, n_pairs - must + 1, desc[::-1][n_pairs - must]
+    else:
+        return "incomplete", None, desc[-1]
+    beyond = [_beyond(j["margin"], j["noise"], j["noise_df"]) for j in side]
+    sure, unknown = sum(b is True for b in beyond), sum(b is None for b in beyond)
+    return status, (True if sure >= needed else None if sure + unknown >= needed else False), decider
+
+
 def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | None = None) -> list[dict]:
     """Each metric of a claim: its margin (> 0: it holds) and whether it is beyond noise. Two rows are
     compared paired over the same expressions and seeds where both have per-expression scores (a
-    paired bootstrap over expressions, `test` = "paired"), else by the seeds' means (`test` = "seeds":
-    the standard error of a difference of means)."""
+    paired bootstrap over expressions, `test` = "paired"), else by their means over the seeds both have
+    (`test` = "seeds": the standard error of a difference of means). A claim over several pairs (`best`,
+    `worst`, lists of rows) is judged pair by pair (`_verdict`); a margin is the difference beyond the
+    one the claim requires (`margin` in the sweep, 0 unless the paper names a gap)."""
     metrics = claim["metric"] if isinstance(claim["metric"], list) else [claim["metric"]]
     out = []
     for m in metrics:
         kind = claim["kind"]
         res: dict[str, Any] = {"table": sweep.name, "id": claim["id"], "text": claim["text"], "metric": m, "kind": kind}
-        if kind in ("best", "worst"):
-            row = str(claim["row"])
-            over = [str(x) for x in claim.get("over") or [r for r in sweep.rows if r != row]]
-            a = _row_stats(sweep, records, row, m)
-            others = {o: _row_stats(sweep, records, o, m) for o in over}
-            others = {o: s for o, s in others.items() if s[2]}
-            if not a[2] or not others:
-                out.append({**res, "status": "no results"})
-                continue
-            if kind == "best":
-                rival = max(others, key=lambda o: others[o][0])
-                margin = a[0] - others[rival][0]
-            else:
-                rival = min(others, key=lambda o: others[o][0])
-                margin = others[rival][0] - a[0]
-            (noise, df), test = _noise(a, others[rival]), "seeds"
-            paired = _paired(records, row, rival, m, store_root)
-            if paired is not None:
-                margin = paired.diff if kind == "best" else -paired.diff
-                noise, df, test = paired.se, paired.df, _paired_test(paired)
-            res.update(compared=f"{row} vs {rival}", value=a[0], rival=others[rival][0], margin=margin, noise=noise,
-                       noise_df=df, test=test)
-        elif kind in ("greater", "less"):
-            aa = claim["a"] if isinstance(claim["a"], list) else [claim["a"]]
-            bb = claim["b"] if isinstance(claim["b"], list) else [claim["b"]]
-            margins, noises, dfs, pairs, tests = [], [], [], [], []
-            for a_row, b_row in zip(aa, bb):
-                a, b = _row_stats(sweep, records, str(a_row), m), _row_stats(sweep, records, str(b_row), m)
-                if not (a[2] and b[2]):
-                    continue
-                paired = _paired(records, str(a_row), str(b_row), m, store_root)
-                diff, (noise, df), test = (a[0] - b[0], _noise(a, b), "seeds") if paired is None else \
-                    (paired.diff, (paired.se, paired.df), _paired_test(paired))
-                margins.append(diff if kind == "greater" else -diff)
-                noises.append(noise)
-                dfs.append(df)
-                tests.append(test)
-                pairs.append(f"{a_row} vs {b_row}")
-            if not margins:
-                out.append({**res, "status": "no results"})
-                continue
-            need = claim.get("margin", 0.0) or 0.0
-            held = [mg > need for mg in margins]
-            holds = (sum(held) > len(held) / 2) if claim.get("quantifier") == "most" else all(held)
-            i = int(np.argmin(margins))
-            res.update(compared="; ".join(pairs), margin=margins[i], noise=noises[i], noise_df=dfs[i],
-                       required_margin=need, test=tests[i])
-            res["status"] = "holds" if holds else "does not hold"
-            res["significant"] = _beyond(margins[i], noises[i], dfs[i])
-            out.append(res)
-            continue
-        elif kind == "approx":
+        if kind == "approx":
             a = _row_stats(sweep, records, str(claim["row"]), m)
             if not a[2]:
                 out.append({**res, "status": "no results"})
@@ -445,11 +462,34 @@ def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | N
             margin = tol - abs(a[0] - float(claim["value"]))
             res.update(compared=f"{claim['row']} vs {claim['value']}", value=a[0], margin=margin, noise=a[1],
                        noise_df=a[2] - 1, test="seeds (std)")  # one seed: noise NaN, unknown
-        else:
+            res["status"] = "holds" if margin > 0 else "does not hold"
+            res["significant"] = _beyond(margin, res["noise"], res["noise_df"])
+            out.append(res)
+            continue
+        if kind not in ("best", "worst", "greater", "less"):
             out.append({**res, "status": f"unknown kind {kind}"})
             continue
-        res["status"] = "holds" if res["margin"] > 0 else "does not hold"
-        res["significant"] = _beyond(res["margin"], res.get("noise", math.nan), res.get("noise_df", math.nan))
+        pairs, sign, must = _claim_pairs(sweep, claim)
+        need = float(claim.get("margin") or 0.0)
+        judged, missing = [], []
+        for a_row, b_row in pairs:
+            compared = _compare_rows(records, a_row, b_row, m, store_root)
+            if compared is None:
+                missing.append(f"{a_row} vs {b_row}")
+                continue
+            diff, noise, df, test = compared
+            judged.append(dict(compared=f"{a_row} vs {b_row}", margin=sign * diff - need, noise=noise, noise_df=df,
+                               test=test))
+        if not judged:
+            out.append({**res, "status": "no results"})
+            continue
+        status, significant, decider = _verdict(judged, len(pairs), must)
+        compared = decider["compared"]
+        if len(pairs) > 1:
+            compared += (f" ({sum(j['margin'] > 0 for j in judged)} of {len(pairs)} pairs hold"
+                         + (f", {must} must" if must < len(pairs) else "")
+                         + (f"; without results: {', '.join(missing)}" if missing else "") + ")")
+        res.update(decider, compared=compared, required_margin=need, status=status, significant=significant)
         out.append(res)
     return out
 
@@ -487,14 +527,20 @@ def _beyond_text(r: dict) -> str:
 
 def _claims_markdown(profile: str, rows: list[dict]) -> str:
     lines = [f"# The paper's claims on the {profile} profile", "",
-             "margin > 0 means the claim holds; 'beyond noise' = |margin| > t x its standard error, t the "
+             "margin: the difference beyond the gap the claim requires (0 unless the paper names one); > 0 means "
+             "the claim holds. A claim over several pairs of rows (best, worst, lists of rows) holds when all of "
+             "them hold (or more than half, where it says 'most'), fails once enough of them fail, and is "
+             "'incomplete' while rows it needs have no results; 'compared' names the pair that decides it (all "
+             "pairs: the closest) and how many hold, and it is beyond noise when as many pairs are. "
+             "'beyond noise' = |margin| > t x its standard error, t the "
              f"{100 * BEYOND_NOISE_P:g} % point of Student's t at the error's degrees of freedom (df; 12.7 at one, "
              "2.8 at four, 1.96 at many), '-' where a row has one seed: a training's own spread needs two to "
              "measure. Test: 'paired' compares the two rows over the same expressions and seeds (the error of a "
              f"bootstrap over expressions of the per-expression differences, {BOOTSTRAP_SAMPLES} samples, df "
              "expressions - 1, and of the per-seed mean differences over seeds, df seeds - 1, added in quadrature, "
-             "their df by Welch-Satterthwaite); 'seeds' compares the rows' means over seeds (the standard error of "
-             "a difference of means, Welch's df), used where a row has no per-expression scores.", "",
+             "their df by Welch-Satterthwaite); 'seeds' compares the rows' means over the seeds both have (the "
+             "standard error of a difference of means, Welch's df), used where a row has no per-expression "
+             "scores.", "",
              "| table | claim | metric | compared | margin | noise (SE) | df | test | status | beyond noise |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -503,8 +549,10 @@ def _claims_markdown(profile: str, rows: list[dict]) -> str:
                      f"{r.get('test', '-')} | {r['status']} | {_beyond_text(r)} |")
     held = sum(r["status"] == "holds" for r in rows)
     evaluated = sum(r["status"] in ("holds", "does not hold") for r in rows)
+    incomplete = sum(r["status"] == "incomplete" for r in rows)
     lines += ["", f"{held} of {evaluated} evaluated claim-metric pairs hold; "
-                  f"{sum(bool(r.get('significant')) and r['status'] == 'holds' for r in rows)} of them beyond noise."]
+                  f"{sum(bool(r.get('significant')) and r['status'] == 'holds' for r in rows)} of them beyond noise"
+                  + (f"; {incomplete} incomplete (rows they need have no results)." if incomplete else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -519,9 +567,12 @@ def _claims_html(profile: str, rows: list[dict]) -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>claims: {profile}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em}}td,th{{border-bottom:1px solid #ddd;padding:3px 8px;
 font-size:0.9em}}tr.ok td{{background:#eefbea}}tr.bad td{{background:#fdecea}}</style></head><body>
-<h1>The paper's claims on the {profile} profile</h1><p>margin &gt; 0: the claim holds. Beyond noise: |margin| &gt; t x
+<h1>The paper's claims on the {profile} profile</h1><p>margin: the difference beyond the gap the claim requires (0
+unless the paper names one); &gt; 0: the claim holds. A claim over several pairs of rows holds when all hold (or most,
+where it says so), fails once enough fail, and is incomplete while rows it needs have no results; 'compared' names the
+deciding pair. Beyond noise: |margin| &gt; t x
 its standard error (t: Student's two-sided 95 % point at the error's degrees of freedom, df): paired over the same expressions and seeds (a bootstrap over expressions, and the
-per-seed differences' spread over seeds) where both rows have per-expression scores, else over the seeds' means
+per-seed differences' spread over seeds) where both rows have per-expression scores, else over the means of the seeds both have
 (the test column says which); unknown (-) where a row has one seed.</p><table><tr><th>table</th>
 <th>claim</th><th>metric</th><th>compared</th><th>margin</th><th>noise (SE)</th><th>df</th><th>test</th><th>status</th>
 <th>beyond noise</th></tr>{body}</table></body></html>

@@ -257,15 +257,20 @@ def claims_section(reports: Path, root: Path) -> str:
              "From `reports/claims/<profile>.json` (`python -m bench.check --claims --profile <profile> --results "
              "<store>`), judged on the records each table declares: margin > 0 means the claim holds; SE is the "
              "margin's standard error (the test column says whether over the same expressions and seeds, which "
-             "counts the expressions' sampling and the training's spread over seeds, or over the seeds' means; "
+             "counts the expressions' sampling and the training's spread over seeds, or over the means of the seeds both "
+             "rows have; "
              "unknown while a row has one seed); margin / SE says how far the verdict is from noise (beyond "
              "noise: more than Student's t at the error's degrees of freedom, df: 12.7 at one, 2.8 at four, 1.96 "
              "at many). "
+             "A claim over several pairs of rows is judged pair by pair (all must hold, or most where it says "
+             "so) and 'compared' names the pair that decides it; it is incomplete while rows it needs have no "
+             "results and its pairs so far do not decide it. "
              "Claim-metric pairs whose rows have no results yet are counted, not listed."]
     for f in files:
         d = json.loads(f.read_text())
         rows = d["claims"]
         judged = [r for r in rows if r["status"] in ("holds", "does not hold")]
+        incomplete = [r for r in rows if r["status"] == "incomplete"]
         held = [r for r in judged if r["status"] == "holds"]
         beyond = lambda rs: sum(bool(r.get("significant")) for r in rs)  # noqa: E731
         head = f"**{d['profile']}** (`{_rel(f, root)}`, from `{d['store']}`): "
@@ -274,19 +279,20 @@ def claims_section(reports: Path, root: Path) -> str:
             continue
         lines += ["", head + f"{len(held)} of {len(judged)} judged pairs hold, {beyond(held)} of them beyond noise; "
                       f"{len(judged) - len(held)} do not, {beyond(judged) - beyond(held)} of them beyond noise; "
-                      f"{len(rows) - len(judged)} without results."]
+                      + (f"{len(incomplete)} incomplete; " if incomplete else "")
+                      + f"{len(rows) - len(judged) - len(incomplete)} without results."]
         lines += ["", "| table | claim | metric | compared | margin | SE | df | margin / SE | test | verdict |",
                   "|---|---|---|---|---:|---:|---:|---:|---|---|"]
-        for r in judged:
+        for r in (r for r in rows if r["status"] in ("holds", "does not hold", "incomplete")):
             se = r.get("noise")
             ratio = "—" if not se else f"{r['margin'] / se:+.1f}"
-            noise = ("beyond noise" if r.get("significant") else
-                     "within noise" if se else "noise unknown (one seed)")
+            noise = "" if r["status"] == "incomplete" else ", " + {True: "beyond noise", False: "within noise"}.get(
+                r.get("significant"), "noise unknown (one seed)")
             lines.append(f"| {r['table']} | {r['text']} | {r['metric']} | {r.get('compared', '—')} | "
                          f"{format_margin(r['margin'])} | {format_margin(se).lstrip('+') if se else '—'} | "
                          f"{format_df(r.get('noise_df')).replace('-', '—')} | {ratio} | "
                          f"{r.get('test', '—')} | "
-                         f"{r['status']}, {noise} |")
+                         f"{r['status']}{noise} |")
     if unjudged:
         lines += ["", "Not summarized here (their claims report predates its JSON; the command above rewrites "
                       "both): " + ", ".join(f"`reports/claims/{n}.md`" for n in unjudged) + "."]

@@ -362,6 +362,8 @@ def _check_claims(sweep: Sweep, where: str) -> None:
         a, b = claim.get("a"), claim.get("b")
         if isinstance(a, list) and isinstance(b, list) and len(a) != len(b):
             raise SweepError(f"{where}: claim {cid}: a and b must pair up ({len(a)} vs {len(b)})")
+        if claim.get("quantifier") not in (None, "all", "most"):
+            raise SweepError(f"{where}: claim {cid}: quantifier {claim['quantifier']!r} is neither 'all' nor 'most'")
 
 
 def _check_plots(sweep: Sweep, where: str) -> None:

@@ -78,7 +78,7 @@ def test_a_small_consistent_gain_is_beyond_noise_only_when_paired(tmp_path):
     # without the per-expression files: the seeds' means, and the same gain is within their noise
     (seeds,) = evaluate_claim(SWEEP, CLAIM, [{k: v for k, v in r.items() if k != "per_expression"} for r in records],
                               tmp_path)
-    assert seeds["test"] == "seeds" and seeds["margin"] == pytest.approx(4.0) and not seeds["significant"]
+    assert seeds["test"] == "seeds (3 seeds)" and seeds["margin"] == pytest.approx(4.0) and not seeds["significant"]
 
 
 def test_a_gain_that_changes_with_the_seed_is_within_noise_when_paired(tmp_path):
@@ -169,3 +169,70 @@ def test_against_pairs_the_same_row_of_two_stores(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--against", str(tmp_path / "b"), "--tables", "t", "--rows", "Z", "--results", str(tmp_path / "a")])
     assert e.value.code == 2 and "t row 'Z' is not in both" in capsys.readouterr().err
+
+
+def _seed_records(values: dict[str, list[float]], metric: str = "overall_iou") -> list[dict]:
+    """Records without per-expression scores (a metric compared by the seeds' means): row -> value by seed."""
+    return [{"row": row, "seed": s, "metrics": {metric: v}} for row, vs in values.items() for s, v in enumerate(vs)]
+
+
+ROWS = SimpleNamespace(name="t", rows=["A", "B1", "B2", "B3"])
+
+
+def test_means_compare_only_the_seeds_both_rows_have():
+    """A has five seeds, B one: A's seed 0 is ahead of B's, its five-seed mean behind. The claim is judged on
+    seed 0 alone, as the paired test would pair it, and says so; its noise is unknown with one seed."""
+    records = _seed_records({"A": [41.0, 38.0, 39.0, 40.0, 38.0], "B1": [40.0]})
+    claim = {"id": "c", "text": "A beats B1", "kind": "greater", "a": "A", "b": "B1", "metric": "overall_iou"}
+    (res,) = evaluate_claim(ROWS, claim, records)
+    assert res["margin"] == pytest.approx(1.0) and res["status"] == "holds"
+    assert res["test"] == "seeds (1 seed)" and res["significant"] is None
+
+
+def test_one_row_against_a_list_is_compared_with_every_row_of_it():
+    records = _seed_records({"A": [30.0, 30.5, 31.0], "B1": [20.0, 20.5, 21.0], "B2": [35.0, 35.5, 36.0],
+                             "B3": [40.0, 40.5, 41.0]})
+    claim = {"id": "c", "text": "A beats each B", "kind": "greater", "a": "A", "b": ["B1", "B2", "B3"],
+             "metric": "overall_iou"}
+    (res,) = evaluate_claim(ROWS, claim, records)
+    assert res["status"] == "does not hold" and res["margin"] == pytest.approx(-10.0)
+    assert res["compared"] == "A vs B3 (1 of 3 pairs hold)" and res["significant"] is True
+
+
+def test_a_best_row_with_a_rival_not_run_is_incomplete_until_a_rival_beats_it():
+    claim = {"id": "c", "text": "A is best", "kind": "best", "row": "A", "metric": "overall_iou"}
+    records = _seed_records({"A": [30.0, 30.5, 31.0], "B1": [20.0, 20.5, 21.0], "B2": [25.0, 25.5, 26.0]})
+    (res,) = evaluate_claim(ROWS, claim, records)
+    assert res["status"] == "incomplete" and res["significant"] is None
+    assert res["compared"] == "A vs B2 (2 of 3 pairs hold; without results: A vs B3)"
+    records += _seed_records({"B3": [32.0, 32.5, 33.0]})[:1]  # B3's seed 0 only: it beats A there
+    (res,) = evaluate_claim(ROWS, claim, records)
+    assert res["status"] == "does not hold" and res["margin"] == pytest.approx(-2.0)
+    assert res["compared"].startswith("A vs B3 (2 of 3 pairs hold")
+
+
+def test_a_required_gap_is_part_of_the_margin_and_of_its_test():
+    """The paper's 'nearly 14 points': +5 well measured is 9 short of it, beyond noise; +3.5 against a gap
+    of 3 holds by 0.5, within a noise of about 0.6."""
+    claim = {"id": "c", "text": "A beats B1 by 14", "kind": "greater", "a": "A", "b": "B1", "metric": "overall_iou",
+             "margin": 14}
+    records = _seed_records({"A": [25.0, 25.1, 24.9, 25.05, 24.95], "B1": [20.0] * 5})
+    (res,) = evaluate_claim(ROWS, claim, records)
+    assert res["margin"] == pytest.approx(-9.0) and res["status"] == "does not hold" and res["significant"] is True
+    records = _seed_records({"A": [23.5, 24.5, 22.5, 24.0, 23.0], "B1": [20.0] * 5})
+    (res,) = evaluate_claim(ROWS, {**claim, "margin": 3}, records)
+    assert res["margin"] == pytest.approx(0.5) and res["status"] == "holds" and res["significant"] is False
+
+
+def test_most_pairs_is_decided_by_the_pair_at_the_majority():
+    """Two of three pairs won by 10 and one lost by 10: 'most' holds, beyond noise, and the deciding pair is
+    the second best (+10), not the lost one; all pairs would fail by the lost one."""
+    records = _seed_records({"A": [30.0, 30.5, 31.0], "B1": [20.0, 20.5, 21.0], "B2": [20.0, 20.5, 21.0],
+                             "B3": [40.0, 40.5, 41.0]})
+    claim = {"id": "c", "text": "A beats most B", "kind": "greater", "a": "A", "b": ["B1", "B2", "B3"],
+             "metric": "overall_iou", "quantifier": "most"}
+    (res,) = evaluate_claim(ROWS, claim, records)
+    assert res["status"] == "holds" and res["margin"] == pytest.approx(10.0) and res["significant"] is True
+    assert res["compared"] == "A vs B2 (2 of 3 pairs hold, 2 must)"
+    (res,) = evaluate_claim(ROWS, {**claim, "quantifier": None}, records)
+    assert res["status"] == "does not hold" and res["margin"] == pytest.approx(-10.0)

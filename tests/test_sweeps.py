@@ -78,6 +78,8 @@ def test_malformed_sweeps_are_rejected(tmp_path):
         ({"claims": [{"id": "x", "text": "t", "kind": "best", "row": "repeat_once", "metric": "miou"}]}, "metric"),
         ({"claims": [{"id": "x", "text": "t", "kind": "vibes", "row": "repeat_once", "metric": "iou"}]}, "kind"),
         ({"claims": [{"id": "x", "text": "t", "kind": "greater", "a": "repeat_once", "metric": "iou"}]}, "lacks"),
+        ({"claims": [{"id": "x", "text": "t", "kind": "greater", "a": "repeat_once", "b": "repeat_twice",
+                      "metric": "iou", "quantifier": "some"}]}, "quantifier"),
         ({"profiles": {"huge": {"train.epochs": 1}}}, "not a profile"),
         ({"metrics": {"IoU": "overall_iou"}}, "IoU"),
         ({"table": "table5"}, "file name"),
