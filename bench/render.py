@@ -462,7 +462,8 @@ def display(sweep: Sweep, cells: pd.DataFrame) -> tuple[list[str], list[list[str
     by = {(c.row, c.metric): c for c in cells.itertuples(index=False)}
     has_paper = bool(sweep.paper_csv)
     if sweep.layout == "grid":
-        # Table 2: rows (metric, method), one column per dataset split; "ours ± std (paper)".
+        # Table 2: rows (metric, method), one column per dataset split; "ours ± std (paper)", and the seeds
+        # of a cell that has fewer than the sweep's (no seeds column here); a line's status is its cells'.
         methods = list(dict.fromkeys(m["method"] for m in sweep.row_meta.values()))
         columns = list(dict.fromkeys(m["column"] for m in sweep.row_meta.values()))
         names = {(m["method"], m["column"]): row for row, m in sweep.row_meta.items()}
@@ -470,18 +471,18 @@ def display(sweep: Sweep, cells: pd.DataFrame) -> tuple[list[str], list[list[str
         for metric in sweep.metrics.values():
             for method in methods:
                 line = [label[metric], method]
-                n_done, n_failed = 0, 0
+                line_states = set()
                 for column in columns:
                     row = names.get((method, column))
                     if row is None:
                         line.append("")
                         continue
                     c = by[(row, metric)]
-                    n_done += c.n > 0
-                    n_failed += c.status == FAILED
-                    line.append(f"{_ours(c, d)} ({_paper(sweep, row, metric, c.paper, d)})")
+                    line_states.add(c.status)
+                    seeds = f", {c.n} seed{'s' if c.n != 1 else ''}" if c.status == PARTIAL else ""
+                    line.append(f"{_ours(c, d)} ({_paper(sweep, row, metric, c.paper, d)}){seeds}")
                 out.append(line)
-                states.append(FAILED if n_failed else DONE if n_done else PENDING)
+                states.append(row_status(line_states))
         return ["Metric", "Method", *columns], out, states
     columns = ["Row"]
     for metric in sweep.metrics.values():

@@ -170,6 +170,11 @@ def test_table2_grid_layout(tmp_path):
     assert "| pending (25.10) |" in ehin_iou
     assert "synth-referit test (paper: ReferIt test)" in md
     assert "synth-refcocog (google) val (paper: RefCOCOg (google) val)" in md
+    # with the sweep's seeds known, a cell short of them says how many it has and its line is partial
+    paths = write_tables(sweep("table2"), recs[:1], tmp_path / "partial", seeds=[0, 1])
+    ehin_iou = next(l for l in paths["md"].read_text().splitlines() if l.startswith("| IoU | EHIN (Stage-1) |"))
+    assert ehin_iou.endswith("| 30.00 (36.14), 1 seed |")
+    assert "<tr class='partial'>" in paths["html"].read_text()
 
 
 def test_timing_may_come_from_timings():
