@@ -101,6 +101,8 @@ def test_packed_estimate_adds_shares_and_runs_identical_cells_once(sizes):
     assert t10["trainings"] == 0 and t10["one_gpu_s"] == 0
     rows = E.estimate(["table5", "table6"], packed_perf(), profile="gpu")
     assert rows[-1]["trainings"] < rows[0]["trainings"] + rows[1]["trainings"]
+    (t8,) = E.estimate(["table8"], packed_perf(), profile="gpu")  # N=24 and K=6 are one config: trained once
+    assert (t8["cells"], t8["trainings"]) == (40, 35)
     md = E.markdown(rows + [t10], packed_perf(), "p.json", "gpu", 5)
     assert "16 processes at once under MPS" in md and "| table10 | 10 | 0 | - | - |" in md
 
