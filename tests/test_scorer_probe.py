@@ -47,6 +47,20 @@ def test_same_image_negatives_by_hand():
     assert negs[5] == ["blue one", "circle"]  # its own string never counts against it
 
 
+def test_a_subset_keeps_every_negative_of_its_images():
+    """--max-items probes a subset of the split's expressions; each keeps the negatives of the whole split,
+    not only those of refs the subset drew (TESTBED §2.2(b))."""
+    from ehin.data.refer import ReferDataset
+    from ehin.diagnostics.scorer_probe import split_negatives
+
+    refs = [{"image_id": 1, "ref_id": r, "sentences": [{"sent": t}]} for r, t in ((10, "red circle"), (11, "blue one"),
+                                                                              (12, "square"))]
+    refer = type("Refer", (), {"refs": lambda self, split: refs, "sentence": staticmethod(ReferDataset.sentence)})()
+    subset = [(refs[0], refs[0]["sentences"][0])]
+    assert split_negatives(refer, "val", subset) == [["blue one", "square"]]
+    assert same_image_negatives([(1, 10, "red circle")]) == [[]]  # what the subset alone would have given
+
+
 def test_probe_scores_a_models_maps(tmp_path, monkeypatch):
     monkeypatch.setenv("EHIN_CACHE", str(tmp_path))
     cfg = load_config(profile="smoke", overrides=["backbone.pretrained=null", "synthetic.images=40"])

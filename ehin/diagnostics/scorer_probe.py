@@ -71,6 +71,17 @@ def cl_pull(scorer, image: torch.Tensor, m: torch.Tensor, texts: torch.Tensor) -
     return s[0].detach(), -m.grad
 
 
+def split_negatives(refer, split: str, items: list[tuple[dict, dict]]) -> list[list[str]]:
+    """The same-image negatives of `items` ((ref, sentence) pairs of `split`) drawn from the whole split,
+    as TESTBED §2.2(b) and scorer_criteria count them: an expression of a --max-items subset keeps every
+    negative of its image, not only those the subset happened to draw."""
+    def key(ref: dict, sent: dict) -> tuple[int, int, str]:
+        return ref["image_id"], ref["ref_id"], refer.sentence(sent)
+
+    whole = [key(ref, sent) for ref in refer.refs(split) for sent in ref["sentences"]]
+    return same_image_negatives(whole + [key(ref, sent) for ref, sent in items])[len(whole):]
+
+
 @torch.no_grad()
 def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) -> dict[str, dict[str, float]]:
     """Per mask variant: s_pos, s_neg, l_cl (Eq. 15 with S clamped as in training), pos_wins (%), n.
@@ -91,7 +102,7 @@ def probe(cfg: dict, max_items: int = 400, progress: bool = True, model=None) ->
     size = cfg["data"]["image_size"]
     ds = EvalDataset(refer, cfg["eval"]["split"], model.backbone.tokenize if model is not None else tokenize,
                      size, max_items=max_items)
-    negatives = same_image_negatives([(ref["image_id"], ref["ref_id"], refer.sentence(sent)) for ref, sent in ds.items])
+    negatives = split_negatives(refer, cfg["eval"]["split"], ds.items)
     rows: dict[str, list[tuple[float, ...]]] = defaultdict(list)
     regions: dict[str, list[list[float]]] = defaultdict(list)
     device = next(model.parameters()).device if model is not None else None
