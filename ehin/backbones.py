@@ -215,6 +215,19 @@ def weights_file(arch: str, pretrained: str | os.PathLike | None, image_size: in
     )
 
 
+def wants_quick_gelu(arch: str, pretrained: str | os.PathLike | None) -> bool:
+    """Whether the weights `pretrained` names run with QuickGELU, found without reading them: as an open_clip
+    tag's config says (OpenAI's), or an OpenAI TorchScript file; the small CLIP and random weights do not.
+    For a checkpoint that predates `backbone_quick_gelu` (ehin.checkpoint.empty_backbone)."""
+    if pretrained is None or str(pretrained) == "synthetic" or str(pretrained).startswith("synthetic:"):
+        return False
+    tag = None if arch in CUSTOM_ARCHS else open_clip.get_pretrained_cfg(arch, str(pretrained))
+    if tag:
+        return bool(tag.get("quick_gelu", False))
+    path = Path(pretrained).expanduser()
+    return path.is_file() and _is_torchscript(path)
+
+
 def build_clip(arch: str, pretrained: str | os.PathLike | None, image_size: int) -> ClipBackbone:
     """A CLIP backbone at `image_size` px.
 

@@ -70,6 +70,19 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
 
 
+def empty_backbone(ckpt: dict):
+    """The CLIP backbone a stage-1 or stage-2 checkpoint's weights go into: its config's arch and size, random
+    weights (the checkpoint holds every one), and the activation the trained backbone ran with, which the
+    state dict does not show: QuickGELU for OpenAI's weights (`backbone_quick_gelu`, written since session
+    40; for an older checkpoint, what its config's `backbone.pretrained` names, ehin.backbones.wants_quick_gelu)."""
+    from ehin.backbones import untrained_clip, wants_quick_gelu
+    from ehin.config import clip_spec
+
+    arch, pretrained, size = clip_spec(ckpt["config"], "backbone")
+    quick_gelu = ckpt.get("backbone_quick_gelu")
+    return untrained_clip(arch, size, wants_quick_gelu(arch, pretrained) if quick_gelu is None else bool(quick_gelu))
+
+
 def load_stage1(path: str | Path, device: str = "cpu"):
     """(model, cfg) from a stage-1 checkpoint written by ehin.train_stage1."""
     from ehin.model import build_model
@@ -78,8 +91,6 @@ def load_stage1(path: str | Path, device: str = "cpu"):
     if ckpt.get("kind") != "stage1":
         raise UserError(f"{path} is a {ckpt.get('kind', 'unknown')!r} checkpoint, not a stage-1 one")
     cfg = ckpt["config"]
-    # The checkpoint holds every weight: build the backbone empty instead of loading pretrained ones.
-    empty = {**cfg, "backbone": {**cfg["backbone"], "pretrained": None}}
-    model = build_model(empty)
+    model = build_model(cfg, empty_backbone(ckpt))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg

@@ -322,7 +322,8 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
         """Everything a resumed run needs (rank 0): `epoch` is the last finished one; `steps_done` the
         steps of the next one done so far (mid-epoch, after SIGTERM)."""
         save_atomic({"kind": "stage1", "config": cfg, "config_hash": config_hash(cfg, stage="1"), "epoch": epoch,
-                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "model": model.state_dict(), "backbone_quick_gelu": model.backbone.quick_gelu,
+                     "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                      "scorer_cache": scorer.cache_state() if scorer is not None else {},
                      "history": history, **({"partial": steps_done} if steps_done else {})}, ckpt_path)
@@ -429,7 +430,8 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
             log.epoch(entry)
             save_last(epoch)
             if select_ds is not None and entry["select_point_mask"] >= max(h["select_point_mask"] for h in history):
-                save_atomic({"kind": "stage1", "config": cfg, "epoch": epoch, "model": model.state_dict()},
+                save_atomic({"kind": "stage1", "config": cfg, "epoch": epoch, "model": model.state_dict(),
+                             "backbone_quick_gelu": model.backbone.quick_gelu},
                             out_dir / "checkpoints" / "best.pt")
             if progress:
                 print(f"epoch {epoch + 1}: loss {entry['loss']:.4f}  "

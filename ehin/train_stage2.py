@@ -250,8 +250,8 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
             log.epoch(entry)
             save_atomic({"kind": "stage2", "config": cfg, "config_hash": config_hash(cfg), "epoch": epoch,
                          "pseudo": str(pseudo), "pseudo_meta": {k: meta.get(k) for k in ("dataset", "split", "quality")},
-                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(),
+                         "model": model.state_dict(), "backbone_quick_gelu": model.backbone.quick_gelu,
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "ema": teacher.model.state_dict() if teacher is not None else None,
                          "torch_rng": torch.get_rng_state(), "history": history}, ckpt_path)
             if progress:

@@ -53,3 +53,34 @@ def test_an_unsaveable_object_fails_at_save_naming_where(tmp_path):
     with pytest.raises(TypeError, match=r"checkpoint\['history'\]\[0\]: a object"):
         save_atomic({"history": [object()]}, tmp_path / "c.pt")
     assert not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated, OpenAI files are TorchScript
+def test_a_reloaded_model_keeps_the_activation_it_trained_with(tmp_path):
+    """OpenAI's CLIP runs with QuickGELU, which no weight shows: a stage-1 or stage-2 checkpoint of a model on
+    such weights must come back with it (pseudo-labels and every other split are scored on the reloaded
+    model), from the checkpoint's own record or, for a checkpoint written before it, from its config."""
+    from ehin.backbones import build_clip
+    from ehin.checkpoint import load_stage1
+    from ehin.config import load_config
+    from ehin.model import build_model
+    from ehin.stage2.model import build_stage2, load_stage2
+
+    weights = tmp_path / "openai-style.pt"
+    torch.jit.save(torch.jit.script(build_clip("clip-tiny", None, 64).clip), str(weights))
+    cfg = load_config(profile="smoke", overrides=[f"backbone.pretrained={weights}"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert model.backbone.quick_gelu
+    image, tokens = torch.rand(1, 3, 64, 64), model.backbone.tokenize(["red circle"])
+    for record in ({}, {"backbone_quick_gelu": True}):  # before session 40, and since
+        save_atomic({"kind": "stage1", "config": cfg, "model": model.state_dict(), **record}, tmp_path / "s1.pt")
+        loaded, _ = load_stage1(tmp_path / "s1.pt")
+        assert loaded.backbone.quick_gelu
+        assert torch.equal(loaded.predict(image, tokens), model.predict(image, tokens))
+    stage2 = build_stage2(cfg).eval()
+    save_atomic({"kind": "stage2", "config": cfg, "model": stage2.state_dict(), "backbone_quick_gelu": True},
+                tmp_path / "s2.pt")
+    loaded2, _ = load_stage2(tmp_path / "s2.pt")
+    assert loaded2.backbone.quick_gelu
+    assert torch.equal(loaded2(image, tokens)[0], stage2(image, tokens)[0])

@@ -171,14 +171,12 @@ def build_stage2(cfg: dict, backbone: nn.Module | None = None) -> Stage2Net:
 
 def load_stage2(path, device: str | torch.device = "cpu") -> tuple[Stage2Net, dict]:
     """(model in eval mode, cfg) from a stage-2 checkpoint written by ehin.train_stage2."""
-    from ehin.checkpoint import load
+    from ehin.checkpoint import empty_backbone, load
 
     ckpt = load(path)
     if ckpt.get("kind") != "stage2":
         raise UserError(f"{path} is a {ckpt.get('kind', 'unknown')!r} checkpoint, not a stage-2 one")
     cfg = ckpt["config"]
-    # The checkpoint holds every weight: build the backbone empty instead of loading pretrained ones.
-    empty = {**cfg, "backbone": {**cfg["backbone"], "pretrained": None}}
-    model = build_stage2(empty)
+    model = build_stage2(cfg, empty_backbone(ckpt))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg
