@@ -10,6 +10,7 @@ import open_clip
 from ehin.data import synthetic as syn
 from ehin.data import datasets
 from ehin.data.datasets import EvalDataset, TokenCache, TrainDataset, eval_collate, resize_mask, train_collate
+from ehin.cli import UserError
 from ehin.data.refer import ReferDataset
 from tests.fixtures import HEIGHT, WIDTH, write_refer_fixture
 
@@ -167,6 +168,14 @@ def test_eval_dataset_one_item_per_sentence(fixture_ds, tokenize):
     assert batch["image"].shape == (3, 3, S, S) and batch["tokens"].shape == (3, 20)
     assert isinstance(batch["mask"], list) and len(batch["mask"]) == 3
     assert batch["orig_size"] == [(HEIGHT, WIDTH)] * 3 and batch["sentence"] == [i["sentence"] for i in items[:3]]
+
+
+def test_a_split_the_refs_file_lacks_is_an_error_not_nan_metrics(fixture_ds, tokenize, monkeypatch):
+    """REFER's split names are known per dataset (refs of a known split may be missing from a mislabelled
+    file): evaluating on such a split stops with one line instead of averaging metrics over no expression."""
+    monkeypatch.setattr(fixture_ds, "refs", lambda split: [])
+    with pytest.raises(UserError, match="split 'val' has no expressions"):
+        EvalDataset(fixture_ds, "val", tokenize, S)
 
 
 def test_token_cache_rows_equal_batch_tokenization(tokenize):

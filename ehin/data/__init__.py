@@ -18,9 +18,10 @@ __all__ = ["ReferDataset", "ReferFormatError", "prepare_dataset", "resolve_split
 # Bump when a generator change alters its output: cached datasets of older versions are not reused.
 GENERATOR_VERSION = 2  # 2: RLE segmentations wrapped in a list, as the REFER API reads them
 
-# The config's default split_by is "unc" (RefCOCO/+). For datasets that do not ship a unc split,
-# "unc" means that dataset's usual one: umd for RefCOCOg (it has train/val/test; google has no
-# test), berkeley for ReferIt. Any other value is taken as given.
+# The config's default split_by is "unc" (RefCOCO/+), and a default cannot be told from a value the user
+# gave, so on these datasets "unc" means their usual split: umd for RefCOCOg (no unc split; it has
+# train/val/test, google no test), berkeley for ReferIt (REFER's refclef also ships a unc split, but TRIS
+# and the paper use berkeley; the README says so). Any other value is taken as given.
 DEFAULT_SPLIT_BY = {"refcocog": "umd", "synth-refcocog": "umd", "referit": "berkeley", "refclef": "berkeley",
                     "synth-referit": "berkeley"}
 

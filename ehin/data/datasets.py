@@ -182,6 +182,8 @@ class EvalDataset(Dataset):
                  max_items: int | None = None) -> None:
         self.refer, self.split, self.tokenize, self.image_size = refer, split, TokenCache(tokenize), int(image_size)
         items = [(ref, sent) for ref in refer.refs(split) for sent in ref["sentences"]]
+        if not items:  # a refs file without the split: its metrics would be NaN over no expression
+            raise UserError(f"{refer.refs_file}: split '{split}' has no expressions")
         if max_items is not None and max_items < len(items):
             # a fixed random subset (not the first images only), kept in file order
             keep = np.sort(np.random.default_rng(0).choice(len(items), size=int(max_items), replace=False))
