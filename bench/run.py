@@ -48,9 +48,10 @@ def reports_dir(table: str, profile: str, reports: str | Path = "reports") -> Pa
 
 def build_specs(sweep, profile: str, seeds: int, root: Path, rows: list[str] | None = None,
                 extra_overrides: dict | None = None) -> list[CellSpec]:
-    """One CellSpec per cell, carrying the config `Sweep.cells` resolved (jobs never resolve it again)."""
+    """One CellSpec per cell, carrying the config `Sweep.cells` resolved (jobs never resolve it again); `rows`:
+    those rows' cells only, sharing trainings as they do in the whole table."""
     specs = []
-    for cell in sweep.cells(profile, list(range(seeds)), extra_overrides, rows):
+    for cell in sweep.cells(profile, list(range(seeds)), extra_overrides):
         # A stage-1 cell's identity leaves out what only stage 2 reads, so changing a profile's stage-2
         # or pseudo-label settings does not invalidate stage-1 results; the trainer's resume guard
         # compares the same hash (ehin.config.config_hash(cfg, stage="1")).
@@ -61,8 +62,12 @@ def build_specs(sweep, profile: str, seeds: int, root: Path, rows: list[str] | N
                               stage=cell.stage, overrides=cell.overrides, config=cell.config,
                               config_hash=h, run_dir=str(run_dir), store_root=str(root), cell_id=cid,
                               extra=dict(cell.extra)))
+    # Shared trainings are found among every cell of the table, then the rows picked: a --rows run trains
+    # in the same folder, evaluating the same split per epoch, as the whole table (a training shared by
+    # fewer columns would evaluate another split there, and its resume guard would refuse the other run's
+    # checkpoint), and a Stage-2 row alone still builds on its Stage-1 row's model.
     share_trainings(specs, root)
-    return specs
+    return [s for s in specs if s.row in rows] if rows else specs
 
 
 def training_hash(spec: CellSpec) -> str:

@@ -40,6 +40,13 @@ def test_table2_trains_once_per_method_dataset_and_split_by(tmp_path):
         twin = by_row[s.row.replace("(Stage-2)", "(Stage-1)")]
         assert s.extra["stage1_dir"] == twin.extra.get("trained", {}).get("dir", twin.run_dir), s.row
     assert len({s.extra["stage1_dir"] for s in stage2}) == 10
+    # a --rows run shares as the whole table does: the same folder and per-epoch split for a subset of its
+    # columns (else the resume guard refuses one run's checkpoint in the other), the same Stage-1 model
+    picked = ["TRIS (Stage-1) | refcoco_testA", "TRIS (Stage-1) | refcoco_testB", "EHIN (Stage-2) | refcoco+_val"]
+    some = {s.row: s for s in build_specs(load_sweep("table2"), "smoke", 1, tmp_path, picked)}
+    assert list(some) == picked
+    assert some[picked[0]].extra["trained"] == some[picked[1]].extra["trained"] == refcoco[0].extra["trained"]
+    assert some[picked[2]].extra == by_row[picked[2]].extra
 
 
 def test_split_cells_share_one_training_and_evaluate_their_own_split(tmp_path):
@@ -91,13 +98,14 @@ def test_stage2_split_cells_share_the_two_stage_chain_on_the_stage1_cells_model(
     assert evaluate_checkpoint(cfg_b, shared / "stage2" / "checkpoints" / "last.pt", stage=2) == test_b["metrics"]
     assert evaluate_checkpoint(specs["TRIS (Stage-2) | refcoco_val"].config,
                                shared / "stage2" / "checkpoints" / "last.pt", stage=2) == val["metrics"]
-    # stage 1 was trained once, in the Stage-1 cell's folder, and the chain built on that model
+    # stage 1 was trained once, where the Stage-1 cell trains (the folder its refcoco columns share, as in the
+    # whole table), and the chain built on that model
     stage1 = recs["TRIS (Stage-1) | refcoco_val"]
-    assert not (shared / "stage1").exists()
-    assert len((Path(stage1["run_dir"]) / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (shared / "stage1").exists() and stage1["trained_in"] != str(shared)
+    assert len((Path(stage1["trained_in"]) / "metrics.jsonl").read_text().splitlines()) == 1
     assert json.loads((shared / "two_stage.json").read_text())["stage1_metrics"] == stage1["metrics"]
     assert val["stage1_metrics"] == stage1["metrics"]  # the record says so
-    assert test_b["stage1_metrics"] == evaluate_checkpoint(cfg_b, Path(stage1["run_dir"]) / "checkpoints" / "last.pt",
+    assert test_b["stage1_metrics"] == evaluate_checkpoint(cfg_b, Path(stage1["trained_in"]) / "checkpoints" / "last.pt",
                                                            stage=1)
 
 
