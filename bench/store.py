@@ -124,10 +124,10 @@ class ResultStore:
                     continue
                 try:
                     records.append(json.loads(raw))
-                except json.JSONDecodeError:
+                except ValueError:  # JSON cut short, or bytes that are not UTF-8 (a crashed node's garbage)
                     bad += 1  # a line cut by a kill; never a finished cell
         if bad:
-            warnings.warn(f"{self.path}: skipped {bad} incomplete line(s) left by an interrupted write")
+            warnings.warn(f"{self.path}: skipped {bad} incomplete or unreadable line(s) left by an interrupted write")
         return records
 
     def finished_ids(self) -> set[str]:

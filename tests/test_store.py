@@ -37,6 +37,11 @@ def test_partial_last_line_is_skipped_and_repaired(tmp_path):
     assert store.finished_ids() == {"a"}
     store.append({"cell_id": "b"})
     assert store.finished_ids() == {"a", "b"}
+    with open(store.path, "ab") as f:
+        f.write(b"\x00" * 64 + b"\xff" * 8)     # a crashed node's garbage tail: not even UTF-8
+    assert store.finished_ids() == {"a", "b"}
+    store.append({"cell_id": "c"})
+    assert store.finished_ids() == {"a", "b", "c"}
 
 
 def test_kill_never_corrupts(tmp_path):
