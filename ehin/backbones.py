@@ -196,7 +196,17 @@ def weights_file(arch: str, pretrained: str | os.PathLike | None, image_size: in
     if arch not in CUSTOM_ARCHS and open_clip.get_pretrained_cfg(arch, str(pretrained)):
         return _tag_checkpoint(arch, str(pretrained))
     if Path(pretrained).expanduser().is_file():
-        return str(Path(pretrained).expanduser()), False
+        path = Path(pretrained).expanduser()
+        frozen = re.fullmatch(rf"{re.escape(arch)}-[0-9a-f]{{12}}-([0-9a-f]{{8}})\.pt", path.name)
+        if frozen:  # a frozen small CLIP is named by its sha256 (TESTBED §3: one checkpoint on every machine)
+            from ehin.provenance import file_sha256
+
+            sha = file_sha256(path)
+            if not sha.startswith(frozen.group(1)):
+                raise ClipWeightsError(f"backbone.pretrained {path}: a frozen small CLIP whose sha256 begins "
+                                       f"{sha[:8]}, not {frozen.group(1)} as its name says: another file under its "
+                                       "name (a changed or half-copied one); copy the frozen file again")
+        return str(path), False
     p = str(pretrained)
     tags = [] if arch in CUSTOM_ARCHS else open_clip.list_pretrained_tags_by_model(arch)
     looks_like_path = os.sep in p or Path(p).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt")

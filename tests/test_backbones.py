@@ -263,6 +263,18 @@ def test_missing_and_corrupt_checkpoint_files(tmp_path) -> None:
     with pytest.raises(ClipWeightsError, match=r"frozen small CLIP; remake it with `python -m ehin.pretrain_clip "
                                                rf"--set backbone.pretrained=synthetic:<its recipe> --freeze {tmp_path}`"):
         build_clip("clip-tiny", str(tmp_path / "clip-tiny-2195732df831-939486c5.pt"), 64)
+    # a file under a frozen name is loaded only when its sha256 begins as the name says
+    import hashlib
+
+    frozen = tmp_path / "weights.pt"
+    torch.save(build_clip("clip-tiny", None, 64).clip.state_dict(), frozen)
+    sha = hashlib.sha256(frozen.read_bytes()).hexdigest()
+    right = frozen.rename(tmp_path / f"clip-tiny-2195732df831-{sha[:8]}.pt")
+    assert build_clip("clip-tiny", str(right), 64).arch == "clip-tiny"
+    wrong = tmp_path / f"clip-tiny-2195732df831-{'0' * 8 if sha[:8] != '0' * 8 else '1' * 8}.pt"
+    wrong.write_bytes(right.read_bytes())
+    with pytest.raises(ClipWeightsError, match=f"frozen small CLIP whose sha256 begins {sha[:8]}, not"):
+        build_clip("clip-tiny", str(wrong), 64)
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"\x00not a torch file" * 10)
     with pytest.raises(ClipWeightsError, match="cannot read CLIP checkpoint"):
