@@ -1,5 +1,6 @@
-"""bench.jobs' requeue hook: after `checkpoint`, the `scontrol requeue` submitit runs in a child process
-survives the SIGTERM that the requeue (or a late preemption signal) sends to every process of the job."""
+"""The requeue hook of bench.jobs' runners and the search's workers: after `checkpoint`, the `scontrol requeue`
+submitit runs in a child process survives the SIGTERM that the requeue (or a late preemption signal) sends to
+every process of the job."""
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = textwrap.dedent("""
     import signal, subprocess, time
     from bench.jobs import CellRunner, DistributedTraining
+    from bench.search.worker import SearchWorker
 
     def child_after_sigterm():
         child = subprocess.Popen(["sleep", "30"])  # stands for submitit's `scontrol requeue`
@@ -23,7 +25,7 @@ SCRIPT = textwrap.dedent("""
 
     signal.signal(signal.SIGTERM, lambda *a: None)  # a Python handler, as submitit's and the trainer's
     print("before", child_after_sigterm())
-    for runner, args in ((CellRunner(), (None,)), (DistributedTraining(), ("1", {}, "out"))):
+    for runner, args in ((CellRunner(), (None,)), (DistributedTraining(), ("1", {}, "out")), (SearchWorker(), (None,))):
         signal.signal(signal.SIGTERM, lambda *a: None)
         runner.checkpoint(*args)
         print(type(runner).__name__, child_after_sigterm())
@@ -34,7 +36,8 @@ def test_the_requeue_child_outlives_sigterm_after_checkpoint():
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     # a child of a process with a Python SIGTERM handler dies of SIGTERM (the race CI hit); after checkpoint not
-    assert out.stdout.split("\n")[:3] == ["before False", "CellRunner True", "DistributedTraining True"], out.stdout
+    assert out.stdout.split("\n")[:4] == ["before False", "CellRunner True", "DistributedTraining True",
+                                         "SearchWorker True"], out.stdout
 
 
 def test_an_attempt_after_the_record_was_stored_returns_it_and_runs_nothing(tmp_path, monkeypatch):

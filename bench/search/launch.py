@@ -36,12 +36,14 @@ class ProgressLine(LiveView):
 
     def update(self, done: int, running: int, failed: int) -> None:
         try:
-            trials = optuna.load_study(study_name=self.study_name, storage=self.storage).get_trials(deepcopy=False)
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+            trials = study.get_trials(deepcopy=False)
         except Exception:
             return  # a read racing a writer; the next poll shows it
         n = {s: sum(t.state == s for t in trials) for s in TrialState}
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        best = max(complete, key=lambda t: t.value, default=None)
+        sign = -1 if study.direction == optuna.study.StudyDirection.MINIMIZE else 1  # the space's direction
+        best = max(complete, key=lambda t: sign * t.value, default=None)
         line = (f"[search] {self.study_name}: {budget_used(trials)}/{self.budget} counted "
                 f"({n[TrialState.COMPLETE]} complete, {n[TrialState.PRUNED]} pruned, {n[TrialState.FAIL]} failed), "
                 f"{n[TrialState.RUNNING]} running"

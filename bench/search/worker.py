@@ -185,6 +185,9 @@ class SearchWorker(submitit.helpers.Checkpointable):
         return run_worker(spec)
 
     def checkpoint(self, spec: WorkerSpec) -> submitit.helpers.DelayedSubmission:
+        from bench.jobs import let_requeue_outlive_sigterm
+
+        let_requeue_outlive_sigterm()  # as a sweep cell's: else a killed `scontrol requeue` fails the running trial
         return submitit.helpers.DelayedSubmission(SearchWorker(), spec)
 
     def label(self, spec: WorkerSpec) -> str:
