@@ -173,17 +173,28 @@ SCORER_KEYS = ("isolated_rec", "isolated_rec_se", "random_object_rate", "isolate
 
 def frozen_inputs(root: Path) -> dict:
     """The checksums of what the control's cells loaded (their records' `inputs`): the one small CLIP
-    (backbone and scorer) and each dataset. More than one checkpoint is reported, not merged."""
+    (backbone and scorer) and each dataset. More than one checkpoint is reported, not merged; a variant
+    whose cells loaded different datasets, or a cell whose inputs are not known, is an error (TESTBED §3:
+    one frozen dataset per variant, its checksum in every result)."""
     checkpoints, datasets = set(), {}
     for r in ResultStore(root).read():
         inputs = r.get("inputs") or {}
+        if not inputs or inputs.get("error"):
+            raise UserError(f"{root}: cell {r.get('cell_id')} records no checksums of its inputs "
+                            f"({inputs.get('error', 'no inputs')}): the frozen inputs cannot be told")
         for role in ("backbone", "scorer"):
             if inputs.get(role):
                 checkpoints.add((inputs[role]["file"], inputs[role]["sha256"]))
         if inputs.get("dataset", {}).get("sha256"):
             d = inputs["dataset"]
-            datasets[f"{d['name']}:{d['split_by']}"] = d["sha256"]
-    return {"checkpoints": [{"file": f, "sha256": h} for f, h in sorted(checkpoints)], "datasets": dict(sorted(datasets.items()))}
+            datasets.setdefault(f"{d['name']}:{d['split_by']}", set()).add(d["sha256"])
+    mixed = {k: v for k, v in datasets.items() if len(v) > 1}
+    if mixed:
+        k, v = next(iter(mixed.items()))
+        raise UserError(f"{root}: the control's cells of {k} loaded {len(v)} different datasets "
+                        f"({', '.join(sorted(h[:12] for h in v))}): not one frozen dataset")
+    return {"checkpoints": [{"file": f, "sha256": h} for f, h in sorted(checkpoints)],
+            "datasets": {k: next(iter(v)) for k, v in sorted(datasets.items())}}
 
 
 def fidelity_summary(v: dict, rows: list[dict], rows_file: str) -> dict:

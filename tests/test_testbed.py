@@ -258,6 +258,17 @@ def test_fidelity_summary_refuses_rows_of_another_scorer_or_dataset(tmp_path):
         fidelity_summary(v, _rows(dataset_sha256="x"), "rows.json")
     with pytest.raises(UserError, match="no row for synth-referit"):
         fidelity_summary(v, [r for r in _rows() if r["dataset"] != "synth-referit"], "rows.json")
+    # one frozen dataset per variant in every control cell, and no cell whose inputs are unknown (TESTBED §3)
+    lines = (tmp_path / "a" / "store.jsonl").read_text().splitlines()
+    other = json.loads(lines[0])
+    other["inputs"]["dataset"]["sha256"] = "another"
+    (tmp_path / "a" / "store.jsonl").write_text("\n".join([json.dumps(other), *lines[1:]]) + "\n")
+    with pytest.raises(UserError, match="loaded 2 different datasets"):
+        fidelity_summary(v, _rows(), "rows.json")
+    del other["inputs"]
+    (tmp_path / "a" / "store.jsonl").write_text("\n".join([json.dumps(other), *lines[1:]]) + "\n")
+    with pytest.raises(UserError, match="records no checksums of its inputs"):
+        fidelity_summary(v, _rows(), "rows.json")
 
 
 def test_rerun_set_without_rerun_is_refused_before_any_cell_runs(tmp_path, capsys):
