@@ -176,13 +176,13 @@ def evaluate_checkpoint(cfg: dict, path: Path, stage: int, per_expression: str |
     return {k: m[k] for k in (*METRIC_KEYS, "n") if k in m}
 
 
-def _inputs(cfg: dict) -> dict:
+def _inputs(cfg: dict, stage: str) -> dict:
     """The sha256 of the checkpoints and the dataset a trained cell read (ehin.provenance, TESTBED §3);
     a digest that cannot be taken is recorded as the error, not raised after a finished training."""
     from ehin.provenance import input_digests
 
     try:
-        return input_digests(cfg)
+        return input_digests(cfg, stage)
     except Exception as e:  # noqa: BLE001
         return {"error": f"{type(e).__name__}: {e}"}
 
@@ -243,7 +243,7 @@ class CellRunner(submitit.helpers.Checkpointable):
             "device": result.get("device", "cpu"),
             # processes of the data-parallel training (bench.run --ranks); 1: one process
             **({"world_size": result["world_size"]} if result.get("world_size", 1) > 1 else {}),
-            **({"inputs": _inputs(spec.config)} if spec.stage in ("1", "2") else {}),
+            **({"inputs": _inputs(spec.config, spec.stage)} if spec.stage in ("1", "2") else {}),
         }
         store.append(record)
         return record

@@ -6,7 +6,8 @@ carries the sha256 of the checkpoint files its backbone and frozen scorer loaded
 two results with equal digests were made from identical inputs, whatever machine made them.
 
 - backbone / scorer: {"file": the checkpoint's file name, "sha256": of its bytes, "weights_sha256": of its
-  tensors alone}; None for random weights; the scorer only where a loss uses it (L_CL or L_BG on). A small
+  tensors alone}; None for random weights; the scorer only where it runs (L_CL or L_BG on, or the PRMS of
+  a Stage-2 chain's pseudo-labels). A small
   CLIP pretrained on first use keeps its training report in the file, timings included, so two trainings
   of equal weights differ in their bytes (a frozen copy leaves the report out: ehin.pretrain_clip.freeze);
   equal `weights_sha256` says the weights are equal all the same.
@@ -85,12 +86,14 @@ def dataset_digest(cfg: dict) -> dict:
     return {"name": d["dataset"], "split_by": ds.split_by, "sha256": digest}
 
 
-def input_digests(cfg: dict) -> dict:
-    """The digests of a resolved config's inputs (module docstring)."""
+def input_digests(cfg: dict, stage: str = "1") -> dict:
+    """The digests of a resolved config's inputs (module docstring), for a cell of `stage` ("2": a Stage-2
+    chain, whose pseudo-labels score with the scorer under PRMS whatever the losses)."""
     from ehin.model.scorer import uses_scorer
 
     out = {"backbone": clip_digest(cfg, "backbone")}
-    if uses_scorer(cfg):  # the scorer is built only then (ehin.train_stage1.build_scorer)
+    # the scorer is built only then (ehin.train_stage1.build_scorer; ehin.pseudo_labels.pipeline.generate)
+    if uses_scorer(cfg) or (stage == "2" and cfg.get("pseudo", {}).get("prms")):
         out["scorer"] = clip_digest(cfg, "scorer")
     out["dataset"] = dataset_digest(cfg)
     return out

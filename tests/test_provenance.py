@@ -34,6 +34,9 @@ def test_digests_name_the_checkpoint_and_the_dataset_by_content(tmp_path):
 def test_no_scorer_digest_where_no_loss_uses_it_and_none_for_random_weights(tmp_path):
     cfg, _ = _cfg(tmp_path, cl=0, bg=0)
     assert "scorer" not in input_digests(cfg)
+    # a Stage-2 chain's pseudo-labels pick each ref's map with the scorer (PRMS) whatever the losses
+    assert cfg["pseudo"]["prms"] and input_digests(cfg, stage="2")["scorer"] == input_digests(cfg)["backbone"]
+    assert "scorer" not in input_digests({**cfg, "pseudo": {**cfg["pseudo"], "prms": False}}, stage="2")
     cfg = {**cfg, "backbone": {**cfg["backbone"], "pretrained": None}}
     assert input_digests(cfg)["backbone"] is None
 
