@@ -88,11 +88,17 @@ def run_cell(spec: CellSpec) -> dict:
             return {**train_stage(1, cfg, run_dir, ranks=spec.extra.get("ranks", 1)),
                     "per_expression_file": str(run_dir / PER_EXPRESSION)}
     if spec.stage == "2":
+        from filelock import FileLock
+
         from ehin.two_stage import run_two_stage
 
-        return {**run_two_stage(cfg, run_dir, resume=True, stage1_dir=spec.extra.get("stage1_dir"),
-                                ranks=spec.extra.get("ranks", 1)),
-                "per_expression_file": str(run_dir / "stage2" / PER_EXPRESSION)}
+        # One attempt of the chain at a time (a rerun while a SLURM array still runs it): its pseudo-labels and
+        # stage 2 live in run_dir, which a second attempt would regenerate and delete under the first. Stage 1
+        # takes its own lock, on another path (ehin.two_stage).
+        with FileLock(str(run_dir) + ".lock"):
+            return {**run_two_stage(cfg, run_dir, resume=True, stage1_dir=spec.extra.get("stage1_dir"),
+                                    ranks=spec.extra.get("ranks", 1)),
+                    "per_expression_file": str(run_dir / "stage2" / PER_EXPRESSION)}
     if spec.stage == "inference":
         from bench.perf import inference_time_cell
 

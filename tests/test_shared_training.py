@@ -145,3 +145,36 @@ def test_the_local_executor_holds_an_evaluation_until_its_training_ends_then_run
     assert t["x"][0] < t["lead"][1]                 # its slot went to the next cell meanwhile
     assert t["late"][0] >= t["lead"][1]
     assert t["late"][0] <= t["z"][0]                # then ahead of the cells queued before it
+
+
+def _stub_chain(cfg, run_dir, **kw):
+    """Stands for ehin.two_stage.run_two_stage: writes when it began and ended (the chain's pseudo-labels and
+    stage 2), one file per process."""
+    import os
+    import time
+
+    began = time.time()
+    time.sleep(0.5)
+    Path(run_dir, f"ran-{os.getpid()}").write_text(f"{began} {time.time()}")
+    return {"metrics": {}}
+
+
+def test_two_attempts_of_one_stage2_chain_take_turns(tmp_path, monkeypatch):
+    """A chain's pseudo-labels and stage 2 live in its run folder: two attempts of one Stage-2 cell (a rerun
+    while a SLURM array still runs it) must not regenerate and delete them under each other."""
+    import multiprocessing
+
+    import ehin.two_stage
+    from bench.jobs import run_cell
+
+    (spec,) = build_specs(load_sweep("table2"), "smoke", 1, tmp_path, ["EHIN (Stage-2) | referit_test"])
+    assert spec.stage == "2" and "trained" not in spec.extra  # one split: the chain runs in its own folder
+    monkeypatch.setattr(ehin.two_stage, "run_two_stage", _stub_chain)
+    ctx = multiprocessing.get_context("fork")  # the stub goes with the forked children
+    procs = [ctx.Process(target=run_cell, args=(spec,)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    spans = sorted(tuple(map(float, f.read_text().split())) for f in Path(spec.run_dir).glob("ran-*"))
+    assert len(spans) == 2 and spans[0][1] <= spans[1][0]  # one after the other
