@@ -199,9 +199,9 @@ def weights_file(arch: str, pretrained: str | os.PathLike | None, image_size: in
         path = Path(pretrained).expanduser()
         frozen = re.fullmatch(rf"{re.escape(arch)}-[0-9a-f]{{12}}-([0-9a-f]{{8}})\.pt", path.name)
         if frozen:  # a frozen small CLIP is named by its sha256 (TESTBED §3: one checkpoint on every machine)
-            from ehin.provenance import file_sha256
+            import hashlib
 
-            sha = file_sha256(path)
+            sha = hashlib.sha256(path.read_bytes()).hexdigest()  # as ehin.pretrain_clip.freeze names it
             if not sha.startswith(frozen.group(1)):
                 raise ClipWeightsError(f"backbone.pretrained {path}: a frozen small CLIP whose sha256 begins "
                                        f"{sha[:8]}, not {frozen.group(1)} as its name says: another file under its "
