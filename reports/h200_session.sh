@@ -118,8 +118,9 @@ infer() {  # bench.perf with $PERF_ARGS (default $INFER_ARGS) for at most $1 s, 
 
 case "${1:-}" in
 start)
-  if [ -f /tmp/p/tasks.pid ] && [ ! -f /tmp/p/tasks.done ]; then
-    echo "tasks of an earlier start still run here: poll them (a second start would copy the committed stores over theirs)"
+  if [ -f /tmp/p/tasks.pid ]; then  # running or done: their results are not all returned yet
+    echo "start already ran on this machine: poll it (a second start would copy the committed stores over the tasks'"
+    echo "results, re-stamp what poll returns and move the deadline past the machine's)"
     exit 4
   fi
   t0=$(date +%s)
@@ -212,9 +213,11 @@ _tasks)
 poll)
   [ -f /tmp/p/tasks.pid ] || { echo "no tasks were started on this machine (a new one: run start)"; exit 5; }
   limit=${LIMIT:-580} t0=$(date +%s)
-  left=$(( $(cat /tmp/p/deadline) - t0 - 20 ))  # back before the machine goes, with what it has
-  [ "$left" -lt "$limit" ] && limit=$(( left > 0 ? left : 0 ))
-  while [ ! -f /tmp/p/tasks.done ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 10; done
+  dl=$(( $(cat /tmp/p/deadline) - 20 ))  # back before the machine goes, with what it has: the wait, the listing
+  end=$(( t0 + limit )); [ "$end" -gt "$dl" ] && end=$dl  # and the utilisation below all end by then
+  while [ ! -f /tmp/p/tasks.done ] && [ "$(date +%s)" -lt "$end" ]; do
+    r=$(( end - $(date +%s) )); sleep $(( r < 10 ? r : 10 ))
+  done
   [ -f /tmp/p/tasks.done ] && echo "tasks done after $(( $(date +%s) - t0 )) s" \
     || echo "tasks still running after $(( $(date +%s) - t0 )) s"
   echo "stored: tables $(cat $G/store.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l), clip $(cat $CL/store.jsonl 2>/dev/null | wc -l), ranks2 $(cat $D2/store.jsonl 2>/dev/null | wc -l)"
@@ -231,7 +234,8 @@ poll)
   # tasks' code and table settings, saved by start; a dry run writes nothing)
   # (at most 60 s, and only what a device call of CALL_S s has left after the wait, the 5 s below kept)
   dry=$(( ${CALL_S:-600} - 10 - ($(date +%s) - t0) )); [ "$dry" -gt 60 ] && dry=60
-  if [ -d $G/runs ] && [ "$dry" -le 5 ]; then echo "cells started, not stored: not listed (${dry} s left in this call)"
+  r=$(( dl - $(date +%s) )); [ "$dry" -gt "$r" ] && dry=$r  # the listing, too, ends by the deadline less 20 s
+  if [ -d $G/runs ] && [ "$dry" -le 5 ]; then echo "cells started, not stored: not listed (${dry} s left in this call or before the machine goes)"
   elif [ -d $G/runs ]; then
     (. /tmp/p/tables.env && cd /tmp/p/src && PYTHONPATH=/tmp/site:/tmp/p/src timeout -k 2 $dry \
       python3 -m bench.run "$TABLES" --profile gpu ${TABLE_ROWS:+--rows "$TABLE_ROWS"} --jobs $TABLE_JOBS \
@@ -250,7 +254,8 @@ poll)
 go)  # start and the first poll in one call: one gap between calls fewer (the machine can go in any gap, above);
      # session 39's `go` kept its machine through start and a 470 s wait
   t=$(date +%s)
-  bash "$0" start || exit $?
+  bash "$0" start; rc=$?
+  [ "$rc" = 0 ] || [ "$rc" = 4 ] || exit $rc  # 4: a start ran here already (go sent twice): poll it
   e=$(( $(date +%s) - t ))
   LIMIT=$(( ${LIMIT:-570} - e )) CALL_S=$(( ${CALL_S:-600} - 5 - e )) exec bash "$0" poll
   ;;
