@@ -176,7 +176,7 @@ _tasks)
       *) wave=${CONTROL_WAVE_S:-1080} ;;
     esac
     w=$(( $(cat /tmp/p/deadline) - $(date +%s) - wave ))
-    if [ "$w" -lt 0 ]; then echo "== $task skipped: a wave needs ${wave} s, the machine goes in $(( w + wave )) s"; continue; fi
+    if [ "$w" -lt 1 ]; then echo "== $task skipped: a wave needs ${wave} s, the machine goes in $(( w + wave )) s"; continue; fi
     W=(--start-within "$w")
     case $task in
       table10) python3 -m bench.run table10 --profile gpu --jobs 1 "${W[@]}" --results $G --reports /tmp/p/reports ;;
