@@ -25,6 +25,7 @@ import open_clip
 from open_clip.convert import convert_state_dict
 from open_clip.model import CLIP, resize_pos_embed
 
+from ehin.checksums import file_sha256
 from ehin.cli import UserError
 # Re-exported: `ehin.backbones` is where callers get a CLIP from (build_clip returns a ClipBackbone).
 from ehin.clip_model import (CONTEXT_LENGTH, CUSTOM_ARCHS, DENSE_MODES, ClipBackbone, attention_pool,  # noqa: F401
@@ -186,22 +187,30 @@ def _load_into(model: CLIP, state: dict[str, torch.Tensor], source: str, arch: s
     model.load_state_dict(state, strict=True)
 
 
+def _is_synthetic(pretrained: str | os.PathLike) -> bool:
+    """`pretrained` names the project's small CLIP by recipe ("synthetic" or "synthetic:<overrides>")."""
+    return str(pretrained) == "synthetic" or str(pretrained).startswith("synthetic:")
+
+
+def _frozen_name(arch: str, name: str) -> re.Match | None:
+    """A frozen small CLIP's file name (ehin.pretrain_clip --freeze): <arch>-<recipe hash>-<sha256[:8]>.pt."""
+    return re.fullmatch(rf"{re.escape(arch)}-[0-9a-f]{{12}}-([0-9a-f]{{8}})\.pt", name)
+
+
 def weights_file(arch: str, pretrained: str | os.PathLike | None, image_size: int) -> tuple[str | None, bool]:
     """The local checkpoint file that `pretrained` names for (arch, image_size), and whether its tag
     wants QuickGELU: None for random weights; a "synthetic" small CLIP is pretrained on first use."""
     if pretrained is None:
         return None, False
-    if str(pretrained) == "synthetic" or str(pretrained).startswith("synthetic:"):
+    if _is_synthetic(pretrained):
         return str(ensure_pretrained(arch, int(image_size), **synthetic_overrides(pretrained))), False
     if arch not in CUSTOM_ARCHS and open_clip.get_pretrained_cfg(arch, str(pretrained)):
         return _tag_checkpoint(arch, str(pretrained))
     if Path(pretrained).expanduser().is_file():
         path = Path(pretrained).expanduser()
-        frozen = re.fullmatch(rf"{re.escape(arch)}-[0-9a-f]{{12}}-([0-9a-f]{{8}})\.pt", path.name)
+        frozen = _frozen_name(arch, path.name)
         if frozen:  # a frozen small CLIP is named by its sha256 (TESTBED §3: one checkpoint on every machine)
-            import hashlib
-
-            sha = hashlib.sha256(path.read_bytes()).hexdigest()  # as ehin.pretrain_clip.freeze names it
+            sha = file_sha256(path)
             if not sha.startswith(frozen.group(1)):
                 raise ClipWeightsError(f"backbone.pretrained {path}: a frozen small CLIP whose sha256 begins "
                                        f"{sha[:8]}, not {frozen.group(1)} as its name says: another file under its "
@@ -211,7 +220,7 @@ def weights_file(arch: str, pretrained: str | os.PathLike | None, image_size: in
     tags = [] if arch in CUSTOM_ARCHS else open_clip.list_pretrained_tags_by_model(arch)
     looks_like_path = os.sep in p or Path(p).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
     what = "no CLIP checkpoint file at" if looks_like_path else "neither a local file nor an open_clip tag:"
-    if re.fullmatch(rf"{re.escape(arch)}-[0-9a-f]{{12}}-[0-9a-f]{{8}}\.pt", Path(p).name):
+    if _frozen_name(arch, Path(p).name):
         # a frozen small CLIP (ehin.pretrain_clip --freeze): its recipe remakes it, named by its sha256
         raise ClipWeightsError(
             f"backbone.pretrained for '{arch}': {what} '{p}', a frozen small CLIP; remake it with "
@@ -229,7 +238,7 @@ def wants_quick_gelu(arch: str, pretrained: str | os.PathLike | None) -> bool:
     """Whether the weights `pretrained` names run with QuickGELU, found without reading them: as an open_clip
     tag's config says (OpenAI's), or an OpenAI TorchScript file; the small CLIP and random weights do not.
     For a checkpoint that predates `backbone_quick_gelu` (ehin.checkpoint.empty_backbone)."""
-    if pretrained is None or str(pretrained) == "synthetic" or str(pretrained).startswith("synthetic:"):
+    if pretrained is None or _is_synthetic(pretrained):
         return False
     tag = None if arch in CUSTOM_ARCHS else open_clip.get_pretrained_cfg(arch, str(pretrained))
     if tag:
