@@ -239,6 +239,14 @@ def declared_records(sweep, profile: str, store: ResultStore, seeds: int,
     return split_by_config(stored, expected)
 
 
+def testbed_verdicts(reports: str | Path) -> Path:
+    """The testbed's verdicts file (bench.testbed --fidelity) a table's header reads: REPORTS' own, else the
+    committed one, so a table rendered into another folder names the criteria its records' testbed met as the
+    committed table does (testbed_status judges only records whose dataset and CLIP checksums that file froze)."""
+    own = Path(reports) / "testbed" / "fidelity.json"
+    return own if own.is_file() else PROJECT_REPORTS / "testbed" / "fidelity.json"
+
+
 def render(sweep, profile: str, root: Path, reports: str | Path = "reports", seeds: int | None = None,
            failed: set[str] | frozenset[str] = frozenset(), extra_overrides: dict | None = None) -> Path:
     """Render the table of the cells this invocation declares (every row, `seeds` seeds, the same
@@ -250,7 +258,7 @@ def render(sweep, profile: str, root: Path, reports: str | Path = "reports", see
     records, left_out = declared_records(sweep, profile, ResultStore(root), n, extra_overrides)
     out = reports_dir(sweep.name, profile, reports)
     write_tables(sweep, records, out, profile=profile, seeds=list(range(n)), failed=failed, left_out=left_out,
-                 fidelity_file=Path(reports) / "testbed" / "fidelity.json")
+                 fidelity_file=testbed_verdicts(reports))
     write_plots(sweep, records, out, profile=profile)
     return out
 

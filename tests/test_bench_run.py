@@ -458,3 +458,15 @@ def test_ranks_refuse_a_global_batch_they_cannot_split(tmp_path, capsys):
         run_main(args("--ranks", "5", results=tmp_path / "res", reports=tmp_path / "rep", rows="bg+fg"))
     assert e.value.code == 2 and "train.batch_size 24 of table5 'bg+fg' is not divisible by the 5 ranks" in capsys.readouterr().err
     assert not (tmp_path / "res" / "store.jsonl").exists()
+
+
+def test_a_table_rendered_elsewhere_reads_the_committed_testbed_verdicts(tmp_path):
+    """Rendering into another --reports folder dropped the header's testbed and language-blind lines (it looked
+    for that folder's own fidelity.json); the folder's own file still wins where there is one."""
+    from bench.run import PROJECT_REPORTS, testbed_verdicts
+
+    assert testbed_verdicts(tmp_path) == PROJECT_REPORTS / "testbed" / "fidelity.json"
+    own = tmp_path / "testbed" / "fidelity.json"
+    own.parent.mkdir()
+    own.write_text("{}")
+    assert testbed_verdicts(tmp_path) == own
