@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-render", action="store_true", help="run the cells without rendering the tables")
     p.add_argument("--render-only", action="store_true",
                    help="render the tables from the stored records without running a cell (a sweep run over "
-                        "several sittings: the cells not stored yet show as pending)")
+                        "several sittings: the cells not stored yet show as pending; a cell whose computation another "
+                        "table stored, Table 6's EHIN as Table 5's full loss, gets its copy of that record, once)")
     add_slurm_args(p)
     args = p.parse_args(argv)
 
