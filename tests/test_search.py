@@ -316,3 +316,20 @@ def test_rdb_storage_opened_while_another_process_creates_its_schema(tmp_path, m
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
     storage = search.open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_s=5, grace_s=20, max_retry=1)
     assert len(calls) == 2 and isinstance(storage, real)
+
+
+def test_an_interrupted_inline_trial_is_enqueued_again_not_spent(tmp_path, space, monkeypatch):
+    """Ctrl-C in an inline search: Optuna fails the running trial, which then counted towards --trials with
+    nobody to retry it. It is enqueued again as a killed worker's trial is, so rerunning the command runs it."""
+    import ehin.train_stage1
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ehin.train_stage1, "run", interrupted)
+    with pytest.raises(SystemExit):  # the CLI's "interrupted" exit
+        main(args(space, tmp_path, "--no-final", "--executor", "inline", trials=2))
+    trials = journal(tmp_path).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].system_attrs["retry_history"] == [0] and trials[1].params == trials[0].params
+    assert budget_used(trials) == 0

@@ -160,6 +160,9 @@ def run_worker(spec: WorkerSpec) -> dict:
                             raise
                         print(f"[search] worker {spec.index}: could not finish its trial: {last_line(e)}",
                               file=sys.stderr)
+                    except KeyboardInterrupt:
+                        requeue_interrupted(study, objective.numbers, spec.max_retry)
+                        raise
                 continue
             # Budget used. Trials still running elsewhere may yet turn out dead and need a retry.
             others_running = any(t.state == TrialState.RUNNING for t in trials)
@@ -170,6 +173,20 @@ def run_worker(spec: WorkerSpec) -> dict:
             break
         time.sleep(spec.heartbeat_s)
     return {"worker": spec.index, "trials": objective.numbers}
+
+
+def requeue_interrupted(study: optuna.Study, numbers: list[int], max_retry: int | None) -> None:
+    """Ctrl-C (or SIGINT) during a trial: Optuna has failed it, and a FAIL nobody retries counts towards the
+    budget (budget_used), so the search would end one trial short. Enqueue its parameters again, as a killed
+    worker's stale trial is (Heartbeat.fail_stale), and the same command runs it when rerun."""
+    if not numbers:
+        return  # interrupted before this worker's first trial existed
+    trial = study.get_trials(deepcopy=False)[numbers[-1]]
+    if trial.state == TrialState.FAIL and "error" not in trial.user_attrs:  # not an objective's own error
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)
+        print(f"[search] trial {trial.number}: interrupted, its params enqueued again", file=sys.stderr)
 
 
 def _finished_elsewhere(e: BaseException) -> bool:
