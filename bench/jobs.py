@@ -184,7 +184,7 @@ def evaluate_checkpoint(cfg: dict, path: Path, stage: int, per_expression: str |
 
 def _inputs(cfg: dict, stage: str) -> dict:
     """The sha256 of the checkpoints and the dataset a trained cell read (ehin.provenance, TESTBED §3);
-    a digest that cannot be taken is recorded as the error, not raised after a finished training."""
+    a digest that cannot be taken is recorded as the error, not raised (training and its record go on)."""
     from ehin.provenance import input_digests
 
     try:
@@ -222,6 +222,8 @@ class CellRunner(submitit.helpers.Checkpointable):
         start = time.time()
         # error.txt marks the last attempt as failed (bench.run renders the cell "failed"): a new attempt clears it.
         (Path(spec.run_dir) / "error.txt").unlink(missing_ok=True)
+        # the checksums of what training reads, taken before it reads them (not when the record is written)
+        inputs = _inputs(spec.config, spec.stage) if spec.stage in ("1", "2") else None
         try:
             result = run_cell(spec)
         except (Exception, StoppedBySignal):  # stopped: the next attempt resumes from its checkpoint
@@ -249,7 +251,7 @@ class CellRunner(submitit.helpers.Checkpointable):
             "device": result.get("device", "cpu"),
             # processes of the data-parallel training (bench.run --ranks); 1: one process
             **({"world_size": result["world_size"]} if result.get("world_size", 1) > 1 else {}),
-            **({"inputs": _inputs(spec.config, spec.stage)} if spec.stage in ("1", "2") else {}),
+            **({"inputs": inputs} if inputs is not None else {}),
         }
         store.append(record)
         return record
