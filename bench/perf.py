@@ -26,6 +26,7 @@ import argparse
 import gzip
 import json
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -327,9 +328,15 @@ def file_barrier(folder: Path, rank: int, procs: int, timeout_s: float = 600.0) 
     return wait
 
 
+def is_throughput(key: str) -> bool:
+    """A figure per second (images_per_s, images_per_s_bs64), which processes running at once add up."""
+    return re.search(r"_per_s(_|$)", key) is not None
+
+
 def packed(argv: list[str], procs: int) -> dict:
     """Run this command (`argv`, without --procs/--out) as `procs` processes at once; their reports,
-    combined: throughputs (keys ending `_per_s`) summed, everything else the median over processes."""
+    combined: throughputs (`_per_s` keys, `images_per_s_bs64` too) summed, everything else the median over
+    processes."""
     import subprocess
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -342,7 +349,7 @@ def packed(argv: list[str], procs: int) -> dict:
     combined = {**reports[0], "procs": procs, "per_process": [r["results"] for r in reports], "results": {}}
     for name, parts in reports[0]["results"].items():
         combined["results"][name] = {
-            part: {k: (sum if k.endswith("_per_s") else statistics.median)([r["results"][name][part][k] for r in reports])
+            part: {k: (sum if is_throughput(k) else statistics.median)([r["results"][name][part][k] for r in reports])
                    for k in figures}
             for part, figures in parts.items()}
     return combined

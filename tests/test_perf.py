@@ -151,3 +151,10 @@ def test_ddp_times_one_job_of_two_ranks_against_one_process(tmp_path, capsys):
     with pytest.raises(SystemExit):  # 24 over 5 ranks: rows would be dropped
         main(["--device", "cpu", "--size", "small", "--configs", "ehin", "--ddp", "5"])
     assert "train.batch_size 24 is not divisible by the ranks" in capsys.readouterr().err
+
+
+def test_packed_processes_add_up_their_throughputs_only():
+    from bench.perf import is_throughput
+
+    assert is_throughput("images_per_s") and is_throughput("images_per_s_bs64") and is_throughput("train_images_per_s")
+    assert not any(map(is_throughput, ("step_s", "peak_mem_gb", "forward_ms_bs1", "seconds_per_sample")))
