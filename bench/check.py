@@ -461,7 +461,7 @@ def evaluate_claim(sweep, claim: dict, records: list[dict], store_root: Path | N
             tol = max(2.0, 2 * a[1]) if not math.isnan(a[1]) else 2.0
             margin = tol - abs(a[0] - float(claim["value"]))
             res.update(compared=f"{claim['row']} vs {claim['value']}", value=a[0], margin=margin, noise=a[1],
-                       noise_df=a[2] - 1, test="seeds (std)")  # one seed: noise NaN, unknown
+                       noise_df=a[2] - 1 if a[2] > 1 else math.nan, test="seeds (std)")  # one seed: noise NaN, unknown
             res["status"] = "holds" if margin > 0 else "does not hold"
             res["significant"] = _beyond(margin, res["noise"], res["noise_df"])
             out.append(res)

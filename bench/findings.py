@@ -13,6 +13,7 @@ the scene and word-ceiling measurements (reports/testbed/scenes-*.json), the fro
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -259,7 +260,8 @@ def claims_section(reports: Path, root: Path) -> str:
              "margin's standard error (the test column says whether over the same expressions and seeds, which "
              "counts the expressions' sampling and the training's spread over seeds, or over the means of the seeds both "
              "rows have; "
-             "unknown while a row has one seed); margin / SE says how far the verdict is from noise (beyond "
+             "unknown while a row has one seed; for a claim that a row is near a value, test 'seeds (std)', the "
+             "row's seed std, a wider band than its mean's standard error); margin / SE says how far the verdict is from noise (beyond "
              "noise: more than Student's t at the error's degrees of freedom, df: 12.7 at one, 2.8 at four, 1.96 "
              "at many). "
              "A claim over several pairs of rows is judged pair by pair (all must hold, or most where it says "
@@ -274,7 +276,7 @@ def claims_section(reports: Path, root: Path) -> str:
         held = [r for r in judged if r["status"] == "holds"]
         beyond = lambda rs: sum(bool(r.get("significant")) for r in rs)  # noqa: E731
         head = f"**{d['profile']}** (`{_rel(f, root)}`, from `{d['store']}`): "
-        if not judged:
+        if not judged and not incomplete:
             lines += ["", head + f"no pair judged yet ({len(rows)} without results)."]
             continue
         lines += ["", head + f"{len(held)} of {len(judged)} judged pairs hold, {beyond(held)} of them beyond noise; "
@@ -285,12 +287,14 @@ def claims_section(reports: Path, root: Path) -> str:
                   "|---|---|---|---|---:|---:|---:|---:|---|---|"]
         for r in (r for r in rows if r["status"] in ("holds", "does not hold", "incomplete")):
             se = r.get("noise")
-            ratio = "—" if not se else f"{r['margin'] / se:+.1f}"
+            se = None if se is None or math.isnan(se) else se  # one seed: unknown
+            ratio = ("—" if se is None or (se == 0 and r["margin"] == 0) else
+                     f"{r['margin'] / se:+.1f}" if se > 0 else ("+∞" if r["margin"] > 0 else "−∞"))
             noise = "" if r["status"] == "incomplete" else ", " + {True: "beyond noise", False: "within noise"}.get(
                 r.get("significant"), "noise unknown (one seed)")
             lines.append(f"| {r['table']} | {r['text']} | {r['metric']} | {r.get('compared', '—')} | "
-                         f"{format_margin(r['margin'])} | {format_margin(se).lstrip('+') if se else '—'} | "
-                         f"{format_df(r.get('noise_df')).replace('-', '—')} | {ratio} | "
+                         f"{format_margin(r['margin'])} | {format_margin(se).lstrip('+') if se is not None else '—'} | "
+                         f"{format_df(r.get('noise_df') if se is not None else None).replace('-', '—')} | {ratio} | "
                          f"{r.get('test', '—')} | "
                          f"{r['status']}{noise} |")
     if unjudged:
@@ -307,7 +311,7 @@ ran on them, so a claim's verdict there says whether EHIN's mechanisms do what t
 that have the properties they rely on. It does not say:
 
 - how large any figure is on RefCOCO, RefCOCO+, RefCOCOg or ReferIt: the tables' absolute IoU and
-  PointM are of synthetic shapes at 128 px, so only a row's difference from another row, and its
+  PointM are of synthetic shapes at {size} px, so only a row's difference from another row, and its
   direction, carry over as a hypothesis, not the paper's columns beside them;
 - anything that rests on what web-scale CLIP knows: open-vocabulary names, attributes and relations
   in free English, long RefCOCOg sentences, people (testA), textures, lighting and real occlusion; the
@@ -315,17 +319,26 @@ that have the properties they rely on. It does not say:
   how CLIP treats masked photographs (§2.2);
 - how the pseudo-labels of Stage 2 fare on real photographs, whose edges the dense CRF and IRNet's
   random walk follow; their synthetic scenes have clean ones;
-- the paper's inference times: Table 10 on the gpu profile times the 128-px small model, and
+- the paper's inference times: Table 10 on the gpu profile times the small model at {table10_size} px, and
   `bench.perf --size paper` the paper-size model with random weights (Throughput, below), not RN50 on
   the paper's GPU;
 - label noise: the synthetic annotations are exact, where real evaluation sets carry wrong ones.
 """
 
 
+def cannot_show() -> str:
+    """CANNOT_SHOW with the image sizes of the gpu profile and of Table 10's sweep (their configs, not typed)."""
+    from bench.sweeps import load_sweep
+    from ehin.config import load_config
+
+    return CANNOT_SHOW.format(size=load_config(profile="gpu")["data"]["image_size"],
+                              table10_size=load_sweep("table10").base["data.image_size"])
+
+
 def findings(reports: str | Path = "reports", root: str | Path = ".") -> str:
     """The text of docs/findings.md from the records under `reports`."""
     reports, root = Path(reports), Path(root)
-    parts = [INTRO, tables_section(reports, root), claims_section(reports, root), CANNOT_SHOW,
+    parts = [INTRO, tables_section(reports, root), claims_section(reports, root), cannot_show(),
              criteria_section(reports, root), control_section(reports, root),
              ceilings_section(reports, root),
              scorer_section(reports, root), perf_section(reports, root), LESSONS]

@@ -260,8 +260,11 @@ def results_summary(reports: str | Path = "reports") -> str:
             c = cells.get((row, metric_of[col]))
             if not c or c.get("mean") is None:
                 return "–"
-            return f"{c['mean']:.{d}f} ± {c['std']:.{d}f}" if c.get("std") is not None and c.get("n", 0) > 1 \
+            text = f"{c['mean']:.{d}f} ± {c['std']:.{d}f}" if c.get("std") is not None and c.get("n", 0) > 1 \
                 else f"{c['mean']:.{d}f}"
+            # a cell short of the heading's seeds says so, as table.md's "partial" does
+            short = c.get("n") is not None and c["n"] < len(info.get("seeds", []))
+            return text + (f" ({c['n']} of {len(info['seeds'])} seeds)" if short else "")
 
         rel = folder.relative_to(reports)
         parts.append(

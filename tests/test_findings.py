@@ -119,3 +119,32 @@ def test_claims_section_says_how_far_each_verdict_is_from_noise(tmp_path):
     assert "| table9 | K=6 best | iou | — | +1.20 | — | — | — | seeds | holds, noise unknown (one seed) |" in text
     assert "EHIN beats TRIS" not in text and "`reports/claims/smoke.md`" in text
     assert "## What this testbed cannot show" in text
+
+
+def test_claims_incomplete_zero_noise_and_one_seed_are_shown_as_they_are(tmp_path):
+    """Review, session 41: a profile whose claims were all incomplete read 'no pair judged yet (N without
+    results)' and listed none; a noise of exactly 0 showed as unknown; one seed's df showed as 0.0."""
+    claims = tmp_path / "reports" / "claims"
+    claims.mkdir(parents=True)
+    rows = [{"table": "table5", "text": "full loss best", "metric": "iou", "compared": "all vs fg (1 of 5 pairs hold)",
+             "margin": 10.0, "noise": 1.0, "noise_df": 8.0, "test": "seeds", "status": "incomplete"},
+            {"table": "table5", "text": "cl collapses", "metric": "iou", "compared": "cl vs 1.0", "margin": 1.5,
+             "noise": 0.0, "noise_df": 4, "test": "seeds (std)", "status": "holds", "significant": True},
+            {"table": "table5", "text": "cl collapses", "metric": "point_mask", "compared": "cl vs 1.0", "margin": 1.5,
+             "noise": float("nan"), "noise_df": 0, "test": "seeds (std)", "status": "holds", "significant": None}]
+    (claims / "gpu.json").write_text(json.dumps({"profile": "gpu", "store": "s", "claims": rows[:1]}))
+    text = findings(tmp_path / "reports", tmp_path)
+    assert "1 incomplete; 0 without results." in text and "| +10.00 | 1.00 | 8.0 | +10.0 | seeds | incomplete |" in text
+    (claims / "gpu.json").write_text(json.dumps({"profile": "gpu", "store": "s", "claims": rows[1:]}))
+    text = findings(tmp_path / "reports", tmp_path)
+    assert "| cl vs 1.0 | +1.50 | 0.00 | 4.0 | +∞ | seeds (std) | holds, beyond noise |" in text
+    assert "| cl vs 1.0 | +1.50 | — | — | — | seeds (std) | holds, noise unknown (one seed) |" in text
+
+
+def test_what_the_testbed_cannot_show_names_the_sizes_the_configs_give():
+    from bench.sweeps import load_sweep
+    from ehin.config import load_config
+
+    text = findings()
+    assert f"synthetic shapes at {load_config(profile='gpu')['data']['image_size']} px" in text
+    assert f"small model at {load_sweep('table10').base['data.image_size']} px" in text

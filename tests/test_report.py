@@ -80,3 +80,16 @@ def test_a_diagnostic_rendering_does_not_replace_the_profiles_table_in_the_index
     assert '<a href="table5/table.html">' in section and "run with" not in section
     assert 'also rendered from other stores: <a href="testbed/diag/table5/table.html">testbed/diag/table5</a>' in section
     assert page.count("also rendered from other stores") == 1     # the smoke section has one rendering
+
+
+def test_the_results_summary_says_when_a_row_has_fewer_seeds_than_its_heading(tmp_path):
+    """Review, session 41: a row of 1 of 2 seeds read like a complete one (table.md marks it partial)."""
+    from bench.report import results_summary
+
+    reports = tmp_path / "reports"
+    recs = [r for r in table5_records() if not (r["row"] == "fg" and r["seed"] == 1)]
+    write_tables(sweep("table5"), recs, reports / "table5", seeds=[0, 1])
+    text = results_summary(reports)
+    fg = next(line for line in text.splitlines() if line.startswith("| fg |"))
+    full = next(line for line in text.splitlines() if line.startswith("| bg+fg+cl |"))
+    assert "(1 of 2 seeds)" in fg and "seeds)" not in full
