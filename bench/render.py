@@ -203,6 +203,9 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
         "collapsed": collapsed_cells(in_order, COLLAPSED_PCT),
         "language_blind": language_blind_check(in_order, profile, fidelity),
         "set": beyond,
+        # the paper's lines this sweep does not run (other methods) and rows the paper has no line for
+        "paper_only": list(sweep.paper_unmatched),
+        "without_paper": [row for row in sweep.rows if sweep.paper_csv and sweep.paper.loc[row].isna().all()],
         "testbed": (testbed_status(recs, profile, fidelity, fidelity_source) if recs else "-")
         if fidelity_source is not None else None,
     }
@@ -380,7 +383,10 @@ def header_lines(info: dict[str, Any]) -> list[str]:
         "hardware: " + (", ".join(info["hardware"]) or "-"),
     ] + ([f"testbed: {info['testbed']}"] if info.get("testbed") else []) + (
         [f"run with `{set_flags(info['set'])}` (not the paper's configuration)"] if info.get("set") else []
-    ) + _collapsed_lines(info) + _below_language_blind_lines(info)
+    ) + ([f"the paper's table also has, not run here: {', '.join(info['paper_only'])}"]
+         if info.get("paper_only") else []) + (
+        [f"rows without a line in the paper's table: {', '.join(info['without_paper'])}"]
+        if info.get("without_paper") else []) + _collapsed_lines(info) + _below_language_blind_lines(info)
 
 
 def set_flags(assignments: Iterable[str]) -> str:

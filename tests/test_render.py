@@ -440,3 +440,19 @@ def test_header_names_the_dataset_the_records_ran_on(tmp_path):
     assert "- run with `--set model.residual=false --set train.grad_clip=null` (not the paper's configuration)\n" in md
     untouched = write_tables(sweep("table5"), table5_records(), tmp_path / "declared")["md"].read_text()
     assert "- dataset: synth-refcoco+ val (paper: RefCOCO+ val)\n" in untouched and "--set" not in untouched
+
+
+def test_header_names_paper_lines_not_run_and_rows_without_a_paper_line(tmp_path):
+    """Review, session 41: Table 2's other methods (in the paper's CSV, not run) and a declared row the CSV has
+    no line for were dropped without a word; the header names both."""
+    import copy
+
+    md = write_tables(sweep("table2"), [], tmp_path / "t2")["md"].read_text()
+    assert "- the paper's table also has, not run here: AMR+, GbS+, WWbL+, PCNet_F, ICICS\n" in md
+    t3 = copy.deepcopy(sweep("table3"))
+    t3.paper.loc["4"] = math.nan  # as if the CSV had no line "4" ...
+    t3.paper_unmatched = ["5"]    # ... and a line "5" the sweep does not declare
+    md = write_tables(t3, [], tmp_path / "t3")["md"].read_text()
+    assert "- the paper's table also has, not run here: 5\n" in md
+    assert "- rows without a line in the paper's table: 4\n" in md
+    assert "not run here" not in write_tables(sweep("table3"), [], tmp_path / "t3b")["md"].read_text()
