@@ -214,3 +214,20 @@ def test_metric_names_agree_with_ehin_metrics():
     from ehin.metrics import PAPER_COLUMNS
 
     assert {k: v for k, v in METRIC_NAMES.items() if k in PAPER_COLUMNS} == PAPER_COLUMNS
+
+
+@pytest.mark.parametrize("name", [n for n in list_sweeps() if load_sweep(n, validate=False).paper_csv])
+def test_every_claim_holds_on_the_papers_own_numbers_or_says_it_does_not(name):
+    """A claim encoded from the paper's text, judged on the paper's own table (one seed of the CSV's values),
+    holds unless its text names the contradiction ("the paper's own ..."): a misread text ("nearly 3 points"
+    as more than 3, where the paper's gap is 2.81) would otherwise fail a perfect reproduction."""
+    from bench.check import evaluate_claim
+
+    sweep = load_sweep(name, validate=False)
+    records = [{"table": name, "row": row, "seed": 0, "profile": "paper",
+                "metrics": {m: float(v) for m, v in sweep.paper.loc[row].items() if not math.isnan(v)}}
+               for row in sweep.rows]
+    for claim in sweep.claims:
+        for r in evaluate_claim(sweep, claim, records):
+            if r["status"] != "holds":
+                assert "the paper's own" in claim["text"], (claim["id"], r["metric"], r["status"], r.get("margin"))
