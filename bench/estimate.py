@@ -235,8 +235,9 @@ def _row(name: str, specs: list, perf: dict, infer: float, packed: bool = False,
 
 
 def _hours(seconds: float, complete: bool = True) -> str:
-    text = (f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60
-            else "< 1 min")
+    # the unit chosen after rounding: 3,590 s is "1.0 h", not "60 min"; 59.6 s is "1 min"
+    minutes = round(seconds / 60)
+    text = f"{seconds / 3600:.1f} h" if minutes >= 60 else f"{minutes} min" if minutes >= 1 else "< 1 min"
     return text if complete else f">= {text}"
 
 

@@ -213,3 +213,8 @@ def test_the_readme_counts_what_the_gpu_store_holds(monkeypatch):
     assert shown == {r["table"]: r["stored"] for r in rows}, (
         "README's gpu estimate block is stale: python -m bench.estimate --profile gpu --results reports/gpu/store "
         "--readme README.md")
+
+
+def test_durations_choose_their_unit_after_rounding():
+    assert E._hours(3590) == "1.0 h" and E._hours(3540) == "59 min" and E._hours(7200) == "2.0 h"
+    assert E._hours(59.6) == "1 min" and E._hours(29) == "< 1 min" and E._hours(90, complete=False) == ">= 2 min"
