@@ -242,12 +242,14 @@ def results_summary(reports: str | Path = "reports") -> str:
     """Markdown: per rendered table, its provenance and each row's mean ± std of the paper's main
     columns, read from the committed cells.json (no number typed by hand)."""
     reports = Path(reports)
-    parts = []
+    parts, empty = [], []
     # The README's main job (the synthetic profile) first, then the others in _tables' order.
     for folder, info in sorted(_tables(reports), key=lambda t: t[1].get("profile") != "synthetic"):
         data = json.loads((folder / "cells.json").read_text())
         if all(c.get("mean") is None for c in data.get("cells", [])):
-            continue  # rendered before any of its cells ran (bench.run --render-only): nothing to summarise
+            # rendered before any of its cells ran (bench.run --render-only): named below, nothing to summarise
+            empty.append(f"{info.get('title', folder.name)} (`reports/{folder.relative_to(reports)}/`)")
+            continue
         metric_of = data.get("metrics", {})
         cells = {(c["row"], c["metric"]): c for c in data.get("cells", [])}
         rows = list(dict.fromkeys(c["row"] for c in data.get("cells", [])))
@@ -278,6 +280,8 @@ def results_summary(reports: str | Path = "reports") -> str:
             + "".join(f"| {r.replace('|', chr(92) + '|')} | " + " | ".join(cell(r, c) for c in cols) + " |\n"
                       for r in rows)
             + _below_language_blind(info))
+    if empty:
+        parts.append("Rendered with no results yet: " + "; ".join(empty) + ".\n")
     return "\n".join(parts) if parts else "Nothing rendered yet: run `python -m bench.run table5`.\n"
 
 

@@ -93,3 +93,13 @@ def test_the_results_summary_says_when_a_row_has_fewer_seeds_than_its_heading(tm
     fg = next(line for line in text.splitlines() if line.startswith("| fg |"))
     full = next(line for line in text.splitlines() if line.startswith("| bg+fg+cl |"))
     assert "(1 of 2 seeds)" in fg and "seeds)" not in full
+
+
+def test_the_results_summary_names_tables_rendered_without_results(tmp_path):
+    from bench.report import results_summary
+
+    reports = _reports(tmp_path)
+    write_tables(sweep("table3"), [], reports / "table3")  # bench.run --render-only before any cell ran
+    text = results_summary(reports)
+    assert "Rendered with no results yet: Table 3" in text and "(`reports/table3/`)." in text
+    assert "Rendered with no results yet" not in results_summary(_reports(tmp_path / "b"))
