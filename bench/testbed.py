@@ -47,6 +47,7 @@ POOLED_STD_MAX = 3.0     # §2.4
 VARIANT_STD_MAX = 4.0    # §2.4
 MIN_EXPRESSIONS = 2000   # §2.4
 POWER_SEEDS = 10         # §2.4
+CONTROL_SEEDS = 5        # §2.3: the control's mean is of 5 seeds (fewer: not judged yet)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -133,7 +134,8 @@ def verdicts(profile: str, seeds: int, root: Path, rerun: Path | None = None, bl
         if values:
             out["mean"], out["std"] = _mean_std(values)
             out["margin"] = out["mean"] - out["language_blind_pointm"]
-            out["control_met"] = out["margin"] >= MARGIN and out["language_blind_pointm"] <= BLIND_MAX
+            out["control_met"] = (out["margin"] >= MARGIN and out["language_blind_pointm"] <= BLIND_MAX
+                                  if len(values) >= CONTROL_SEEDS else None)
             out["std_met"] = None if out["std"] is None else out["std"] <= VARIANT_STD_MAX
         if again:
             diffs = [again[twin[s.row, s.seed]]["metrics"]["point_mask"] - by_id[s.cell_id]["metrics"]["point_mask"]
@@ -230,6 +232,9 @@ def fidelity_summary(v: dict, rows: list[dict], rows_file: str) -> dict:
             "language_blind": c["language_blind_pointm"], "expressions": c["evaluated"],
             "tris_like_seeds": seeds, "tris_like_mean": c.get("mean"), "tris_like_std": c.get("std"),
             "run_to_run": (c.get("run_to_run") or {}).get("mean_abs"),
+            # of how many cells run twice (TESTBED §2.4: the same seeds), and the largest move
+            "run_to_run_cells": (c.get("run_to_run") or {}).get("cells"),
+            "run_to_run_max": (c.get("run_to_run") or {}).get("max_abs"),
             "met": {"scenes": all(scenes_ok.values()), "scorer": all(scorer_passes(row).values()),
                     "control": c.get("control_met"), "power": c.get("std_met")},
         }

@@ -16,6 +16,15 @@ POINTM = {"refcoco": [30.0, 32.0, 34.0], "refcoco+": [40.0, 40.0, 40.0], "refcoc
           "refcocog (umd)": [31.0, 29.0, 30.0], "referit": [50.0, 46.0, 48.0]}
 
 
+@pytest.fixture(autouse=True)
+def three_seeds_judge_the_control(monkeypatch):
+    """The figures here are worked out by hand on 3 seeds; TESTBED §2.3 judges a mean of 5 (CONTROL_SEEDS),
+    which test_fewer_seeds_than_the_spec_asks_leave_the_control_unjudged keeps."""
+    import bench.testbed
+
+    monkeypatch.setattr(bench.testbed, "CONTROL_SEEDS", 3)
+
+
 def _blind(cfg):
     return {"language_blind_pointm": 15.0, "expressions": 2500, "random_object_rate": 0.14}
 
@@ -279,3 +288,21 @@ def test_rerun_set_without_rerun_is_refused_before_any_cell_runs(tmp_path, capsy
               "--rerun-set", "train.amp=true"])
     assert exc.value.code == 2 and "--rerun-set needs --rerun" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "out").exists()
+
+
+def test_fewer_seeds_than_the_spec_asks_leave_the_control_unjudged(tmp_path, monkeypatch):
+    """Review, session 41: §2.3 read 'met' on one seed of the control (the spec's mean is of 5), and the tables'
+    header then listed §2.3 as met."""
+    import bench.testbed
+    from bench.render import testbed_status
+    from bench.testbed import fidelity_summary
+
+    monkeypatch.setattr(bench.testbed, "CONTROL_SEEDS", 5)
+    _store(tmp_path / "a")
+    _with_inputs(tmp_path / "a")
+    v = verdicts("smoke", 3, tmp_path / "a", blind=_blind)
+    assert all(r["control_met"] is None for r in v["variants"]) and not v["control_met"]
+    f = fidelity_summary(v, _rows(), "rows.json")
+    assert all(r["met"]["control"] is None for r in f["variants"].values())
+    recs = [json.loads(line) for line in (tmp_path / "a" / "store.jsonl").read_text().splitlines()]
+    assert "; missed: §2.3 (" in testbed_status(recs, "smoke", f, "fidelity.json")
