@@ -240,8 +240,9 @@ def test_results_summary_reads_the_rendered_cells(tmp_path):
     assert "old" not in readme.read_text()
 
 
-def test_results_summary_leaves_out_unrun_tables_and_keeps_timings_and_split_rows(tmp_path):
-    """A table rendered before any cell ran (bench.run --render-only) is left out; Table 10 shows its
+def test_results_summary_names_unrun_tables_and_keeps_timings_and_split_rows(tmp_path):
+    """A table rendered before any cell ran (bench.run --render-only) has no rows, only its name on the
+    line of tables without results; Table 10 shows its
     own column at its sweep's decimals (seconds, not 0.0); Table 2's 'method | split' rows stay one cell."""
     from bench.report import results_summary
 
@@ -251,7 +252,7 @@ def test_results_summary_leaves_out_unrun_tables_and_keeps_timings_and_split_row
            for row, v in (("TRIS", 0.016), ("EHIN", 0.020)) for seed in (0, 1)]
     write_tables(sweep("table10"), t10, reports / "table10", seeds=[0, 1])
     text = results_summary(reports)
-    assert "Table 5" not in text and "**Table 10" in text
+    assert "**Table 5" not in text and "Rendered with no results yet: Table 5" in text and "**Table 10" in text
     decimals = sweep("table10").decimals
     assert f"| TRIS | {0.0165:.{decimals}f} ± " in text and "| row | seconds_per_sample |" in text
     rows = sweep("table2").rows
