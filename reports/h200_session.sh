@@ -84,6 +84,9 @@
 # and N=12 with fewer TABLE_JOBS, whose time is not measured yet. poll lists the cells started and not stored, with
 # their epochs so far.
 #
+# The records' code_version: the device copy's git is the session's base commit, so after commits here a
+# sitting records "<base>+dirty"; from a clean tree, prefix the command with EHIN_CODE_VERSION=<git rev-parse
+# --short=10 HEAD, typed here> (bench.store.code_version reads it first; session 41's 8 records lack it).
 # Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
 # device README's pip download command (--python-version 3.12, manylinux platforms) into .whl/:
 # open_clip_torch==3.3.0 pycocotools==2.0.11 optuna==5.0.0 submitit==1.5.4 ftfy wcwidth alembic sqlalchemy
