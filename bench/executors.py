@@ -170,17 +170,22 @@ def dispatch(
     `compile_group(spec)` -> (group, marker) or None: locally, on a host with a GPU, the first cell of
     each group starts alone and the group's other cells wait until it writes `marker` (its first training
     step: torch.compile has then filled inductor's cache on this host's disk for the others to read; cells
-    compiling one graph at once all miss that cache), ends, or `compile_wait_s` passes.
+    compiling one graph at once all miss that cache) or `compile_wait_s` passes; a first cell that ends
+    without writing it (it failed before a step) passes the lead to the group's next cell.
 
     `shared_training(spec)` -> (the training it makes or None, the trainings it needs): locally, a
     cell that needs a model another cell of this dispatch trains (Table 2's other splits and Stage-2 cells,
     bench.run.share_trainings) waits, without taking a slot, until that cell ends, and then runs before
     every cell still queued: the model it reads lives only on this machine (a GPU lent for a sitting is
-    gone with it, and a later sitting would train that model again).
+    gone with it, and a later sitting would train that model again). A needed training that no cell of
+    this dispatch makes (its maker's record is stored, its folder is not here) is made by the first cell
+    that needs it, a Stage-1 one first, while the others wait likewise. When a shared training fails, the
+    cells that need it fail unstarted instead of each training it again.
 
     `start_within_s`: inline or local, no spec starts later than this many seconds after the dispatch
-    began; the ones not started get no outcome (a sweep shows them pending, and the same command runs
-    them). A machine lent for a known time loses every cell still running when it goes, and cells
+    began (locally, a cell that only evaluates a model whose training started in this dispatch still
+    does: a short evaluation, without which that model is lost with the machine); the ones not started get no outcome (a
+    sweep shows them pending, and the same command runs them). A machine lent for a known time loses every cell still running when it goes, and cells
     started late also slow the ones already running; so a sitting starts its cells early and lets them
     end."""
     if executor not in EXECUTORS:
@@ -267,6 +272,13 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
         if shared.get(id(spec), (None, ()))[0] is not None:
             training.setdefault(shared[id(spec)][0], spec)
     needs = {id(spec): shared.get(id(spec), (None, ()))[1] for spec in specs}
+    # A training no queued cell makes (its maker is stored, its folder is not on this machine: a later sitting)
+    # is made by the first cell that needs it, a Stage-1 evaluation before a Stage-2 chain; the others wait for
+    # it without holding a slot (they would queue on the training's lock, each in a slot, for a whole training).
+    for spec in sorted(specs, key=lambda s: getattr(s, "stage", None) != "1"):
+        for key in needs[id(spec)]:
+            training.setdefault(key, spec)
+    made_here = set(training)  # the trainings this dispatch makes: cells that only evaluate them may start late
     running: list[tuple[submitit.Job, Any, float]] = []
     outcomes: list[Outcome] = []
     compiling: dict[Hashable, tuple[submitit.Job, Path, float]] = {}  # group -> its first cell, marker, start
@@ -274,11 +286,19 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
     # LocalExecutor starts every submitted job at once, so keep at most `jobs` in flight.
     while queue or running:
         if queue and deadline is not None and time.time() > deadline:
-            _not_started(view, len(queue))
-            queue = []
+            # past --start-within, a cell that only evaluates a model trained in this sitting still runs (a short
+            # evaluation; else the model goes with the machine and a later sitting trains it again)
+            started = [s for _, s, _ in running]
+            late = [item for item in queue if shared.get(id(item[0]), (None, ()))[0] is None and needs.get(id(item[0]))
+                    and all(k in made_here and (k not in training or any(training[k] is s for s in started))
+                            for k in needs[id(item[0])])]
+            _not_started(view, len(queue) - len(late))
+            queue = late
         for group, (job, marker, t0) in list(compiling.items()):
-            if marker.exists() or job.done() or time.time() - t0 > compile_wait_s:
+            if marker.exists() or time.time() - t0 > compile_wait_s:
                 compiled.add(group)
+                del compiling[group]
+            elif job.done():  # ended without a step (failed, or nothing left to train): the next cell leads
                 del compiling[group]
         i = 0
         while i < len(queue) and len(running) < max(1, jobs):
@@ -286,7 +306,8 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
             if found is not None and found[0] in compiling:  # its graph is compiling in another cell: wait
                 i += 1
                 continue
-            if any(k in training for k in needs.get(id(queue[i][0]), ())):  # a model it needs is being trained: wait
+            if any(k in training and training[k] is not queue[i][0] for k in needs.get(id(queue[i][0]), ())):
+                # a model it needs is being trained, or is about to be by another cell: wait
                 i += 1
                 continue
             spec = queue.pop(i)[0]
@@ -303,15 +324,39 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
         before = running
         running = _harvest(running, outcomes, runner, view, on_outcome)
         for _, spec, _ in before:
-            made = shared.get(id(spec), (None, ()))[0]
-            if made is not None and training.get(made) is spec and all(s is not spec for _, s, _ in running):
-                del training[made]  # the cells that need it go first
-                queue.sort(key=lambda item: made not in needs.get(id(item[0]), ()))
+            if any(s is spec for _, s, _ in running):
+                continue
+            for made in [k for k, maker in training.items() if maker is spec]:
+                del training[made]
+                if not next(o.ok for o in reversed(outcomes) if o.spec is spec):
+                    # the cells that need it would train it again, each failing as it did: they fail unstarted
+                    # (rerunning the command retries them with it)
+                    queue = _fail_dependents(queue, made, needs, spec, runner, view, outcomes, on_outcome)
+                else:  # the cells that need it go first
+                    queue.sort(key=lambda item, made=made: made not in needs.get(id(item[0]), ()))
         view.update(sum(o.ok for o in outcomes), len(running), sum(not o.ok for o in outcomes))
         if running:
             time.sleep(poll_s)
     view.note("")
     return outcomes
+
+
+def _fail_dependents(queue: list, made: str, needs: dict, maker, runner: Runner, view: LiveView,
+                     outcomes: list[Outcome], on_outcome) -> list:
+    """Fail, without starting them, the queued cells that need the training `made`, whose maker failed; returns
+    the rest of the queue."""
+    rest = []
+    for item in queue:
+        spec = item[0]
+        if made not in needs.get(id(spec), ()):
+            rest.append(item)
+            continue
+        outcome = Outcome(spec, False, 0.0, error=f"not started: the training it needs failed in {runner.label(maker)}")
+        view.failed(runner.label(spec), outcome)
+        outcomes.append(outcome)
+        if on_outcome:
+            on_outcome(outcome)
+    return rest
 
 
 def _run_slurm(specs, runner: Runner, view: LiveView, opts: SlurmOptions, folder, poll_s,
