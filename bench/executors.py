@@ -184,10 +184,10 @@ def dispatch(
 
     `start_within_s`: inline or local, no spec starts later than this many seconds after the dispatch
     began (locally, a cell that only evaluates a model whose training started in this dispatch still
-    does: a short evaluation, without which that model is lost with the machine); the ones not started get no outcome (a
-    sweep shows them pending, and the same command runs them). A machine lent for a known time loses every cell still running when it goes, and cells
-    started late also slow the ones already running; so a sitting starts its cells early and lets them
-    end."""
+    does: a short evaluation, without which that model is lost with the machine); the ones not started
+    get no outcome (a sweep shows them pending, and the same command runs them). A machine lent for a
+    known time loses every cell still running when it goes, and cells started late also slow the ones
+    already running; so a sitting starts its cells early and lets them end."""
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
     if start_within_s is not None and executor == "slurm":
@@ -267,11 +267,12 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
     submitted = 0
     queue = [(spec, group_of(spec) if group_of else None) for spec in specs]  # each spec's group, found once
     shared = {id(spec): shared_training(spec) for spec in specs} if shared_training else {}
+    makes = {id(spec): shared.get(id(spec), (None, ()))[0] for spec in specs}
+    needs = {id(spec): shared.get(id(spec), (None, ()))[1] for spec in specs}
     training = {}  # a training -> the cell that makes it, queued or running
     for spec in specs:
-        if shared.get(id(spec), (None, ()))[0] is not None:
-            training.setdefault(shared[id(spec)][0], spec)
-    needs = {id(spec): shared.get(id(spec), (None, ()))[1] for spec in specs}
+        if makes[id(spec)] is not None:
+            training.setdefault(makes[id(spec)], spec)
     # A training no queued cell makes (its maker is stored, its folder is not on this machine: a later sitting)
     # is made by the first cell that needs it, a Stage-1 evaluation before a Stage-2 chain; the others wait for
     # it without holding a slot (they would queue on the training's lock, each in a slot, for a whole training).
@@ -289,7 +290,7 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
             # past --start-within, a cell that only evaluates a model trained in this sitting still runs (a short
             # evaluation; else the model goes with the machine and a later sitting trains it again)
             started = [s for _, s, _ in running]
-            late = [item for item in queue if shared.get(id(item[0]), (None, ()))[0] is None and needs.get(id(item[0]))
+            late = [item for item in queue if makes[id(item[0])] is None and needs[id(item[0])]
                     and all(k in made_here and (k not in training or any(training[k] is s for s in started))
                             for k in needs[id(item[0])])]
             _not_started(view, len(queue) - len(late))
@@ -306,7 +307,7 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
             if found is not None and found[0] in compiling:  # its graph is compiling in another cell: wait
                 i += 1
                 continue
-            if any(k in training and training[k] is not queue[i][0] for k in needs.get(id(queue[i][0]), ())):
+            if any(k in training and training[k] is not queue[i][0] for k in needs[id(queue[i][0])]):
                 # a model it needs is being trained, or is about to be by another cell: wait
                 i += 1
                 continue

@@ -226,15 +226,15 @@ def fidelity_summary(v: dict, rows: list[dict], rows_file: str) -> dict:
             raise UserError(f"{rows_file}: the dataset {key[0]} ({key[1]}) is not the one the control's cells loaded")
         scenes_ok = {k: ok for k, ok in passes(row).items() if k in SCENE_KEYS}
         seeds = [c["pointm_by_seed"][k] for k in sorted(c["pointm_by_seed"], key=int)]
+        rerun = c.get("run_to_run") or {}
         out[name] = {
             "dataset": key[0], "split_by": key[1], "split": c["split"],
             **{k: row[k] for k in SCENE_KEYS}, **{k: row[k] for k in SCORER_KEYS},
             "language_blind": c["language_blind_pointm"], "expressions": c["evaluated"],
             "tris_like_seeds": seeds, "tris_like_mean": c.get("mean"), "tris_like_std": c.get("std"),
-            "run_to_run": (c.get("run_to_run") or {}).get("mean_abs"),
-            # of how many cells run twice (TESTBED §2.4: the same seeds), and the largest move
-            "run_to_run_cells": (c.get("run_to_run") or {}).get("cells"),
-            "run_to_run_max": (c.get("run_to_run") or {}).get("max_abs"),
+            # the mean move of a cell run twice, of how many (TESTBED §2.4: the same seeds), and the largest
+            "run_to_run": rerun.get("mean_abs"), "run_to_run_cells": rerun.get("cells"),
+            "run_to_run_max": rerun.get("max_abs"),
             "met": {"scenes": all(scenes_ok.values()), "scorer": all(scorer_passes(row).values()),
                     "control": c.get("control_met"), "power": c.get("std_met")},
         }
