@@ -39,10 +39,13 @@ def open_storage(storage: str, *, heartbeat_s: int, grace_s: int, max_retry: int
                         storage, heartbeat_interval=heartbeat_s, grace_period=grace_s,
                         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                             max_retry=max_retry))
-            except sqlalchemy.exc.IntegrityError:
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
                 # Two processes opening a new database at once both create Optuna's schema; the
-                # loser's insert of the schema version fails. The schema exists now: open it again.
-                if attempt == 4:
+                # loser's CREATE TABLE ("already exists") or insert of the schema version (IntegrityError)
+                # fails. The schema exists now: open it again. Other errors (a bad path) are the user's.
+                racing = isinstance(e, sqlalchemy.exc.IntegrityError) or any(
+                    s in str(e.orig) for s in ("already exists", "database is locked"))
+                if attempt == 4 or not racing:
                     raise
                 time.sleep(0.2 * (attempt + 1))
     from optuna.storages.journal import JournalFileBackend, JournalStorage
