@@ -123,6 +123,15 @@ def criteria_section(reports: Path, root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seeds_run(verdicts: dict) -> str:
+    """The seeds a verdicts file asked for, or "a–b of N" when some variant has fewer stored (a sitting cut short)."""
+    asked = verdicts["power"]["seeds"]
+    run = [r["seeds_run"] for r in verdicts["variants"] if "seeds_run" in r]
+    if not run or min(run) == asked:
+        return str(asked)
+    return f"{min(run)} of {asked}" if min(run) == max(run) else f"{min(run)}–{max(run)} of {asked}"
+
+
 def control_section(reports: Path, root: Path) -> str:
     files = sorted((reports / "testbed").glob("control-*.json"))
     if not files:
@@ -151,7 +160,7 @@ def control_section(reports: Path, root: Path) -> str:
         pooled = None if v.get("rows") else v["power"].get("pooled_std")
         reruns += [(f, v, r) for r in v["variants"] if r.get("run_to_run")]
         env = v.get("environment", {})
-        lines.append(f"| `{_rel(f, root)}` | {v['profile']}: {settings} | {v['power']['seeds']} | "
+        lines.append(f"| `{_rel(f, root)}` | {v['profile']}: {settings} | {_seeds_run(v)} | "
                      f"{env.get('device', '—')}, code {env.get('code_version', '—')} | " + " | ".join(margins)
                      + f" | {_f(pooled, '.2f')} |")
     if reruns:  # the same cells run twice (bench.testbed --rerun), with the rerun's own overrides if any

@@ -27,6 +27,10 @@ def test_each_section_reads_its_records(tmp_path):
     (reports / "testbed").mkdir(parents=True)
     (reports / "perf").mkdir()
     (reports / "testbed" / "control-x.json").write_text(json.dumps(_control([13.0, 30.0, 4.0, 2.6, -0.5])))
+    cut = _control([13.0, 30.0, 4.0, 2.6, -0.5], seeds=10)  # a sitting cut short: the seeds stored, not those asked
+    for r, n in zip(cut["variants"], (10, 7, 10, 10, 10)):
+        r.update(seeds_run=n, seeds_declared=10)
+    (reports / "testbed" / "control-w.json").write_text(json.dumps(cut))
     # A pilot of two variants, rerun in bf16: its margins go under their own variants' columns, its pooled std
     # (over two variants, not TESTBED's) is left out, and the paired rerun gets its own table.
     pilot = _control([35.3, 18.1], seeds=10, variants=("refcoco+", "referit"), rows=["refcoco+", "referit"],
@@ -58,6 +62,7 @@ def test_each_section_reads_its_records(tmp_path):
     assert "`clip.pt` ab; synth-refcoco:unc cd." in text
     assert ("| `reports/testbed/control-x.json` | gpu: synthetic.size=128 | 3 | NVIDIA H200, code abc | "
             "+13.0 | +30.0 | +4.0 | +2.6 | -0.5 | 2.50 |") in text
+    assert "| `reports/testbed/control-w.json` | gpu: synthetic.size=128 | 7–10 of 10 | NVIDIA H200, code abc |" in text
     assert ("| `reports/testbed/control-y.json` | gpu: synthetic.size=128; rerun with train.amp=True (pilot: refcoco+, "
             "referit) | 10 | NVIDIA H200, code abc | — | +35.3 | — | — | +18.1 | — |") in text
     assert "| `reports/testbed/control-y.json` | train.amp=True | refcoco+ | 10 | -1.96 | 5.60 | 16.94 | 6.39 | yes |" in text
