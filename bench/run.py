@@ -338,7 +338,7 @@ def add_start_within_arg(p: argparse.ArgumentParser) -> None:
                         "cell that only evaluates a model trained in this run, Table 2's other splits), and end when "
                         "the started ones have (a machine lent for a known time loses the cells still running when "
                         "it goes; make it longer than --compile-wait, which holds cells back); the cells not started "
-                        "stay pending for the same command (default: no limit)")
+                        "stay pending for the same command, and this one exits 3 (default: no limit)")
 
 
 def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: str = "local",
@@ -347,11 +347,12 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
                dry_run: bool = False, mps: bool = False, compile_wait_s: float = COMPILE_WAIT_S,
                run_cells: bool = True, start_within_s: float | None = None, ranks: int = 1) -> int:
     """Run the cells of `sweeps` missing from ROOT/store.jsonl as one queue, then render each table;
-    returns the exit status (1 when a cell failed). `mps`: the local cells run under NVIDIA's MPS
-    daemon (bench.mps). `compile_wait_s`: how long a compiled graph's other cells wait for its first
-    cell's first step (`bench.jobs.compile_group`; 0: they all start at once). `run_cells=False` renders
-    what is stored without running anything. `start_within_s`: no cell starts later than this many seconds
-    after the first (executors.dispatch). `ranks`: each trained cell's stage 1 (and stage 2) trains as one
+    returns the exit status (1 when a cell failed, else 3 when start_within_s left cells unstarted).
+    `mps`: the local cells run under NVIDIA's MPS daemon (bench.mps). `compile_wait_s`: how long a
+    compiled graph's other cells wait for its first cell's first step (`bench.jobs.compile_group`; 0: they
+    all start at once). `run_cells=False` renders what is stored without running anything.
+    `start_within_s`: no cell starts later than this many seconds after the first (executors.dispatch).
+    `ranks`: each trained cell's stage 1 (and stage 2) trains as one
     data-parallel job of that many processes (ehin.launch.train_stage)."""
     if start_within_s is not None and executor == "slurm":
         raise UserError("--start-within is for --executor local or inline (a SLURM array is queued at once: --slurm-time)")
@@ -413,6 +414,12 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
     if failed:
         print(f"{failed} cell(s) failed; rerun the same command to retry only those.", file=sys.stderr)
         return 1
+    # A script's `bench.run ... && next-step` must not read a sitting cut short by --start-within as complete.
+    unstarted = len(to_run) - len(outcomes) if run_cells else 0
+    if start_within_s is not None and unstarted > 0:
+        print(f"{unstarted} cell(s) not started before --start-within ran out; rerun the same command to run them "
+              "(exit 3).", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -209,7 +209,7 @@ _tasks)
       *) echo "unknown task $task"; false ;;
     esac
     rc=$?
-    echo "== $task ended $(date +%T), exit $rc"
+    echo "== $task ended $(date +%T), exit $rc"  # 3: --start-within left cells for the next sitting
   done
   touch /tmp/p/tasks.done  # poll's sign (the detached process may be nobody's child to reap)
   ;;

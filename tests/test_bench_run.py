@@ -359,10 +359,14 @@ def test_no_cell_starts_after_start_within_and_the_started_ones_end(tmp_path, ex
 
 def test_start_within_reaches_the_executor_and_slurm_refuses_it(tmp_path, dispatched, capsys):
     seen = dispatched
-    run_main(args("--no-render", "--start-within", "600", results=tmp_path / "res", reports=tmp_path / "rep"))
+    # The fake dispatch starts nothing: with a window, the cells left unstarted make the exit status 3 (not 0,
+    # which a script would read as complete); without one, an empty outcome list is not read as cells left.
+    assert run_main(args("--no-render", "--start-within", "600", results=tmp_path / "res",
+                         reports=tmp_path / "rep")) == 3
     assert seen["start_within_s"] == 600
+    assert "not started before --start-within ran out" in capsys.readouterr().err
     seen.clear()
-    run_main(args("--no-render", results=tmp_path / "res", reports=tmp_path / "rep"))
+    assert run_main(args("--no-render", results=tmp_path / "res", reports=tmp_path / "rep")) == 0
     assert seen["start_within_s"] is None
     with pytest.raises(SystemExit):
         run_main(args("--no-render", "--executor", "slurm", "--start-within", "60", results=tmp_path / "res",
