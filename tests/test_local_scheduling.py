@@ -136,6 +136,6 @@ def test_after_start_within_cells_that_only_evaluate_a_model_trained_here_still_
     log.mkdir()
     specs = leaders_first(ehin_refcoco)
     out = executors.dispatch(specs, "local", jobs=6, folder=tmp_path / "sub", poll_s=0.05,
-                             runner=SharedTrainer(str(log)), shared_training=shared_training, start_within_s=0.5)
+                             runner=SharedTrainer(str(log)), shared_training=shared_training, start_within_s=1.0)
     ran = {(s.stage, s.config["eval"]["split"]) for s in specs if _times(log, s)}
     assert ran == {("1", "val"), ("1", "testA"), ("1", "testB")} and all(o.ok for o in out)

@@ -23,6 +23,9 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 pytestmark = pytest.mark.slurm
 
 DEADLINE_S = 120
+# The node has the CI machine's 2 CPUs, and the other pytest worker's SLURM tests (the same cluster in CI)
+# may hold them: a job may wait this long in the queue before the deadlines below, which count from its start.
+QUEUE_S = 600
 
 
 def no_result_grace(job, seconds: int = 1):
@@ -36,6 +39,7 @@ def result_within(job, timeout: float = DEADLINE_S, *, tasks: bool = False):
     """job.result() (job.results(), every task's, with `tasks`) in a daemon thread; returns the value /
     re-raises its exception, or fails the test if it has not returned after `timeout` seconds."""
     box: dict = {}
+    wait_while_pending(job.job_id)
 
     def target():
         try:
@@ -79,6 +83,14 @@ def sacct_states(job_ids, timeout: float = 30) -> dict[str, str]:
 def squeue_state(job_id) -> str:
     return subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True,
                           text=True, check=False).stdout.strip()
+
+
+def wait_while_pending(job_id, timeout: float = QUEUE_S) -> None:
+    """Return once the job has left the queue (running, or already over); fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (state := squeue_state(job_id)) == "PENDING":
+        assert time.monotonic() < deadline, f"job {job_id} still pending after {timeout:.0f} s"
+        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -133,6 +145,7 @@ def test_hard_killed_job_fails_through_sacct(executor):
 
 def test_scancelled_job_fails_through_sacct(executor):
     job = no_result_grace(executor.submit(time.sleep, 300))
+    wait_while_pending(job.job_id)
     deadline = time.monotonic() + 60
     while (state := squeue_state(job.job_id)) != "RUNNING":
         assert time.monotonic() < deadline, f"job {job.job_id} never started: {state}"

@@ -25,7 +25,7 @@ import torch
 
 from bench.jobs import CellRunner, CellSpec
 from ehin.config import load_config
-from tests.test_slurm_cluster import result_within, sacct_states
+from tests.test_slurm_cluster import result_within, sacct_states, wait_while_pending
 
 pytestmark = pytest.mark.slurm
 
@@ -116,6 +116,7 @@ def uninterrupted(jobs_env, tmp_path_factory):
 def test_requeued_cell_resumes_and_ends_bit_identical(jobs_env, uninterrupted, tmp_path, how):
     spec = _spec(tmp_path, how)
     job = _executor(jobs_env, tmp_path).submit(CellRunner(), spec)
+    wait_while_pending(job.job_id)  # START_S counts from the job's start, not from a queue behind other tests
     deadline = time.monotonic() + START_S
     # The epoch's checkpoint, not its metrics line: the trainer writes the line first, and a requeue
     # between the two would find nothing to resume from (atomic rename: existing means complete).
