@@ -69,7 +69,10 @@ def test_two_local_workers_prune_and_report(tmp_path):
     space = tmp_path / "tiny.yaml"
     space.write_text(yaml.safe_dump({**SPACE, "enqueue_defaults": True}))
     t0 = time.time()
-    assert main(args(space, tmp_path, "--executor", "local", "--workers", "2", "--no-final", trials=10)) == 0
+    # --grace 30: nothing is killed here, and a worker stalled for 3 s on a loaded machine between its heartbeat's
+    # last beat and its tell would have its trial failed by the other worker
+    assert main(args(space, tmp_path, "--executor", "local", "--workers", "2", "--no-final", "--grace", "30",
+                     trials=10)) == 0
     print(f"10 trials, 2 local workers: {time.time() - t0:.1f}s")
     study = journal(tmp_path)
     n = states(study)
