@@ -44,13 +44,25 @@ def test_partial_last_line_is_skipped_and_repaired(tmp_path):
     assert store.finished_ids() == {"a", "b", "c"}
 
 
+def _lines(folder) -> int:
+    path = folder / "store.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
 def test_kill_never_corrupts(tmp_path):
     """SIGKILL writers at arbitrary moments: every complete line stays valid JSON and readable."""
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     for round_ in range(4):
         procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), f"w{round_}{k}"], env=env)
                  for k in range(2)]
-        time.sleep(0.6 + 0.1 * round_)
+        # Kill once the writers are writing (Python's start-up is slow on a loaded machine), at a moment that
+        # differs from round to round.
+        before = _lines(tmp_path)
+        deadline = time.monotonic() + 60
+        while _lines(tmp_path) < before + 3:
+            assert time.monotonic() < deadline, "the writers wrote nothing in 60 s"
+            time.sleep(0.02)
+        time.sleep(0.1 * round_)
         for p in procs:
             p.send_signal(signal.SIGKILL)
             p.wait()
