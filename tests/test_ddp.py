@@ -76,14 +76,24 @@ def _free_port() -> int:
 
 
 def _spawn(fn, *args, timeout: float = 300) -> None:
-    """Run fn(rank, port, *args) in WORLD processes; fail (not hang) if they are not done in time."""
-    ctx = mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
+    """Run fn(rank, port, *args) in WORLD processes; fail (not hang) if they are not done in time. The free
+    port is free when picked, not when rank 0 binds it seconds later (the other pytest worker's processes
+    may take it first): a bind that fails so is tried once more on another port."""
+    for attempt in range(2):
+        ctx = mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=False)
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=1):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    pytest.fail(f"the {WORLD} DDP processes did not finish within {timeout:.0f} s")
+            return
+        except mp.ProcessRaisedException as e:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail(f"the {WORLD} DDP processes did not finish within {timeout:.0f} s")
+            if attempt or "address already in use" not in str(e).lower():
+                raise
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
