@@ -2,7 +2,8 @@
 
 All three go through `dispatch`, which keeps a live view (done / running / failed / pending and
 an ETA) and never lets one failed cell stop the others: a failure is reported with its log path
-and the last line of its error, and the sweep goes on.
+and the last line of its error, and the sweep goes on. Local cells end with their run (Ctrl-C,
+SIGTERM, an error); SLURM's array tasks stay in the cluster's queue (scancel ends them).
 
 A job is a `Runner` called with one spec: `bench.jobs.CellRunner` for the cells of a sweep (the
 default), `bench.search.worker.SearchWorker` for the workers of a hyper-parameter search.
@@ -23,6 +24,7 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 import submitit
 
 from bench.jobs import CellRunner, DistributedTraining
+from ehin.cli import sigterm_unwinds
 
 EXECUTORS = ("inline", "local", "slurm")
 
@@ -201,8 +203,9 @@ def dispatch(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if executor == "local":
-        return _run_local(specs, runner, view or LiveView(len(specs), jobs), jobs, folder, poll_s, on_outcome,
-                          local_timeout_min, compile_group, compile_wait_s, shared_training, deadline)
+        with sigterm_unwinds():
+            return _run_local(specs, runner, view or LiveView(len(specs), jobs), jobs, folder, poll_s, on_outcome,
+                              local_timeout_min, compile_group, compile_wait_s, shared_training, deadline)
     opts = slurm or SlurmOptions()
     return _run_slurm(specs, runner, view or LiveView(len(specs), opts.array_parallelism), opts, folder, poll_s,
                       on_outcome)
@@ -285,61 +288,79 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
     compiling: dict[Hashable, tuple[submitit.Job, Path, float]] = {}  # group -> its first cell, marker, start
     compiled: set[Hashable] = set()
     # LocalExecutor starts every submitted job at once, so keep at most `jobs` in flight.
-    while queue or running:
-        if queue and deadline is not None and time.time() > deadline:
-            # past --start-within, a cell that only evaluates a model trained in this sitting still runs (a short
-            # evaluation; else the model goes with the machine and a later sitting trains it again)
-            started = [s for _, s, _ in running]
-            late = [item for item in queue if makes[id(item[0])] is None and needs[id(item[0])]
-                    and all(k in made_here and (k not in training or any(training[k] is s for s in started))
-                            for k in needs[id(item[0])])]
-            _not_started(view, len(queue) - len(late))
-            queue = late
-        for group, (job, marker, t0) in list(compiling.items()):
-            if marker.exists() or time.time() - t0 > compile_wait_s:
-                compiled.add(group)
-                del compiling[group]
-            elif job.done():  # ended without a step (failed, or nothing left to train): the next cell leads
-                del compiling[group]
-        i = 0
-        while i < len(queue) and len(running) < max(1, jobs):
-            found = queue[i][1]
-            if found is not None and found[0] in compiling:  # its graph is compiling in another cell: wait
-                i += 1
-                continue
-            if any(k in training and training[k] is not queue[i][0] for k in needs[id(queue[i][0])]):
-                # a model it needs is being trained, or is about to be by another cell: wait
-                i += 1
-                continue
-            spec = queue.pop(i)[0]
-            first = found is not None and found[0] not in compiled  # this cell compiles its group's graph
-            if first:
-                Path(found[1]).unlink(missing_ok=True)  # a marker of an earlier attempt says nothing of this cache
-            ex.update_parameters(**gpu_slot(submitted, n_gpus, (getattr(spec, "extra", None) or {}).get("ranks", 1)))
-            job = ex.submit(runner, spec)
-            view.submitted(job, runner.label(spec))
-            running.append((job, spec, time.time()))
-            submitted += 1
-            if first:
-                compiling[found[0]] = (job, Path(found[1]), time.time())
-        before = running
-        running = _harvest(running, outcomes, runner, view, on_outcome)
-        for _, spec, _ in before:
-            if any(s is spec for _, s, _ in running):
-                continue
-            for made in [k for k, maker in training.items() if maker is spec]:
-                del training[made]
-                if not next(o.ok for o in reversed(outcomes) if o.spec is spec):
-                    # the cells that need it would train it again, each failing as it did: they fail unstarted
-                    # (rerunning the command retries them with it)
-                    queue = _fail_dependents(queue, made, needs, spec, runner, view, outcomes, on_outcome)
-                else:  # the cells that need it go first
-                    queue.sort(key=lambda item, made=made: made not in needs.get(id(item[0]), ()))
-        view.update(sum(o.ok for o in outcomes), len(running), sum(not o.ok for o in outcomes))
-        if running:
-            time.sleep(poll_s)
+    # submitit's local jobs outlive their submitter, and a SIGTERM (a `timeout`, a `kill`) reaches this process
+    # alone (Ctrl-C reaches the whole process group): on any way out (dispatch turns SIGTERM into SystemExit) the
+    # running cells are cancelled, else they train on as orphans beside the cells a rerun starts in their folders.
+    try:
+        while queue or running:
+            if queue and deadline is not None and time.time() > deadline:
+                # past --start-within, a cell that only evaluates a model trained in this sitting still runs (a short
+                # evaluation; else the model goes with the machine and a later sitting trains it again)
+                started = [s for _, s, _ in running]
+                late = [item for item in queue if makes[id(item[0])] is None and needs[id(item[0])]
+                        and all(k in made_here and (k not in training or any(training[k] is s for s in started))
+                                for k in needs[id(item[0])])]
+                _not_started(view, len(queue) - len(late))
+                queue = late
+            for group, (job, marker, t0) in list(compiling.items()):
+                if marker.exists() or time.time() - t0 > compile_wait_s:
+                    compiled.add(group)
+                    del compiling[group]
+                elif job.done():  # ended without a step (failed, or nothing left to train): the next cell leads
+                    del compiling[group]
+            i = 0
+            while i < len(queue) and len(running) < max(1, jobs):
+                found = queue[i][1]
+                if found is not None and found[0] in compiling:  # its graph is compiling in another cell: wait
+                    i += 1
+                    continue
+                if any(k in training and training[k] is not queue[i][0] for k in needs[id(queue[i][0])]):
+                    # a model it needs is being trained, or is about to be by another cell: wait
+                    i += 1
+                    continue
+                spec = queue.pop(i)[0]
+                first = found is not None and found[0] not in compiled  # this cell compiles its group's graph
+                if first:
+                    Path(found[1]).unlink(missing_ok=True)  # a marker of an earlier attempt says nothing of this cache
+                ranks = (getattr(spec, "extra", None) or {}).get("ranks", 1)
+                ex.update_parameters(**gpu_slot(submitted, n_gpus, ranks))
+                job = ex.submit(runner, spec)
+                view.submitted(job, runner.label(spec))
+                running.append((job, spec, time.time()))
+                submitted += 1
+                if first:
+                    compiling[found[0]] = (job, Path(found[1]), time.time())
+            before = running
+            running = _harvest(running, outcomes, runner, view, on_outcome)
+            for _, spec, _ in before:
+                if any(s is spec for _, s, _ in running):
+                    continue
+                for made in [k for k, maker in training.items() if maker is spec]:
+                    del training[made]
+                    if not next(o.ok for o in reversed(outcomes) if o.spec is spec):
+                        # the cells that need it would train it again, each failing as it did: they fail unstarted
+                        # (rerunning the command retries them with it)
+                        queue = _fail_dependents(queue, made, needs, spec, runner, view, outcomes, on_outcome)
+                    else:  # the cells that need it go first
+                        queue.sort(key=lambda item, made=made: made not in needs.get(id(item[0]), ()))
+            view.update(sum(o.ok for o in outcomes), len(running), sum(not o.ok for o in outcomes))
+            if running:
+                time.sleep(poll_s)
+    except BaseException:
+        _cancel(running)
+        raise
     view.note("")
     return outcomes
+
+
+def _cancel(running: list, wait_s: float = 30) -> None:
+    """Cancel the running local jobs (submitit: SIGINT to each controller, which interrupts, then kills, its
+    task) and wait until they have ended, so that what outlives them (an MPS daemon) can go."""
+    for job, _, _ in running:
+        job.cancel(check=False)
+    deadline = time.time() + wait_s
+    while any(not job.done() for job, _, _ in running) and time.time() < deadline:
+        time.sleep(0.1)
 
 
 def _fail_dependents(queue: list, made: str, needs: dict, maker, runner: Runner, view: LiveView,

@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ehin.cli import UserError
+from ehin.cli import UserError, sigterm_unwinds
 
 CONTROL = "nvidia-cuda-mps-control"
 ENV_KEYS = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
@@ -58,14 +56,6 @@ def mps_control() -> str:
     return control
 
 
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _exit_on_term(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 @contextmanager
 def mps_daemon() -> Iterator[Path]:
     """Run the block with a private MPS daemon serving the processes it starts; yields its folder."""
@@ -77,15 +67,13 @@ def mps_daemon() -> Iterator[Path]:
     saved = {k: os.environ.get(k) for k in ENV_KEYS}
     os.environ.update(env)
     # A SIGTERM (timeout, scancel) would end the process without `finally` and leave the daemon running.
-    on_term = signal.signal(signal.SIGTERM, _exit_on_term) if _main_thread() else None
     try:
-        subprocess.run([control, "-d"], stdin=subprocess.DEVNULL, check=True)
-        print(f"MPS daemon started ({folder}); the cells share the GPU's context", flush=True)
-        yield folder
+        with sigterm_unwinds():
+            subprocess.run([control, "-d"], stdin=subprocess.DEVNULL, check=True)
+            print(f"MPS daemon started ({folder}); the cells share the GPU's context", flush=True)
+            yield folder
     finally:
         subprocess.run([control], input="quit\n", text=True, timeout=60, check=False)
-        if on_term is not None:
-            signal.signal(signal.SIGTERM, on_term)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -16,8 +16,11 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import signal
 import sys
-from typing import Callable, Sequence, TypeVar
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence, TypeVar
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -82,3 +85,23 @@ def _message(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror and e.filename:  # "[Errno 2] No such file ..." -> plain words
         return f"{e.strerror}: {e.filename}"
     return str(e).strip() or type(e).__name__
+
+
+def _exit_on_term(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block SIGTERM (a `timeout`, a `kill`, a lent machine's end) raises SystemExit(143), so the
+    block's `finally`s and `except BaseException`s run: what it started (an MPS daemon, child processes) is
+    ended, not left behind. Only in the main thread, where Python handles signals; the handler before is
+    put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _exit_on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)

@@ -12,6 +12,8 @@ import pytest
 from bench.run import main as run_main
 from bench.store import ResultStore
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # Seconds per cell: random-weight tiny CLIP, 60 scenes, 1 epoch, 1 thread (numerics independent of cores).
 TINY = ["backbone.pretrained=null", "synthetic.images=60", "train.epochs=1", "eval.max_items=40",
         "train.threads=1", "model.hidden_dim=32"]
@@ -474,3 +476,48 @@ def test_a_table_rendered_elsewhere_reads_the_committed_testbed_verdicts(tmp_pat
     own.parent.mkdir()
     own.write_text("{}")
     assert testbed_verdicts(tmp_path) == own
+
+
+class _PidRunner(_StampingRunner):
+    """spec = (name, folder): writes NAME.pid with its process id, then sleeps a minute."""
+
+    def __call__(self, spec):
+        name, folder = spec
+        Path(folder, f"{name}.pid").write_text(str(os.getpid()))
+        time.sleep(60)
+        return {"name": name}
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (nobody left to reap it) has ended
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_terminated_local_run_ends_its_cells(tmp_path):
+    """SIGTERM (a `timeout`, a `kill`) reaches bench.run's process only, and submitit's local jobs outlive
+    their submitter: the cells trained on as orphans, beside the ones a rerun starts in the same folders.
+    Now the dispatch cancels its running cells on the way out."""
+    script = ("import sys; from bench import executors; from tests.test_bench_run import _PidRunner\n"
+              "specs = [(n, sys.argv[1]) for n in 'ab']\n"
+              "executors.dispatch(specs, 'local', jobs=2, folder=sys.argv[1] + '/sub', poll_s=0.05, "
+              "runner=_PidRunner())\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("*.pid"))) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, "the cells never started"
+        time.sleep(0.1)
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) != 0
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        assert not any(_alive(p) for p in pids), "the cells outlived the run"
+    finally:
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
