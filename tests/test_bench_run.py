@@ -331,12 +331,14 @@ def test_compile_wait_reaches_the_executor_and_zero_turns_the_groups_off(tmp_pat
 
 
 class _SleepingRunner(_StampingRunner):
-    """spec = (name, folder): writes NAME.start and takes 1.5 s."""
+    """spec = (name, folder): writes NAME.start (the time) and NAME.pid (its process), and takes `seconds`."""
+    seconds = 1.5
 
     def __call__(self, spec):
         name, folder = spec
         Path(folder, f"{name}.start").write_text(str(time.time()))
-        time.sleep(1.5)
+        Path(folder, f"{name}.pid").write_text(str(os.getpid()))
+        time.sleep(self.seconds)
         return {"name": name}
 
 
@@ -478,14 +480,8 @@ def test_a_table_rendered_elsewhere_reads_the_committed_testbed_verdicts(tmp_pat
     assert testbed_verdicts(tmp_path) == own
 
 
-class _PidRunner(_StampingRunner):
-    """spec = (name, folder): writes NAME.pid with its process id, then sleeps a minute."""
-
-    def __call__(self, spec):
-        name, folder = spec
-        Path(folder, f"{name}.pid").write_text(str(os.getpid()))
-        time.sleep(60)
-        return {"name": name}
+class _MinuteRunner(_SleepingRunner):
+    seconds = 60
 
 
 def _alive(pid: int) -> bool:
@@ -499,10 +495,10 @@ def test_a_terminated_local_run_ends_its_cells(tmp_path):
     """SIGTERM (a `timeout`, a `kill`) reaches bench.run's process only, and submitit's local jobs outlive
     their submitter: the cells trained on as orphans, beside the ones a rerun starts in the same folders.
     Now the dispatch cancels its running cells on the way out."""
-    script = ("import sys; from bench import executors; from tests.test_bench_run import _PidRunner\n"
+    script = ("import sys; from bench import executors; from tests.test_bench_run import _MinuteRunner\n"
               "specs = [(n, sys.argv[1]) for n in 'ab']\n"
               "executors.dispatch(specs, 'local', jobs=2, folder=sys.argv[1] + '/sub', poll_s=0.05, "
-              "runner=_PidRunner())\n")
+              "runner=_MinuteRunner())\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
     deadline = time.monotonic() + 120
