@@ -288,9 +288,9 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
     compiling: dict[Hashable, tuple[submitit.Job, Path, float]] = {}  # group -> its first cell, marker, start
     compiled: set[Hashable] = set()
     # LocalExecutor starts every submitted job at once, so keep at most `jobs` in flight.
-    # submitit's local jobs outlive their submitter, and a SIGTERM (a `timeout`, a `kill`) reaches this process
-    # alone (Ctrl-C reaches the whole process group): on any way out (dispatch turns SIGTERM into SystemExit) the
-    # running cells are cancelled, else they train on as orphans beside the cells a rerun starts in their folders.
+    # submitit's local jobs outlive their submitter, and a `kill` reaches this process alone: on any way out
+    # (dispatch turns SIGTERM into SystemExit) the running cells are ended (_end_cells), else they train on as
+    # orphans beside the cells a rerun starts in their folders.
     try:
         while queue or running:
             if queue and deadline is not None and time.time() > deadline:
@@ -347,20 +347,36 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
             if running:
                 time.sleep(poll_s)
     except BaseException:
-        _cancel(running)
+        _end_cells(running)
         raise
     view.note("")
     return outcomes
 
 
-def _cancel(running: list, wait_s: float = 30) -> None:
-    """Cancel the running local jobs (submitit: SIGINT to each controller, which interrupts, then kills, its
-    task) and wait until they have ended, so that what outlives them (an MPS daemon) can go."""
-    for job, _, _ in running:
-        job.cancel(check=False)
-    deadline = time.time() + wait_s
-    while any(not job.done() for job, _, _ in running) and time.time() < deadline:
-        time.sleep(0.1)
+def _end_cells(running: list, grace_s: float = 5, wait_s: float = 30) -> None:
+    """End the running local jobs and wait until they have, so that what outlives them (an MPS daemon) can go.
+    Ctrl-C reached the controllers too (the process group): a controller given SIGINT ends its task (SIGINT,
+    then SIGKILL a second later), and a second SIGINT would cut that short, so the jobs get `grace_s` to end
+    by themselves first. Those still running are then cancelled (submitit: SIGINT to the controller), as
+    after a SIGTERM, which a submitit task ignores even where it reaches it (`timeout` signals the whole
+    group). Meanwhile a further SIGTERM is ignored: leaving now would leave the cells."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main else None
+    try:
+        for seconds, cancel in ((grace_s, False), (wait_s, True)):
+            if cancel:
+                for job, _, _ in running:
+                    if not job.done():
+                        job.cancel(check=False)
+            deadline = time.time() + seconds
+            while any(not job.done() for job, _, _ in running) and time.time() < deadline:
+                time.sleep(0.1)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
 def _fail_dependents(queue: list, made: str, needs: dict, maker, runner: Runner, view: LiveView,

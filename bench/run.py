@@ -411,12 +411,14 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
             print(f"  rendered into {out}/")
         if Path(reports).resolve() == PROJECT_REPORTS and (PROJECT_REPORTS.parent / "README.md").is_file():
             refresh_views(PROJECT_REPORTS)
-    if failed:
-        print(f"{failed} cell(s) failed; rerun the same command to retry only those.", file=sys.stderr)
-        return 1
     # A script's `bench.run ... && next-step` must not read a sitting cut short by --start-within as complete.
-    unstarted = len(to_run) - len(outcomes) if run_cells else 0
-    if start_within_s is not None and unstarted > 0:
+    unstarted = len(to_run) - len(outcomes) if run_cells and start_within_s is not None else 0
+    if failed:
+        print(f"{failed} cell(s) failed" + (f" and {unstarted} were not started before --start-within ran out"
+                                           if unstarted else "")
+              + "; rerun the same command to run only those.", file=sys.stderr)
+        return 1
+    if unstarted:
         print(f"{unstarted} cell(s) not started before --start-within ran out; rerun the same command to run them "
               "(exit 3).", file=sys.stderr)
         return 3

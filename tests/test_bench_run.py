@@ -345,7 +345,8 @@ class _SleepingRunner(_StampingRunner):
 @pytest.mark.parametrize("executor", ["inline", "local"])
 def test_no_cell_starts_after_start_within_and_the_started_ones_end(tmp_path, executor):
     """--start-within: with one slot and cells of 1.5 s, a window of 1 s (not less: dispatch may take a moment to
-    begin on a loaded machine) starts the first cell only; it runs to its end, and the others get no outcome (a sweep shows them pending) and never start."""
+    begin on a loaded machine) starts the first cell only; it runs to its end, and the others get no outcome (a
+    sweep shows them pending) and never start."""
     from bench import executors
 
     specs = [(name, str(tmp_path)) for name in "abc"]
@@ -376,6 +377,17 @@ def test_start_within_reaches_the_executor_and_slurm_refuses_it(tmp_path, dispat
         run_main(args("--no-render", "--executor", "slurm", "--start-within", "60", results=tmp_path / "res",
                       reports=tmp_path / "rep"))
     assert "--start-within is for --executor local or inline" in capsys.readouterr().err
+
+
+def test_a_failed_cell_and_cells_not_started_exit_1_naming_both(tmp_path, monkeypatch, capsys):
+    from bench import run as run_module
+    from bench.executors import Outcome
+
+    monkeypatch.setattr(run_module, "dispatch", lambda specs, executor, **kw: [Outcome(specs[0], False, 1.0)])
+    assert run_main(args("--no-render", "--start-within", "60", results=tmp_path / "res",
+                         reports=tmp_path / "rep")) == 1
+    err = capsys.readouterr().err
+    assert "1 cell(s) failed and 1 were not started before --start-within ran out; rerun the same command" in err
 
 
 def test_dry_run_names_a_started_cell_with_its_epochs(tmp_path):
@@ -480,8 +492,13 @@ def test_a_table_rendered_elsewhere_reads_the_committed_testbed_verdicts(tmp_pat
     assert testbed_verdicts(tmp_path) == own
 
 
-class _MinuteRunner(_SleepingRunner):
+class _StubbornRunner(_SleepingRunner):
+    """A minute long, and deaf to SIGINT (a cell stuck in a blocking call): only a SIGKILL ends it."""
     seconds = 60
+
+    def __call__(self, spec):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return super().__call__(spec)
 
 
 def _alive(pid: int) -> bool:
@@ -491,14 +508,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_terminated_local_run_ends_its_cells(tmp_path):
-    """SIGTERM (a `timeout`, a `kill`) reaches bench.run's process only, and submitit's local jobs outlive
-    their submitter: the cells trained on as orphans, beside the ones a rerun starts in the same folders.
-    Now the dispatch cancels its running cells on the way out."""
-    script = ("import sys; from bench import executors; from tests.test_bench_run import _MinuteRunner\n"
+@pytest.mark.parametrize("how", ["SIGTERM to the run", "Ctrl-C"])
+def test_a_terminated_local_run_ends_its_cells(tmp_path, how):
+    """submitit's local jobs outlive their submitter. A SIGTERM (a `kill`) reaches bench.run's process alone:
+    the cells trained on as orphans, beside the ones a rerun starts in the same folders; now the dispatch ends
+    them on its way out. Ctrl-C reaches the process group, whose controllers end their cells themselves (SIGINT,
+    then SIGKILL): the dispatch must not cut that short. The cells here ignore SIGINT, so only the SIGKILL ends
+    them."""
+    script = ("import sys; from bench import executors; from tests.test_bench_run import _StubbornRunner\n"
               "specs = [(n, sys.argv[1]) for n in 'ab']\n"
               "executors.dispatch(specs, 'local', jobs=2, folder=sys.argv[1] + '/sub', poll_s=0.05, "
-              "runner=_MinuteRunner())\n")
+              "runner=_StubbornRunner())\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -506,8 +526,11 @@ def test_a_terminated_local_run_ends_its_cells(tmp_path):
         assert time.monotonic() < deadline and proc.poll() is None, "the cells never started"
         time.sleep(0.1)
     pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) != 0
+    if how == "Ctrl-C":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(90) != 0
     deadline = time.monotonic() + 30
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)

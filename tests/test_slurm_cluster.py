@@ -88,8 +88,10 @@ def squeue_state(job_id) -> str:
 def wait_while_pending(job_id, timeout: float = QUEUE_S) -> None:
     """Return once the job has left the queue (running, or already over); fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while (state := squeue_state(job_id)) == "PENDING":
-        assert time.monotonic() < deadline, f"job {job_id} still pending after {timeout:.0f} s"
+    while squeue_state(job_id) == "PENDING":
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", str(job_id)], check=False)  # not left queued for the tests after
+            pytest.fail(f"job {job_id} still pending after {timeout:.0f} s")
         time.sleep(0.2)
 
 
