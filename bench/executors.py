@@ -14,7 +14,9 @@ default), `bench.search.worker.SearchWorker` for the workers of a hyper-paramete
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -360,9 +362,6 @@ def _end_cells(running: list, grace_s: float = 5, wait_s: float = 30) -> None:
     by themselves first. Those still running are then cancelled (submitit: SIGINT to the controller), as
     after a SIGTERM, which a submitit task ignores even where it reaches it (`timeout` signals the whole
     group). Meanwhile a further SIGTERM is ignored: leaving now would leave the cells."""
-    import signal
-    import threading
-
     main = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main else None
     try:

@@ -352,8 +352,8 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
     compiled graph's other cells wait for its first cell's first step (`bench.jobs.compile_group`; 0: they
     all start at once). `run_cells=False` renders what is stored without running anything.
     `start_within_s`: no cell starts later than this many seconds after the first (executors.dispatch).
-    `ranks`: each trained cell's stage 1 (and stage 2) trains as one
-    data-parallel job of that many processes (ehin.launch.train_stage)."""
+    `ranks`: each trained cell's stage 1 (and stage 2) trains as one data-parallel job of that many
+    processes (ehin.launch.train_stage)."""
     if start_within_s is not None and executor == "slurm":
         raise UserError("--start-within is for --executor local or inline (a SLURM array is queued at once: --slurm-time)")
     if mps and executor != "local":
