@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 import submitit
 
 from bench.jobs import CellRunner, DistributedTraining
-from ehin.cli import sigterm_unwinds
+from ehin.cli import on_sigterm, sigterm_unwinds
 
 EXECUTORS = ("inline", "local", "slurm")
 
@@ -362,9 +361,7 @@ def _end_cells(running: list, grace_s: float = 5, wait_s: float = 30) -> None:
     by themselves first. Those still running are then cancelled (submitit: SIGINT to the controller), as
     after a SIGTERM, which a submitit task ignores even where it reaches it (`timeout` signals the whole
     group). Meanwhile a further SIGTERM is ignored: leaving now would leave the cells."""
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main else None
-    try:
+    with on_sigterm(signal.SIG_IGN):
         for seconds, cancel in ((grace_s, False), (wait_s, True)):
             if cancel:
                 for job, _, _ in running:
@@ -373,9 +370,6 @@ def _end_cells(running: list, grace_s: float = 5, wait_s: float = 30) -> None:
             deadline = time.time() + seconds
             while any(not job.done() for job, _, _ in running) and time.time() < deadline:
                 time.sleep(0.1)
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
 def _fail_dependents(queue: list, made: str, needs: dict, maker, runner: Runner, view: LiveView,

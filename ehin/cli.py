@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Callable, Iterator, Sequence, TypeVar
 
 EXIT_USER_ERROR = 2
@@ -92,16 +92,21 @@ def _exit_on_term(signum, frame) -> None:
 
 
 @contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """Within the block SIGTERM (a `timeout`, a `kill`, a lent machine's end) raises SystemExit(143), so the
-    block's `finally`s and `except BaseException`s run: what it started (an MPS daemon, child processes) is
-    ended, not left behind. Only in the main thread, where Python handles signals; the handler before is
-    put back after."""
+def on_sigterm(handler) -> Iterator[None]:
+    """Within the block SIGTERM goes to `handler` (a function, or signal.SIG_IGN); the handler before is put
+    back after. Only in the main thread, where Python handles signals; elsewhere the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.signal(signal.SIGTERM, _exit_on_term)
+    before = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
+def sigterm_unwinds() -> AbstractContextManager[None]:
+    """Within the block SIGTERM (a `timeout`, a `kill`, a lent machine's end) raises SystemExit(143), so the
+    block's `finally`s and `except BaseException`s run: what it started (an MPS daemon, child processes) is
+    ended, not left behind."""
+    return on_sigterm(_exit_on_term)
