@@ -35,7 +35,9 @@
 #            stage 2, so it has its own task -> reports/gpu/store/
 #   table2   Table 2 alone, TABLE2_JOBS cells at once (default 6): a Stage-2 chain trains stage 1, labels its
 #            20,000 train refs with the dense CRF on the CPU (about 10 CPU-minutes a chain, session 22's note)
-#            and trains stage 2, all within the sitting or lost -> reports/gpu/store/
+#            and trains stage 2, all within the sitting or lost -> reports/gpu/store/; TABLE2_ROWS and
+#            TABLE2_SEEDS (bench.run --rows, --seeds) pick some, e.g. one chain to time first:
+#            TABLE2_SEEDS=1 TABLE2_ROWS="EHIN (Stage-1) | refcoco+_val,EHIN (Stage-2) | refcoco+_val,..."
 #   clip     session 21's pre-registered remedy (reports/testbed/README.md, last section): the control with
 #            train.grad_clip=1.0 on synth-refcoco+ and synth-refcocog (umd), seeds 0-9 (20 cells)
 #            -> reports/testbed/control-gpu-clip1/
@@ -188,7 +190,8 @@ _tasks)
       tables) python3 -m bench.run "$TABLES" --profile gpu ${TABLE_ROWS:+--rows "$TABLE_ROWS"} --jobs ${TABLE_JOBS:-14} \
                 "${PACKED[@]}" "${W[@]}" --results $G \
                 --reports /tmp/p/reports ;;
-      table2) python3 -m bench.run table2 --profile gpu --jobs ${TABLE2_JOBS:-6} "${PACKED[@]}" "${W[@]}" --results $G \
+      table2) python3 -m bench.run table2 --profile gpu ${TABLE2_ROWS:+--rows "$TABLE2_ROWS"} ${TABLE2_SEEDS:+--seeds $TABLE2_SEEDS} \
+                --jobs ${TABLE2_JOBS:-6} "${PACKED[@]}" "${W[@]}" --results $G \
                 --reports /tmp/p/reports ;;
       clip) python3 -m bench.testbed --profile gpu --seeds 10 --rows "refcoco+,refcocog (umd)" --set train.grad_clip=1.0 \
               --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" "${W[@]}" --name clip1 --out /tmp/p/rep ;;
