@@ -163,7 +163,11 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
   # cells only while a wave still has time to end before then (--start-within), and poll returns before it
   echo $(( t0 + ${SITTING_S:-1650} )) > /tmp/p/deadline
   touch /tmp/p/stamp  # what is newer goes back
-  printf 'TABLES=%q TABLE_ROWS=%q TABLE_JOBS=%q\n' "$TABLES" "${TABLE_ROWS:-}" "${TABLE_JOBS:-14}" > /tmp/p/tables.env
+  # what poll's listing of started cells names: the tables task's cells, or the table2 task's in a sitting without it
+  case " ${TASKS:-table10 tables} " in
+    *" tables "*) printf 'TABLES=%q TABLE_ROWS=%q TABLE_JOBS=%q SEEDS=\n' "$TABLES" "${TABLE_ROWS:-}" "${TABLE_JOBS:-14}" ;;
+    *) printf 'TABLES=table2 TABLE_ROWS=%q TABLE_JOBS=%q SEEDS=%q\n' "${TABLE2_ROWS:-}" "${TABLE2_JOBS:-6}" "${TABLE2_SEEDS:-}" ;;
+  esac > /tmp/p/tables.env
   rm -f /tmp/p/tasks.done
   # the tasks run from a copy of this tree: each device call copies the working tree here anew, and a module
   # imported while that copy is made is missing (session 26 lost its rerun and a table cell to
@@ -244,7 +248,7 @@ poll)
   if [ -d $G/runs ] && [ "$dry" -le 5 ]; then echo "cells started, not stored: not listed (${dry} s left in this call or before the machine goes)"
   elif [ -d $G/runs ]; then
     (. /tmp/p/tables.env && cd /tmp/p/src && PYTHONPATH=/tmp/site:/tmp/p/src timeout -k 2 $dry \
-      python3 -m bench.run "$TABLES" --profile gpu ${TABLE_ROWS:+--rows "$TABLE_ROWS"} --jobs $TABLE_JOBS \
+      python3 -m bench.run "$TABLES" --profile gpu ${TABLE_ROWS:+--rows "$TABLE_ROWS"} ${SEEDS:+--seeds $SEEDS} --jobs $TABLE_JOBS \
       "${PACKED[@]}" --results $G --dry-run > /tmp/p/dry.txt 2>&1; echo $? > /tmp/p/dry.rc)
     grep -a "\[started\|Error\|error:" /tmp/p/dry.txt | sed 's/^ */started, not stored: /'
     [ "$(cat /tmp/p/dry.rc)" = 124 ] && echo "cells started, not stored: the listing ran past its ${dry} s and is incomplete"
