@@ -271,10 +271,10 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
     submitted = 0
     queue = [(spec, group_of(spec) if group_of else None) for spec in specs]  # each spec's group, found once
     shared = {id(spec): shared_training(spec) for spec in specs} if shared_training else {}
-    makes = {id(spec): shared.get(id(spec), (None, ()))[0] for spec in specs}
-    needs = {id(spec): shared.get(id(spec), (None, ()))[1] for spec in specs}
+    makes, needs = {}, {}  # each spec's training it makes (or None) and those it needs, found once
     training = {}  # a training -> the cell that makes it, queued or running
     for spec in specs:
+        makes[id(spec)], needs[id(spec)] = shared.get(id(spec), (None, ()))
         if makes[id(spec)] is not None:
             training.setdefault(makes[id(spec)], spec)
     # A training no queued cell makes (its maker is stored, its folder is not on this machine: a later sitting)
@@ -343,7 +343,7 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
                         # (rerunning the command retries them with it)
                         queue = _fail_dependents(queue, made, needs, spec, runner, view, outcomes, on_outcome)
                     else:  # the cells that need it go first
-                        queue.sort(key=lambda item, made=made: made not in needs.get(id(item[0]), ()))
+                        queue.sort(key=lambda item, made=made: made not in needs[id(item[0])])
             view.update(sum(o.ok for o in outcomes), len(running), sum(not o.ok for o in outcomes))
             if running:
                 time.sleep(poll_s)
