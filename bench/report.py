@@ -268,6 +268,10 @@ def results_summary(reports: str | Path = "reports") -> str:
             short = c.get("n") is not None and c["n"] < len(info.get("seeds", []))
             return text + (f" ({c['n']} of {len(info['seeds'])} seeds)" if short else "")
 
+        # rows with no result in any column are named under the table, not listed as lines of dashes (Table 2
+        # fills its 40 rows over many sittings)
+        unrun = [r for r in rows if all(cell(r, c) == "–" for c in cols)]
+        rows = [r for r in rows if r not in unrun]
         rel = folder.relative_to(reports)
         parts.append(
             f"**{info.get('title', folder.name)}** (`reports/{rel}/`; profile {info.get('profile')}, seeds "
@@ -279,10 +283,20 @@ def results_summary(reports: str | Path = "reports") -> str:
             # a row may name its split after a '|' (Table 2): escaped, or it would open a column
             + "".join(f"| {r.replace('|', chr(92) + '|')} | " + " | ".join(cell(r, c) for c in cols) + " |\n"
                       for r in rows)
+            + _unrun_rows(unrun, len(rows) + len(unrun), f"reports/{rel}/table.md")
             + _below_language_blind(info))
     if empty:
         parts.append("Rendered with no results yet: " + "; ".join(empty) + ".\n")
     return "\n".join(parts) if parts else "Nothing rendered yet: run `python -m bench.run table5`.\n"
+
+
+def _unrun_rows(unrun: list[str], n_rows: int, table_md: str) -> str:
+    """A sentence under a table's rows naming those with no results yet (up to five; beyond, their count)."""
+    if not unrun:
+        return ""
+    if len(unrun) > 5:
+        return f"\n{len(unrun)} of {n_rows} rows have no results yet (`{table_md}` lists every row).\n"
+    return "\nNo results yet: " + "; ".join(unrun) + ".\n"
 
 
 def _below_language_blind(info: dict) -> str:

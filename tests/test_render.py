@@ -232,7 +232,8 @@ def test_results_summary_reads_the_rendered_cells(tmp_path):
     cells = json.loads((reports / "table5" / "cells.json").read_text())
     full = next(c for c in cells["cells"] if c["row"] == "bg+fg+cl" and c["metric"] == "point_mask")
     assert f"| bg+fg+cl | {full['mean']:.1f} ± {full['std']:.1f} |" in text
-    assert "| cl | – |" in text  # pending cells stay pending
+    # a row with no result in any column is named under the table, not listed as a line of dashes
+    assert "| cl |" not in text and "\nNo results yet: cl.\n" in text
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:begin (python -m bench.report) -->\nold\n<!-- results:end -->\nend\n")
     assert update_readme(readme, reports) and not update_readme(readme, reports)
@@ -261,6 +262,9 @@ def test_results_summary_names_unrun_tables_and_keeps_timings_and_split_rows(tmp
     write_tables(sweep("table2"), t2, reports / "table2", seeds=[0])
     line = next(x for x in results_summary(reports).splitlines() if x.startswith("| " + split_row.split("|")[0]))
     assert line == "| " + split_row.replace("|", "\\|") + " | 50.0 | 30.0 |"  # row, PointM, IoU: three cells
+    # its 39 other rows, none run, are counted rather than named
+    assert f"\n{len(rows) - 1} of {len(rows)} rows have no results yet (`reports/table2/table.md` lists every row).\n" \
+        in results_summary(reports)
 
 
 def test_the_readme_results_block_is_current():
