@@ -86,6 +86,9 @@ def test_speed_levers_leave_the_hash_alone():
                                                  "train.threads": 4, "data.num_workers": 2, "train.device": "cpu"})
     assert config_hash(cfg) == config_hash(fast) and config_hash(cfg, stage="1") == config_hash(fast, stage="1")
     assert config_hash(cfg) != config_hash(load_config(profile="gpu", overrides={"train.amp": True}))
+    # the CRF's processes too: a Stage-2 chain labels with as many as a machine has cores
+    assert config_hash(cfg) == config_hash(load_config(profile="gpu", overrides={"pseudo.workers": 14}))
+    assert config_hash(cfg) != config_hash(load_config(profile="gpu", overrides={"pseudo.crf_iterations": 5}))
 
 
 def test_compile_takes_torch_compiles_modes_only():
