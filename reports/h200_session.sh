@@ -33,11 +33,16 @@
 #            the machine), so a wave is about 21 min and ends about 5 minutes before the machine goes. Rows
 #            with more BP layers, K = 9 or small batches cost more; Table 2's chains add CPU pseudo-labels and
 #            stage 2, so it has its own task -> reports/gpu/store/
-#   table2   Table 2 alone, TABLE2_JOBS cells at once (default 6): a Stage-2 chain trains stage 1, labels its
-#            20,000 train refs with the dense CRF on the CPU (about 10 CPU-minutes a chain, session 22's note)
-#            and trains stage 2, all within the sitting or lost -> reports/gpu/store/; TABLE2_ROWS and
-#            TABLE2_SEEDS (bench.run --rows, --seeds) pick some, e.g. one chain to time first:
-#            TABLE2_SEEDS=1 TABLE2_ROWS="EHIN (Stage-1) | refcoco+_val,EHIN (Stage-2) | refcoco+_val,..."
+#   table2   Table 2 alone, TABLE2_JOBS cells at once (default 6): a Stage-2 chain trains stage 1 (or waits for
+#            its Stage-1 cell to), labels its 20,337 train refs with the dense CRF on the CPU in PSEUDO_WORKERS
+#            processes (default 12; pseudo.workers, not hashed) and trains stage 2, all within the sitting or
+#            lost -> reports/gpu/store/; TABLE2_ROWS and TABLE2_SEEDS (bench.run --rows, --seeds) pick some.
+#            Measured on an H100 (session 44, seed 0 of synth-refcoco+'s TRIS-like and EHIN rows, one chain
+#            each): stage 1, the two packed, 570 and 646 s a cell (26 and 30 s an epoch); the labels, 35 of 80
+#            chunks of 256 refs in 6 min 32 s with 2 processes a chain (11.5 s a chunk, both chains at once:
+#            about 16 min a chain) and 2.5 s a chunk with 14 (about 3.5 min); stage 2 not reached. A chain's
+#            Stage-2 cell starts when its stage 1 is done, so TABLE2_WAVE_S (default 660) is what labels and
+#            stage 2 need, not a wave (session 44's sitting, run with the tables' 1,320 s, started no Stage-2 cell)
 #   clip     session 21's pre-registered remedy (reports/testbed/README.md, last section): the control with
 #            train.grad_clip=1.0 on synth-refcoco+ and synth-refcocog (umd), seeds 0-9 (20 cells)
 #            -> reports/testbed/control-gpu-clip1/
@@ -68,9 +73,9 @@
 # (each 0.52 x its time in a wave of 14, so about 1.75 device-minutes a cell against 1.26). A start that remakes
 # the frozen CLIP takes about 210 s, one that carries it about 90. A cell still running when the machine goes is
 # lost, so a task starts cells only while a wave of them can still end (bench.run --start-within): TABLE_WAVE_S
-# (1320) for tables and table2, CONTROL_WAVE_S (1080) for the control's tasks (20 TRIS-like cells packed took 16
-# min 54 s in session 25, 25 took 19 min 19 s in session 21), TABLE10_WAVE_S (60) for Table 10's timing cells; a
-# task with no such time left is skipped.
+# (1320) for tables, TABLE2_WAVE_S (660) for table2's Stage-2 cells (above), CONTROL_WAVE_S (1080) for the
+# control's tasks (20 TRIS-like cells packed took 16 min 54 s in session 25, 25 took 19 min 19 s in session 21),
+# TABLE10_WAVE_S (60) for Table 10's timing cells; a task with no such time left is skipped.
 #
 # Waves of 14 by default (TABLE_JOBS, was 16) and polls of up to 580 s (LIMIT, was 560): a wave of 14 ends
 # within the two polls after `start`, one of 16 needs a third call, and four of the nine gaps between calls in
@@ -181,7 +186,8 @@ _tasks)
   for task in ${TASKS:-table10 tables}; do
     echo "== $task $(date +%T)"
     case $task in  # the seconds a wave of the task's cells needs to end (20 TRIS-like cells packed: 17 min)
-      table10) wave=${TABLE10_WAVE_S:-60} ;; infer|perf|ddp2) wave=0 ;; tables|table2) wave=${TABLE_WAVE_S:-1320} ;;
+      table10) wave=${TABLE10_WAVE_S:-60} ;; infer|perf|ddp2) wave=0 ;; tables) wave=${TABLE_WAVE_S:-1320} ;;
+      table2) wave=${TABLE2_WAVE_S:-660} ;;
       *) wave=${CONTROL_WAVE_S:-1080} ;;
     esac
     w=$(( $(cat /tmp/p/deadline) - $(date +%s) - wave ))
@@ -195,7 +201,7 @@ _tasks)
                 "${PACKED[@]}" "${W[@]}" --results $G \
                 --reports /tmp/p/reports ;;
       table2) python3 -m bench.run table2 --profile gpu ${TABLE2_ROWS:+--rows "$TABLE2_ROWS"} ${TABLE2_SEEDS:+--seeds $TABLE2_SEEDS} \
-                --jobs ${TABLE2_JOBS:-6} "${PACKED[@]}" "${W[@]}" --results $G \
+                --jobs ${TABLE2_JOBS:-6} "${PACKED[@]}" --set pseudo.workers=${PSEUDO_WORKERS:-12} "${W[@]}" --results $G \
                 --reports /tmp/p/reports ;;
       clip) python3 -m bench.testbed --profile gpu --seeds 10 --rows "refcoco+,refcocog (umd)" --set train.grad_clip=1.0 \
               --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" "${W[@]}" --name clip1 --out /tmp/p/rep ;;
