@@ -302,6 +302,13 @@ def test_crf_pool_gives_the_same_labels(tmp_path):
     _run(tmp_path / "a.npz", _settings(random_walk=False))
     _run(tmp_path / "b.npz", _settings(workers=2, random_walk=False))
     assert _digest(tmp_path / "a.npz") == _digest(tmp_path / "b.npz")
+    # the pool labels a chunk while the model maps the next: cut after the first chunk's file (the second's
+    # CRF in flight), the rerun writes the same bytes, also with another number of processes
+    with pytest.raises(Interrupted):
+        _run(tmp_path / "cut" / "c.npz", _settings(workers=2, random_walk=False), stop_after=1)
+    assert len(list((tmp_path / "cut").rglob("crf/*.npz"))) == 1
+    _run(tmp_path / "cut" / "c.npz", _settings(workers=3, random_walk=False))
+    assert _digest(tmp_path / "cut" / "c.npz") == _digest(tmp_path / "a.npz")
 
 
 def test_boundary_head_learns_affinities_from_labels():

@@ -336,8 +336,8 @@ class Settings:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "workers"}
 
 
-def _phase_a_chunk(items: list[RefItem], provider: MapProvider, st: Settings, pool, size: int) -> dict[str, np.ndarray]:
-    """Maps of every sentence, PRMS, CRF labels, quality counts for one chunk of refs."""
+def _phase_a_maps(items: list[RefItem], provider: MapProvider, st: Settings, size: int) -> dict:
+    """The model's part of a chunk of refs: maps of every sentence, PRMS's choice, the chosen maps normalised."""
     images01 = to_tensor01([it.image for it in items])
     flat_imgs = torch.cat([images01[r:r + 1].expand(len(it.sentences), -1, -1, -1) for r, it in enumerate(items)])
     flat_sents = [s for it in items for s in it.sentences]
@@ -354,20 +354,29 @@ def _phase_a_chunk(items: list[RefItem], provider: MapProvider, st: Settings, po
         choice = [0] * len(items)
     chosen = torch.stack([m[c] for m, c in zip(per_ref, choice)])  # [R, h, w]
     norm = max_normalise(upsample(chosen, size)).numpy()  # METHOD §3.6/§6.2: upsample, ReLU, divide by max
+    return {"choice": choice, "chosen": chosen, "norm": norm}
+
+
+def _crf_jobs(items: list[RefItem], norm: np.ndarray, st: Settings) -> list[tuple]:
+    kw = dict(fg_threshold=st.fg_threshold, bg_threshold=st.bg_threshold, gt_prob=st.crf_gt_prob,
+              iterations=st.crf_iterations)
+    return [(it.image, m, kw) for it, m in zip(items, norm)]
+
+
+def _phase_a_record(items: list[RefItem], part: dict, crf_lab: list[np.ndarray] | None,
+                    st: Settings) -> dict[str, np.ndarray]:
+    """A chunk's file: PRMS's choice, the chosen maps, both labels (the CRF's, or the seeds' without it), and
+    the quality counts."""
+    choice, norm = part["choice"], part["norm"]
     maps_lab = [np.where(m > st.map_threshold, FG, BG).astype(np.uint8) for m in norm]
-    if st.crf:
-        kw = dict(fg_threshold=st.fg_threshold, bg_threshold=st.bg_threshold, gt_prob=st.crf_gt_prob,
-                  iterations=st.crf_iterations)
-        jobs = [(it.image, m, kw) for it, m in zip(items, norm)]
-        crf_lab = pool.map(crf_label_job, jobs) if pool is not None else [crf_label_job(j) for j in jobs]
-    else:
+    if crf_lab is None:
         crf_lab = [seed_label(m, st.fg_threshold, st.bg_threshold) for m in norm]
     counts = np.array([[*overlap(a, it.gt), *overlap(b, it.gt)] for a, b, it in zip(maps_lab, crf_lab, items)],
                       np.int64).reshape(len(items), 4)
     return {
         "ref_ids": np.array([it.ref_id for it in items], np.int64),
         "sent_ids": np.array([it.sent_ids[c] for it, c in zip(items, choice)], np.int64),
-        "maps": chosen.numpy().astype(np.float32),
+        "maps": part["chosen"].numpy().astype(np.float32),
         "maps_label": np.stack(maps_lab),
         "crf_label": np.stack(crf_lab).astype(np.uint8),
         "counts": counts,  # maps inter, union, crf inter, union
@@ -462,11 +471,31 @@ def run_pipeline(source: RefSource, provider: MapProvider, trunk: torch.nn.Modul
             methods = mp.get_all_start_methods()
             pool = mp.get_context("fork" if "fork" in methods else "spawn").Pool(st.workers)
         bar = tqdm(total=sum(len(chunks[c]) for c in todo), desc="maps+crf", unit="ref", disable=not progress)
-        for c in todo:
-            items = [source.item(i) for i in chunks[c]]
-            save_npz(work / "crf" / f"{c:05d}.npz", _phase_a_chunk(items, provider, st, pool, size))
+        # With a pool, the model makes a chunk's maps while the pool runs the CRF of the chunk before (the
+        # model's part would otherwise leave the CRF processes idle: session 44, 14 processes on 16 cores kept
+        # a load of 9); each chunk's file is written as its CRF ends, in order, so a kill resumes as before.
+        pending = None  # (chunk, items, maps part, the pool's AsyncResult)
+
+        def finish(c: int, items: list[RefItem], part: dict, crf_lab: list[np.ndarray] | None) -> None:
+            save_npz(work / "crf" / f"{c:05d}.npz", _phase_a_record(items, part, crf_lab, st))
             bar.update(len(items))
             tick()
+
+        for c in todo:
+            items = [source.item(i) for i in chunks[c]]
+            part = _phase_a_maps(items, provider, st, size)
+            if pool is None:  # no CRF (the seeds are the labels), or the CRF in this process
+                crf_lab = [crf_label_job(j) for j in _crf_jobs(items, part["norm"], st)] if st.crf else None
+                finish(c, items, part, crf_lab)
+                continue
+            crf = pool.map_async(crf_label_job, _crf_jobs(items, part["norm"], st))
+            if pending is not None:
+                pc, pitems, ppart, pcrf = pending
+                finish(pc, pitems, ppart, pcrf.get())
+            pending = (c, items, part, crf)
+        if pending is not None:
+            pc, pitems, ppart, pcrf = pending
+            finish(pc, pitems, ppart, pcrf.get())
         bar.close()
     finally:
         if pool is not None:
