@@ -41,8 +41,10 @@
 #            each): stage 1, the two packed, 570 and 646 s a cell (26 and 30 s an epoch); the labels, 35 of 80
 #            chunks of 256 refs in 6 min 32 s with 2 processes a chain (11.5 s a chunk, both chains at once:
 #            about 16 min a chain) and 2.5 s a chunk with 14 (about 3.5 min); stage 2 not reached. A chain's
-#            Stage-2 cell starts when its stage 1 is done, so TABLE2_WAVE_S (default 660) is what labels and
-#            stage 2 need, not a wave (session 44's sitting, run with the tables' 1,320 s, started no Stage-2 cell)
+#            Stage-2 cell starts when its stage 1 is done, so TABLE2_WAVE_S is what labels and stage 2 need, not a
+#            wave (session 44's sitting, run with the tables' 1,320 s, started no Stage-2 cell); its default, 660,
+#            is a guess until stage 2 is timed (the labels' 3.5 minutes and stage 2's 15 epochs at about stage 1's
+#            pace: 30 s an epoch)
 #   clip     session 21's pre-registered remedy (reports/testbed/README.md, last section): the control with
 #            train.grad_clip=1.0 on synth-refcoco+ and synth-refcocog (umd), seeds 0-9 (20 cells)
 #            -> reports/testbed/control-gpu-clip1/
