@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from bench.sweeps import Sweep, dataset_text
-from ehin.config import HASH_IGNORE
+from ehin.config import HASH_IGNORE, HASH_PINNED
 
 PENDING, PARTIAL, DONE, FAILED = "pending", "partial", "done", "failed"
 CELL_FIELDS = ["n", "mean", "std", "paper", "diff"]
@@ -212,9 +212,9 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
 
 
 # Overrides that say how or where a cell ran, not what: the seed (a row's seeds are the table's), the
-# speed levers that leave results alone (HASH_IGNORE), and where the data and weights lie (the paper
+# speed levers that leave results alone (HASH_IGNORE, HASH_PINNED), and where the data and weights lie (the paper
 # profile's documented --set; the records' `inputs` hold the files' sha256).
-NOT_A_CHANGE = ("train.seed", *HASH_IGNORE, "data.root", "data.image_root", "backbone.pretrained",
+NOT_A_CHANGE = ("train.seed", *HASH_IGNORE, *HASH_PINNED, "data.root", "data.image_root", "backbone.pretrained",
                 "scorer.pretrained")
 
 

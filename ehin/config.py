@@ -400,11 +400,14 @@ def validate(cfg: Mapping) -> Config:
 # Change speed, not results (beyond float rounding, as the device and thread count do).
 # eval.every only thins the learning curve: the weights and the final metrics are the same (tested; it
 # is refused beside eval.select_split, whose choice it would change). A record's history then holds val
-# metrics for the evaluated epochs only. pseudo.workers: the CRF processes label each ref alone, in order
-# (the same labels, tested; the work folder's identity leaves it out too); left out since session 44,
-# when no stage-2 record had been committed, so no committed hash moved.
+# metrics for the evaluated epochs only.
 HASH_IGNORE = ("train.device", "train.threads", "train.channels_last", "train.fused_adamw", "train.compile",
-               "data.num_workers", "eval.every", "pseudo.workers")
+               "data.num_workers", "eval.every")
+# Speed levers the hash held before they were known to be: hashed at the value every committed record ran
+# with, whatever a run sets, so the committed hashes stay (Table 10's cells hash the pseudo section). pseudo.workers
+# (session 44): the CRF processes label each ref alone, in order (the same labels, tested; the work folder's
+# identity leaves it out too), so a Stage-2 chain labels with the machine's cores and stays the same cell.
+HASH_PINNED = {"pseudo.workers": 2}
 STAGE2_KEYS = ("stage2", "pseudo")  # sections only pseudo-labels and stage 2 read
 # Keys added after results were committed: left out of the hash while at this value, so that the hashes
 # of the committed cells (bench.check) stay valid; any other value is hashed as usual.
@@ -414,8 +417,9 @@ HASH_OMIT_AT_DEFAULT = {"synthetic.scenes": "simple", "model.pair_norm": "module
 def config_hash(cfg: Mapping, *, stage: str | None = None) -> str:
     """The one hash of a config: a short stable digest of everything that changes results.
 
-    Devices, thread counts and loader workers are left out (HASH_IGNORE). With stage="1" the sections
-    only stage 2 reads (STAGE2_KEYS) are left out too: bench names a stage-1 cell by that hash and the
+    Devices, thread counts and loader workers are left out (HASH_IGNORE); the CRF's processes are hashed at
+    one value (HASH_PINNED). With stage="1" the sections only stage 2 reads (STAGE2_KEYS) are left out too:
+    bench names a stage-1 cell by that hash and the
     trainer's resume guard compares it, so changing a profile's stage-2 or pseudo-label settings neither
     invalidates nor blocks a stage-1 run. The values equal those committed in reports/ (bench.check
     compares them exactly): the digest is of the plain dict, as it always was."""
@@ -429,6 +433,10 @@ def config_hash(cfg: Mapping, *, stage: str | None = None) -> str:
     syn = c.get("synthetic")
     if isinstance(syn, dict) and "scenes" in syn:  # a recipe's versions give different datasets
         c["synthetic"] = {**syn, "scenes": recipe_tag(syn["scenes"])}
+    for dotted, value in HASH_PINNED.items():
+        section, key = dotted.split(".")
+        if isinstance(c.get(section), dict) and key in c[section]:
+            c[section] = {**c[section], key: value}
     for dotted in HASH_IGNORE + (STAGE2_KEYS if stage == "1" else ()):
         node = c
         parts = dotted.split(".")

@@ -115,6 +115,29 @@ def test_committed_cell_hashes_are_unchanged():
             assert config_hash(specs[row].config, stage=stage) == entry["config_hash"]
 
 
+def test_committed_tables_name_hashes_the_code_still_gives():
+    """Every config hash a committed table names (reports/**/cells.json's header, per row) is one its row's
+    cells get now, with the --set the table ran with: a change that moved them (session 44's first way of
+    leaving pseudo.workers out of the hash moved Table 10's, whose cells hash the pseudo section) leaves
+    those records out of their table at the next render."""
+    from bench.run import build_specs
+    from bench.sweeps import load_sweep
+    from ehin.config import parse_assignments
+
+    tables = sorted((Path(__file__).parent.parent / "reports").rglob("cells.json"))
+    assert len(tables) >= 10
+    for path in tables:
+        header = json.loads(path.read_text())["header"]
+        seeds = max(header["seeds"] or [0]) + 1
+        specs = build_specs(load_sweep(header["table"]), header["profile"], seeds, Path("/r"),
+                            extra_overrides=parse_assignments(header.get("set") or []) or None)
+        now: dict[str, set[str]] = {}
+        for spec in specs:
+            now.setdefault(spec.row, set()).add(spec.config_hash)
+        for row, hashes in (header.get("config_hashes") or {}).items():
+            assert set(hashes) <= now.get(row, set()), (str(path), row)
+
+
 def test_a_checkpoint_config_of_an_older_layout_still_builds_the_model():
     """Checkpoints carry a plain config dict, possibly from before a key existed: build_model reads
     only the model section (typed), so a config lacking later keys (synthetic.scenes, backbone.dense,
