@@ -35,7 +35,7 @@
 #            stage 2, so it has its own task -> reports/gpu/store/
 #   table2   Table 2 alone, TABLE2_JOBS cells at once (default 6): a Stage-2 chain trains stage 1 (or waits for
 #            its Stage-1 cell to), labels its 20,337 train refs with the dense CRF on the CPU in PSEUDO_WORKERS
-#            processes (default 12; pseudo.workers, not hashed) and trains stage 2, all within the sitting or
+#            processes (default 12; pseudo.workers, hashed at 2 whatever it is) and trains stage 2, all within the sitting or
 #            lost -> reports/gpu/store/; TABLE2_ROWS and TABLE2_SEEDS (bench.run --rows, --seeds) pick some.
 #            Measured on an H100 (session 44, seed 0 of synth-refcoco+'s TRIS-like and EHIN rows, one chain
 #            each): stage 1, the two packed, 570 and 646 s a cell (26 and 30 s an epoch); the labels, 35 of 80
