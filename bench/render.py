@@ -212,10 +212,10 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
 
 
 # Overrides that say how or where a cell ran, not what: the seed (a row's seeds are the table's), the
-# speed levers that leave results alone (HASH_IGNORE, HASH_PINNED), and where the data and weights lie (the paper
-# profile's documented --set; the records' `inputs` hold the files' sha256).
-NOT_A_CHANGE = ("train.seed", *HASH_IGNORE, *HASH_PINNED, "data.root", "data.image_root", "backbone.pretrained",
-                "scorer.pretrained")
+# speed levers that leave results alone (HASH_IGNORE, HASH_PINNED), and where the data and weights lie (the
+# paper profile's documented --set; the records' `inputs` hold the files' sha256).
+NOT_A_CHANGE = ("train.seed", *HASH_IGNORE, *HASH_PINNED, "data.root", "data.image_root",
+                "backbone.pretrained", "scorer.pretrained")
 
 
 def overrides_beyond_rows(sweep: Sweep, records: Iterable[dict], profile: str | None) -> list[str]:

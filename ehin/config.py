@@ -404,9 +404,10 @@ def validate(cfg: Mapping) -> Config:
 HASH_IGNORE = ("train.device", "train.threads", "train.channels_last", "train.fused_adamw", "train.compile",
                "data.num_workers", "eval.every")
 # Speed levers the hash held before they were known to be: hashed at the value every committed record ran
-# with, whatever a run sets, so the committed hashes stay (Table 10's cells hash the pseudo section). pseudo.workers
-# (session 44): the CRF processes label each ref alone, in order (the same labels, tested; the work folder's
-# identity leaves it out too), so a Stage-2 chain labels with the machine's cores and stays the same cell.
+# with, whatever a run sets, so the committed hashes stay (Table 10's cells hash the pseudo section).
+# pseudo.workers (session 44): the CRF processes label each ref alone, in order (the same labels, tested; the
+# work folder's identity leaves it out too), so a Stage-2 chain labels with the machine's cores and stays the
+# same cell.
 HASH_PINNED = {"pseudo.workers": 2}
 STAGE2_KEYS = ("stage2", "pseudo")  # sections only pseudo-labels and stage 2 read
 # Keys added after results were committed: left out of the hash while at this value, so that the hashes
@@ -419,9 +420,8 @@ def config_hash(cfg: Mapping, *, stage: str | None = None) -> str:
 
     Devices, thread counts and loader workers are left out (HASH_IGNORE); the CRF's processes are hashed at
     one value (HASH_PINNED). With stage="1" the sections only stage 2 reads (STAGE2_KEYS) are left out too:
-    bench names a stage-1 cell by that hash and the
-    trainer's resume guard compares it, so changing a profile's stage-2 or pseudo-label settings neither
-    invalidates nor blocks a stage-1 run. The values equal those committed in reports/ (bench.check
+    bench names a stage-1 cell by that hash and the trainer's resume guard compares it, so changing a
+    profile's stage-2 or pseudo-label settings neither invalidates nor blocks a stage-1 run. The values equal those committed in reports/ (bench.check
     compares them exactly): the digest is of the plain dict, as it always was."""
     if stage not in (None, "1"):
         raise ValueError(f"stage must be None or '1', got {stage!r}")
