@@ -440,7 +440,7 @@ def test_header_names_the_dataset_the_records_ran_on(tmp_path):
     for r in recs:
         r["overrides"] = {"data.dataset": "synth-refcoco+", "train.channels_last": True, "data.root": "/data",
                           "backbone.pretrained": "/w/RN50.pt", "train.seed": r["seed"], "train.grad_clip": None,
-                          "model.residual": False}
+                          "pseudo.workers": 12, "model.residual": False}
     md = write_tables(sweep("table5"), recs, tmp_path / "paths")["md"].read_text()
     assert "- run with `--set model.residual=false --set train.grad_clip=null` (not the paper's configuration)\n" in md
     untouched = write_tables(sweep("table5"), table5_records(), tmp_path / "declared")["md"].read_text()
