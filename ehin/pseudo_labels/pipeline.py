@@ -481,6 +481,11 @@ def run_pipeline(source: RefSource, provider: MapProvider, trunk: torch.nn.Modul
             bar.update(len(items))
             tick()
 
+        def finish_pending() -> None:  # the chunk whose CRF the pool is running, once it ends
+            if pending is not None:
+                c, items, part, crf = pending
+                finish(c, items, part, crf.get())
+
         for c in todo:
             items = [source.item(i) for i in chunks[c]]
             part = _phase_a_maps(items, provider, st, size)
@@ -489,13 +494,9 @@ def run_pipeline(source: RefSource, provider: MapProvider, trunk: torch.nn.Modul
                 finish(c, items, part, crf_lab)
                 continue
             crf = pool.map_async(crf_label_job, _crf_jobs(items, part["norm"], st))
-            if pending is not None:
-                pc, pitems, ppart, pcrf = pending
-                finish(pc, pitems, ppart, pcrf.get())
+            finish_pending()
             pending = (c, items, part, crf)
-        if pending is not None:
-            pc, pitems, ppart, pcrf = pending
-            finish(pc, pitems, ppart, pcrf.get())
+        finish_pending()
         bar.close()
     finally:
         if pool is not None:
