@@ -40,11 +40,13 @@
 #            Measured on an H100 (session 44, seed 0 of synth-refcoco+'s TRIS-like and EHIN rows, one chain
 #            each): stage 1, the two packed, 570 and 646 s a cell (26 and 30 s an epoch); the labels, 35 of 80
 #            chunks of 256 refs in 6 min 32 s with 2 processes a chain (11.5 s a chunk, both chains at once:
-#            about 16 min a chain) and 2.5 s a chunk with 14 (about 3.5 min); stage 2 not reached. A chain's
+#            about 16 min a chain) and 2.5 s a chunk with 14 (about 3.5 min). Session 45 (an H100, synth-refcoco,
+#            both methods' chains): stage 1 425 and 499 s a cell (19.6 and 23.3 s an epoch); the TRIS-like chain's
+#            Stage-2 cell 835 s (labels 155 s with 12 processes, stage 2 668 s: 15 epochs of 39 s, eager), the
+#            other chain's Stage-2 cell started 75 s later and had not ended 870 s after it started. A chain's
 #            Stage-2 cell starts when its stage 1 is done, so TABLE2_WAVE_S is what labels and stage 2 need, not a
-#            wave (session 44's sitting, run with the tables' 1,320 s, started no Stage-2 cell); its default, 660,
-#            is a guess until stage 2 is timed (the labels' 3.5 minutes and stage 2's 15 epochs at about stage 1's
-#            pace: 30 s an epoch)
+#            wave (session 44's sitting, run with the tables' 1,320 s, started no Stage-2 cell): 960 s by default,
+#            session 45's 870 and a tenth more
 #   clip     session 21's pre-registered remedy (reports/testbed/README.md, last section): the control with
 #            train.grad_clip=1.0 on synth-refcoco+ and synth-refcocog (umd), seeds 0-9 (20 cells)
 #            -> reports/testbed/control-gpu-clip1/
@@ -75,7 +77,7 @@
 # (each 0.52 x its time in a wave of 14, so about 1.75 device-minutes a cell against 1.26). A start that remakes
 # the frozen CLIP takes about 210 s, one that carries it about 90. A cell still running when the machine goes is
 # lost, so a task starts cells only while a wave of them can still end (bench.run --start-within): TABLE_WAVE_S
-# (1320) for tables, TABLE2_WAVE_S (660) for table2's Stage-2 cells (above), CONTROL_WAVE_S (1080) for the
+# (1320) for tables, TABLE2_WAVE_S (960) for table2's Stage-2 cells (above), CONTROL_WAVE_S (1080) for the
 # control's tasks (20 TRIS-like cells packed took 16 min 54 s in session 25, 25 took 19 min 19 s in session 21),
 # TABLE10_WAVE_S (60) for Table 10's timing cells; a task with no such time left is skipped.
 #
@@ -189,7 +191,7 @@ _tasks)
     echo "== $task $(date +%T)"
     case $task in  # the seconds a wave of the task's cells needs to end (20 TRIS-like cells packed: 17 min)
       table10) wave=${TABLE10_WAVE_S:-60} ;; infer|perf|ddp2) wave=0 ;; tables) wave=${TABLE_WAVE_S:-1320} ;;
-      table2) wave=${TABLE2_WAVE_S:-660} ;;
+      table2) wave=${TABLE2_WAVE_S:-960} ;;
       *) wave=${CONTROL_WAVE_S:-1080} ;;
     esac
     w=$(( $(cat /tmp/p/deadline) - $(date +%s) - wave ))
