@@ -275,26 +275,34 @@ def stage1_inference(cfg: dict, device: torch.device, *, amp: bool, channels_las
 
 
 def stage2_speed(cfg: dict, device: torch.device, *, amp: bool, warmup: int, repeats: int, rank: int = 0,
-                 world: int = 1) -> dict:
+                 world: int = 1, channels_last: bool = False, fused: bool = False,
+                 compile_mode: str | None = None) -> dict:
     """Stage 2's training step (global batch stage2.batch_size; with world > 1 this rank's share under
-    DDP, as ehin.train_stage2) and its batch-1 forward."""
+    DDP, as ehin.train_stage2, with its levers: channels-last, Adam's fused kernel, the compiled forward)
+    and its batch-1 forward (eager)."""
     from ehin.distributed import data_parallel
     from ehin.stage2.losses import Stage2Loss
     from ehin.stage2.model import build_stage2
+    from ehin.train_stage1 import compile_for_training
 
     model = build_stage2(cfg).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     n, s = cfg["stage2"]["batch_size"], cfg["data"]["image_size"]
     x = torch.rand(n, 3, s, s, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     tokens = model.backbone.tokenize([f"object number {i}" for i in range(n)]).to(device)
     target = (torch.rand(n, s, s, device=device) > 0.5).float()
     x, tokens, target = _rank_share({"x": x, "tokens": tokens, "target": target}, rank, world).values()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5, fused=fused and device.type == "cuda")
     loss_fn = Stage2Loss(cfg["stage2"]["dice_weight"])
     net = data_parallel(model, device, world)
+    forward = compile_for_training(net, None, compile_mode) if compile_mode is not None else net
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = loss_fn(net(x, tokens), target)
+            loss, _ = loss_fn(forward(x, tokens), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -426,9 +434,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="torch.compile the inference forward; MODE is torch.compile's (default: default; reports "
                         "written before session 20 that say \"compile\": true used max-autotune)")
     p.add_argument("--compile-train", nargs="?", const="default", default=None, metavar="MODE",
-                   help="torch.compile the training forward (EHIN and the frozen scorer's image tower); MODE is "
+                   help="torch.compile the training forward (EHIN and the frozen scorer's image tower; stage 2's "
+                        "network); MODE is "
                         "torch.compile's (default, reduce-overhead: CUDA graphs, max-autotune)")
-    p.add_argument("--fused-adamw", action="store_true", help="AdamW's fused kernel (CUDA only)")
+    p.add_argument("--fused-adamw", action="store_true",
+                   help="the optimizer's fused kernel: stage 1's AdamW, stage 2's Adam (CUDA only)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the inference forward as a CUDA graph")
     p.add_argument("--fold-bn", action="store_true",
                    help="fold the RN trunk's BatchNorms into their convolutions for inference (ClipBackbone.fold_batchnorms)")
@@ -518,7 +528,9 @@ def main(argv: list[str] | None = None) -> None:
                                                  fold_bn=args.fold_bn, bf16_backbone=args.bf16_backbone, trace=trace,
                                                  trace_name=f"{name}_infer")
         if "stage2" not in skip and name == "ehin":
-            r["stage2"] = stage2_speed(cfg, device, amp=args.amp, warmup=warmup, repeats=repeats, rank=rank, world=world)
+            r["stage2"] = stage2_speed(cfg, device, amp=args.amp, warmup=warmup, repeats=repeats, rank=rank, world=world,
+                                       channels_last=args.channels_last, fused=args.fused_adamw,
+                                       compile_mode=args.compile_train)
         report["results"][name] = r
         print(name, json.dumps(r, indent=1))
     if rank == 0:  # under --ddp, the job's report

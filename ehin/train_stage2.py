@@ -119,11 +119,12 @@ def poly_lambda(total_iters: int, power: float) -> Callable[[int], float]:
     return lambda it: max(0.0, 1.0 - it / max(1, total_iters)) ** power
 
 
-def build_optimizer(model, cfg: dict) -> torch.optim.Optimizer:
+def build_optimizer(model, cfg: dict, device: torch.device | None = None) -> torch.optim.Optimizer:
     s = cfg["stage2"]
     groups = [{"params": list(model.backbone_parameters()), "lr": s["lr"] * s["backbone_lr_mult"]},
               {"params": list(model.head_parameters()), "lr": s["lr"]}]
-    return torch.optim.Adam([g for g in groups if g["params"]], lr=s["lr"])
+    fused = bool(cfg["train"].get("fused_adamw")) and device is not None and device.type == "cuda"
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=s["lr"], **({"fused": True} if fused else {}))
 
 
 # ---- training -----------------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
     from ehin.pseudo_labels.pipeline import load_pseudo_labels
     from ehin.stage2.losses import EMATeacher, Stage2Loss, consistency
     from ehin.stage2.model import build_stage2
-    from ehin.train_stage1 import PER_EXPRESSION, prepare_once, seed_everything
+    from ehin.train_stage1 import PER_EXPRESSION, compile_for_training, prepare_once, seed_everything
 
     out_dir = Path(out_dir)
     s2, t, d = cfg["stage2"], cfg["train"], cfg["data"]
@@ -152,6 +153,11 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
 
     seed_everything(t["seed"])
     model = build_stage2(cfg).to(device)
+    # train.channels_last / fused_adamw / compile: stage 1's speed levers on CUDA, not hashed, here too. Without
+    # them stage 2 took 39 s an epoch on an H100 where stage 1 took 19.6 (reports/testbed/README.md, session 45).
+    channels_last = bool(t["channels_last"]) and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     train_ds = PseudoLabelDataset(refer, d["train_split"], model.backbone.tokenize, d["image_size"], labels, t["seed"])
     if s2["batch_size"] % world:
         raise UserError(f"stage2.batch_size {s2['batch_size']} is not divisible by the {world} ranks")
@@ -159,7 +165,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
     steps_per_epoch = len(train_ds) // s2["batch_size"]
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_ds)} pseudo-labelled refs, fewer than one batch of {s2['batch_size']}")
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(steps_per_epoch * s2["epochs"], s2["poly_power"]))
     teacher = EMATeacher(model, s2["ema_decay"]).to(device) if s2["ema"] else None
     loss_fn = Stage2Loss(s2["dice_weight"])
@@ -184,6 +190,9 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
 
     log = TrainingLog(out_dir, fresh=start_epoch == 0) if main_rank else None  # metrics.jsonl and tb/
     net = data_parallel(model, device, world)
+    compile_mode = t["compile"] if device.type == "cuda" else None
+    if compile_mode is not None:
+        net = compile_for_training(net, None, compile_mode)  # evaluation runs `model`, eager
     eval_ds = None
     if main_rank:
         eval_ds = EvalDataset(refer, cfg["eval"]["split"], model.backbone.tokenize, d["image_size"],
@@ -205,7 +214,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
             gen = torch.Generator().manual_seed(t["seed"] * 1_000_003 + epoch)
             loader = DataLoader(train_ds, batch_size=per_rank, shuffle=True, drop_last=True, generator=gen,
                                 collate_fn=collate, num_workers=d["num_workers"])
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         t0 = time.time()
         bar = tqdm(loader, desc=f"stage2 epoch {epoch + 1}/{s2['epochs']}", leave=False, disable=not progress,
                    total=steps_per_epoch)
@@ -213,6 +222,8 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
             if step >= steps_per_epoch:  # the DistributedSampler may give one batch more than the plan
                 break
             images, tokens = batch["image"].to(device), batch["tokens"].to(device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             target = batch["label"].to(device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 logits = net(images, tokens)
@@ -230,10 +241,13 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
             scheduler.step()
             if teacher is not None:
                 teacher.update(model)
-            for k, v in {"loss": total.detach(), **terms}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            if step % max(1, t["log_every"]) == 0:
+            # summed on the device in float64, read once an epoch, as stage 1's (a read waits for the step)
+            for k, v in {"loss": total, **terms}.items():
+                v = v.detach().double()
+                sums[k] = sums[k] + v if k in sums else v
+            if progress and step % max(1, t["log_every"]) == 0:
                 bar.set_postfix({k: f"{float(v):.3f}" for k, v in {"loss": total.detach(), **terms}.items()})
+        sums = {k: float(v) for k, v in sums.items()}
         epoch_train_s = time.time() - t0
         train_s += epoch_train_s
         sums = mean_over_ranks(sums, world, device)  # log the global batch's losses, not rank 0's share

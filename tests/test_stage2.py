@@ -202,3 +202,23 @@ def test_load_stage2_round_trip(tmp_path):
     save_atomic({"kind": "stage1", "config": cfg, "model": {}}, tmp_path / "s1.pt")
     with pytest.raises(ValueError, match="not a stage-2"):
         load_stage2(tmp_path / "s1.pt")
+
+
+def test_optimizer_fuses_adam_on_cuda_only_and_splits_the_learning_rates():
+    """train.fused_adamw reaches stage 2's Adam on a CUDA device (a speed lever, as stage 1's AdamW);
+    the trunk gets lr x backbone_lr_mult either way."""
+    from ehin.config import load_config
+    from ehin.stage2.model import build_stage2
+    from ehin.train_stage2 import build_optimizer
+
+    cfg = load_config(profile="smoke", overrides=["backbone.pretrained=null", "stage2.hidden_dim=32",
+                                                  "stage2.lr=1.0e-3", "stage2.backbone_lr_mult=0.1",
+                                                  "train.fused_adamw=true"])
+    net = build_stage2(cfg)
+    fused = build_optimizer(net, cfg, torch.device("cuda"))  # CPU parameters: built, never stepped here
+    eager = build_optimizer(net, cfg, torch.device("cpu"))
+    assert [g["fused"] for g in fused.param_groups] == [True, True]
+    assert not any(g["fused"] for g in eager.param_groups)
+    assert [g["lr"] for g in eager.param_groups] == pytest.approx([1e-4, 1e-3])
+    off = load_config(profile="smoke", overrides=["backbone.pretrained=null", "stage2.hidden_dim=32"])
+    assert not any(g["fused"] for g in build_optimizer(build_stage2(off), off, torch.device("cuda")).param_groups)
