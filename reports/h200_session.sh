@@ -57,6 +57,10 @@
 #            after the cells, on an idle GPU
 #   perf     bench.perf of the gpu profile's EHIN and TRIS-like stage-1 training, 16 processes under MPS
 #            with reduce-overhead (what a packed cell costs) -> reports/perf/, through poll
+#   stage2   bench.perf of the gpu profile's stage-2 step alone (channels-last, fused Adam), eager and with
+#            --compile-train reduce-overhead, at most 150 s each -> /tmp/p/h200_gpu_stage2_{eager,ro}.json (the
+#            names poll returns; the device is in the file): stage 2's levers (session 45) before or beside a
+#            table2 task, e.g. TASKS="stage2 table2"
 #   ddp2     (issue 20; a sitting of kind nvidia-h200-x2, not run yet) bench.perf --ddp 2 at the paper size, both
 #            stages, bf16 + channels-last + fused AdamW (per-step `scaling` of two GPUs over one) -> reports/perf/,
 #            then Table 5's full loss, seeds 0..4, each cell one job of two ranks on both GPUs (bench.run --ranks 2;
@@ -123,6 +127,7 @@ RECIPE="synthetic:scenes=cluttered,scene_on_black=1.0,captions=referring,steps=1
 FROZEN=clip-tiny-rn-2195732df831-939486c5.pt
 PACKED=(--mps --compile-wait 240 --set train.compile=reduce-overhead)
 INFER_ARGS="--size paper --configs ehin --skip train,stage2 --amp --channels-last --fold-bn --compile reduce-overhead"
+STAGE2_ARGS="--size gpu --configs ehin --skip train,infer --channels-last --fused-adamw"
 TABLES=${TABLES:-table5,table6,table3,table4,table7,fig7,table9}  # Table 8 in sittings of its own (the comment above)
 G=/tmp/p/g RR=/tmp/p/rr CL=/tmp/p/cl D2=/tmp/p/d2  # the stores on this machine
 infer() {  # bench.perf with $PERF_ARGS (default $INFER_ARGS) for at most $1 s, as $2/$NAME.json (TRACE=1: profiled,
@@ -190,7 +195,7 @@ _tasks)
   for task in ${TASKS:-table10 tables}; do
     echo "== $task $(date +%T)"
     case $task in  # the seconds a wave of the task's cells needs to end (20 TRIS-like cells packed: 17 min)
-      table10) wave=${TABLE10_WAVE_S:-60} ;; infer|perf|ddp2) wave=0 ;; tables) wave=${TABLE_WAVE_S:-1320} ;;
+      table10) wave=${TABLE10_WAVE_S:-60} ;; infer|perf|stage2|ddp2) wave=0 ;; tables) wave=${TABLE_WAVE_S:-1320} ;;
       table2) wave=${TABLE2_WAVE_S:-960} ;;
       *) wave=${CONTROL_WAVE_S:-1080} ;;
     esac
@@ -212,6 +217,8 @@ _tasks)
       control) python3 -m bench.testbed --profile gpu --seeds 10 --set train.grad_clip=1.0 \
                  --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" "${W[@]}" --name clip1 --out /tmp/p/rep ;;
       infer) infer $(( w < ${INFER_LIMIT:-420} ? w : ${INFER_LIMIT:-420} )) /tmp/p ;;
+      stage2) timeout 150 python3 -m bench.perf $STAGE2_ARGS --out /tmp/p/h200_gpu_stage2_eager.json
+              timeout 150 python3 -m bench.perf $STAGE2_ARGS --compile-train reduce-overhead --out /tmp/p/h200_gpu_stage2_ro.json ;;
       perf) python3 -m bench.perf --size gpu --configs ehin,tris --skip infer,stage2 --channels-last --fused-adamw \
               --procs 16 --mps --compile-train reduce-overhead --out /tmp/p/h200_gpu_ehin_tris_procs16_mps_ro.json ;;
       ddp2) [ "$w" -gt 60 ] && timeout $(( w < 420 ? w : 420 )) python3 -m bench.perf --size paper --configs ehin \
