@@ -286,11 +286,10 @@ def stage2_speed(cfg: dict, device: torch.device, *, amp: bool, warmup: int, rep
     from ehin.train_stage1 import compile_for_training
 
     model = build_stage2(cfg).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     n, s = cfg["stage2"]["batch_size"], cfg["data"]["image_size"]
     x = torch.rand(n, 3, s, s, device=device)
     if channels_last:
+        model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     tokens = model.backbone.tokenize([f"object number {i}" for i in range(n)]).to(device)
     target = (torch.rand(n, s, s, device=device) > 0.5).float()
@@ -528,8 +527,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  fold_bn=args.fold_bn, bf16_backbone=args.bf16_backbone, trace=trace,
                                                  trace_name=f"{name}_infer")
         if "stage2" not in skip and name == "ehin":
-            r["stage2"] = stage2_speed(cfg, device, amp=args.amp, warmup=warmup, repeats=repeats, rank=rank, world=world,
-                                       channels_last=args.channels_last, fused=args.fused_adamw,
+            r["stage2"] = stage2_speed(cfg, device, amp=args.amp, warmup=warmup, repeats=repeats, rank=rank,
+                                       world=world, channels_last=args.channels_last, fused=args.fused_adamw,
                                        compile_mode=args.compile_train)
         report["results"][name] = r
         print(name, json.dumps(r, indent=1))

@@ -421,8 +421,9 @@ def config_hash(cfg: Mapping, *, stage: str | None = None) -> str:
     Devices, thread counts and loader workers are left out (HASH_IGNORE); the CRF's processes are hashed at
     one value (HASH_PINNED). With stage="1" the sections only stage 2 reads (STAGE2_KEYS) are left out too:
     bench names a stage-1 cell by that hash and the trainer's resume guard compares it, so changing a
-    profile's stage-2 or pseudo-label settings neither invalidates nor blocks a stage-1 run. The values equal those committed in reports/ (bench.check
-    compares them exactly): the digest is of the plain dict, as it always was."""
+    profile's stage-2 or pseudo-label settings neither invalidates nor blocks a stage-1 run. The values equal
+    those committed in reports/ (bench.check compares them exactly): the digest is of the plain dict, as it
+    always was."""
     if stage not in (None, "1"):
         raise ValueError(f"stage must be None or '1', got {stage!r}")
     c = copy.deepcopy(dict(cfg))

@@ -175,15 +175,21 @@ def poly_lambda(total_iters: int, power: float):
     return lambda it: max(0.0, 1.0 - it / max(1, total_iters)) ** power
 
 
+def fused_kernel(cfg: dict, device: torch.device | None) -> dict:
+    """train.fused_adamw as optimizer keywords: the fused kernel on CUDA (a speed lever, not hashed), for
+    stage 1's AdamW and stage 2's Adam."""
+    fused = bool(cfg["train"].get("fused_adamw")) and device is not None and device.type == "cuda"
+    return {"fused": True} if fused else {}
+
+
 def build_optimizer(model, cfg: dict, device: torch.device | None = None) -> torch.optim.Optimizer:
     t = cfg["train"]
     groups = [
         {"params": [p for p in model.backbone_parameters() if p.requires_grad], "lr": t["lr"] * t["backbone_lr_mult"]},
         {"params": [p for p in model.head_parameters() if p.requires_grad], "lr": t["lr"]},
     ]
-    fused = bool(t.get("fused_adamw")) and device is not None and device.type == "cuda"
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=t["lr"], weight_decay=t["weight_decay"],
-                             **({"fused": True} if fused else {}))
+                             **fused_kernel(cfg, device))
 
 
 def _learning_rates(scheduler) -> dict[str, float]:

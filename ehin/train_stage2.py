@@ -120,11 +120,12 @@ def poly_lambda(total_iters: int, power: float) -> Callable[[int], float]:
 
 
 def build_optimizer(model, cfg: dict, device: torch.device | None = None) -> torch.optim.Optimizer:
+    from ehin.train_stage1 import fused_kernel
+
     s = cfg["stage2"]
     groups = [{"params": list(model.backbone_parameters()), "lr": s["lr"] * s["backbone_lr_mult"]},
               {"params": list(model.head_parameters()), "lr": s["lr"]}]
-    fused = bool(cfg["train"].get("fused_adamw")) and device is not None and device.type == "cuda"
-    return torch.optim.Adam([g for g in groups if g["params"]], lr=s["lr"], **({"fused": True} if fused else {}))
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=s["lr"], **fused_kernel(cfg, device))
 
 
 # ---- training -----------------------------------------------------------------------------------------
