@@ -35,8 +35,9 @@
 #            stage 2, so it has its own task -> reports/gpu/store/
 #   table2   Table 2 alone, TABLE2_JOBS cells at once (default 6): a Stage-2 chain trains stage 1 (or waits for
 #            its Stage-1 cell to), labels its 20,337 train refs with the dense CRF on the CPU in PSEUDO_WORKERS
-#            processes (default 12; pseudo.workers, hashed at 2 whatever it is) and trains stage 2, all within the sitting or
-#            lost -> reports/gpu/store/; TABLE2_ROWS and TABLE2_SEEDS (bench.run --rows, --seeds) pick some.
+#            processes (default 12; pseudo.workers, hashed at 2 whatever it is) and trains stage 2, all within
+#            the sitting or lost -> reports/gpu/store/; TABLE2_ROWS and TABLE2_SEEDS (bench.run --rows, --seeds)
+#            pick some.
 #            Measured on an H100 (session 44, seed 0 of synth-refcoco+'s TRIS-like and EHIN rows, one chain
 #            each): stage 1, the two packed, 570 and 646 s a cell (26 and 30 s an epoch); the labels, 35 of 80
 #            chunks of 256 refs in 6 min 32 s with 2 processes a chain (11.5 s a chunk, both chains at once:
@@ -59,8 +60,8 @@
 #            with reduce-overhead (what a packed cell costs) -> reports/perf/, through poll
 #   stage2   bench.perf of the gpu profile's stage-2 step alone (channels-last, fused Adam), eager and with
 #            --compile-train reduce-overhead, at most 150 s each -> /tmp/p/h200_gpu_stage2_{eager,ro}.json (the
-#            names poll returns; the device is in the file): stage 2's levers (session 45) before or beside a
-#            table2 task, e.g. TASKS="stage2 table2"
+#            names poll returns; the device is in the file): stage 2's levers (session 45). Tasks run one after
+#            another, so TASKS="stage2 table2" starts the chains up to 5 minutes later
 #   ddp2     (issue 20; a sitting of kind nvidia-h200-x2, not run yet) bench.perf --ddp 2 at the paper size, both
 #            stages, bf16 + channels-last + fused AdamW (per-step `scaling` of two GPUs over one) -> reports/perf/,
 #            then Table 5's full loss, seeds 0..4, each cell one job of two ranks on both GPUs (bench.run --ranks 2;
