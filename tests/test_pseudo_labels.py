@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ehin.config import load_config
 from ehin.pseudo_labels import prms
-from ehin.pseudo_labels.crf import BG, FG, IGNORE, crf_label
+from ehin.pseudo_labels.crf import BG, FG, IGNORE, crf_inference_labels, crf_label
 from ehin.pseudo_labels.pipeline import (Interrupted, ModelMaps, PseudoLabels, RefItem, Settings, run_pipeline,
                                          write_pseudo_labels)
 from ehin.pseudo_labels.random_walk import (dense_transition, pair_labels, path_affinity, path_points,
@@ -121,6 +121,21 @@ def test_crf_ignore_band_between_the_thresholds():
     assert (lab[sq] == IGNORE).mean() > 0.9  # neither confident fg nor confident bg
     far = ~(np.asarray(F.max_pool2d(torch.from_numpy((disc | sq).astype(np.float32))[None], 9, 1, 4)[0]) > 0)
     assert (lab[far] == BG).mean() > 0.99
+
+
+def test_crf_maps_sharing_one_image_give_what_a_crf_each_gives():
+    # crf_label runs both seed maps on one DenseCRF2D (its pairwise lattices built once): every result must be
+    # bitwise what a CRF of its own gives, for seeds that cover little, much, nothing and everything
+    rng = np.random.default_rng(5)
+    for k in range(4):
+        img, disc, sq = scene(64, k)
+        noisy = np.clip(img.astype(np.int64) + rng.integers(-40, 41, img.shape), 0, 255).astype(np.uint8)
+        seeds = [disc.astype(np.int64), (disc | sq).astype(np.int64), np.zeros((64, 64), np.int64),
+                 np.ones((64, 64), np.int64), (rng.random((64, 64)) > 0.7).astype(np.int64)]
+        shared = crf_inference_labels(noisy, seeds)
+        own = [crf_inference_labels(noisy, [s])[0] for s in seeds]
+        assert all(np.array_equal(a, b) for a, b in zip(shared, own))
+        assert not np.array_equal(shared[0], shared[1])  # the unary is set anew: different seeds, different maps
 
 
 # ---- affinities and the random walk --------------------------------------------------------------------
