@@ -48,6 +48,12 @@ def training_dir(spec: CellSpec) -> str:
     return spec.extra.get("trained", {}).get("dir", spec.run_dir)
 
 
+def training_config(spec: CellSpec) -> dict:
+    """The config a cell's model is trained with: a shared training evaluates its group's first split per epoch."""
+    trained = spec.extra.get("trained")
+    return {**spec.config, "eval": {**spec.config["eval"], "split": trained["split"]}} if trained else spec.config
+
+
 def compile_group(spec: CellSpec) -> tuple[str, Path] | None:
     """For `dispatch`'s `compile_group`: a stage-1 cell trained with train.compile belongs to the group of
     cells that compile the same graph (what reaches the compiled model and the frozen scorer's image tower:
@@ -85,6 +91,7 @@ def run_cell(spec: CellSpec) -> dict:
         from ehin.launch import train_stage
 
         with FileLock(str(run_dir) + ".lock"):  # a Stage-2 cell may build on this run (bench.run.share_trainings)
+            refuse_retraining_handed_over(run_dir)
             return {**train_stage(1, cfg, run_dir, ranks=spec.extra.get("ranks", 1)),
                     "per_expression_file": str(run_dir / PER_EXPRESSION)}
     if spec.stage == "2":
@@ -117,11 +124,12 @@ def _run_shared(spec: CellSpec) -> dict:
 
     trained = spec.extra["trained"]
     train_dir, split = Path(trained["dir"]), spec.config["eval"]["split"]
-    train_cfg = {**spec.config, "eval": {**spec.config["eval"], "split": trained["split"]}}
+    train_cfg = training_config(spec)
     train_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(train_dir) + ".lock"):
         save_config(train_cfg, train_dir / "config.yaml")
         if spec.stage == "1":
+            refuse_retraining_handed_over(train_dir)
             result = train_stage(1, train_cfg, train_dir, ranks=spec.extra.get("ranks", 1))
         else:
             from ehin.two_stage import run_two_stage
@@ -139,8 +147,76 @@ def _run_shared(spec: CellSpec) -> dict:
                                               per_expression=own), per_expression_file=str(own))
     if spec.stage == "2":
         stage1 = Path(spec.extra.get("stage1_dir") or train_dir / "stage1")
-        result["stage1_metrics"] = evaluate_checkpoint(spec.config, stage1 / "checkpoints" / "last.pt", stage=1)
+        result["stage1_metrics"] = (stored_stage1_metrics(spec, result["stage1_weights"])
+                                    if result.get("labels_handed_over")
+                                    else evaluate_checkpoint(spec.config, stage1 / "checkpoints" / "last.pt", stage=1))
     return result
+
+
+def refuse_retraining_handed_over(train_dir: Path) -> None:
+    """A stage-1 folder handed over without its checkpoint (bench.run --hand-over) holds the result of a model
+    that Stage-2 chains build on; training there again would replace it with another model."""
+    if (train_dir / "result.json").is_file() and not (train_dir / "checkpoints" / "last.pt").exists():
+        from ehin.cli import UserError
+
+        raise UserError(f"{train_dir} holds a stage-1 result without its checkpoint (handed over, bench.run "
+                        "--hand-over): its Stage-1 cells are stored where it was trained; to train it again here, "
+                        "delete its result.json")
+
+
+def stored_stage1_metrics(spec: CellSpec, weights: str) -> dict:
+    """A Stage-2 cell's stage-1 figures on its split when the stage-1 checkpoint was not handed over: those of
+    the stored Stage-1 cell (same table and seed) that evaluated the very weights its labels were made from."""
+    from bench.store import ResultStore
+    from ehin.cli import UserError
+
+    split = spec.config["eval"]["split"]
+    for rec in ResultStore(spec.store_root).read():
+        if (rec.get("stage") == "1" and rec.get("table") == spec.table and rec.get("seed") == spec.seed
+                and rec.get("stage1_weights") == weights and rec.get("overrides", {}).get("eval.split") == split):
+            return rec["metrics"]
+    raise UserError(f"{spec.row} seed {spec.seed}: its stage 1 was handed over without the checkpoint, and "
+                    f"{spec.store_root} stores no Stage-1 cell of weights {weights} on {split}: run that cell "
+                    "where the stage-1 model was trained, then hand over again")
+
+
+def hand_over_labels(specs: list[CellSpec], dest: Path, start_within_s: float | None = None) -> tuple[int, int]:
+    """bench.run --hand-over: make the pseudo-labels of the Stage-2 chains among `specs` whose stage 1 is trained,
+    training no stage 2 and storing nothing, and copy into `dest`, under their paths below the results folder,
+    what another machine needs to train their stage 2 without the stage-1 checkpoint: stage 1's result.json,
+    the label file and its timings (ehin.two_stage, "Handed over"). Returns (chains handed over, chains)."""
+    from filelock import FileLock
+
+    from ehin.two_stage import run_two_stage
+
+    t0 = time.time()
+    chains: dict[str, CellSpec] = {}
+    for spec in specs:
+        if spec.stage == "2":
+            chains.setdefault(training_dir(spec), spec)
+    n = 0
+    for train_dir, spec in chains.items():
+        train_dir, root = Path(train_dir), Path(spec.store_root)
+        s1 = Path(spec.extra.get("stage1_dir") or train_dir / "stage1")
+        what = f"{spec.row.split(' | ')[0]}, {spec.config['data']['dataset']}, seed {spec.seed}"
+        if not ((s1 / "result.json").is_file() and (s1 / "checkpoints" / "last.pt").is_file()):
+            print(f"  {what}: stage 1 is not trained in {s1}: not handed over")
+            continue
+        if start_within_s is not None and time.time() - t0 > start_within_s:
+            print(f"  {what}: not started within {start_within_s:.0f} s (--start-within)")
+            continue
+        cfg = training_config(spec)
+        with FileLock(str(train_dir) + ".lock"):  # as a Stage-2 cell's attempt (run_cell)
+            made = run_two_stage(cfg, train_dir, stage1_dir=s1, until="labels", progress=False)
+        labels = train_dir / "pseudo" / f"{cfg['data']['train_split']}.npz"
+        for f in (s1 / "result.json", labels, labels.with_name(labels.stem + ".timings.json")):
+            to = dest / f.relative_to(root)
+            to.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, to)
+        print(f"  {what}: labels from stage-1 weights {made['stage1_weights']} in {made['timings']['pseudo_s']:.0f} s, "
+              f"handed over into {dest}")
+        n += 1
+    return n, len(chains)
 
 
 def keep_per_expression(spec: CellSpec, result: dict) -> str | None:
@@ -245,6 +321,12 @@ class CellRunner(submitit.helpers.Checkpointable):
             # chain built on that cell's run, bench.run.share_trainings; others when a sitting without that
             # run trained stage 1 again)
             **({"stage1_metrics": result["stage1_metrics"]} if spec.stage == "2" and "stage1_metrics" in result else {}),
+            # the stage-1 weights the cell evaluated (stage 1) or its pseudo-labels were made from (stage 2): a
+            # Stage-2 record built on a Stage-1 cell's model names that record's weights
+            **({"stage1_weights": w} if (w := result.get("weights_digest" if spec.stage == "1" else "stage1_weights"))
+               else {}),
+            # stage 1 and the labels were made in another run, which handed them over without the checkpoint
+            **({"labels_handed_over": True} if spec.stage == "2" and result.get("labels_handed_over") else {}),
             # the final evaluation's scores per expression, relative to the store (paired claims)
             **({"per_expression": rel} if (rel := keep_per_expression(spec, result)) else {}),
             **host_info(),

@@ -26,7 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from bench.executors import COMPILE_WAIT_S, EXECUTORS, add_slurm_args, dispatch, slurm_options
-from bench.jobs import CellSpec, compile_group, training_dir
+from bench.jobs import CellSpec, compile_group, hand_over_labels, training_dir
 from bench.mps import add_mps_arg, mps_control, mps_daemon
 from bench.store import ResultStore, cell_id
 from ehin.cli import UserError, command, command_parser
@@ -299,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="render the tables from the stored records without running a cell (a sweep run over "
                         "several sittings: the cells not stored yet show as pending; a cell whose computation another "
                         "table stored, Table 6's EHIN as Table 5's full loss, gets its copy of that record, once)")
+    p.add_argument("--hand-over", metavar="DIR",
+                   help="Table 2's Stage-2 cells not stored: make their chains' pseudo-labels on the stage-1 models "
+                        "trained in RESULTS, in this process, training no stage 2 and storing nothing, and copy into "
+                        "DIR what another machine needs to train their stage 2 without the stage-1 checkpoints (stage "
+                        "1's result and the labels): copy DIR's contents into that machine's RESULTS and run the cells "
+                        "there (ehin.two_stage; a GPU lent for less time than a chain takes); exits 3 when a chain's "
+                        "stage 1 is not trained")
     add_slurm_args(p)
     args = p.parse_args(argv)
 
@@ -317,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--render-only renders without running; it goes with neither --dry-run nor --no-render")
     seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[args.profile]
     extra = parse_assignments(args.overrides)
+    if args.hand_over:
+        if args.render_only or args.dry_run:
+            p.error("--hand-over makes labels and copies them; it goes with neither --render-only nor --dry-run")
+        return hand_over([load_sweep(name) for name in names], args.profile, seeds,
+                         results_root(args.profile, args.results), Path(args.hand_over), rows, extra, args.start_within)
     return run_tables([load_sweep(name) for name in names], args.profile, seeds,
                       results_root(args.profile, args.results), executor=args.executor, jobs=args.jobs,
                       rows=rows, extra=extra, slurm=slurm_options(args, array_parallelism=args.jobs),
@@ -423,6 +435,21 @@ def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: 
               "(exit 3).", file=sys.stderr)
         return 3
     return 0
+
+
+def hand_over(sweeps: list, profile: str, seeds: int, root: Path, dest: Path, rows: list[str] | None,
+              extra: dict, start_within_s: float | None) -> int:
+    """bench.run --hand-over (bench.jobs.hand_over_labels) for the Stage-2 cells of `sweeps` not stored yet."""
+    done = ResultStore(root).finished_ids()
+    extra = {"train.threads": os.cpu_count() or 1, **extra}  # one process makes the labels (not hashed)
+    specs = [s for sweep in sweeps for s in build_specs(sweep, profile, seeds, root, rows, extra)]
+    if not any(s.stage == "2" for s in specs):
+        raise UserError("--hand-over: the cells picked have no Stage-2 cell (Table 2's two-stage chains)")
+    todo = [s for s in specs if s.stage == "2" and s.cell_id not in done]
+    print(f"handing over the labels of the chains of {len(todo)} Stage-2 cells not stored in {root}")
+    n, chains = hand_over_labels(todo, dest, start_within_s)
+    print(f"{n} of {chains} chains handed over into {dest}")
+    return 0 if n == chains else 3
 
 
 def data_parallel_cells(specs: list[CellSpec], ranks: int) -> None:

@@ -7,6 +7,7 @@ scalars and arrays, paths) and refuses anything else, so every checkpoint it wri
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -68,6 +69,17 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
                         "unpickling it could run code (checkpoints written by ehin-bench never do)") from None
     except Exception as e:  # truncated or not a torch file
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha1 of every tensor of its state dict, in the standard memory layout (a channels-last model trained on a
+    GPU and the same weights loaded from its checkpoint agree): the identity of a trained model's weights, which
+    a stage-1 run's result and the pseudo-labels made from it both name (ehin.two_stage)."""
+    h = hashlib.sha1()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def empty_backbone(ckpt: dict):

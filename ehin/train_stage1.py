@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from ehin.checkpoint import load as load_checkpoint
 from ehin.checkpoint import save_atomic
+from ehin.checkpoint import weights_digest
 from ehin.cli import command, command_parser, UserError
 from ehin.config import add_run_args, clip_spec, config_for_run, config_hash
 from ehin.distributed import (RankBatches, all_gather_list, all_gather_with_grad, all_ranks, barrier, resolve_device,
@@ -449,8 +450,10 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
     if log is not None:
         log.close()
 
+    # weights_digest: the trained model's identity, which its pseudo-labels name too (ehin.two_stage checks the two
+    # agree when a chain's labels come without the checkpoint)
     result = {**run_summary(history, train_s, t_start, device), "world_size": world,
-              "config_hash": config_hash(cfg, stage="1")}
+              "config_hash": config_hash(cfg, stage="1"), "weights_digest": weights_digest(model)}
     if main_rank:
         with open(out_dir / "result.json", "w") as f:
             json.dump(result, f, indent=1)

@@ -84,3 +84,18 @@ def test_a_reloaded_model_keeps_the_activation_it_trained_with(tmp_path):
     loaded2, _ = load_stage2(tmp_path / "s2.pt")
     assert loaded2.backbone.quick_gelu
     assert torch.equal(loaded2(image, tokens)[0], stage2(image, tokens)[0])
+
+
+def test_weights_digest_names_the_values_not_their_memory_layout():
+    """A stage-1 model trains channels-last on a GPU and is loaded from its checkpoint in the standard layout:
+    both must give the digest its pseudo-labels name (ehin.two_stage); one changed value changes it."""
+    from ehin.checkpoint import weights_digest
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 4, 1))
+    plain = weights_digest(net)
+    assert weights_digest(net.to(memory_format=torch.channels_last)) == plain
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        net[2].bias[0] += 1e-6
+    assert weights_digest(net) != plain

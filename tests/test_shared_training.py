@@ -109,6 +109,49 @@ def test_stage2_split_cells_share_the_two_stage_chain_on_the_stage1_cells_model(
                                                            stage=1)
 
 
+def test_a_chain_handed_over_without_its_stage1_checkpoint_trains_stage2_on_its_labels(tmp_path):
+    """bench.run --hand-over: one machine trains the Stage-1 cells and makes the chain's labels, another, which
+    holds their store and the handed-over files but no checkpoint, trains stage 2 on exactly those labels; its
+    records name the stage-1 weights the Stage-1 records evaluated and give those records' figures."""
+    import shutil
+
+    s1_rows = "TRIS (Stage-1) | refcoco_val,TRIS (Stage-1) | refcoco_testB"
+    s2_rows = "TRIS (Stage-2) | refcoco_val,TRIS (Stage-2) | refcoco_testB"
+    a, b, handed = tmp_path / "a", tmp_path / "b", tmp_path / "handed"
+    common = ["--profile", "smoke", "--reports", str(tmp_path / "rep"), "--executor", "inline",
+              "--set", "stage2.epochs=1"]
+    for s in TINY:
+        common += ["--set", s]
+    # before stage 1 is trained there is nothing to hand over
+    assert run_main(["table2", "--rows", s2_rows, "--results", str(a), "--hand-over", str(handed), *common]) == 3
+    assert run_main(["table2", "--rows", s1_rows, "--results", str(a), *common]) == 0
+    assert run_main(["table2", "--rows", s2_rows, "--results", str(a), "--hand-over", str(handed), *common]) == 0
+    stage1 = {r["row"]: r for r in ResultStore(a).read()}
+    assert set(stage1) == set(s1_rows.split(","))  # the labels were made, nothing was stored
+    assert not list(handed.rglob("*.pt")) and len(list(handed.rglob("*"))) > 3
+    # the other machine: the store (records, scores per expression) and the handed-over files
+    b.mkdir()
+    shutil.copyfile(a / "store.jsonl", b / "store.jsonl")
+    shutil.copytree(a / "per_expression", b / "per_expression")
+    shutil.copytree(handed, b, dirs_exist_ok=True)
+    assert run_main(["table2", "--rows", s2_rows, "--results", str(b), *common]) == 0
+    recs = {r["row"]: r for r in ResultStore(b).read()}
+    val, test_b = recs["TRIS (Stage-2) | refcoco_val"], recs["TRIS (Stage-2) | refcoco_testB"]
+    s1_val, s1_b = stage1["TRIS (Stage-1) | refcoco_val"], stage1["TRIS (Stage-1) | refcoco_testB"]
+    assert val["labels_handed_over"] and test_b["labels_handed_over"]
+    assert val["stage1_weights"] == test_b["stage1_weights"] == s1_val["stage1_weights"] == s1_b["stage1_weights"]
+    assert val["stage1_metrics"] == s1_val["metrics"] and test_b["stage1_metrics"] == s1_b["metrics"]
+    assert not list(b.rglob("*_stage1/*/checkpoints"))  # stage 1 was not trained again
+    chain = Path(val["trained_in"])
+    made = Path(str(chain).replace(str(b), str(a))) / "pseudo" / "train.npz"
+    assert (chain / "pseudo" / "train.npz").read_bytes() == made.read_bytes()  # nor were the labels made again
+    assert len((chain / "stage2" / "metrics.jsonl").read_text().splitlines()) == 1
+    # a Stage-1 cell of that model run there would train over it: refused, in one line
+    assert run_main(["table2", "--rows", "TRIS (Stage-1) | refcoco_testA", "--results", str(b), *common]) == 1
+    error = next(b.rglob("error.txt")).read_text()
+    assert "without its checkpoint (handed over" in error and not list(b.rglob("*_stage1/*/checkpoints"))
+
+
 class _TimedRunner:
     """A picklable runner for dispatch: spec = (name, seconds, folder); writes NAME.start and NAME.end."""
 

@@ -37,6 +37,12 @@ def test_two_stage_chain_on_smoke(tmp_path):
     run = tmp_path / "run"
     labels = load_pseudo_labels(run / "pseudo" / "train.npz")
     assert labels.image_size == cfg["data"]["image_size"] and len(labels) == q["maps"]["n"]
+    # stage 1's result names its weights as its labels do (what a chain handed over without the checkpoint checks)
+    from ehin.checkpoint import load_stage1, weights_digest
+
+    stage1, _ = load_stage1(run / "stage1" / "checkpoints" / "last.pt")
+    digest = json.loads((run / "stage1" / "result.json").read_text())["weights_digest"]
+    assert digest == weights_digest(stage1) == res["stage1_weights"] == labels.meta["stage1_weights"]
     # The reported quality of the final (random-walk) labels is what the stored labels score against
     # the train ground truth, recomputed here from the file (IoU per ref, then Σ∩ / Σ∪).
     from ehin.data import prepare_dataset

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ehin.checkpoint import weights_digest
 from ehin.cli import UserError
 from ehin.pseudo_labels.crf import BG, FG, IGNORE, crf_label_job
 
@@ -623,15 +624,6 @@ def split_digest(refer, split: str) -> str:
         sents = [refer.sentence(s) for s in ref["sentences"]]
         h.update(json.dumps([int(ref["ref_id"]), int(ref["image_id"]), int(ref["ann_id"]), sents,
                              int(info["height"]), int(info["width"])]).encode())
-    return h.hexdigest()[:16]
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha1 of every tensor of a state dict: the identity of the stage-1 weights."""
-    h = hashlib.sha1()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
