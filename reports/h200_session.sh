@@ -48,6 +48,15 @@
 #            Stage-2 cell starts when its stage 1 is done, so TABLE2_WAVE_S is what labels and stage 2 need, not a
 #            wave (session 44's sitting, run with the tables' 1,320 s, started no Stage-2 cell): 960 s by default,
 #            session 45's 870 and a tenth more
+#   handover (session 46) the chains of HANDOVER_ROWS (default: the Stage-2 twins of TABLE2_ROWS) whose stage 1 the
+#            table2 task trained: their labels, in one process with PSEUDO_WORKERS CRF processes (default 14), and
+#            no stage 2 (bench.run --hand-over) -> $OUT/handover/, stage 1's result.json and the labels, under their
+#            paths below the store; kept here in handover/ (git-ignored) and carried to a later sitting, whose
+#            start copies them into its store, where those chains' Stage-2 cells train stage 2 alone on those labels
+#            (ehin.two_stage: stage 1 handed over without its checkpoint). A chain's parts then fit two sittings
+#            when it does not fit one: TASKS="table2 handover" with TABLE2_ROWS the Stage-1 rows, then
+#            TASKS=table2 with the Stage-2 rows, carrying handover. HANDOVER_WAVE_S (200) is what a chain's
+#            labels need (session 45: 155 s with 12 processes, before the CRF built its lattices once a ref)
 #   clip     session 21's pre-registered remedy (reports/testbed/README.md, last section): the control with
 #            train.grad_clip=1.0 on synth-refcoco+ and synth-refcocog (umd), seeds 0-9 (20 cells)
 #            -> reports/testbed/control-gpu-clip1/
@@ -103,12 +112,13 @@
 # The records' code_version: the device copy's git is the session's base commit, so after commits here a
 # sitting records "<base>+dirty"; from a clean tree, prefix the command with EHIN_CODE_VERSION=<git rev-parse
 # --short=10 HEAD, typed here> (bench.store.code_version reads it first; session 41's 8 records lack it).
-# Carry [".whl", "frozen"]. The wheels (the device image has torch but not these), fetched here with the
-# device README's pip download command (--python-version 3.12, manylinux platforms) into .whl/:
-# open_clip_torch==3.3.0 pycocotools==2.0.11 optuna==5.0.0 submitit==1.5.4 ftfy wcwidth alembic sqlalchemy
-# colorlog mako Cython==0.29.36, and the sdist of pydensecrf2==1.1 (pip download --no-binary=:all:). frozen/ holds the gpu profile's small CLIP; without it `start` remakes it by deterministic
-# GPU pretraining of the profile's recipe (ehin.pretrain_clip --freeze), which sessions 19 and 20 did to the
-# same bytes; a file whose sha256 does not begin with its name's last 8 hex digits, or a remade file of
+# Carry [".whl", "frozen"], and "handover" when an earlier sitting handed chains over (task handover). The wheels
+# (the device image has torch but not these), fetched here with the device README's pip download command
+# (--python-version 3.12, manylinux platforms) into .whl/: open_clip_torch==3.3.0 pycocotools==2.0.11 optuna==5.0.0
+# submitit==1.5.4 ftfy wcwidth alembic sqlalchemy colorlog mako Cython==0.29.36, and the sdist of pydensecrf2==1.1
+# (pip download --no-binary=:all:). frozen/ holds the gpu profile's small CLIP; without it `start` remakes it by
+# deterministic GPU pretraining of the profile's recipe (ehin.pretrain_clip --freeze), which sessions 19 and 20 did
+# to the same bytes; a file whose sha256 does not begin with its name's last 8 hex digits, or a remade file of
 # another name, stops the start before any cell runs.
 set -u
 OUT=${OUT:-$PWD/out}
@@ -172,6 +182,8 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
   echo "clip, datasets, CRF: $(( $(date +%s) - t0 )) s"
   mkdir -p $G $RR
   cp -r reports/gpu/store/. $G/ 2>/dev/null
+  [ -d handover ] && cp -r handover/. $G/ \
+    && echo "handed over: the labels of $(find handover -name '*.npz' | wc -l) chains"  # task handover
   cp -r reports/testbed/control-gpu-clip1-rerun/. $RR/ 2>/dev/null
   mkdir -p $CL && cp -r reports/testbed/control-gpu-clip1/. $CL/ 2>/dev/null
   # the machine goes back 30 minutes after it was taken, about 90 s before this call began: a sweep task starts
@@ -198,6 +210,7 @@ _tasks)
     case $task in  # the seconds a wave of the task's cells needs to end (20 TRIS-like cells packed: 17 min)
       table10) wave=${TABLE10_WAVE_S:-60} ;; infer|perf|stage2|ddp2) wave=0 ;; tables) wave=${TABLE_WAVE_S:-1320} ;;
       table2) wave=${TABLE2_WAVE_S:-960} ;;
+      handover) wave=${HANDOVER_WAVE_S:-200} ;;
       *) wave=${CONTROL_WAVE_S:-1080} ;;
     esac
     w=$(( $(cat /tmp/p/deadline) - $(date +%s) - wave ))
@@ -213,6 +226,10 @@ _tasks)
       table2) python3 -m bench.run table2 --profile gpu ${TABLE2_ROWS:+--rows "$TABLE2_ROWS"} ${TABLE2_SEEDS:+--seeds $TABLE2_SEEDS} \
                 --jobs ${TABLE2_JOBS:-6} "${PACKED[@]}" --set pseudo.workers=${PSEUDO_WORKERS:-12} "${W[@]}" --results $G \
                 --reports /tmp/p/reports ;;
+      handover) rows=${HANDOVER_ROWS:-${TABLE2_ROWS:-}}; rows=${rows//Stage-1/Stage-2}
+                python3 -m bench.run table2 --profile gpu ${rows:+--rows "$rows"} \
+                  ${TABLE2_SEEDS:+--seeds $TABLE2_SEEDS} --set pseudo.workers=${PSEUDO_WORKERS:-14} "${W[@]}" \
+                  --results $G --hand-over /tmp/p/handover ;;
       clip) python3 -m bench.testbed --profile gpu --seeds 10 --rows "refcoco+,refcocog (umd)" --set train.grad_clip=1.0 \
               --results $CL --jobs ${JOBS:-30} "${PACKED[@]}" "${W[@]}" --name clip1 --out /tmp/p/rep ;;
       control) python3 -m bench.testbed --profile gpu --seeds 10 --set train.grad_clip=1.0 \
@@ -256,6 +273,10 @@ poll)
      2>/dev/null > new.txt
    ls g/store.jsonl rr/store.jsonl cl/store.jsonl d2/store.jsonl h200_*.json tasks.log 2>/dev/null >> new.txt
    tar czf "$OUT/stores.tgz" --ignore-failed-read -T new.txt) || echo "tar: exit $?"
+  # handed-over chains (task handover), each file whole: the label files add up, and an archive comes back only
+  # under 16 MiB
+  [ -d /tmp/p/handover ] && cp -r /tmp/p/handover "$OUT/" \
+    && echo "handover: the labels of $(find /tmp/p/handover -name '*.npz' | wc -l) chains"
   grep -a "^==" /tmp/p/tasks.log  # each task's start and end; then failures, without the [sweep] progress lines
   grep -a "failed\|Error" /tmp/p/tasks.log | grep -a -v "^\[sweep\]" | tail -n 10; grep -a "\[sweep\]" /tmp/p/tasks.log | tail -n 2
   # the table cells started and not stored, with their epochs: what a machine lost now would take with it (the
