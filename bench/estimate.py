@@ -70,12 +70,13 @@ def training_seconds(cfg: dict, stage: str, perf: dict) -> tuple[float, bool]:
     stage2 = ehin.get("stage2", {}).get("train_images_per_s")
     if not stage2:
         return s, False
-    return s + int(cfg["stage2"]["epochs"]) * (TRAIN_REFS / stage2 + _expressions(cfg["eval"]["split"]) / infer), True
+    epochs2 = int(cfg["stage2"]["epochs"])
+    return s + epochs2 * TRAIN_REFS / stage2 + _evaluations(cfg, epochs2) * _expressions(cfg["eval"]["split"]) / infer, True
 
 
-def _evaluations(cfg: dict) -> int:
-    """How often a training evaluates: every eval.every epochs, and after the last."""
-    epochs, every = int(cfg["train"]["epochs"]), int(cfg["eval"].get("every", 1))
+def _evaluations(cfg: dict, epochs: int | None = None) -> int:
+    """How often a training of `epochs` (default train.epochs) evaluates: every eval.every epochs, and after the last."""
+    epochs, every = int(cfg["train"]["epochs"] if epochs is None else epochs), int(cfg["eval"].get("every", 1))
     return epochs // every + bool(epochs % every)
 
 

@@ -38,6 +38,10 @@ def test_training_seconds_by_hand():
     thin["eval"]["every"] = 2  # evaluated after epochs 2, 4 and 5
     s, _ = E.training_seconds(thin, "1", perf())
     assert s == pytest.approx(5 * 42_278 / 1000 + 3 * 10_758 / 500)
+    # stage 2 evaluates as stage 1 does: its 3 epochs at eval.every 2 after epochs 2 and 3
+    s1, _ = E.training_seconds(thin, "1", perf())
+    s, _ = E.training_seconds(thin, "2", perf(stage2=2000.0))
+    assert s == pytest.approx(s1 + 42_278 / 500 + 3 * 42_278 / 2000 + 2 * 10_758 / 500)
 
 
 def test_makespan_longest_first():

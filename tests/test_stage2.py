@@ -222,3 +222,35 @@ def test_optimizer_fuses_adam_on_cuda_only_and_splits_the_learning_rates():
     assert [g["lr"] for g in eager.param_groups] == pytest.approx([1e-4, 1e-3])
     off = load_config(profile="smoke", overrides=["backbone.pretrained=null", "stage2.hidden_dim=32"])
     assert not any(g["fused"] for g in build_optimizer(build_stage2(off), off, torch.device("cuda")).param_groups)
+
+
+def test_stage2_eval_every_skips_evaluations_but_trains_the_same_model(tmp_path):
+    """Stage 2 honours eval.every as stage 1 does: over 3 epochs with eval.every 2 it evaluates after epochs 2
+    and 3 (the last always: the run's metrics), and its weights and final metrics equal evaluating every epoch."""
+    from ehin.config import load_config
+    from ehin.data import prepare_dataset
+    from ehin.pseudo_labels.pipeline import split_digest, write_pseudo_labels
+    from ehin.train_stage2 import run
+
+    base = ["backbone.pretrained=null", "synthetic.images=40", "stage2.hidden_dim=32", "stage2.epochs=3",
+            "stage2.lr=1.0e-3", "eval.max_items=30", "train.threads=1"]
+    cfg = load_config(profile="smoke", overrides=base)
+    refer = prepare_dataset(cfg, progress=False)
+    size, split = cfg["data"]["image_size"], cfg["data"]["train_split"]
+    refs = refer.refs(split)
+    labels = [(refer.ann_mask(r["ann_id"]) > 0).astype(np.uint8) for r in refs]  # stand-ins: the referents' masks
+    labels = [np.asarray(torch.nn.functional.interpolate(torch.from_numpy(m)[None, None].float(), (size, size))[0, 0],
+                         np.uint8) for m in labels]
+    pseudo = tmp_path / "train.npz"
+    write_pseudo_labels(pseudo, [r["ref_id"] for r in refs], [r["sent_ids"][0] for r in refs], labels,
+                        {"image_size": size, "dataset": cfg["data"]["dataset"], "split": split,
+                         "split_digest": split_digest(refer, split)})
+    every = run(cfg, tmp_path / "every", pseudo, progress=False)
+    sparse = run(load_config(profile="smoke", overrides=[*base, "eval.every=2"]), tmp_path / "sparse", pseudo,
+                 progress=False)
+    assert ["point_mask" in h for h in every["history"]] == [True, True, True]
+    assert ["point_mask" in h for h in sparse["history"]] == [False, True, True]
+    assert sparse["metrics"] == every["metrics"] and sparse["metrics"]["n"] == 30
+    a = torch.load(tmp_path / "every" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "sparse" / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
