@@ -30,7 +30,8 @@ def crf_inference_labels(image: np.ndarray, label_maps: list[np.ndarray], n_labe
     -> int [H,W].
 
     The maps share one DenseCRF2D: its pairwise terms depend on the image alone, and building their
-    permutohedral lattices is half of a CRF's time at 128 px (35 of 65 ms on this project's CI machine).
+    permutohedral lattices took about half of a CRF's time at 128 px on one CPU core (session 46; a ref's
+    labels then took about three quarters of their time before).
     Mean-field inference starts from the unary set last and never changes the pairwise terms, so each
     map's result is bitwise what a CRF of its own gives (tests/test_pseudo_labels.py checks it).
     """
