@@ -5,11 +5,11 @@
     torchrun --nproc_per_node 4 -m ehin.train_stage2 --pseudo P --profile paper --out runs/s2   # DDP
 
 Writes into --out (rank 0 only): config.yaml, metrics.jsonl (one line per epoch: losses, val metrics on the
-epochs evaluated (eval.every, as stage 1), lr), tb/ (the same as TensorBoard curves), checkpoints/last.pt (every epoch, atomically; {"kind": "stage2", "config", "model", ...}),
-result.json. Adam (CLIP at lr × stage2.backbone_lr_mult), polynomial decay stepped every iteration,
-BCE + Dice on every head (ignore pixels excluded), optional EMA teacher with MSE/KL consistency on
-the finest head. Evaluation: ehin.evaluate.evaluate with stage=2 (foreground = logit > 0) on the
-student network.
+epochs evaluated (eval.every, as stage 1), lr), tb/ (the same as TensorBoard curves), checkpoints/last.pt
+(every epoch, atomically; {"kind": "stage2", "config", "model", ...}), result.json. Adam (CLIP at
+lr × stage2.backbone_lr_mult), polynomial decay stepped every iteration, BCE + Dice on every head (ignore
+pixels excluded), optional EMA teacher with MSE/KL consistency on the finest head. Evaluation:
+ehin.evaluate.evaluate with stage=2 (foreground = logit > 0) on the student network.
 
 Under torchrun (WORLD_SIZE > 1; or a SLURM job, bench.launch_ddp --stage 2) the process group is
 initialised from the environment (NCCL on GPUs, gloo on CPU); stage2.batch_size is the global batch,
