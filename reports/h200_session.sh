@@ -55,8 +55,9 @@
 #            start copies them into its store, where those chains' Stage-2 cells train stage 2 alone on those labels
 #            (ehin.two_stage: stage 1 handed over without its checkpoint). A chain's parts then fit two sittings
 #            when it does not fit one: TASKS="table2 handover" with TABLE2_ROWS the Stage-1 rows, then
-#            TASKS=table2 with the Stage-2 rows, carrying handover. HANDOVER_WAVE_S (200) is what a chain's
-#            labels need (session 45: 155 s with 12 processes, before the CRF built its lattices once a ref)
+#            TASKS=table2 with the Stage-2 rows, carrying handover, and TABLE2_WAVE_S what stage 2 alone needs
+#            (session 45's, eager: 668 s). HANDOVER_WAVE_S (200) is what a chain's labels need (session 45: 155 s
+#            with 12 processes, before the CRF built its lattices once a ref)
 #   clip     session 21's pre-registered remedy (reports/testbed/README.md, last section): the control with
 #            train.grad_clip=1.0 on synth-refcoco+ and synth-refcocog (umd), seeds 0-9 (20 cells)
 #            -> reports/testbed/control-gpu-clip1/

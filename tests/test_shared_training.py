@@ -109,7 +109,7 @@ def test_stage2_split_cells_share_the_two_stage_chain_on_the_stage1_cells_model(
                                                            stage=1)
 
 
-def test_a_chain_handed_over_without_its_stage1_checkpoint_trains_stage2_on_its_labels(tmp_path):
+def test_a_chain_handed_over_without_its_stage1_checkpoint_trains_stage2_on_its_labels(tmp_path, capsys):
     """bench.run --hand-over: one machine trains the Stage-1 cells and makes the chain's labels, another, which
     holds their store and the handed-over files but no checkpoint, trains stage 2 on exactly those labels; its
     records name the stage-1 weights the Stage-1 records evaluated and give those records' figures."""
@@ -134,6 +134,9 @@ def test_a_chain_handed_over_without_its_stage1_checkpoint_trains_stage2_on_its_
     shutil.copyfile(a / "store.jsonl", b / "store.jsonl")
     shutil.copytree(a / "per_expression", b / "per_expression")
     shutil.copytree(handed, b, dirs_exist_ok=True)
+    capsys.readouterr()
+    assert run_main(["table2", "--rows", s2_rows, "--results", str(b), "--dry-run", *common]) == 0
+    assert capsys.readouterr().out.count("[todo, its chain's labels made]") == 2
     assert run_main(["table2", "--rows", s2_rows, "--results", str(b), *common]) == 0
     recs = {r["row"]: r for r in ResultStore(b).read()}
     val, test_b = recs["TRIS (Stage-2) | refcoco_val"], recs["TRIS (Stage-2) | refcoco_testB"]
