@@ -130,8 +130,10 @@ def cell_state(spec: CellSpec, done: set[str]) -> str:
     if (run_dir / "error.txt").exists():
         return "failed"
     if not (run_dir / "config.yaml").exists():  # bench.jobs.run_cell writes it first
-        labels = Path(training_dir(spec)) / "pseudo" / f"{spec.config['data']['train_split']}.npz"
-        return "todo, its chain's labels made" if spec.stage == "2" and labels.exists() else "todo"  # --hand-over
+        labels = f"pseudo/{spec.config['data']['train_split']}.npz" if spec.stage == "2" else None
+        if labels and (Path(training_dir(spec)) / labels).exists():
+            return "todo, its chain's labels made"  # bench.run --hand-over made them, here or on another machine
+        return "todo"
     cfg = spec.config
     if spec.stage == "1":
         logs = [(training_dir(spec), cfg["train"]["epochs"], "")]
