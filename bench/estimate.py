@@ -71,7 +71,8 @@ def training_seconds(cfg: dict, stage: str, perf: dict) -> tuple[float, bool]:
     if not stage2:
         return s, False
     epochs2 = int(cfg["stage2"]["epochs"])
-    return s + epochs2 * TRAIN_REFS / stage2 + _evaluations(cfg, epochs2) * _expressions(cfg["eval"]["split"]) / infer, True
+    evals2 = _evaluations(cfg, epochs2)
+    return s + epochs2 * TRAIN_REFS / stage2 + evals2 * _expressions(cfg["eval"]["split"]) / infer, True
 
 
 def _evaluations(cfg: dict, epochs: int | None = None) -> int:
@@ -176,7 +177,7 @@ def estimate(tables: list[str], perf: dict, profile: str = "paper", seeds: int |
 
 def _row(name: str, specs: list, perf: dict, infer: float, packed: bool = False,
          stored: set[str] | None = None) -> dict:
-    from bench.jobs import training_dir
+    from bench.jobs import training_config, training_dir
     from bench.run import one_queue
 
     n_cells = len(specs)
@@ -201,7 +202,7 @@ def _row(name: str, specs: list, perf: dict, infer: float, packed: bool = False,
         trained = spec.extra.get("trained")
         key = training_dir(spec)
         seconds = packed_training_seconds if packed else training_seconds
-        cfg = spec.config if not trained else {**spec.config, "eval": {**spec.config["eval"], "split": trained["split"]}}
+        cfg = training_config(spec)
         stage1 = spec.extra.get("stage1_dir")
         if spec.stage == "2" and stage1:
             # the chain builds on the Stage-1 cell's model (bench.run.share_trainings): that training is

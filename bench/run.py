@@ -26,7 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from bench.executors import COMPILE_WAIT_S, EXECUTORS, add_slurm_args, dispatch, slurm_options
-from bench.jobs import CellSpec, compile_group, hand_over_labels, training_dir
+from bench.jobs import CellSpec, compile_group, hand_over_labels, training_config, training_dir
 from bench.mps import add_mps_arg, mps_control, mps_daemon
 from bench.store import ResultStore, cell_id
 from ehin.cli import UserError, command, command_parser
@@ -115,7 +115,7 @@ def _training_split(spec: CellSpec) -> str:
 def _stage1_hash(spec: CellSpec) -> str:
     """The stage-1 hash of the run a cell's stage 1 is (the resume guard's): its config evaluating its
     training's split per epoch, without the sections only stage 2 reads."""
-    return config_hash({**spec.config, "eval": {**spec.config["eval"], "split": _training_split(spec)}}, stage="1")
+    return config_hash(training_config(spec), stage="1")
 
 
 def cell_state(spec: CellSpec, done: set[str]) -> str:

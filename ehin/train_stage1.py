@@ -176,6 +176,12 @@ def poly_lambda(total_iters: int, power: float):
     return lambda it: max(0.0, 1.0 - it / max(1, total_iters)) ** power
 
 
+def evaluates(epoch: int, epochs: int, cfg: dict) -> bool:
+    """Does a training of `epochs` evaluate after 0-based `epoch`? Every eval.every epochs and after the last (the
+    run's metrics), in both stages."""
+    return epoch == epochs - 1 or (epoch + 1) % cfg["eval"]["every"] == 0
+
+
 def fused_kernel(cfg: dict, device: torch.device | None) -> dict:
     """train.fused_adamw as optimizer keywords: the fused kernel on CUDA (a speed lever, not hashed), for
     stage 1's AdamW and stage 2's Adam."""
@@ -406,7 +412,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = True, progress: bool =
                 barrier(world)  # rank 0 evaluates and writes the checkpoint
                 continue
             last = epoch == t["epochs"] - 1
-            if not (last or (epoch + 1) % cfg["eval"]["every"] == 0):
+            if not evaluates(epoch, t["epochs"], cfg):
                 # eval.every > 1: a learning curve with fewer points for less time (on the gpu profile
                 # evaluating the full val split took a quarter of a cell); losses and checkpoint as always.
                 history.append(entry)

@@ -139,7 +139,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
     from ehin.pseudo_labels.pipeline import load_pseudo_labels
     from ehin.stage2.losses import EMATeacher, Stage2Loss, consistency
     from ehin.stage2.model import build_stage2
-    from ehin.train_stage1 import PER_EXPRESSION, compile_for_training, prepare_once, seed_everything
+    from ehin.train_stage1 import PER_EXPRESSION, compile_for_training, evaluates, prepare_once, seed_everything
 
     out_dir = Path(out_dir)
     s2, t, d = cfg["stage2"], cfg["train"], cfg["data"]
@@ -259,7 +259,7 @@ def run(cfg: dict, out_dir: str | Path, pseudo: str | Path, *, resume: bool = Tr
             # eval.every, as stage 1: every that many epochs and after the last (the run's metrics); the weights are
             # the same either way (evaluation draws no randomness). At the gpu profile's 5, 3 of 15 epochs evaluate
             # (each evaluation about an eighth of an epoch's training on an H100, session 45's Stage-2 record).
-            if last or (epoch + 1) % cfg["eval"]["every"] == 0:
+            if evaluates(epoch, s2["epochs"], cfg):
                 t1 = time.time()
                 entry.update(evaluate(model_map_fn(model, device, amp, stage=2), eval_ds,
                                       batch_size=cfg["eval"]["batch_size"], stage=2, desc="val", progress=progress,

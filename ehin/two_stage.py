@@ -113,7 +113,7 @@ def _handed_over(s1_dir: Path, pseudo_path: Path, cfg: dict) -> dict | None:
     settings. None otherwise (nothing handed over, or something that does not match: the chain then trains)."""
     from ehin.cli import UserError
     from ehin.config import config_hash
-    from ehin.pseudo_labels.pipeline import Settings, load_pseudo_labels
+    from ehin.pseudo_labels.pipeline import load_pseudo_labels
 
     try:
         s1 = json.loads((s1_dir / "result.json").read_text())
@@ -121,8 +121,7 @@ def _handed_over(s1_dir: Path, pseudo_path: Path, cfg: dict) -> dict | None:
     except (OSError, ValueError, UserError):  # nothing handed over (or not readable: the chain trains)
         return None
     ok = (s1.get("config_hash") == config_hash(cfg, stage="1") and s1.get("weights_digest") is not None
-          and meta.get("stage1_weights") == s1["weights_digest"]
-          and meta.get("settings") == json.loads(json.dumps(Settings.from_config(cfg).identity())))
+          and meta.get("stage1_weights") == s1["weights_digest"] and _same_settings(meta, cfg))
     if not ok:
         print(f"{s1_dir}: no stage-1 checkpoint, and its result.json and {pseudo_path} are not one handed-over "
               "stage 1 of this config: training stage 1")
@@ -132,15 +131,21 @@ def _handed_over(s1_dir: Path, pseudo_path: Path, cfg: dict) -> dict | None:
 def _pseudo_matches(path: Path, ckpt: Path, cfg: dict) -> bool:
     """Was the finished pseudo-label file made from this stage-1 checkpoint and these settings?"""
     from ehin.checkpoint import load_stage1, weights_digest
-    from ehin.pseudo_labels.pipeline import Settings, load_pseudo_labels
+    from ehin.pseudo_labels.pipeline import load_pseudo_labels
 
     try:
         meta = load_pseudo_labels(path).meta
     except (OSError, ValueError):
         return False
     model, _ = load_stage1(ckpt)
-    return (meta.get("stage1_weights") == weights_digest(model)
-            and meta.get("settings") == json.loads(json.dumps(Settings.from_config(cfg).identity())))
+    return meta.get("stage1_weights") == weights_digest(model) and _same_settings(meta, cfg)
+
+
+def _same_settings(meta: dict, cfg: dict) -> bool:
+    """Were the labels of this file's meta made with cfg's pseudo-label settings?"""
+    from ehin.pseudo_labels.pipeline import Settings
+
+    return meta.get("settings") == json.loads(json.dumps(Settings.from_config(cfg).identity()))
 
 
 @command
