@@ -115,9 +115,11 @@
 # --short=10 HEAD, typed here> (bench.store.code_version reads it first; session 41's 8 records lack it).
 # Carry [".whl", "frozen"], and "handover" when an earlier sitting handed chains over (task handover). The wheels
 # (the device image has torch but not these), fetched here with the device README's pip download command
-# (--python-version 3.12, manylinux platforms) into .whl/: open_clip_torch==3.3.0 pycocotools==2.0.11 optuna==5.0.0
-# submitit==1.5.4 ftfy wcwidth alembic sqlalchemy colorlog mako Cython==0.29.36, and the sdist of pydensecrf2==1.1
-# (pip download --no-binary=:all:). frozen/ holds the gpu profile's small CLIP; without it `start` remakes it by
+# (--python-version 3.12, manylinux platforms) into .whl/: open_clip_torch==3.3.0 pycocotools==2.0.11
+# submitit==1.5.4 ftfy wcwidth Cython==0.29.36, and the sdist of pydensecrf2==1.1 (pip download --no-binary=:all:).
+# Not optuna and its dependencies (alembic sqlalchemy colorlog mako): no task here searches, and a call carries at
+# most 64 MiB, tracked files included (session 47: 37.2 MB tracked + 18.8 MB frozen/ + 10.9 MB of wheels with them
+# was refused; 5.3 MB without). frozen/ holds the gpu profile's small CLIP; without it `start` remakes it by
 # deterministic GPU pretraining of the profile's recipe (ehin.pretrain_clip --freeze), which sessions 19 and 20 did
 # to the same bytes; a file whose sha256 does not begin with its name's last 8 hex digits, or a remade file of
 # another name, stops the start before any cell runs.
