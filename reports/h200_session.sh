@@ -6,6 +6,7 @@
 #   bash reports/h200_session.sh start     # frozen CLIP, datasets, then $TASKS in one detached process
 #   bash reports/h200_session.sh poll      # wait for the tasks (at most $LIMIT s); new records to $OUT
 #   bash reports/h200_session.sh go        # start, then poll in the same call (LIMIT 570 counted from the start)
+#   FIRST=3 bash reports/h200_session.sh handback   # the parts of a handover (task handover) that poll did not return
 #   PERF_ARGS="..." NAME=... bash reports/h200_session.sh perf    # (issue 20) bench.perf (TRACE=1: profiled); or TASKS="... infer" after the cells
 #
 # Bring a sitting back from the last poll's $OUT/stores.tgz: its g/store.jsonl replaces
@@ -113,7 +114,11 @@
 # The records' code_version: the device copy's git is the session's base commit, so after commits here a
 # sitting records "<base>+dirty"; from a clean tree, prefix the command with EHIN_CODE_VERSION=<git rev-parse
 # --short=10 HEAD, typed here> (bench.store.code_version reads it first; session 41's 8 records lack it).
-# Carry [".whl", "frozen"], and "handover" when an earlier sitting handed chains over (task handover). The wheels
+# Carry [".whl", "frozen"], and "handover" when an earlier sitting handed chains over (task handover). A call carries
+# at most 64 MiB, the tracked files included (37.8 MB at session 47's end), so frozen/ (18.8 MB) and a handover
+# (a chain's labels are 4.7-20 MB: session 47's six) do not travel together: carry [".whl", "handover"], whose start
+# remakes the CLIP (about 160 s on an H100, 70 more than carrying it), and in handover/ the chains that fit the rest
+# (64 MiB less the tracked files and .whl/: 23.95 MB at session 47's end). The wheels
 # (the device image has torch but not these), fetched here with the device README's pip download command
 # (--python-version 3.12, manylinux platforms) into .whl/: open_clip_torch==3.3.0 pycocotools==2.0.11
 # submitit==1.5.4 ftfy wcwidth Cython==0.29.36, and the sdist of pydensecrf2==1.1 (pip download --no-binary=:all:).
@@ -276,10 +281,18 @@ poll)
      2>/dev/null > new.txt
    ls g/store.jsonl rr/store.jsonl cl/store.jsonl d2/store.jsonl h200_*.json tasks.log 2>/dev/null >> new.txt
    tar czf "$OUT/stores.tgz" --ignore-failed-read -T new.txt) || echo "tar: exit $?"
-  # handed-over chains (task handover), each file whole: the label files add up, and an archive comes back only
-  # under 16 MiB
-  [ -d /tmp/p/handover ] && cp -r /tmp/p/handover "$OUT/" \
-    && echo "handover: the labels of $(find /tmp/p/handover -name '*.npz' | wc -l) chains"
+  # handed-over chains (task handover), once the tasks are done (a label file is copied, not renamed, into it): as
+  # one tar in parts of 15 MiB, the first three here. What comes back from $OUT is at most 8 files of 16 MiB, 64 MiB
+  # in all, none more than two folders down: session 47's handover/runs/table2/... came back as nothing, and its six
+  # chains' 66 MB as five parts over two calls. Here: cat <each call's files_at>/handover.tar.part-* (in order) |
+  # tar xf - -C <somewhere>, then copy into handover/ the chains a sitting can carry (the header says how many)
+  if [ -f /tmp/p/tasks.done ] && [ -d /tmp/p/handover ]; then
+    (cd /tmp/p && rm -f handover.tar.part-* && tar cf - handover | split -b 15M -d - handover.tar.part-)
+    n=$(ls /tmp/p/handover.tar.part-* | wc -l)
+    ls /tmp/p/handover.tar.part-* | head -n 3 | xargs -r -I{} cp {} "$OUT/"
+    echo "handover: the labels of $(find /tmp/p/handover -name '*.npz' | wc -l) chains, $n parts, 3 here at most$(
+      [ "$n" -gt 3 ] && echo "; the others: FIRST=3 bash reports/h200_session.sh handback, at once")"
+  fi
   grep -a "^==" /tmp/p/tasks.log  # each task's start and end; then failures, without the [sweep] progress lines
   grep -a "failed\|Error" /tmp/p/tasks.log | grep -a -v "^\[sweep\]" | tail -n 10; grep -a "\[sweep\]" /tmp/p/tasks.log | tail -n 2
   # the table cells started and not stored, with their epochs: what a machine lost now would take with it (the
@@ -311,6 +324,10 @@ go)  # start and the first poll in one call: one gap between calls fewer (the ma
   e=$(( $(date +%s) - t ))
   LIMIT=$(( ${LIMIT:-570} - e )) CALL_S=$(( ${CALL_S:-600} - 5 - e )) exec bash "$0" poll
   ;;
+handback)  # the handover's parts from FIRST (0 the first) that poll did not return, four a call (64 MiB)
+  ls /tmp/p/handover.tar.part-* | tail -n +$(( ${FIRST:-3} + 1 )) | head -n 4 | xargs -r -I{} cp {} "$OUT/"
+  ls -l "$OUT"
+  ;;
 perf)  # issue 20: bench.perf (infer, above) in the foreground, into $OUT
   infer ${LIMIT:-300} "$OUT" > /tmp/p/perf.log 2>&1
   rc=$?
@@ -318,5 +335,5 @@ perf)  # issue 20: bench.perf (infer, above) in the foreground, into $OUT
   if [ -n "${TRACE:-}" ]; then head -n 40 "$OUT"/t/*bs64.txt 2>/dev/null; fi
   exit $rc
   ;;
-*) echo "usage: $0 start|poll|go|perf"; exit 2 ;;
+*) echo "usage: $0 start|poll|go|handback|perf"; exit 2 ;;
 esac
