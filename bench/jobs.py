@@ -13,6 +13,7 @@ rank each, on one or several nodes; `bench.executors.submit_distributed`, `pytho
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import signal
 import threading
@@ -209,10 +210,13 @@ def hand_over_labels(specs: list[CellSpec], dest: Path, start_within_s: float | 
         with FileLock(str(train_dir) + ".lock"):  # as a Stage-2 cell's attempt (run_cell)
             made = run_two_stage(cfg, train_dir, stage1_dir=s1, until="labels", progress=False)
         labels = train_dir / "pseudo" / f"{cfg['data']['train_split']}.npz"
-        for f in (s1 / "result.json", labels, labels.with_name(labels.stem + ".timings.json")):
+        # the label file last, each file whole or absent (copied, then renamed): what DEST holds can be packed
+        # and sent while the next chain's labels are made, and a chain whose label file is there is complete
+        for f in (s1 / "result.json", labels.with_name(labels.stem + ".timings.json"), labels):
             to = dest / f.relative_to(root)
             to.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, to)
+            shutil.copyfile(f, to.with_name(to.name + ".tmp"))
+            os.replace(to.with_name(to.name + ".tmp"), to)
         print(f"  {what}: labels from stage-1 weights {made['stage1_weights']} in {made['timings']['pseudo_s']:.0f} s, "
               f"handed over into {dest}")
         n += 1

@@ -281,16 +281,17 @@ poll)
      2>/dev/null > new.txt
    ls g/store.jsonl rr/store.jsonl cl/store.jsonl d2/store.jsonl h200_*.json tasks.log 2>/dev/null >> new.txt
    tar czf "$OUT/stores.tgz" --ignore-failed-read -T new.txt) || echo "tar: exit $?"
-  # handed-over chains (task handover), once the tasks are done (a label file is copied, not renamed, into it): as
-  # one tar in parts of 15 MiB, the first three here. What comes back from $OUT is at most 8 files of 16 MiB, 64 MiB
-  # in all, none more than two folders down: session 47's handover/runs/table2/... came back as nothing, and its six
-  # chains' 66 MB as five parts over two calls. Here: cat <each call's files_at>/handover.tar.part-* (in order) |
-  # tar xf - -C <somewhere>, then copy into handover/ the chains a sitting can carry (the header says how many)
-  if [ -f /tmp/p/tasks.done ] && [ -d /tmp/p/handover ]; then
-    (cd /tmp/p && rm -f handover.tar.part-* && tar cf - handover | split -b 15M -d - handover.tar.part-)
+  # handed-over chains (task handover), as one tar in parts of 15 MiB, the first three here. What comes back from
+  # $OUT is at most 8 files of 16 MiB, 64 MiB in all, none more than two folders down: session 47's
+  # handover/runs/table2/... came back as nothing, and its six chains' 66 MB as five parts over two calls. Here:
+  # cat <each call's files_at>/handover.tar.part-* (in order) | tar xf - -C <somewhere>, then copy into handover/
+  # the chains a sitting can carry (the header says how many). Each file arrives whole (bench.run --hand-over
+  # renames it into place), the label file last: while the task runs, a chain without its label file is not done
+  if [ -d /tmp/p/handover ]; then
+    (cd /tmp/p && rm -f handover.tar.part-* && tar cf - --exclude='*.tmp' handover | split -b 15M -d - handover.tar.part-)
     n=$(ls /tmp/p/handover.tar.part-* | wc -l)
     ls /tmp/p/handover.tar.part-* | head -n 3 | xargs -r -I{} cp {} "$OUT/"
-    echo "handover: the labels of $(find /tmp/p/handover -name '*.npz' | wc -l) chains, $n parts, 3 here at most$(
+    echo "handover$([ -f /tmp/p/tasks.done ] || echo ", still running"): the labels of $(find /tmp/p/handover -name '*.npz' | wc -l) chains, $n parts, 3 here at most$(
       [ "$n" -gt 3 ] && echo "; the others: FIRST=3 bash reports/h200_session.sh handback, at once")"
   fi
   grep -a "^==" /tmp/p/tasks.log  # each task's start and end; then failures, without the [sweep] progress lines
