@@ -115,16 +115,18 @@
 # sitting records "<base>+dirty"; from a clean tree, prefix the command with EHIN_CODE_VERSION=<git rev-parse
 # --short=10 HEAD, typed here> (bench.store.code_version reads it first; session 41's 8 records lack it).
 # Carry [".whl", "frozen"], and "handover" when an earlier sitting handed chains over (task handover). A call carries
-# at most 64 MiB, the tracked files included (37.8 MB at session 47's end), so frozen/ (18.8 MB) and a handover
-# (a chain's labels are 4.7-20 MB: session 47's six) do not travel together: carry [".whl", "handover"], whose start
-# remakes the CLIP (about 160 s on an H100, 70 more than carrying it), and in handover/ the chains that fit the rest
-# (64 MiB less the tracked files and .whl/: 23.95 MB at session 47's end). The wheels
+# at most 64 MiB, the tracked files included, counted (as session 47's refusal and acceptance both fit) by the
+# blocks the files take on disk: `git ls-files -z | xargs -0 du -c --block-size=1 | tail -n 1` (40.1 MB at session
+# 47's end), plus `du -s --block-size=1 .whl frozen handover`. So frozen/ (18.8 MB) and a handover (a chain's labels
+# are 4.7-20 MB: session 47's six) do not travel together: carry [".whl", "handover"], whose start remakes the CLIP
+# (about 160 s on an H100, 70 more than carrying it), with in handover/ the chains that fit the rest (21.7 MB at
+# session 47's end). The wheels
 # (the device image has torch but not these), fetched here with the device README's pip download command
 # (--python-version 3.12, manylinux platforms) into .whl/: open_clip_torch==3.3.0 pycocotools==2.0.11
 # submitit==1.5.4 ftfy wcwidth Cython==0.29.36, and the sdist of pydensecrf2==1.1 (pip download --no-binary=:all:).
 # Not optuna and its dependencies (alembic sqlalchemy colorlog mako): no task here searches, and a call carries at
-# most 64 MiB, tracked files included (session 47: 37.2 MB tracked + 18.8 MB frozen/ + 10.9 MB of wheels with them
-# was refused; 5.3 MB without). frozen/ holds the gpu profile's small CLIP; without it `start` remakes it by
+# most 64 MiB, tracked files included (session 47: the tracked files, frozen/ and 10.9 MB of wheels with them, 69.9
+# MB on disk, were refused; with 5.3 MB of wheels, 64.3 MB, carried). frozen/ holds the gpu profile's small CLIP; without it `start` remakes it by
 # deterministic GPU pretraining of the profile's recipe (ehin.pretrain_clip --freeze), which sessions 19 and 20 did
 # to the same bytes; a file whose sha256 does not begin with its name's last 8 hex digits, or a remade file of
 # another name, stops the start before any cell runs.
