@@ -215,8 +215,9 @@ def hand_over_labels(specs: list[CellSpec], dest: Path, start_within_s: float | 
         for f in (s1 / "result.json", labels.with_name(labels.stem + ".timings.json"), labels):
             to = dest / f.relative_to(root)
             to.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, to.with_name(to.name + ".tmp"))
-            os.replace(to.with_name(to.name + ".tmp"), to)
+            tmp = to.with_name(to.name + ".tmp")
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, to)
         print(f"  {what}: labels from stage-1 weights {made['stage1_weights']} in {made['timings']['pseudo_s']:.0f} s, "
               f"handed over into {dest}")
         n += 1

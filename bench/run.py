@@ -107,11 +107,6 @@ def share_trainings(specs: list[CellSpec], root: Path) -> None:
                 spec.extra["stage1_dir"] = found
 
 
-def _training_split(spec: CellSpec) -> str:
-    """The split a cell's training evaluates per epoch: its shared training's, else its own."""
-    return spec.extra.get("trained", {}).get("split", spec.config["eval"]["split"])
-
-
 def _stage1_hash(spec: CellSpec) -> str:
     """The stage-1 hash of the run a cell's stage 1 is (the resume guard's): its config evaluating its
     training's split per epoch, without the sections only stage 2 reads."""
@@ -149,7 +144,7 @@ def cell_state(spec: CellSpec, done: set[str]) -> str:
 def leaders_first(specs: list[CellSpec]) -> list[CellSpec]:
     """The queue with the cells that train a shared model first and those that only evaluate it after
     (stable otherwise): the later ones then mostly find the model trained instead of waiting for it."""
-    return sorted(specs, key=lambda spec: _training_split(spec) != spec.config["eval"]["split"])
+    return sorted(specs, key=lambda spec: training_config(spec)["eval"]["split"] != spec.config["eval"]["split"])
 
 
 def shared_training(spec: CellSpec) -> tuple[str | None, tuple[str, ...]]:
@@ -159,7 +154,7 @@ def shared_training(spec: CellSpec) -> tuple[str | None, tuple[str, ...]]:
     Stage-2 group's other splits both (its group's training may be stored already, its stage 1 not)."""
     if spec.stage not in ("1", "2"):
         return None, ()
-    leads = _training_split(spec) == spec.config["eval"]["split"]
+    leads = training_config(spec)["eval"]["split"] == spec.config["eval"]["split"]
     needs = () if leads else (training_dir(spec),)
     if spec.stage == "2" and spec.extra.get("stage1_dir"):
         needs += (spec.extra["stage1_dir"],)
