@@ -53,6 +53,7 @@ from ehin.pseudo_labels.crf import BG, FG, IGNORE, crf_label_job
 
 FORMAT_VERSION = 1
 STEPS = ("maps", "crf", "rw")
+CRF_DRAIN_S = 120  # the longest run_pipeline waits for the CRF in flight when it stops early (a chunk takes seconds)
 
 
 class Interrupted(RuntimeError):
@@ -463,6 +464,8 @@ def run_pipeline(source: RefSource, provider: MapProvider, trunk: torch.nn.Modul
     t0 = time.time()
     todo = [c for c in range(len(chunks)) if not (work / "crf" / f"{c:05d}.npz").exists()]
     pool = None
+    submitted = None  # the pool's last AsyncResult: what is in flight when a finish below raises
+    interrupted = False
     try:
         if todo and st.crf and st.workers > 1:
             import multiprocessing as mp
@@ -494,15 +497,31 @@ def run_pipeline(source: RefSource, provider: MapProvider, trunk: torch.nn.Modul
                 crf_lab = [crf_label_job(j) for j in _crf_jobs(items, part["norm"], st)] if st.crf else None
                 finish(c, items, part, crf_lab)
                 continue
-            crf = pool.map_async(crf_label_job, _crf_jobs(items, part["norm"], st))
+            crf = submitted = pool.map_async(crf_label_job, _crf_jobs(items, part["norm"], st))
             finish_pending()
             pending = (c, items, part, crf)
         finish_pending()
         bar.close()
+    except KeyboardInterrupt:  # Ctrl-C reaches the process group: the workers got it too, and send nothing
+        interrupted = True
+        raise
     finally:
+        # Not Pool.terminate() here: it kills workers as they are, and one killed while writing its result holds the
+        # result queue's lock, on which the pool's task thread, and so terminate, then waits forever (1 in 4 runs
+        # of the cut in tests/test_pseudo_labels.py on 2 busy cores). The CRF in flight ends (seconds), then the
+        # workers leave on close; unless a worker died with it (a SIGTERM to the group), whose result never comes.
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            drained = False
+            try:
+                if submitted is not None and not interrupted:
+                    submitted.wait(CRF_DRAIN_S)
+                drained = not interrupted and (submitted is None or submitted.ready())
+            finally:  # also when a signal ends the wait
+                if drained:
+                    pool.close()
+                else:
+                    pool.terminate()
+                pool.join()
     timings["maps_crf_s"] = round(time.time() - t0, 2)
     part_a = [load_npz(work / "crf" / f"{c:05d}.npz") for c in range(len(chunks))]
 
