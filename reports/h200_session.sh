@@ -6,6 +6,7 @@
 #   bash reports/h200_session.sh start     # frozen CLIP, datasets, then $TASKS in one detached process
 #   bash reports/h200_session.sh poll      # wait for the tasks (at most $LIMIT s); new records to $OUT
 #   bash reports/h200_session.sh go        # start, then poll in the same call (LIMIT 570 counted from the start)
+#   TASKS=... bash reports/h200_session.sh more   # once they are done, more tasks on the same machine and stores, then poll
 #   FIRST=3 bash reports/h200_session.sh handback   # the parts of a handover (task handover) that poll did not return
 #   PERF_ARGS="..." NAME=... bash reports/h200_session.sh perf    # (issue 20) bench.perf (TRACE=1: profiled); or TASKS="... infer" after the cells
 #
@@ -47,8 +48,11 @@
 #            Stage-2 cell 835 s (labels 155 s with 12 processes, stage 2 668 s: 15 epochs of 39 s, eager), the
 #            other chain's Stage-2 cell started 75 s later and had not ended 870 s after it started. A chain's
 #            Stage-2 cell starts when its stage 1 is done, so TABLE2_WAVE_S is what labels and stage 2 need, not a
-#            wave (session 44's sitting, run with the tables' 1,320 s, started no Stage-2 cell): 960 s by default,
-#            session 45's 870 and a tenth more
+#            wave (session 44's sitting, run with the tables' 1,320 s, started no Stage-2 cell). Session 48 (an H100,
+#            synth-refcocog, stage 2 alone on handed-over labels): compiled (train.compile, since d311adb), two
+#            trainings packed took 327 and 342 s a cell (20 s an epoch, the first 66 s with compilation), one alone
+#            304 s (17.6 s an epoch). So 600 s by default: session 45's labels (155 s), session 48's stage 2 (342 s),
+#            and a fifth more for labels made at once by several chains
 #   handover (session 46) the chains of HANDOVER_ROWS (default: the Stage-2 twins of TABLE2_ROWS) whose stage 1 the
 #            table2 task trained: their labels, in one process with PSEUDO_WORKERS CRF processes (default 14), and
 #            no stage 2 (bench.run --hand-over) -> $OUT/handover/, stage 1's result.json and the labels, under their
@@ -57,7 +61,7 @@
 #            (ehin.two_stage: stage 1 handed over without its checkpoint). A chain's parts then fit two sittings
 #            when it does not fit one: TASKS="table2 handover" with TABLE2_ROWS the Stage-1 rows, then
 #            TASKS=table2 with the Stage-2 rows, carrying handover, and TABLE2_WAVE_S what stage 2 alone needs
-#            (session 45's, eager: 668 s). HANDOVER_WAVE_S (200) is what a chain's labels need (session 45: 155 s
+#            (session 48's, compiled: 342 s). HANDOVER_WAVE_S (200) is what a chain's labels need (session 45: 155 s
 #            with 12 processes, before the CRF built its lattices once a ref)
 #   clip     session 21's pre-registered remedy (reports/testbed/README.md, last section): the control with
 #            train.grad_clip=1.0 on synth-refcoco+ and synth-refcocog (umd), seeds 0-9 (20 cells)
@@ -93,7 +97,7 @@
 # (each 0.52 x its time in a wave of 14, so about 1.75 device-minutes a cell against 1.26). A start that remakes
 # the frozen CLIP takes about 210 s, one that carries it about 90. A cell still running when the machine goes is
 # lost, so a task starts cells only while a wave of them can still end (bench.run --start-within): TABLE_WAVE_S
-# (1320) for tables, TABLE2_WAVE_S (960) for table2's Stage-2 cells (above), CONTROL_WAVE_S (1080) for the
+# (1320) for tables, TABLE2_WAVE_S (600) for table2's Stage-2 cells (above), CONTROL_WAVE_S (1080) for the
 # control's tasks (20 TRIS-like cells packed took 16 min 54 s in session 25, 25 took 19 min 19 s in session 21),
 # TABLE10_WAVE_S (60) for Table 10's timing cells; a task with no such time left is skipped.
 #
@@ -156,6 +160,22 @@ infer() {  # bench.perf with $PERF_ARGS (default $INFER_ARGS) for at most $1 s, 
   timeout "$1" python3 -m bench.perf ${PERF_ARGS:-$INFER_ARGS} ${TRACE:+--trace "$2/t"} --out "$2/${NAME:-h200_infer}.json"
 }
 
+launch() {  # the tasks $1 in one detached process, from start's copy of the tree (/tmp/p/src); tables.env: what poll's
+            # listing of started cells names, the tables task's cells or the table2 task's in a sitting without it
+  case " $1 " in
+    *" tables "*) printf 'TABLES=%q TABLE_ROWS=%q TABLE_JOBS=%q SEEDS=\n' "$TABLES" "${TABLE_ROWS:-}" "${TABLE_JOBS:-14}" ;;
+    *) printf 'TABLES=table2 TABLE_ROWS=%q TABLE_JOBS=%q SEEDS=%q\n' "${TABLE2_ROWS:-}" "${TABLE2_JOBS:-6}" "${TABLE2_SEEDS:-}" ;;
+  esac > /tmp/p/tables.env
+  rm -f /tmp/p/tasks.done
+  (cd /tmp/p/src && TASKS="$1" setsid nohup bash reports/h200_session.sh _tasks >> /tmp/p/tasks.log 2>&1 < /dev/null &
+   echo $! > /tmp/p/tasks.pid)
+}
+
+poll_since() {  # poll in this call, which began at $1 (LIMIT and CALL_S counted from then)
+  local e=$(( $(date +%s) - $1 ))
+  LIMIT=$(( ${LIMIT:-570} - e )) CALL_S=$(( ${CALL_S:-600} - 5 - e )) exec bash "$0" poll
+}
+
 case "${1:-}" in
 start)
   if [ -f /tmp/p/tasks.pid ]; then  # running or done: their results are not all returned yet
@@ -200,18 +220,11 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
   # cells only while a wave still has time to end before then (--start-within), and poll returns before it
   echo $(( t0 + ${SITTING_S:-1650} )) > /tmp/p/deadline
   touch /tmp/p/stamp  # what is newer goes back
-  # what poll's listing of started cells names: the tables task's cells, or the table2 task's in a sitting without it
-  case " ${TASKS:-table10 tables} " in
-    *" tables "*) printf 'TABLES=%q TABLE_ROWS=%q TABLE_JOBS=%q SEEDS=\n' "$TABLES" "${TABLE_ROWS:-}" "${TABLE_JOBS:-14}" ;;
-    *) printf 'TABLES=table2 TABLE_ROWS=%q TABLE_JOBS=%q SEEDS=%q\n' "${TABLE2_ROWS:-}" "${TABLE2_JOBS:-6}" "${TABLE2_SEEDS:-}" ;;
-  esac > /tmp/p/tables.env
-  rm -f /tmp/p/tasks.done
   # the tasks run from a copy of this tree: each device call copies the working tree here anew, and a module
   # imported while that copy is made is missing (session 26 lost its rerun and a table cell to
   # "No module named 'ehin.train_stage1'" and "cannot import name 'mps'" as a poll began)
   rm -rf /tmp/p/src && cp -a "$PWD" /tmp/p/src
-  (cd /tmp/p/src && setsid nohup bash reports/h200_session.sh _tasks > /tmp/p/tasks.log 2>&1 < /dev/null &
-   echo $! > /tmp/p/tasks.pid)
+  launch "${TASKS:-table10 tables}"
   echo "tasks '${TASKS:-table10 tables}' launched after $(( $(date +%s) - t0 )) s"
   ;;
 _tasks)
@@ -219,7 +232,7 @@ _tasks)
     echo "== $task $(date +%T)"
     case $task in  # the seconds a wave of the task's cells needs to end (20 TRIS-like cells packed: 17 min)
       table10) wave=${TABLE10_WAVE_S:-60} ;; infer|perf|stage2|ddp2) wave=0 ;; tables) wave=${TABLE_WAVE_S:-1320} ;;
-      table2) wave=${TABLE2_WAVE_S:-960} ;;
+      table2) wave=${TABLE2_WAVE_S:-600} ;;
       handover) wave=${HANDOVER_WAVE_S:-200} ;;
       *) wave=${CONTROL_WAVE_S:-1080} ;;
     esac
@@ -324,8 +337,21 @@ go)  # start and the first poll in one call: one gap between calls fewer (the ma
   t=$(date +%s)
   bash "$0" start; rc=$?
   [ "$rc" = 0 ] || [ "$rc" = 4 ] || exit $rc  # 4: a start ran here already (go sent twice): poll it
-  e=$(( $(date +%s) - t ))
-  LIMIT=$(( ${LIMIT:-570} - e )) CALL_S=$(( ${CALL_S:-600} - 5 - e )) exec bash "$0" poll
+  poll_since $t
+  ;;
+more)  # (session 48) more TASKS on this machine once start's are done, on the stores they left (a second start would
+       # copy the committed ones over them) and the code start copied, then poll in the same call. The deadline is
+       # start's, or SITTING_S from here (the device time left less 200) when that is sooner: the machine still goes
+       # 30 minutes after it was taken. Session 48's first tasks ended with 823 s left, and the next cells, run by
+       # hand without --start-within or a poll, were lost with the call
+  [ -f /tmp/p/tasks.done ] || { echo "no tasks done on this machine: poll them, or start"; exit 5; }
+  t=$(date +%s)
+  dl=$(cat /tmp/p/deadline)
+  [ -n "${SITTING_S:-}" ] && [ $(( t + SITTING_S )) -lt "$dl" ] && echo $(( t + SITTING_S )) > /tmp/p/deadline
+  echo "the machine's deadline: $(( $(cat /tmp/p/deadline) - t )) s from now"
+  launch "${TASKS:-table2}"
+  echo "tasks '${TASKS:-table2}' launched"
+  poll_since $t
   ;;
 handback)  # the handover's parts from FIRST (0 the first) that poll did not return, four a call (64 MiB)
   ls /tmp/p/handover.tar.part-* | tail -n +$(( ${FIRST:-3} + 1 )) | head -n 4 | xargs -r -I{} cp {} "$OUT/"
@@ -338,5 +364,5 @@ perf)  # issue 20: bench.perf (infer, above) in the foreground, into $OUT
   if [ -n "${TRACE:-}" ]; then head -n 40 "$OUT"/t/*bs64.txt 2>/dev/null; fi
   exit $rc
   ;;
-*) echo "usage: $0 start|poll|go|handback|perf"; exit 2 ;;
+*) echo "usage: $0 start|poll|go|more|handback|perf"; exit 2 ;;
 esac
