@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from bench.sweeps import Sweep, dataset_text
-from ehin.config import HASH_IGNORE, HASH_PINNED
+from ehin.config import HASH_IGNORE, HASH_PINNED, STAGE2_KEYS
 
 PENDING, PARTIAL, DONE, FAILED = "pending", "partial", "done", "failed"
 CELL_FIELDS = ["n", "mean", "std", "paper", "diff"]
@@ -202,6 +202,7 @@ def header(sweep: Sweep, records: Iterable[dict], *, profile: str | None = None,
         "hardware": hardware,
         "collapsed": collapsed_cells(in_order, COLLAPSED_PCT),
         "language_blind": language_blind_check(in_order, profile, fidelity),
+        "stage1_retrained": stage1_retrained(in_order),
         "set": beyond,
         # the paper's lines this sweep does not run (other methods) and rows the paper has no line for
         "paper_only": list(sweep.paper_unmatched),
@@ -276,6 +277,40 @@ def language_blind_check(records: Iterable[dict], profile: str | None,
             below.append({"row": r.get("row"), "seed": r.get("seed"), "point_mask": point_m, "language_blind": blind,
                           "point_any_object": _metric_value(r, "point_any_object")})
     return {"below": below, "compared": compared, "not_compared": not_compared}
+
+
+def stage1_retrained(records: Iterable[dict]) -> list[dict[str, Any]]:
+    """The Stage-2 cells whose labels came from another training of stage 1 than the model their Stage-1 row
+    evaluated: a chain run in a later sitting than its Stage-1 cell, with that checkpoint gone, trains stage 1
+    again, and a GPU training is not bit-reproducible, so the two stage-1 models differ and can differ a lot (a
+    Stage-2 row then does not build on the Stage-1 row beside it, as the paper's do). A cell's Stage-1 row is the
+    stored Stage-1 record of its table, seed, split and overrides, the stage-2-only sections (STAGE2_KEYS) and
+    NOT_A_CHANGE aside; the models are the same when both records name the same `stage1_weights` or, in records
+    before that key, when the stage-1 figures the Stage-2 cell stored equal the Stage-1 cell's. Returns [row,
+    seed, the PointM of the stage 1 its labels came from (`stage1_metrics`) and the Stage-1 cell's], in the
+    records' order; cells without `stage1_metrics` or a Stage-1 record are not named."""
+    def stage1_key(r: dict) -> tuple:
+        kept = {k: v for k, v in (r.get("overrides") or {}).items()
+                if k not in NOT_A_CHANGE and k.split(".")[0] not in STAGE2_KEYS}
+        return r.get("table"), r.get("seed"), json.dumps(kept, sort_keys=True, default=str)
+
+    recs = list(records)
+    stage1 = {stage1_key(r): r for r in recs if str(r.get("stage")) == "1"}
+    out = []
+    for r in recs:
+        own = r.get("stage1_metrics")
+        partner = stage1.get(stage1_key(r)) if str(r.get("stage")) == "2" and own else None
+        if partner is None:
+            continue
+        weights, partner_weights = r.get("stage1_weights"), partner.get("stage1_weights")
+        if weights and partner_weights:
+            same = weights == partner_weights
+        else:
+            same = all(_metric_value({"metrics": own}, m) == _metric_value(partner, m) for m in ("point_mask", "iou"))
+        if not same:
+            out.append({"row": r.get("row"), "seed": r.get("seed"), "stage1_point_mask": own.get("point_mask"),
+                        "stage1_row_point_mask": _metric_value(partner, "point_mask"), "stage1_row": partner.get("row")})
+    return out
 
 
 # TESTBED §2's criteria as bench.testbed --fidelity names them in fidelity.json's per-variant "met".
@@ -386,7 +421,8 @@ def header_lines(info: dict[str, Any]) -> list[str]:
     ) + ([f"the paper's table also has, not run here: {', '.join(info['paper_only'])}"]
          if info.get("paper_only") else []) + (
         [f"rows without a line in the paper's table: {', '.join(info['without_paper'])}"]
-        if info.get("without_paper") else []) + _collapsed_lines(info) + _below_language_blind_lines(info)
+        if info.get("without_paper") else []) + _collapsed_lines(info) + _below_language_blind_lines(info) + (
+        _stage1_retrained_lines(info))
 
 
 def set_flags(assignments: Iterable[str]) -> str:
@@ -425,6 +461,16 @@ def _below_language_blind_lines(info: dict[str, Any]) -> list[str]:
             "from the testbed's verdicts file; in parentheses the cell's PointM, the guess and the share of "
             f"expressions whose peak fell on any annotated object): {rows}"
             + (f" ({skipped} records not compared: no guess for their split or dataset)" if skipped else "")]
+
+
+def _stage1_retrained_lines(info: dict[str, Any]) -> list[str]:
+    cells = info.get("stage1_retrained") or []
+    if not cells:
+        return []
+    rows = _seeds_by_row(cells, lambda c: f"{c['stage1_point_mask']:.1f} against {c['stage1_row_point_mask']:.1f}")
+    return ["on another training of stage 1 than their Stage-1 row's (the chain trained stage 1 again in a later "
+            "sitting, and GPU trainings are not bit-reproducible; in parentheses the stage-1 PointM of the model "
+            f"its labels came from, and the Stage-1 row's): {rows}"]
 
 
 def _configs_line(info: dict[str, Any]) -> str:

@@ -284,7 +284,7 @@ def results_summary(reports: str | Path = "reports") -> str:
             + "".join(f"| {r.replace('|', chr(92) + '|')} | " + " | ".join(cell(r, c) for c in cols) + " |\n"
                       for r in rows)
             + _unrun_rows(unrun, len(rows) + len(unrun), f"reports/{rel}/table.md")
-            + _below_language_blind(info))
+            + _below_language_blind(info) + _stage1_retrained(info))
     if empty:
         parts.append("Rendered with no results yet: " + "; ".join(empty) + ".\n")
     return "\n".join(parts) if parts else "Nothing rendered yet: run `python -m bench.run table5`.\n"
@@ -312,6 +312,19 @@ def _below_language_blind(info: dict) -> str:
     named = ", ".join(f"{row} ({n} of {compared.get(row, n)} seeds)" for row, n in below.items())
     return (f"\nBelow the language-blind guess of their split (PointM; TESTBED §2.3), as the table's header "
             f"details: {named}.\n")
+
+
+def _stage1_retrained(info: dict) -> str:
+    """A sentence under a table's rows naming the Stage-2 rows whose labels came from another training of stage 1
+    than the model of the Stage-1 row beside them (the header's `stage1_retrained`, bench.render): a gap between
+    those two rows is then partly the two stage-1 trainings'. Empty when none is."""
+    cells = info.get("stage1_retrained") or []
+    if not cells:
+        return ""
+    named = ", ".join(f"{c['row']} seed {c['seed']} ({c['stage1_point_mask']:.1f} against "
+                      f"{c['stage1_row_point_mask']:.1f})" for c in cells)
+    return (f"\nOn another training of stage 1 than their Stage-1 row's (stage-1 PointM of the model their labels "
+            f"came from, against the Stage-1 row's), as the table's header details: {named}.\n")
 
 
 def replace_block(path: str | Path, begin: str, end: str, block: str) -> bool:

@@ -422,6 +422,55 @@ def test_header_names_cells_below_the_language_blind_guess(tmp_path):
     assert "language-blind" not in results_summary(tmp_path / "above")
 
 
+def test_header_names_stage2_cells_on_another_training_of_stage1(tmp_path):
+    """Session 50: a Stage-2 chain run in a later sitting trained stage 1 again, and on synth-refcocog umd that
+    training scored PointM 0.0 where the Stage-1 row's scored 39.1. A Stage-2 cell whose labels came from another
+    stage-1 model than its Stage-1 row's (other `stage1_weights`; without them, other stage-1 figures) is named
+    with both PointM; one on the same model, one with no stage-1 figures, or one whose Stage-1 row is of another
+    seed or config is not."""
+    from bench.render import stage1_retrained
+    from bench.report import results_summary
+
+    common = {"data.dataset": "synth-refcoco", "data.split_by": "unc", "eval.split": "val", "train.threads": 2}
+    stage1 = {"point_mask": 41.1, "iou": 2.8}
+
+    def cell(method: str, stage: str, seed: int, metrics: dict, **extra) -> dict:
+        overrides = {**common, **({"data.K": 3} if method == "TRIS" else {}), **extra.pop("overrides", {})}
+        return record("table2", f"{method} (Stage-{stage}) | refcoco_val", seed, metrics, stage=stage,
+                      overrides=overrides, **extra)
+
+    recs = [
+        cell("EHIN", "1", 0, stage1, stage1_weights="aaaa"),
+        cell("EHIN", "2", 0, {"point_mask": 8.2, "iou": 6.9}, stage1_metrics={"point_mask": 40.2, "iou": 3.5},
+             stage1_weights="bbbb", overrides={"pseudo.workers": 12, "train.threads": 8}),  # another model: named
+        cell("EHIN", "1", 1, stage1, stage1_weights="cccc"),
+        cell("EHIN", "2", 1, {"point_mask": 9.0}, stage1_metrics={"point_mask": 1.0, "iou": 1.0},
+             stage1_weights="cccc"),  # the same weights: not named, whatever its figures
+        cell("TRIS", "1", 0, stage1),  # records before stage1_weights: the figures decide
+        cell("TRIS", "2", 0, {"point_mask": 42.7}, stage1_metrics=dict(stage1)),
+        cell("TRIS", "1", 1, stage1),
+        cell("TRIS", "2", 1, {"point_mask": 42.7}, stage1_metrics={**stage1, "iou": 2.9}),  # named
+        cell("TRIS", "2", 2, {"point_mask": 42.7}, stage1_metrics={"point_mask": 0.0}),  # no Stage-1 cell of seed 2
+        cell("EHIN", "2", 2, {"point_mask": 5.0}),  # no stage-1 figures
+    ]
+    assert [(c["row"], c["seed"], c["stage1_point_mask"], c["stage1_row_point_mask"])
+            for c in stage1_retrained(recs)] == [("EHIN (Stage-2) | refcoco_val", 0, 40.2, 41.1),
+                                                ("TRIS (Stage-2) | refcoco_val", 1, 41.1, 41.1)]
+    other_config = [recs[0], {**recs[1], "overrides": {**recs[1]["overrides"], "loss.bg": 0}}]
+    assert stage1_retrained(other_config) == []  # not this Stage-2 cell's Stage-1 row
+
+    md = write_tables(sweep("table2"), recs, tmp_path / "table2")["md"].read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- on another training of stage 1 than their Stage-1 row's"))
+    assert line.endswith("): TRIS (Stage-2) | refcoco_val, seed 1 (41.1 against 41.1); "
+                         "EHIN (Stage-2) | refcoco_val, seed 0 (40.2 against 41.1)")  # the table's row order
+    assert ("as the table's header details: TRIS (Stage-2) | refcoco_val seed 1 (41.1 against 41.1), "
+            "EHIN (Stage-2) | refcoco_val seed 0 (40.2 against 41.1).\n") in results_summary(tmp_path)
+    same = write_tables(sweep("table2"), [recs[0], {**recs[1], "stage1_weights": "aaaa"}],
+                        tmp_path / "same" / "table2")["md"].read_text()
+    assert "another training of stage 1" not in same
+    assert "another training of stage 1" not in results_summary(tmp_path / "same")
+
+
 def test_header_names_the_dataset_the_records_ran_on(tmp_path):
     """A row run with `bench.run --set data.dataset=...` (its records' overrides) is named with the dataset
     it ran on, not the sweep's; a row whose records follow the declaration, or with no records, keeps it."""
