@@ -55,7 +55,7 @@
 #            and a fifth more for labels made at once by several chains
 #            Session 50 (an H100, two EHIN chains whole, TABLE2_JOBS=2 SITTING_S=1600): stage 1 466 and 470 s, labels
 #            279 and 302 s (12 processes each, at once), stage 2 457 and 438 s (compiled, 28 s an epoch): 22 min for
-#            the task after a 147 s start, device time 1,567 s. So two whole chains fit a sitting, three do not
+#            the task after a 147 s start, device time 1,567 s: two whole chains fit a sitting (three: not tried)
 #   handover (session 46) the chains of HANDOVER_ROWS (default: the Stage-2 twins of TABLE2_ROWS) whose stage 1 the
 #            table2 task trained: their labels, in one process with PSEUDO_WORKERS CRF processes (default 14), and
 #            no stage 2 (bench.run --hand-over) -> $OUT/handover/, stage 1's result.json and the labels, under their
