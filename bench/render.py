@@ -288,7 +288,7 @@ def stage1_retrained(records: Iterable[dict]) -> list[dict[str, Any]]:
     NOT_A_CHANGE aside; the models are the same when both records name the same `stage1_weights` or, in records
     before that key, when the stage-1 figures the Stage-2 cell stored equal the Stage-1 cell's. Returns [row,
     seed, the PointM of the stage 1 its labels came from (`stage1_metrics`) and the Stage-1 cell's], in the
-    records' order; cells without `stage1_metrics` or a Stage-1 record are not named."""
+    records' order; cells without `stage1_metrics`, a Stage-1 record or PointM in both are not named."""
     def stage1_key(r: dict) -> tuple:
         kept = {k: v for k, v in (r.get("overrides") or {}).items()
                 if k not in NOT_A_CHANGE and k.split(".")[0] not in STAGE2_KEYS}
@@ -307,9 +307,10 @@ def stage1_retrained(records: Iterable[dict]) -> list[dict[str, Any]]:
             same = weights == partner_weights
         else:
             same = all(_metric_value({"metrics": own}, m) == _metric_value(partner, m) for m in ("point_mask", "iou"))
-        if not same:
-            out.append({"row": r.get("row"), "seed": r.get("seed"), "stage1_point_mask": own.get("point_mask"),
-                        "stage1_row_point_mask": _metric_value(partner, "point_mask"), "stage1_row": partner.get("row")})
+        pointm = _metric_value({"metrics": own}, "point_mask"), _metric_value(partner, "point_mask")
+        if not same and None not in pointm:
+            out.append({"row": r.get("row"), "seed": r.get("seed"), "stage1_point_mask": pointm[0],
+                        "stage1_row_point_mask": pointm[1], "stage1_row": partner.get("row")})
     return out
 
 

@@ -426,8 +426,8 @@ def test_header_names_stage2_cells_on_another_training_of_stage1(tmp_path):
     """Session 50: a Stage-2 chain run in a later sitting trained stage 1 again, and on synth-refcocog umd that
     training scored PointM 0.0 where the Stage-1 row's scored 39.1. A Stage-2 cell whose labels came from another
     stage-1 model than its Stage-1 row's (other `stage1_weights`; without them, other stage-1 figures) is named
-    with both PointM; one on the same model, one with no stage-1 figures, or one whose Stage-1 row is of another
-    seed or config is not."""
+    with both PointM; one on the same model, one with no stage-1 figures (or no PointM among them), or one whose
+    Stage-1 row is of another seed or config is not."""
     from bench.render import stage1_retrained
     from bench.report import results_summary
 
@@ -452,6 +452,8 @@ def test_header_names_stage2_cells_on_another_training_of_stage1(tmp_path):
         cell("TRIS", "2", 1, {"point_mask": 42.7}, stage1_metrics={**stage1, "iou": 2.9}),  # named
         cell("TRIS", "2", 2, {"point_mask": 42.7}, stage1_metrics={"point_mask": 0.0}),  # no Stage-1 cell of seed 2
         cell("EHIN", "2", 2, {"point_mask": 5.0}),  # no stage-1 figures
+        cell("EHIN", "1", 3, stage1),
+        cell("EHIN", "2", 3, {"point_mask": 5.0}, stage1_metrics={"iou": 9.0}),  # no stage-1 PointM to show
     ]
     assert [(c["row"], c["seed"], c["stage1_point_mask"], c["stage1_row_point_mask"])
             for c in stage1_retrained(recs)] == [("EHIN (Stage-2) | refcoco_val", 0, 40.2, 41.1),
