@@ -302,12 +302,10 @@ def stage1_retrained(records: Iterable[dict]) -> list[dict[str, Any]]:
         partner = stage1.get(stage1_key(r)) if str(r.get("stage")) == "2" and own else None
         if partner is None:
             continue
+        figures = {m: (_metric_value({"metrics": own}, m), _metric_value(partner, m)) for m in ("point_mask", "iou")}
         weights, partner_weights = r.get("stage1_weights"), partner.get("stage1_weights")
-        if weights and partner_weights:
-            same = weights == partner_weights
-        else:
-            same = all(_metric_value({"metrics": own}, m) == _metric_value(partner, m) for m in ("point_mask", "iou"))
-        pointm = _metric_value({"metrics": own}, "point_mask"), _metric_value(partner, "point_mask")
+        same = weights == partner_weights if weights and partner_weights else all(a == b for a, b in figures.values())
+        pointm = figures["point_mask"]
         if not same and None not in pointm:
             out.append({"row": r.get("row"), "seed": r.get("seed"), "stage1_point_mask": pointm[0],
                         "stage1_row_point_mask": pointm[1], "stage1_row": partner.get("row")})
