@@ -1,7 +1,8 @@
 """The local executor's scheduling of packed cells (bench.executors._run_local), with fake cells that sleep: a
 compile group whose leader ends without a step, a shared training that fails, a training whose maker is stored
-(a later sitting), and --start-within with cells that only evaluate a model trained in the sitting. Found by
-review (session 41); each case wasted GPU time or lost a trained model."""
+(a later sitting), and --start-within with cells that only evaluate a model trained in the sitting or only wait
+for their graph to compile. Found by review (session 41) and on a GPU (session 51); each case wasted GPU time or
+lost a trained model."""
 from __future__ import annotations
 
 import ast
@@ -139,3 +140,19 @@ def test_after_start_within_cells_that_only_evaluate_a_model_trained_here_still_
                              runner=SharedTrainer(str(log)), shared_training=shared_training, start_within_s=1.0)
     ran = {(s.stage, s.config["eval"]["split"]) for s in specs if _times(log, s)}
     assert ran == {("1", "val"), ("1", "testA"), ("1", "testB")} and all(o.ok for o in out)
+
+
+def test_after_start_within_cells_that_only_waited_for_their_graph_to_compile_still_start(tmp_path, monkeypatch):
+    """The window passes while a, the first cell of a graph, compiles it: b and c, which had free slots in time
+    and waited only for that, start once a has stepped; d, beyond the three slots, does not (before, only a ran:
+    session 51's window of 68 s started 3 cells of a wave of 12)."""
+    monkeypatch.setattr(executors, "local_gpus", lambda: 1)  # compile groups are a CUDA lever
+    monkeypatch.setattr(executors, "gpu_slot", lambda *a, **k: {})
+    marker = tmp_path / "graph.marker"
+    specs = [(n, str(tmp_path), False, str(marker)) for n in "abcd"]
+    out = executors.dispatch(specs, "local", jobs=3, folder=tmp_path / "sub", poll_s=0.05, runner=Sleeper(),
+                             compile_group=lambda s: ("graph", marker), start_within_s=0.3)
+    assert sorted(o.spec[0] for o in out) == ["a", "b", "c"] and all(o.ok for o in out)
+    start = {p.stem: float(p.read_text()) for p in tmp_path.glob("*.start")}
+    assert sorted(start) == ["a", "b", "c"]
+    assert min(start["b"], start["c"]) - start["a"] >= 0.9  # after a's first step, past the window
