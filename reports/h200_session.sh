@@ -107,7 +107,10 @@
 # Waves of 14 by default (TABLE_JOBS, was 16) and polls of up to 580 s (LIMIT, was 560): a wave of 14 ends
 # within the two polls after `start`, one of 16 needs a third call, and four of the nine gaps between calls in
 # sessions 31-33 lost the machine. With about 1,350 s left, SITTING_S=1270 TABLE_JOBS=12 TABLE_WAVE_S=1000 ran 12
-# cells in 15 min 48 s (session 32). A running cell's checkpoint (about 58 MB) fits neither $OUT nor carry, so a
+# cells in 15 min 48 s (session 32); SITTING_S=1150 with the same wave left a window of 68 s, shorter than a
+# compilation, and started 3 of 12 (session 51; since c3f76fd a cell waiting in time for its graph still starts).
+# On a warm machine, `more` with 699 s left ran 4 cells in one call (TABLE_JOBS=4 TABLE_WAVE_S=470 SITTING_S=600
+# LIMIT=575: 7 min 21 s). A running cell's checkpoint (about 58 MB) fits neither $OUT nor carry, so a
 # lost wave stays lost. reports/testbed/README.md (sessions 32 and 33) has the measurements.
 # That holds for cells of the profile's batch (24). Table 8's smaller ones take longer: in session 34's wave of 14,
 # 12 cells ended within 18 min 51 s, N=12 s0 took 1,323 s, and one cell (not named; N=6 s0 is the one seed-0 row of
