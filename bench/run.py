@@ -345,10 +345,11 @@ def add_compile_wait_arg(p: argparse.ArgumentParser) -> None:
 def add_start_within_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start-within", type=float, metavar="SECONDS",
                    help="inline or local: start no cell later than this many seconds after the first (local: but a "
-                        "cell that only evaluates a model trained in this run, Table 2's other splits), and end when "
+                        "cell that only evaluates a model trained in this run, Table 2's other splits, or that had a "
+                        "free slot in time and waited only for its graph to compile, --compile-wait), and end when "
                         "the started ones have (a machine lent for a known time loses the cells still running when "
-                        "it goes; make it longer than --compile-wait, which holds cells back); the cells not started "
-                        "stay pending for the same command, and this one exits 3 (default: no limit)")
+                        "it goes); the cells not started stay pending for the same command, and this one exits 3 "
+                        "(default: no limit)")
 
 
 def run_tables(sweeps: list, profile: str, seeds: int, root: Path, *, executor: str = "local",
