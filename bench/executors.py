@@ -285,6 +285,13 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
         for key in needs[id(spec)]:
             training.setdefault(key, spec)
     made_here = set(training)  # the trainings this dispatch makes: cells that only evaluate them may start late
+
+    def evaluates_only(item, starters: list) -> bool:
+        """The queued `item` makes no training and needs only ones made here, by cells among `starters` or done."""
+        return makes[id(item[0])] is None and bool(needs[id(item[0])]) and all(
+            k in made_here and (k not in training or any(training[k] is s for s in starters))
+            for k in needs[id(item[0])])
+
     running: list[tuple[submitit.Job, Any, float]] = []
     outcomes: list[Outcome] = []
     compiling: dict[Hashable, tuple[submitit.Job, Path, float]] = {}  # group -> its first cell, marker, start
@@ -299,17 +306,20 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
                 # past --start-within, a cell that only evaluates a model trained in this sitting still runs (a short
                 # evaluation; else the model goes with the machine and a later sitting trains it again)
                 started = [s for _, s, _ in running]
-                late = [item for item in queue if makes[id(item[0])] is None and needs[id(item[0])]
-                        and all(k in made_here and (k not in training or any(training[k] is s for s in started))
-                                for k in needs[id(item[0])])]
+                late = [item for item in queue if evaluates_only(item, started)]
                 # and so does a cell that had a free slot in time and waits only for its graph to compile in another
-                # cell: a wave's measured time (TABLE_WAVE_S) includes that wait, and a window shorter than one
-                # compilation otherwise starts one cell per graph (session 51: 3 of a wave of 12, 9 slots idle)
+                # cell (no training it needs is another cell's): a wave's measured time (h200_session.sh's
+                # TABLE_WAVE_S) includes that wait, and a window shorter than one compilation otherwise starts one
+                # cell per graph (session 51: 3 of a wave of 12, 9 slots idle)
                 kept = {id(item) for item in late}
                 free = max(1, jobs) - len(running) - len(late)
                 held = [item for item in queue if id(item) not in kept and item[1] is not None
-                        and item[1][0] in compiling][:max(0, free)]
+                        and item[1][0] in compiling
+                        and not any(k in training and training[k] is not item[0] for k in needs[id(item[0])])]
+                held = held[:max(0, free)]
                 kept |= {id(item) for item in held}
+                started += [item[0] for item in held]  # the evaluations of what a held cell trains go with it
+                kept |= {id(item) for item in queue if evaluates_only(item, started)}
                 _not_started(view, len(queue) - len(kept))
                 queue = [item for item in queue if id(item) in kept]
                 deadline = None  # the queue now holds only the cells allowed to start late

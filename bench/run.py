@@ -346,9 +346,10 @@ def add_start_within_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start-within", type=float, metavar="SECONDS",
                    help="inline or local: start no cell later than this many seconds after the first (local: but a "
                         "cell that only evaluates a model trained in this run, Table 2's other splits, or that had a "
-                        "free slot in time and waited only for its graph to compile, --compile-wait), and end when "
-                        "the started ones have (a machine lent for a known time loses the cells still running when "
-                        "it goes); the cells not started stay pending for the same command, and this one exits 3 "
+                        "free slot in time and waited only for its graph to compile: it starts up to --compile-wait "
+                        "later, or later still if the compiling cell fails before its first step), and end when the "
+                        "started ones have (a machine lent for a known time loses the cells still running when it "
+                        "goes); the cells not started stay pending for the same command, and this one exits 3 "
                         "(default: no limit)")
 
 

@@ -151,8 +151,24 @@ def test_after_start_within_cells_that_only_waited_for_their_graph_to_compile_st
     marker = tmp_path / "graph.marker"
     specs = [(n, str(tmp_path), False, str(marker)) for n in "abcd"]
     out = executors.dispatch(specs, "local", jobs=3, folder=tmp_path / "sub", poll_s=0.05, runner=Sleeper(),
-                             compile_group=lambda s: ("graph", marker), start_within_s=0.3)
+                             compile_group=lambda s: ("graph", marker), start_within_s=0.5)
     assert sorted(o.spec[0] for o in out) == ["a", "b", "c"] and all(o.ok for o in out)
     start = {p.stem: float(p.read_text()) for p in tmp_path.glob("*.start")}
     assert sorted(start) == ["a", "b", "c"]
     assert min(start["b"], start["c"]) - start["a"] >= 0.9  # after a's first step, past the window
+
+
+def test_the_evaluations_of_a_model_that_a_cell_waiting_for_its_graph_trains_start_with_it(tmp_path, monkeypatch):
+    """Past the window, m (a training, waiting for a's compilation, kept with the free slot) starts late, and so do
+    e1 and e2, which evaluate m's model: dropped, they would leave it to go with the machine."""
+    monkeypatch.setattr(executors, "local_gpus", lambda: 1)
+    monkeypatch.setattr(executors, "gpu_slot", lambda *a, **k: {})
+    marker = tmp_path / "graph.marker"
+    specs = [(n, str(tmp_path), False, str(marker)) for n in ("a", "m", "e1", "e2")]
+    out = executors.dispatch(
+        specs, "local", jobs=2, folder=tmp_path / "sub", poll_s=0.05, runner=Sleeper(), start_within_s=0.5,
+        compile_group=lambda s: ("graph", marker) if s[0] in ("a", "m") else None,
+        shared_training=lambda s: {"m": ("T", ()), "e1": (None, ("T",)), "e2": (None, ("T",))}.get(s[0], (None, ())))
+    assert sorted(o.spec[0] for o in out) == ["a", "e1", "e2", "m"] and all(o.ok for o in out)
+    start = {p.stem: float(p.read_text()) for p in tmp_path.glob("*.start")}
+    assert min(start["e1"], start["e2"]) >= start["m"] + 1.4  # after m's training (1.5 s), past the window
