@@ -306,20 +306,17 @@ def _run_local(specs, runner: Runner, view: LiveView, jobs, folder, poll_s, on_o
                 # past --start-within, a cell that only evaluates a model trained in this sitting still runs (a short
                 # evaluation; else the model goes with the machine and a later sitting trains it again)
                 started = [s for _, s, _ in running]
-                late = [item for item in queue if evaluates_only(item, started)]
+                late = {id(item) for item in queue if evaluates_only(item, started)}
                 # and so does a cell that had a free slot in time and waits only for its graph to compile in another
                 # cell (no training it needs is another cell's): a wave's measured time (h200_session.sh's
                 # TABLE_WAVE_S) includes that wait, and a window shorter than one compilation otherwise starts one
                 # cell per graph (session 51: 3 of a wave of 12, 9 slots idle)
-                kept = {id(item) for item in late}
-                free = max(1, jobs) - len(running) - len(late)
-                held = [item for item in queue if id(item) not in kept and item[1] is not None
+                held = [item for item in queue if id(item) not in late and item[1] is not None
                         and item[1][0] in compiling
                         and not any(k in training and training[k] is not item[0] for k in needs[id(item[0])])]
-                held = held[:max(0, free)]
-                kept |= {id(item) for item in held}
+                held = held[:max(0, max(1, jobs) - len(running) - len(late))]
                 started += [item[0] for item in held]  # the evaluations of what a held cell trains go with it
-                kept |= {id(item) for item in queue if evaluates_only(item, started)}
+                kept = {id(item) for item in held} | {id(item) for item in queue if evaluates_only(item, started)}
                 _not_started(view, len(queue) - len(kept))
                 queue = [item for item in queue if id(item) in kept]
                 deadline = None  # the queue now holds only the cells allowed to start late

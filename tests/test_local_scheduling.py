@@ -83,6 +83,13 @@ def _times(log: Path, spec) -> dict | None:
 
 
 @pytest.fixture
+def gpu_host(monkeypatch):
+    """The local executor as on a host with one GPU: compile groups apply (torch.compile is a CUDA lever)."""
+    monkeypatch.setattr(executors, "local_gpus", lambda: 1)
+    monkeypatch.setattr(executors, "gpu_slot", lambda *a, **k: {})
+
+
+@pytest.fixture
 def ehin_refcoco(tmp_path):
     """EHIN's Table 2 cells on refcoco, one seed: Stage-1 val (makes the training), testA, testB; Stage-2 val
     (its chain), testA, testB."""
@@ -90,9 +97,7 @@ def ehin_refcoco(tmp_path):
     return [s for s in specs if s.row.startswith("EHIN") and "refcoco_" in s.row]
 
 
-def test_a_compile_leader_that_fails_before_a_step_passes_the_lead_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(executors, "local_gpus", lambda: 1)  # compile groups are a CUDA lever
-    monkeypatch.setattr(executors, "gpu_slot", lambda *a, **k: {})
+def test_a_compile_leader_that_fails_before_a_step_passes_the_lead_on(tmp_path, gpu_host):
     marker = tmp_path / "graph.marker"
     specs = [("a", str(tmp_path), True, str(marker))] + [(n, str(tmp_path), False, str(marker)) for n in "bcd"]
     out = executors.dispatch(specs, "local", jobs=4, folder=tmp_path / "sub", poll_s=0.05, runner=Sleeper(),
@@ -142,12 +147,10 @@ def test_after_start_within_cells_that_only_evaluate_a_model_trained_here_still_
     assert ran == {("1", "val"), ("1", "testA"), ("1", "testB")} and all(o.ok for o in out)
 
 
-def test_after_start_within_cells_that_only_waited_for_their_graph_to_compile_still_start(tmp_path, monkeypatch):
+def test_after_start_within_cells_that_only_waited_for_their_graph_to_compile_still_start(tmp_path, gpu_host):
     """The window passes while a, the first cell of a graph, compiles it: b and c, which had free slots in time
     and waited only for that, start once a has stepped; d, beyond the three slots, does not (before, only a ran:
     session 51's window of 68 s started 3 cells of a wave of 12)."""
-    monkeypatch.setattr(executors, "local_gpus", lambda: 1)  # compile groups are a CUDA lever
-    monkeypatch.setattr(executors, "gpu_slot", lambda *a, **k: {})
     marker = tmp_path / "graph.marker"
     specs = [(n, str(tmp_path), False, str(marker)) for n in "abcd"]
     out = executors.dispatch(specs, "local", jobs=3, folder=tmp_path / "sub", poll_s=0.05, runner=Sleeper(),
@@ -158,11 +161,9 @@ def test_after_start_within_cells_that_only_waited_for_their_graph_to_compile_st
     assert min(start["b"], start["c"]) - start["a"] >= 0.9  # after a's first step, past the window
 
 
-def test_the_evaluations_of_a_model_that_a_cell_waiting_for_its_graph_trains_start_with_it(tmp_path, monkeypatch):
+def test_the_evaluations_of_a_model_that_a_cell_waiting_for_its_graph_trains_start_with_it(tmp_path, gpu_host):
     """Past the window, m (a training, waiting for a's compilation, kept with the free slot) starts late, and so do
     e1 and e2, which evaluate m's model: dropped, they would leave it to go with the machine."""
-    monkeypatch.setattr(executors, "local_gpus", lambda: 1)
-    monkeypatch.setattr(executors, "gpu_slot", lambda *a, **k: {})
     marker = tmp_path / "graph.marker"
     specs = [(n, str(tmp_path), False, str(marker)) for n in ("a", "m", "e1", "e2")]
     out = executors.dispatch(
