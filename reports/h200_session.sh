@@ -5,6 +5,7 @@
 #
 #   bash reports/h200_session.sh start     # frozen CLIP, datasets, then $TASKS in one detached process
 #   bash reports/h200_session.sh poll      # wait for the tasks (at most $LIMIT s); new records to $OUT
+#   UNTIL_S=160 LIMIT=150 bash reports/h200_session.sh poll   # past the deadline, while device time is left
 #   bash reports/h200_session.sh go        # start, then poll in the same call (LIMIT 570 counted from the start)
 #   TASKS=... bash reports/h200_session.sh more   # once they are done, more tasks on the same machine and stores, then poll
 #   FIRST=3 bash reports/h200_session.sh handback   # the parts of a handover (task handover) that poll did not return
@@ -97,7 +98,9 @@
 # second poll, sent at once, found a new one; 16 cells lost; session 39 too), hence `go`, whose first poll waits in
 # the start's own call; with under about 1,350 s left no wave of 14 fits,
 # and a small one does: SITTING_S=740 TABLE_JOBS=5 TABLE_WAVE_S=560 TASKS=tables ran 5 cells in 8 min 44 s
-# (each 0.52 x its time in a wave of 14, so about 1.75 device-minutes a cell against 1.26). A start that remakes
+# (each 0.52 x its time in a wave of 14, so about 1.75 device-minutes a cell against 1.26). On an H100, 5 cells of Table 9's referit
+# K=9 and Table 8's K=1 (TABLE_JOBS=5 TABLE_WAVE_S=500 SITTING_S=760) took 11 min 35 s, 509-666 s a cell (session 52;
+# the poll past the deadline: UNTIL_S). A start that remakes
 # the frozen CLIP takes about 210 s, one that carries it about 90. A cell still running when the machine goes is
 # lost, so a task starts cells only while a wave of them can still end (bench.run --start-within): TABLE_WAVE_S
 # (1320) for tables, TABLE2_WAVE_S (600) for table2's Stage-2 cells (above), CONTROL_WAVE_S (1080) for the
@@ -287,6 +290,10 @@ _tasks)
 poll)
   [ -f /tmp/p/tasks.pid ] || { echo "no tasks were started on this machine (a new one: run start)"; exit 5; }
   limit=${LIMIT:-580} t0=$(date +%s)
+  # UNTIL_S: the deadline moved to that many seconds from now, when the device time left (the caller's `status`,
+  # less about 40 s for the call's transfers) outlasts SITTING_S's guess. Session 52's cells ran past their wave on
+  # an H100 with 210 s of device time left, and a poll at the deadline waited for none of it
+  [ -n "${UNTIL_S:-}" ] && echo $(( t0 + UNTIL_S )) > /tmp/p/deadline
   dl=$(( $(cat /tmp/p/deadline) - 20 ))  # back before the machine goes, with what it has: the wait, the listing
   end=$(( t0 + limit )); [ "$end" -gt "$dl" ] && end=$dl  # and the utilisation below all end by then
   while [ ! -f /tmp/p/tasks.done ] && [ "$(date +%s)" -lt "$end" ]; do
