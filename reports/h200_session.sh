@@ -98,11 +98,11 @@
 # second poll, sent at once, found a new one; 16 cells lost; session 39 too), hence `go`, whose first poll waits in
 # the start's own call; with under about 1,350 s left no wave of 14 fits,
 # and a small one does: SITTING_S=740 TABLE_JOBS=5 TABLE_WAVE_S=560 TASKS=tables ran 5 cells in 8 min 44 s
-# (each 0.52 x its time in a wave of 14, so about 1.75 device-minutes a cell against 1.26). On an H100, 5 cells of Table 9's referit
-# K=9 and Table 8's K=1 (TABLE_JOBS=5 TABLE_WAVE_S=500 SITTING_S=760) took 11 min 35 s, 509-666 s a cell (session 52;
-# the poll past the deadline: UNTIL_S). A start that remakes
-# the frozen CLIP takes about 210 s, one that carries it about 90. A cell still running when the machine goes is
-# lost, so a task starts cells only while a wave of them can still end (bench.run --start-within): TABLE_WAVE_S
+# (each 0.52 x its time in a wave of 14, so about 1.75 device-minutes a cell against 1.26). On an H100, 5 cells of
+# Table 9's referit K=9 and Table 8's K=1 (TABLE_JOBS=5 TABLE_WAVE_S=500 SITTING_S=760) took 11 min 35 s, 509-666 s
+# a cell (session 52; the poll past the deadline: UNTIL_S). A start that remakes the frozen CLIP takes about 210 s,
+# one that carries it about 90. A cell still running when the machine goes is lost, so a task starts cells only
+# while a wave of them can still end (bench.run --start-within): TABLE_WAVE_S
 # (1320) for tables, TABLE2_WAVE_S (600) for table2's Stage-2 cells (above), CONTROL_WAVE_S (1080) for the
 # control's tasks (20 TRIS-like cells packed took 16 min 54 s in session 25, 25 took 19 min 19 s in session 21),
 # TABLE10_WAVE_S (60) for Table 10's timing cells; a task with no such time left is skipped.
