@@ -7,6 +7,7 @@
 #   bash reports/h200_session.sh poll      # wait for the tasks (at most $LIMIT s); new records to $OUT
 #   UNTIL_S=160 LIMIT=150 bash reports/h200_session.sh poll   # past the deadline, while device time is left
 #   bash reports/h200_session.sh go        # start, then poll in the same call (LIMIT 570 counted from the start)
+#   TABLE_JOBS=8 TABLE_JOBS_H100=6 ... go   # the wave's size by the card the call got (either, naming nvidia-h200)
 #   TASKS=... bash reports/h200_session.sh more   # once they are done, more tasks on the same machine and stores, then poll
 #   FIRST=3 bash reports/h200_session.sh handback   # the parts of a handover (task handover) that poll did not return
 #   PERF_ARGS="..." NAME=... bash reports/h200_session.sh perf    # (issue 20) bench.perf (TRACE=1: profiled); or TASKS="... infer" after the cells
@@ -233,6 +234,13 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
   # imported while that copy is made is missing (session 26 lost its rerun and a table cell to
   # "No module named 'ehin.train_stage1'" and "cannot import name 'mps'" as a poll began)
   rm -rf /tmp/p/src && cp -a "$PWD" /tmp/p/src
+  # a call naming nvidia-h200 may get an H100 (sessions 50-53), on which a packed wave takes about a third longer
+  # (five cells: 11 min 35 s in session 52, 8 min 44 s on an H200 in session 32): TABLE_JOBS_H100, when set, is the
+  # wave's size there, so that one command fits the sitting on either card
+  card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1); echo "card: ${card:-none}"
+  if [ -n "${TABLE_JOBS_H100:-}" ] && [ "${card/H200/}" = "$card" ]; then
+    export TABLE_JOBS=$TABLE_JOBS_H100; echo "not an H200: TABLE_JOBS=$TABLE_JOBS"
+  fi
   launch "${TASKS:-table10 tables}"
   echo "tasks '${TASKS:-table10 tables}' launched after $(( $(date +%s) - t0 )) s"
   ;;
