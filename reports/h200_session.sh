@@ -234,11 +234,10 @@ prepare_dataset(load_config(profile='gpu', overrides=['data.dataset=synth-$v']),
   # imported while that copy is made is missing (session 26 lost its rerun and a table cell to
   # "No module named 'ehin.train_stage1'" and "cannot import name 'mps'" as a poll began)
   rm -rf /tmp/p/src && cp -a "$PWD" /tmp/p/src
-  # a call naming nvidia-h200 may get an H100 (sessions 50-53), on which a packed wave takes about a third longer
-  # (five cells: 11 min 35 s in session 52, 8 min 44 s on an H200 in session 32): TABLE_JOBS_H100, when set, is the
-  # wave's size there, so that one command fits the sitting on either card
+  # a call naming nvidia-h200 may get an H100, where a wave takes longer (the comment above): TABLE_JOBS_H100, when
+  # set, is the wave's size there, so that one command fits the sitting on either card
   card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1); echo "card: ${card:-none}"
-  if [ -n "${TABLE_JOBS_H100:-}" ] && [ "${card/H200/}" = "$card" ]; then
+  if [ -n "${TABLE_JOBS_H100:-}" ] && [[ $card != *H200* ]]; then
     export TABLE_JOBS=$TABLE_JOBS_H100; echo "not an H200: TABLE_JOBS=$TABLE_JOBS"
   fi
   launch "${TASKS:-table10 tables}"
