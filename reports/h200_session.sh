@@ -122,8 +122,11 @@
 # would not keep it out of a wave: a cell waits while another cell compiles its graph, and the cells after it start
 # instead, so a wave starts one cell for each graph it can (Table 8's rows are six). So $TABLES leaves Table 8 out,
 # and it runs in sittings of its own: TABLES=table8 TABLE_ROWS=N=48,K=1,K=3,K=9 as a wave like the others, and N=6
-# and N=12 with fewer TABLE_JOBS, whose time is not measured yet. poll lists the cells started and not stored, with
-# their epochs so far.
+# and N=12 with fewer TABLE_JOBS. Session 56 measured them three to a wave on an H100 (TABLE_JOBS_H100=3): N=12 s3
+# took 787 s (37.7 s an epoch), and N=6 s0 and s1 beside it logged 6 and 5 of 20 epochs in 382 s, about 1,300 s a
+# cell, so N=6 wants a sitting that starts with about 1,500 s left. poll lists the cells started and not stored,
+# with their epochs so far. Stop a cell by its process id, never with pkill -f on a pattern: the device call's own
+# shell holds the pattern in its command line, and session 56's pkill -f 'table8/N=6/' ended that call at once.
 #
 # The records' code_version: the device copy's git is the session's base commit, so after commits here a
 # sitting records "<base>+dirty"; from a clean tree, prefix the command with EHIN_CODE_VERSION=<git rev-parse
