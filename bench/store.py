@@ -5,6 +5,11 @@ filesystem with no server. Each record is one `os.write` of one line on a file o
 O_APPEND under an exclusive `flock`, then fsync'd, so concurrent writers never interleave and a
 process killed at any moment leaves at most a partial *last* line, which `read` skips (and the
 next `append` repairs by starting on a fresh line). A rerun skips every cell already present.
+
+A store that is committed (reports/gpu/store) would grow past what a repository should track in one
+file, so `seal` moves the lines written so far to a numbered segment, store-001.jsonl, ... that no
+writer touches again; `read` reads the segments in order, then store.jsonl, so file order stays
+append order.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 STORE_NAME = "store.jsonl"
+SEGMENT_GLOB = "store-[0-9][0-9][0-9].jsonl"  # sealed segments; never appended to
 
 
 CODE_PATHS = ("ehin", "bench", "sweeps", "pyproject.toml")  # what decides a result (not reports/, docs/)
@@ -83,7 +89,7 @@ def cell_id(table: str, row: str, seed: int, profile: str, config_hash: str) -> 
 
 
 class ResultStore:
-    """Append-only JSONL store of finished cells under `root/store.jsonl`."""
+    """Append-only JSONL store of finished cells under `root/store.jsonl` (and its sealed segments)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -113,21 +119,24 @@ class ResultStore:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
+    def files(self) -> list[Path]:
+        """The sealed segments in order, then the file appends go to: together, append order."""
+        return sorted(self.root.glob(SEGMENT_GLOB)) + ([self.path] if self.path.exists() else [])
+
     def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
         records, bad = [], 0
-        with open(self.path, "rb") as f:
-            for raw in f:
-                raw = raw.strip()
-                if not raw:
-                    continue
-                try:
-                    records.append(json.loads(raw))
-                except ValueError:  # JSON cut short, or bytes that are not UTF-8 (a crashed node's garbage)
-                    bad += 1  # a line cut by a kill; never a finished cell
+        for path in self.files():
+            with open(path, "rb") as f:
+                for raw in f:
+                    raw = raw.strip()
+                    if not raw:
+                        continue
+                    try:
+                        records.append(json.loads(raw))
+                    except ValueError:  # JSON cut short, or bytes that are not UTF-8 (a crashed node's garbage)
+                        bad += 1  # a line cut by a kill; never a finished cell
         if bad:
-            warnings.warn(f"{self.path}: skipped {bad} incomplete or unreadable line(s) left by an interrupted write")
+            warnings.warn(f"{self.root}: skipped {bad} incomplete or unreadable line(s) left by an interrupted write")
         return records
 
     def finished_ids(self) -> set[str]:
@@ -144,6 +153,22 @@ class ResultStore:
         for r in rows:  # file order is append order
             newest[(r.get("table"), r.get("row"), r.get("seed"))] = r
         return list(newest.values())
+
+    def seal(self, max_bytes: int = 1 << 20) -> list[Path]:
+        """Move store.jsonl's lines to the next segments, none over max_bytes unless one line is, and leave
+        store.jsonl empty. Run it while no cell writes here: a maintainer's step before committing a store."""
+        lines = self.path.read_bytes().splitlines(keepends=True) if self.path.exists() else []
+        chunks: list[list[bytes]] = []
+        for line in lines:
+            if not chunks or sum(map(len, chunks[-1])) + len(line) > max_bytes:
+                chunks.append([])
+            chunks[-1].append(line)
+        n = len(sorted(self.root.glob(SEGMENT_GLOB)))
+        segments = [self.root / f"store-{n + i:03d}.jsonl" for i in range(1, len(chunks) + 1)]
+        for segment, chunk in zip(segments, chunks):
+            segment.write_bytes(b"".join(chunk))
+        self.path.write_bytes(b"")
+        return segments
 
 
 def _jsonable(x: Any) -> Any:

@@ -16,7 +16,9 @@
 # reports/gpu/store/store.jsonl (it holds the committed lines first), and its g/per_expression/* are copied
 # over reports/gpu/store/per_expression/, overwriting (a rerun of a failed cell rewrites the file the failed
 # attempt left: session 28); rr/ and cl/ likewise for the testbed's stores, d2/ (task ddp2) for
-# reports/gpu/store-ranks2/. tests/test_store.py checks that the files and the records agree.
+# reports/gpu/store-ranks2/. tests/test_store.py checks that the files and the records agree. The committed lines
+# live in sealed segments (store-001.jsonl, ...; bench.store.ResultStore.seal) once store.jsonl nears 1 MiB, so
+# before committing a store grown past that: python -c "from bench.store import ResultStore as S; S('reports/gpu/store').seal()"
 #
 # TASKS (default "table10 tables"; session 27 ran the rerun), one after another, each resuming from its
 # committed store, so a sitting that ends first loses only the cells still running:
@@ -311,7 +313,7 @@ poll)
   done
   [ -f /tmp/p/tasks.done ] && echo "tasks done after $(( $(date +%s) - t0 )) s" \
     || echo "tasks still running after $(( $(date +%s) - t0 )) s"
-  echo "stored: tables $(cat $G/store.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l), clip $(cat $CL/store.jsonl 2>/dev/null | wc -l), ranks2 $(cat $D2/store.jsonl 2>/dev/null | wc -l)"
+  echo "stored: tables $(cat $G/store*.jsonl 2>/dev/null | wc -l), rerun $(cat $RR/store.jsonl 2>/dev/null | wc -l), clip $(cat $CL/store.jsonl 2>/dev/null | wc -l), ranks2 $(cat $D2/store.jsonl 2>/dev/null | wc -l)"
   # the stores whole (small), and of the per-expression scores only those written in this sitting: packed first,
   # so that a call cut off by its own limit during the listings below still returns them (session 38's first
   # poll, sent with LIMIT 580, ran past the call's 600 s in the dry run below and returned nothing)

@@ -44,6 +44,19 @@ def test_partial_last_line_is_skipped_and_repaired(tmp_path):
     assert store.finished_ids() == {"a", "b", "c"}
 
 
+def test_seal_keeps_append_order_in_bounded_segments(tmp_path):
+    store = ResultStore(tmp_path)
+    for i in range(5):
+        store.append({"cell_id": f"a{i}", "table": "t", "row": "r", "seed": 0, "pad": "x" * 300})
+    assert [p.name for p in store.seal(max_bytes=1000)] == ["store-001.jsonl", "store-002.jsonl", "store-003.jsonl"]
+    assert all(p.stat().st_size <= 1000 for p in store.files()) and store.path.read_bytes() == b""
+    store.append({"cell_id": "b", "table": "t", "row": "r", "seed": 0})
+    assert [p.name for p in store.seal()] == ["store-004.jsonl"]  # numbering goes on after the last segment
+    store.append({"cell_id": "c", "table": "t", "row": "r", "seed": 0})
+    assert [r["cell_id"] for r in store.read()] == ["a0", "a1", "a2", "a3", "a4", "b", "c"]
+    assert store.select(table="t")[0]["cell_id"] == "c"  # the newest record of (row, seed) is the last appended
+
+
 def _lines(folder) -> int:
     path = folder / "store.jsonl"
     return path.read_bytes().count(b"\n") if path.exists() else 0
