@@ -159,11 +159,16 @@ class ResultStore:
         store.jsonl empty. Run it while no cell writes here: a maintainer's step before committing a store."""
         lines = self.path.read_bytes().splitlines(keepends=True) if self.path.exists() else []
         chunks: list[list[bytes]] = []
+        size = 0  # bytes in chunks[-1]
         for line in lines:
-            if not chunks or sum(map(len, chunks[-1])) + len(line) > max_bytes:
+            if not chunks or size + len(line) > max_bytes:
                 chunks.append([])
+                size = 0
             chunks[-1].append(line)
-        n = len(sorted(self.root.glob(SEGMENT_GLOB)))
+            size += len(line)
+        n = len(list(self.root.glob(SEGMENT_GLOB)))
+        if n + len(chunks) > 999:  # SEGMENT_GLOB reads three digits
+            raise ValueError(f"{self.root}: more than 999 sealed segments")
         segments = [self.root / f"store-{n + i:03d}.jsonl" for i in range(1, len(chunks) + 1)]
         for segment, chunk in zip(segments, chunks):
             segment.write_bytes(b"".join(chunk))
