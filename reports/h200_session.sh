@@ -60,6 +60,11 @@
 #            Session 50 (an H100, two EHIN chains whole, TABLE2_JOBS=2 SITTING_S=1600): stage 1 466 and 470 s, labels
 #            279 and 302 s (12 processes each, at once), stage 2 457 and 438 s (compiled, 28 s an epoch): 22 min for
 #            the task after a 147 s start, device time 1,567 s: two whole chains fit a sitting (three: not tried)
+#            Session 62 (an H100, synth-referit's two chains at seed 0, TABLE2_JOBS=2 SITTING_S=1500, 116 s start): stage 1
+#            ended 11 min (TRIS-like) and 15 min (EHIN) after the launch, the labels (85 chunks each, 12 processes a
+#            chain) about 5 min after each, and neither stage 2 had ended 24 min after the launch, when the device
+#            time was spent (1,765 s): nothing stored. Two synth-referit chains do not fit a sitting; run them one
+#            a sitting (TABLE2_JOBS=1 PSEUDO_WORKERS=14), or as session 46's handover across two
 #   handover (session 46) the chains of HANDOVER_ROWS (default: the Stage-2 twins of TABLE2_ROWS) whose stage 1 the
 #            table2 task trained: their labels, in one process with PSEUDO_WORKERS CRF processes (default 14), and
 #            no stage 2 (bench.run --hand-over) -> $OUT/handover/, stage 1's result.json and the labels, under their
@@ -142,13 +147,19 @@
 # session 47's end). The wheels
 # (the device image has torch but not these), fetched here with the device README's pip download command
 # (--python-version 3.12, manylinux platforms) into .whl/: open_clip_torch==3.3.0 pycocotools==2.0.11
-# submitit==1.5.4 ftfy wcwidth Cython==0.29.36, and the sdist of pydensecrf2==1.1 (pip download --no-binary=:all:).
+# submitit==1.5.4 ftfy wcwidth==0.2.13 Cython==0.29.36, and the sdist of pydensecrf2==1.1 (pip download --no-binary=:all:).
 # Not optuna and its dependencies (alembic sqlalchemy colorlog mako): no task here searches, and a call carries at
 # most 64 MiB, tracked files included (session 47: the tracked files, frozen/ and 10.9 MB of wheels with them, 69.9
 # MB on disk, were refused; with 5.3 MB of wheels, 64.3 MB, carried). frozen/ holds the gpu profile's small CLIP; without it `start` remakes it by
 # deterministic GPU pretraining of the profile's recipe (ehin.pretrain_clip --freeze), which sessions 19 and 20 did
 # to the same bytes; a file whose sha256 does not begin with its name's last 8 hex digits, or a remade file of
 # another name, stops the start before any cell runs.
+# Session 62: with 43.6 MB of tracked files on disk (the gpu store's 277 records and per-expression files), frozen/
+# and the wheels no longer fitted (65.7 MiB, refused). Carry [".whl", ".frz"] instead: .frz/ (git-ignored, like
+# .whl/ and frozen/) holds the same file xz-compressed (xz -6 -c frozen/$FROZEN > .frz/$FROZEN.xz, 17.3 MB) and its
+# .json, which start unpacks into frozen/ (its sha256 checked as above), and .whl/ wcwidth==0.2.13 (pure Python, 34 kB)
+# in place of the 823 kB compiled 0.9.5 (ftfy needs some wcwidth): 63.4 MiB in all. When the tracked files grow past
+# that, carry [".whl"] alone and let start remake the CLIP.
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT" /tmp/p
@@ -199,6 +210,10 @@ start)
     exit 4
   fi
   t0=$(date +%s)
+  if [ ! -f "frozen/$FROZEN" ] && [ -f ".frz/$FROZEN.xz" ]; then  # carried xz-compressed (session 62: the comment above)
+    mkdir -p frozen && python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+      ".frz/$FROZEN.xz" "/tmp/$FROZEN" && mv "/tmp/$FROZEN" frozen/ && cp ".frz/${FROZEN%.pt}.json" frozen/
+  fi
   if [ -f "frozen/$FROZEN" ]; then
     sha=$(sha256sum "frozen/$FROZEN" | cut -c1-8)
     [ "${FROZEN%.pt}" = "${FROZEN%-*}-$sha" ] || { echo "frozen/$FROZEN: sha256 begins $sha: stop"; exit 3; }
