@@ -61,9 +61,9 @@
 #            279 and 302 s (12 processes each, at once), stage 2 457 and 438 s (compiled, 28 s an epoch): 22 min for
 #            the task after a 147 s start, device time 1,567 s: two whole chains fit a sitting (three: not tried)
 #            Session 62 (an H100, synth-referit's two chains at seed 0, TABLE2_JOBS=2 SITTING_S=1500, 116 s start): stage 1
-#            ended 11 min (TRIS-like) and 15 min (EHIN) after the launch, the labels (85 chunks each, 12 processes a
-#            chain) about 5 min after each, and neither stage 2 had ended 24 min after the launch, when the device
-#            time was spent (1,765 s): nothing stored. Two synth-referit chains do not fit a sitting; run them one
+#            ended 11 min (TRIS-like) and 15 min (EHIN) after the launch, both chains' labels (85 chunks each, 12
+#            processes a chain) were made 18.4 min after it, and neither stage 2 had ended 24 min after it, when the
+#            device time was spent (1,770 s): nothing stored. Two synth-referit chains do not fit a sitting; run them one
 #            a sitting (TABLE2_JOBS=1 PSEUDO_WORKERS=14), or as session 46's handover across two
 #   handover (session 46) the chains of HANDOVER_ROWS (default: the Stage-2 twins of TABLE2_ROWS) whose stage 1 the
 #            table2 task trained: their labels, in one process with PSEUDO_WORKERS CRF processes (default 14), and
@@ -155,8 +155,8 @@
 # to the same bytes; a file whose sha256 does not begin with its name's last 8 hex digits, or a remade file of
 # another name, stops the start before any cell runs.
 # Session 62: with 43.6 MB of tracked files on disk (the gpu store's 277 records and per-expression files), frozen/
-# and the wheels no longer fitted (65.7 MiB, refused). Carry [".whl", ".frz"] instead: .frz/ (git-ignored, like
-# .whl/ and frozen/) holds the same file xz-compressed (xz -6 -c frozen/$FROZEN > .frz/$FROZEN.xz, 17.3 MB) and its
+# and the wheels no longer fitted (65.7 MiB, refused). Carry [".whl", ".frz"] instead: .frz/ (git-ignored like
+# .whl/ and frozen/: echo /.frz/ >> .git/info/exclude) holds the same file xz-compressed (xz -6 -c frozen/$FROZEN > .frz/$FROZEN.xz, 17.3 MB) and its
 # .json, which start unpacks into frozen/ (its sha256 checked as above), and .whl/ wcwidth==0.2.13 (pure Python, 34 kB)
 # in place of the 823 kB compiled 0.9.5 (ftfy needs some wcwidth): 63.4 MiB in all. When the tracked files grow past
 # that, carry [".whl"] alone and let start remake the CLIP.
