@@ -707,7 +707,7 @@ def _existing_store(root: str | Path, option: str) -> ResultStore:
     if not store.root.is_dir():
         raise UserError(f"{option} {store.root}: no such folder (give the folder that python -m bench.run "
                         "--results wrote)")
-    if not store.path.is_file():
+    if not store.files():
         raise UserError(f"{option} {store.root}: holds no results store ({store.path.name})")
     return store
 

@@ -341,9 +341,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.results:
         from bench.store import STORE_NAME, ResultStore
 
-        if not (Path(args.results) / STORE_NAME).is_file():
+        store = ResultStore(args.results)
+        if not store.files():  # store.jsonl or its sealed segments
             raise UserError(f"{args.results}: no {STORE_NAME} here (--results names the folder bench.run --results wrote)")
-        stored = ResultStore(args.results).finished_ids()
+        stored = store.finished_ids()
     seeds = args.seeds or DEFAULT_SEEDS[args.profile]
     block = markdown(estimate(tables, perf, args.profile, seeds, stored), perf, args.perf, args.profile, seeds,
                      args.results)

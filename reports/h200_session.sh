@@ -156,8 +156,8 @@
 # another name, stops the start before any cell runs.
 # Session 62: with 43.6 MB of tracked files on disk (the gpu store's 277 records and per-expression files), frozen/
 # and the wheels no longer fitted (65.7 MiB, refused). Carry [".whl", ".frz"] instead: .frz/ (git-ignored like
-# .whl/ and frozen/: echo /.frz/ >> .git/info/exclude) holds the same file xz-compressed (xz -6 -c frozen/$FROZEN > .frz/$FROZEN.xz, 17.3 MB) and its
-# .json, which start unpacks into frozen/ (its sha256 checked as above), and .whl/ wcwidth==0.2.13 (pure Python, 34 kB)
+# .whl/ and frozen/: echo /.frz/ >> .git/info/exclude) holds the same file xz-compressed
+# (xz -6 -c frozen/$FROZEN > .frz/$FROZEN.xz, 17.3 MB) and its .json, which start unpacks into frozen/ (its sha256 checked as above), and .whl/ wcwidth==0.2.13 (pure Python, 34 kB)
 # in place of the 823 kB compiled 0.9.5 (ftfy needs some wcwidth): 63.4 MiB in all. When the tracked files grow past
 # that, carry [".whl"] alone and let start remake the CLIP.
 set -u

@@ -149,3 +149,13 @@ def test_committed_stores_keep_per_expression_files_only_for_their_records():
         named = {r["per_expression"] for r in ResultStore(folder.parent).read() if r.get("per_expression")}
         kept = {f"per_expression/{f.name}" for f in folder.iterdir()}
         assert kept == named, (folder.parent, sorted(kept ^ named)[:3])
+
+
+def test_a_store_of_sealed_segments_alone_is_a_store(tmp_path):
+    from bench.check import _existing_store
+
+    store = ResultStore(tmp_path)
+    store.append({"cell_id": "a", "table": "t", "row": "r", "seed": 0})
+    store.seal()
+    store.path.unlink()  # segments only: their records are the store's
+    assert [r["cell_id"] for r in _existing_store(tmp_path, "--results").read()] == ["a"]
