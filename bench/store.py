@@ -166,9 +166,10 @@ class ResultStore:
                 size = 0
             chunks[-1].append(line)
             size += len(line)
-        n = len(list(self.root.glob(SEGMENT_GLOB)))
+        # after the highest segment, not their count: a missing one must not make the next overwrite the last
+        n = max((int(p.stem.split("-")[1]) for p in self.root.glob(SEGMENT_GLOB)), default=0)
         if n + len(chunks) > 999:  # SEGMENT_GLOB reads three digits
-            raise ValueError(f"{self.root}: more than 999 sealed segments")
+            raise ValueError(f"{self.root}: sealed segments would be numbered past 999")
         segments = [self.root / f"store-{n + i:03d}.jsonl" for i in range(1, len(chunks) + 1)]
         for segment, chunk in zip(segments, chunks):
             segment.write_bytes(b"".join(chunk))

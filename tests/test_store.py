@@ -159,3 +159,14 @@ def test_a_store_of_sealed_segments_alone_is_a_store(tmp_path):
     store.seal()
     store.path.unlink()  # segments only: their records are the store's
     assert [r["cell_id"] for r in _existing_store(tmp_path, "--results").read()] == ["a"]
+
+
+def test_seal_numbers_after_the_highest_segment(tmp_path):
+    store = ResultStore(tmp_path)
+    for cell in ("a", "b"):
+        store.append({"cell_id": cell, "table": "t", "row": "r", "seed": 0})
+        store.seal()
+    (tmp_path / "store-001.jsonl").unlink()  # a gap: two segments' count would name store-002, which holds "b"
+    store.append({"cell_id": "c", "table": "t", "row": "r", "seed": 0})
+    assert [p.name for p in store.seal()] == ["store-003.jsonl"]
+    assert [r["cell_id"] for r in store.read()] == ["b", "c"]
