@@ -92,26 +92,54 @@ def evaluate(map_fn: MapFn, dataset, *, batch_size: int = 32, stage: int = 1,
 PER_EXPRESSION_FIELDS = {"ref_id": np.int64, "sent_id": np.int64, "point_mask": np.uint8, "point_box": np.uint8,
                          "box_acc": np.uint8, "point_any_object": np.uint8, "iou": np.float32,
                          "inter": np.int64, "union": np.int64}
+# What an .npz leaves out or stores differently, to keep the committed stores small (they travel with every
+# lent-GPU call, which carries 64 MiB in all): the ids as steps from the one before (they mostly ascend, so the
+# steps compress to almost nothing), and no iou, which is inter / union (metrics.score_expression) and is
+# recomputed on reading to the same float32; a file whose iou is not that keeps it.
+ID_STEPS = {"ref_id": "ref_id_step", "sent_id": "sent_id_step"}
 
 
 def write_per_expression(path: str | Path, rows: list[dict]) -> None:
     """Each expression's scores: JSON lines (with the sentence), or, for a path ending .npz, compact
-    arrays in evaluation order (`PER_EXPRESSION_FIELDS`; what training cells keep for paired claims)."""
+    arrays in evaluation order (`PER_EXPRESSION_FIELDS`, less what `ID_STEPS` says; what training cells
+    keep for paired claims)."""
     if str(path).endswith(".npz"):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, **{k: np.asarray([r[k] for r in rows], dtype=t)
-                                     for k, t in PER_EXPRESSION_FIELDS.items()})
+        write_per_expression_arrays(path, {k: np.asarray([r[k] for r in rows], dtype=t)
+                                           for k, t in PER_EXPRESSION_FIELDS.items()})
     else:
         _write_jsonl(path, rows)
 
 
+def write_per_expression_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """`PER_EXPRESSION_FIELDS`' arrays (as `read_per_expression` returns them) to a compact .npz."""
+    stored = {k: v for k, v in arrays.items() if k not in ID_STEPS and k != "iou"}
+    stored.update({step: np.diff(arrays[k], prepend=0) for k, step in ID_STEPS.items()})
+    if not np.array_equal(_iou(arrays["inter"], arrays["union"]), arrays["iou"]):
+        stored["iou"] = arrays["iou"]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **stored)
+
+
 def read_per_expression(path: str | Path) -> dict[str, np.ndarray]:
-    """The arrays of a per-expression file written by `write_per_expression` (either format)."""
+    """The arrays of a per-expression file written by `write_per_expression` (either format, and the
+    .npz files written before `ID_STEPS`, which hold every field as it is)."""
     if str(path).endswith(".npz"):
         with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+            out = {k: z[k] for k in z.files}
+        for k, step in ID_STEPS.items():
+            if step in out:
+                out[k] = np.cumsum(out.pop(step)).astype(PER_EXPRESSION_FIELDS[k])
+        if "iou" not in out:
+            out["iou"] = _iou(out["inter"], out["union"])
+        return {k: out[k] for k in PER_EXPRESSION_FIELDS}
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return {k: np.asarray([r[k] for r in rows], dtype=t) for k, t in PER_EXPRESSION_FIELDS.items()}
+
+
+def _iou(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """Each expression's IoU as metrics.score_expression computes it (0 where the union is empty; deviation
+    4), as float32: int64 pixel counts divide exactly as Python's ints do."""
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0).astype(np.float32)
 
 
 def baselines(cfg: dict, dataset, untrained_model=None, device: str = "cpu") -> dict[str, dict]:

@@ -48,6 +48,34 @@ def test_per_expression_files_round_trip(tmp_path):
         assert z["ref_id"].tolist() == [7] and z["point_mask"].tolist() == [1] and z["iou"][0] == pytest.approx(0.25)
 
 
+def test_npz_files_keep_ids_as_steps_and_recompute_iou(tmp_path):
+    from ehin.evaluate import PER_EXPRESSION_FIELDS
+
+    rng = np.random.default_rng(0)
+    inter = rng.integers(0, 5000, 300)
+    union = inter + rng.integers(0, 5000, 300)
+    union[:3] = inter[:3] = 0  # an empty union: IoU 0 (deviation 4)
+    rows = [dict(ref_id=int(r), sent_id=int(s), point_mask=bool(i % 2), point_box=False, box_acc=True,
+                 point_any_object=bool(i % 3), inter=int(a), union=int(u), iou=a / u if u > 0 else 0.0)
+            for i, (r, s, a, u) in enumerate(zip(np.sort(rng.integers(0, 10**6, 300))[::-1], rng.permutation(300),
+                                                 inter, union))]
+    write_per_expression(tmp_path / "new.npz", rows)
+    with np.load(tmp_path / "new.npz") as z:
+        assert "iou" not in z.files and "ref_id" not in z.files and "sent_id_step" in z.files
+    # the format before ID_STEPS: every field as it is
+    np.savez_compressed(tmp_path / "old.npz", **{k: np.asarray([r[k] for r in rows], dtype=t)
+                                                 for k, t in PER_EXPRESSION_FIELDS.items()})
+    new, old = read_per_expression(tmp_path / "new.npz"), read_per_expression(tmp_path / "old.npz")
+    assert list(new) == list(PER_EXPRESSION_FIELDS)
+    for k, t in PER_EXPRESSION_FIELDS.items():
+        assert new[k].dtype == t and np.array_equal(new[k], old[k]), k
+    assert (tmp_path / "new.npz").stat().st_size < (tmp_path / "old.npz").stat().st_size
+    # an iou that is not inter / union stays in the file as it was
+    rows[5]["iou"] = 0.5
+    write_per_expression(tmp_path / "kept.npz", rows)
+    assert read_per_expression(tmp_path / "kept.npz")["iou"][5] == np.float32(0.5)
+
+
 CLAIM = {"id": "c", "text": "A beats B", "kind": "greater", "a": "A", "b": "B", "metric": "point_mask"}
 SWEEP = SimpleNamespace(name="t", rows=["A", "B"])
 
