@@ -160,6 +160,12 @@
 # (xz -6 -c frozen/$FROZEN > .frz/$FROZEN.xz, 17.3 MB) and its .json, which start unpacks into frozen/ (its sha256 checked as above), and .whl/ wcwidth==0.2.13 (pure Python, 34 kB)
 # in place of the 823 kB compiled 0.9.5 (ftfy needs some wcwidth): 63.4 MiB in all. When the tracked files grow past
 # that, carry [".whl"] alone and let start remake the CLIP.
+# Session 63: the per-expression files now keep their ids as steps and no iou (ehin.evaluate.ID_STEPS), which took
+# the tracked files to 28.5 MB on disk; with .whl/ and frozen/ that is 50.2 MiB, so [".whl", "frozen"] carries again
+# (or [".whl", ".frz", "handover"] with a handover of up to about 14 MiB). No call of the session got a machine that
+# ran: seven calls were refused ("no device machine could be started right now", 90-180 s each), one came inside a
+# refusal's wait (15 s) and the ninth's machine was taken back before the call ended (239 s): 1,155 s of device
+# time, nothing stored. The 645 s left fit no training (start, then one synth-referit Stage-1 cell: about 700 s).
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT" /tmp/p
