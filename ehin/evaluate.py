@@ -101,8 +101,8 @@ ID_STEPS = {"ref_id": "ref_id_step", "sent_id": "sent_id_step"}
 
 def write_per_expression(path: str | Path, rows: list[dict]) -> None:
     """Each expression's scores: JSON lines (with the sentence), or, for a path ending .npz, compact
-    arrays in evaluation order (`PER_EXPRESSION_FIELDS`, less what `ID_STEPS` says; what training cells
-    keep for paired claims)."""
+    arrays in evaluation order (`PER_EXPRESSION_FIELDS`, the ids as steps and without iou: the comment
+    above `ID_STEPS`; what training cells keep for paired claims)."""
     if str(path).endswith(".npz"):
         write_per_expression_arrays(path, {k: np.asarray([r[k] for r in rows], dtype=t)
                                            for k, t in PER_EXPRESSION_FIELDS.items()})
