@@ -104,20 +104,15 @@ def write_per_expression(path: str | Path, rows: list[dict]) -> None:
     arrays in evaluation order (`PER_EXPRESSION_FIELDS`, the ids as steps and without iou: the comment
     above `ID_STEPS`; what training cells keep for paired claims)."""
     if str(path).endswith(".npz"):
-        write_per_expression_arrays(path, {k: np.asarray([r[k] for r in rows], dtype=t)
-                                           for k, t in PER_EXPRESSION_FIELDS.items()})
+        arrays = {k: np.asarray([r[k] for r in rows], dtype=t) for k, t in PER_EXPRESSION_FIELDS.items()}
+        stored = {k: v for k, v in arrays.items() if k not in ID_STEPS and k != "iou"}
+        stored.update({step: np.diff(arrays[k], prepend=0) for k, step in ID_STEPS.items()})
+        if not np.array_equal(_iou(arrays["inter"], arrays["union"]), arrays["iou"]):
+            stored["iou"] = arrays["iou"]
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **stored)
     else:
         _write_jsonl(path, rows)
-
-
-def write_per_expression_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
-    """`PER_EXPRESSION_FIELDS`' arrays (as `read_per_expression` returns them) to a compact .npz."""
-    stored = {k: v for k, v in arrays.items() if k not in ID_STEPS and k != "iou"}
-    stored.update({step: np.diff(arrays[k], prepend=0) for k, step in ID_STEPS.items()})
-    if not np.array_equal(_iou(arrays["inter"], arrays["union"]), arrays["iou"]):
-        stored["iou"] = arrays["iou"]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **stored)
 
 
 def read_per_expression(path: str | Path) -> dict[str, np.ndarray]:

@@ -157,9 +157,10 @@
 # Session 62: with 43.6 MB of tracked files on disk (the gpu store's 277 records and per-expression files), frozen/
 # and the wheels no longer fitted (65.7 MiB, refused). Carry [".whl", ".frz"] instead: .frz/ (git-ignored like
 # .whl/ and frozen/: echo /.frz/ >> .git/info/exclude) holds the same file xz-compressed
-# (xz -6 -c frozen/$FROZEN > .frz/$FROZEN.xz, 17.3 MB) and its .json, which start unpacks into frozen/ (its sha256 checked as above), and .whl/ wcwidth==0.2.13 (pure Python, 34 kB)
-# in place of the 823 kB compiled 0.9.5 (ftfy needs some wcwidth): 63.4 MiB in all. When the tracked files grow past
-# that, carry [".whl"] alone and let start remake the CLIP.
+# (xz -6 -c frozen/$FROZEN > .frz/$FROZEN.xz, 17.3 MB) and its .json, which start unpacks into frozen/ (its sha256
+# checked as above), and .whl/ wcwidth==0.2.13 (pure Python, 34 kB) in place of the 823 kB compiled 0.9.5 (ftfy
+# needs some wcwidth): 63.4 MiB in all. When the tracked files grow past that, carry [".whl"] alone and let start
+# remake the CLIP.
 # Session 63: the per-expression files now keep their ids as steps and no iou (ehin.evaluate.ID_STEPS), which took
 # the tracked files to 28.5 MB on disk; with .whl/ and frozen/ that is 50.2 MiB, so [".whl", "frozen"] carries again
 # (or [".whl", ".frz", "handover"] with a handover of up to about 14 MiB). No call of the session got a machine that
