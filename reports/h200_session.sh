@@ -65,6 +65,11 @@
 #            processes a chain) were made 18.4 min after it, and neither stage 2 had ended 24 min after it, when the
 #            device time was spent (1,770 s): nothing stored. Two synth-referit chains do not fit a sitting; run them one
 #            a sitting (TABLE2_JOBS=1 PSEUDO_WORKERS=14), or as session 46's handover across two
+#            Session 64 (an H100 for a call naming nvidia-h200, 68 s start, 1,124 s of device time left): seed 2's
+#            Stage-1 trainings of the TRIS-like synth-referit, synth-refcoco and synth-refcocog (umd) rows and EHIN's
+#            synth-referit row, TABLE2_JOBS=4 TABLE2_WAVE_S=150 SITTING_S=910: 361, 421, 382 and 456 s a cell, each
+#            at most 7 % over the slowest cell of its row stored before; 7 cells stored 7 min 56 s after the launch,
+#            678 s of device time for the call
 #   handover (session 46) the chains of HANDOVER_ROWS (default: the Stage-2 twins of TABLE2_ROWS) whose stage 1 the
 #            table2 task trained: their labels, in one process with PSEUDO_WORKERS CRF processes (default 14), and
 #            no stage 2 (bench.run --hand-over) -> $OUT/handover/, stage 1's result.json and the labels, under their
