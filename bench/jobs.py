@@ -13,6 +13,7 @@ rank each, on one or several nodes; `bench.executors.submit_distributed`, `pytho
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -185,8 +186,11 @@ def hand_over_labels(specs: list[CellSpec], dest: Path, start_within_s: float | 
     """bench.run --hand-over: make the pseudo-labels of the Stage-2 chains among `specs` whose stage 1 is trained,
     training no stage 2 and storing nothing, and copy into `dest`, under their paths below the results folder,
     what another machine needs to train their stage 2 without the stage-1 checkpoint: stage 1's result.json,
-    the label file and its timings (ehin.two_stage, "Handed over"). Returns (chains handed over, chains)."""
-    from filelock import FileLock
+    the label file and its timings (ehin.two_stage, "Handed over"). A chain whose Stage-2 cell is running here
+    (its lock held) is handed over as far as that cell got: its labels once they are made, else nothing; so a
+    sitting that ends during stage 2 keeps stage 1 and the labels (reports/h200_session.sh salvage). Returns
+    (chains handed over, chains)."""
+    from filelock import FileLock, Timeout
 
     from ehin.two_stage import run_two_stage
 
@@ -207,19 +211,29 @@ def hand_over_labels(specs: list[CellSpec], dest: Path, start_within_s: float | 
             print(f"  {what}: not started within {start_within_s:.0f} s (--start-within)")
             continue
         cfg = training_config(spec)
-        with FileLock(str(train_dir) + ".lock"):  # as a Stage-2 cell's attempt (run_cell)
-            made = run_two_stage(cfg, train_dir, stage1_dir=s1, until="labels", progress=False)
         labels = train_dir / "pseudo" / f"{cfg['data']['train_split']}.npz"
+        timings = labels.with_name(labels.stem + ".timings.json")
+        try:
+            with FileLock(str(train_dir) + ".lock", timeout=0):  # as a Stage-2 cell's attempt (run_cell)
+                made = run_two_stage(cfg, train_dir, stage1_dir=s1, until="labels", progress=False)
+            how = f"labels from stage-1 weights {made['stage1_weights']} in {made['timings']['pseudo_s']:.0f} s"
+        except Timeout:
+            # its Stage-2 cell holds the chain: the labels are whole once their timings are written
+            # (ehin.two_stage writes them after the label file), and stage 2 only reads them
+            try:
+                how = f"labels its running Stage-2 cell made in {json.loads(timings.read_text())['total_s']:.0f} s"
+            except (OSError, ValueError, KeyError):
+                print(f"  {what}: its Stage-2 cell is running and has not made the labels: not handed over")
+                continue
         # the label file last, each file whole or absent (copied, then renamed): what DEST holds can be packed
         # and sent while the next chain's labels are made, and a chain whose label file is there is complete
-        for f in (s1 / "result.json", labels.with_name(labels.stem + ".timings.json"), labels):
+        for f in (s1 / "result.json", timings, labels):
             to = dest / f.relative_to(root)
             to.parent.mkdir(parents=True, exist_ok=True)
             tmp = to.with_name(to.name + ".tmp")
             shutil.copyfile(f, tmp)
             os.replace(tmp, to)
-        print(f"  {what}: labels from stage-1 weights {made['stage1_weights']} in {made['timings']['pseudo_s']:.0f} s, "
-              f"handed over into {dest}")
+        print(f"  {what}: {how}, handed over into {dest}")
         n += 1
     return n, len(chains)
 

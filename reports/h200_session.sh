@@ -9,6 +9,7 @@
 #   bash reports/h200_session.sh go        # start, then poll in the same call (LIMIT 570 counted from the start)
 #   TABLE_JOBS=8 TABLE_JOBS_H100=6 ... go   # the wave's size by the card the call got (either, naming nvidia-h200)
 #   TASKS=... bash reports/h200_session.sh more   # once they are done, more tasks on the same machine and stores, then poll
+#   bash reports/h200_session.sh salvage   # before the machine goes: the labels of chains still in stage 2, handed over
 #   FIRST=3 bash reports/h200_session.sh handback   # the parts of a handover (task handover) that poll did not return
 #   PERF_ARGS="..." NAME=... bash reports/h200_session.sh perf    # (issue 20) bench.perf (TRACE=1: profiled); or TASKS="... infer" after the cells
 #
@@ -405,6 +406,17 @@ more)  # (session 48) more TASKS on this machine once start's are done, on the s
   echo "tasks '${TASKS:-table2}' launched"
   poll_since $t
   ;;
+salvage)  # (session 65) a sitting ending before its Stage-2 chains do: what they made, handed over as task handover's
+          # files (bench.run --hand-over: the labels a running chain made, with its stage 1's result.json) and returned
+          # at once by a poll that waits for nothing. Chains that have not made their labels are skipped; a chain of
+          # the sitting's rows whose stage 1 is trained and that nothing runs has its labels made here, for at most
+          # SALVAGE_S s (default 60). Carry the result as handover/ (the comment on task handover)
+  . /tmp/p/tables.env
+  rows=${TABLE_ROWS//Stage-1/Stage-2}
+  (cd /tmp/p/src && PYTHONPATH=/tmp/site:/tmp/p/src timeout -k 2 ${SALVAGE_S:-60} python3 -m bench.run table2 --profile gpu ${rows:+--rows "$rows"} \
+     ${SEEDS:+--seeds $SEEDS} --results $G --hand-over /tmp/p/handover)
+  LIMIT=0 CALL_S=15 exec bash "$0" poll
+  ;;
 handback)  # the handover's parts from FIRST (0 the first) that poll did not return, four a call (64 MiB)
   ls /tmp/p/handover.tar.part-* | tail -n +$(( ${FIRST:-3} + 1 )) | head -n 4 | xargs -r -I{} cp {} "$OUT/"
   ls -l "$OUT"
@@ -416,5 +428,5 @@ perf)  # issue 20: bench.perf (infer, above) in the foreground, into $OUT
   if [ -n "${TRACE:-}" ]; then head -n 40 "$OUT"/t/*bs64.txt 2>/dev/null; fi
   exit $rc
   ;;
-*) echo "usage: $0 start|poll|go|more|handback|perf"; exit 2 ;;
+*) echo "usage: $0 start|poll|go|more|salvage|handback|perf"; exit 2 ;;
 esac

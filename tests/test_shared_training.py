@@ -130,6 +130,20 @@ def test_a_chain_handed_over_without_its_stage1_checkpoint_trains_stage2_on_its_
     assert set(stage1) == set(s1_rows.split(","))  # the labels were made, nothing was stored
     # stage 1's result, the labels and their timings, each whole (no temporary left), and no checkpoint
     assert sorted(f.name for f in handed.rglob("*") if f.is_file()) == ["result.json", "train.npz", "train.timings.json"]
+    # while the chain's Stage-2 cell runs (its lock held here), the labels it made are handed over as they are,
+    # and nothing while they are not made
+    from filelock import FileLock
+
+    timings = next(a.rglob("train.timings.json"))
+    with FileLock(str(timings.parent.parent) + ".lock"):
+        assert run_main(["table2", "--rows", s2_rows, "--results", str(a), "--hand-over", str(tmp_path / "h2"), *common]) == 0
+        assert {f.relative_to(tmp_path / "h2"): f.read_bytes() for f in (tmp_path / "h2").rglob("*") if f.is_file()} == \
+            {f.relative_to(handed): f.read_bytes() for f in handed.rglob("*") if f.is_file()}
+        timings.rename(timings.with_suffix(".aside"))
+        assert run_main(["table2", "--rows", s2_rows, "--results", str(a), "--hand-over", str(tmp_path / "h3"), *common]) == 3
+        assert "has not made the labels: not handed over" in capsys.readouterr().out
+        assert not (tmp_path / "h3").exists()
+        timings.with_suffix(".aside").rename(timings)
     # the other machine: the store (records, scores per expression) and the handed-over files
     b.mkdir()
     shutil.copyfile(a / "store.jsonl", b / "store.jsonl")
