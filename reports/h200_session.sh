@@ -71,6 +71,10 @@
 #            synth-referit row, TABLE2_JOBS=4 TABLE2_WAVE_S=150 SITTING_S=910: 361, 421, 382 and 456 s a cell, each
 #            at most 7 % over the slowest cell of its row stored before; 7 cells stored 7 min 56 s after the launch,
 #            678 s of device time for the call
+#            Session 65 (an H100 for a call naming nvidia-h200, 107 s start, 1,439 s left): the TRIS-like synth-referit
+#            chain at seed 0 alone, TABLE2_JOBS=1 PSEUDO_WORKERS=14 SITTING_S=1240: stage 1 771 s (36 s an epoch, twice
+#            the stored cell's, the GPU idle at times: a slow machine), labels 244 s, stage 2 still compiling when 122 s
+#            of device time were left; nothing stored. Its labels could have been kept by `salvage` (below)
 #   handover (session 46) the chains of HANDOVER_ROWS (default: the Stage-2 twins of TABLE2_ROWS) whose stage 1 the
 #            table2 task trained: their labels, in one process with PSEUDO_WORKERS CRF processes (default 14), and
 #            no stage 2 (bench.run --hand-over) -> $OUT/handover/, stage 1's result.json and the labels, under their
