@@ -219,7 +219,9 @@ def hand_over_labels(specs: list[CellSpec], dest: Path, start_within_s: float | 
             how = f"labels from stage-1 weights {made['stage1_weights']} in {made['timings']['pseudo_s']:.0f} s"
         except Timeout:
             # its Stage-2 cell holds the chain: the labels are whole once their timings are written
-            # (ehin.two_stage writes them after the label file), and stage 2 only reads them
+            # (ehin.two_stage writes them after the label file), and stage 2 only reads them. Labels of an
+            # earlier stage 1 that the cell is making again are refused where they land: their weights are
+            # not the result.json's (ehin.two_stage._handed_over)
             try:
                 how = f"labels its running Stage-2 cell made in {json.loads(timings.read_text())['total_s']:.0f} s"
             except (OSError, ValueError, KeyError):
